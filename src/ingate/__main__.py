@@ -1,0 +1,3 @@
+from ingate.cli import main
+
+main()

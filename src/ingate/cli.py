@@ -1,0 +1,38 @@
+"""The one `ingate` command line. Subcommands live beside the code they drive and are imported lazily,
+so `ingate sim` does not pay for gRPC/Envoy imports and vice versa."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+# name -> "module:attribute" of a click.Command
+_SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "sim": ("ingate.sim.cli:sim", "Run a fleet of simulated vLLM-compatible model servers."),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        spec = _SUBCOMMANDS.get(cmd_name)
+        if spec is None:
+            return None
+        module, attr = spec[0].split(":")
+        cmd: Any = getattr(importlib.import_module(module), attr)
+        return cmd
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Show help lines without importing every subcommand's module.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, spec[1]) for name, spec in sorted(_SUBCOMMANDS.items())])
+
+
+@click.group(cls=_LazyGroup)
+@click.version_option(package_name="ingate")
+def main() -> None:
+    """ingate: an inference gateway that routes each LLM request to the replica where it finishes best."""

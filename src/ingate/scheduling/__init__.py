@@ -1,0 +1,1 @@
+"""Scheduling: filters -> weighted scorers -> picker, run per profile (see framework.py)."""

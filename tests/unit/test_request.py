@@ -1,0 +1,66 @@
+import orjson
+import pytest
+
+from ingate.errors import GatewayError
+from ingate.request import CHAT_COMPLETIONS, COMPLETIONS, parse_request
+
+
+def _body(**kw: object) -> bytes:
+    return orjson.dumps(kw)
+
+
+def test_completion_fields_and_headers() -> None:
+    raw = _body(model="m", prompt="hello world", stream=True, max_tokens=5)
+    req = parse_request(
+        COMPLETIONS,
+        {"x-gateway-inference-objective": "critical", "x-gateway-inference-fairness-id": "t1"},
+        raw,
+    )
+    assert (req.model, req.prompt_text, req.stream, req.max_tokens) == ("m", "hello world", True, 5)
+    assert (req.objective, req.fairness_id) == ("critical", "t1")
+    assert req.request_id  # generated when absent
+    assert req.body_for_upstream() is raw  # unchanged body is forwarded as-is, not re-serialised
+
+
+def test_chat_messages_flattened_with_roles() -> None:
+    raw = _body(
+        model="m",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
+    )
+    req = parse_request(CHAT_COMPLETIONS, {}, raw)
+    assert req.prompt_text == "<|system|>be brief\n<|user|>hi\n"
+
+
+def test_model_rewrite_header_rewrites_body() -> None:
+    req = parse_request(COMPLETIONS, {"x-gateway-model-name-rewrite": "m2"}, _body(model="m", prompt="x"))
+    assert orjson.loads(req.body_for_upstream())["model"] == "m2"
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "status"),
+    [
+        (COMPLETIONS, b"{not json", 400),
+        (COMPLETIONS, b"[]", 400),
+        (COMPLETIONS, _body(prompt="x"), 400),
+        (COMPLETIONS, _body(model="m", prompt=""), 400),
+        (CHAT_COMPLETIONS, _body(model="m", messages=[]), 400),
+        (COMPLETIONS, _body(model="m", prompt="x", n=2), 400),
+        (COMPLETIONS, _body(model="m", prompt="x", max_tokens=0), 400),
+        ("/v1/embeddings", _body(model="m", input="x"), 404),
+    ],
+)
+def test_bad_input_is_a_clear_error(path: str, raw: bytes, status: int) -> None:
+    with pytest.raises(GatewayError) as ei:
+        parse_request(path, {}, raw)
+    assert ei.value.status == status
+    err = orjson.loads(ei.value.body())["error"]
+    assert err["message"] and err["type"]
+
+
+def test_body_limit_is_413() -> None:
+    with pytest.raises(GatewayError) as ei:
+        parse_request(COMPLETIONS, {}, _body(model="m", prompt="x" * 100), max_body_bytes=50)
+    assert ei.value.status == 413
