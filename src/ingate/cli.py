@@ -11,6 +11,9 @@ import click
 # name -> "module:attribute" of a click.Command
 _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("ingate.sim.cli:sim", "Run a fleet of simulated vLLM-compatible model servers."),
+    "serve": ("ingate.serve:serve", "Run the gateway (endpoint picker + data plane) from a YAML config."),
+    "quickstart": ("ingate.quickstart:quickstart", "Demo: simulated fleet + gateway vs round robin."),
+    "bench": ("ingate.bench.cli:bench", "Benchmark harness: load sweeps, reports and plots."),
 }
 
 
