@@ -1,0 +1,86 @@
+"""The rendered Envoy bootstrap: Envoy itself accepts it, and it encodes the routing the docs promise."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from ingate.dataplane.envoy import (
+    CLUSTER_PICKED,
+    CLUSTER_POOL,
+    EnvoySettings,
+    find_envoy,
+    render_bootstrap,
+)
+
+
+def _hcm(b: dict[str, Any]) -> Any:
+    return b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _ext_proc(b: dict[str, Any]) -> Any:
+    return _hcm(b)["http_filters"][0]["typed_config"]
+
+
+@pytest.mark.parametrize("mode", ["FailOpen", "FailClose"])
+def test_envoy_validates_the_bootstrap(tmp_path: Path, mode: str) -> None:
+    b = render_bootstrap(
+        EnvoySettings(picker_port=9002, pool=["127.0.0.1:8001", "127.0.0.1:8002"], failure_mode=mode)  # type: ignore[arg-type]
+    )
+    cfg = tmp_path / "envoy.json"
+    cfg.write_bytes(orjson.dumps(b))
+    r = subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(cfg), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_processing_modes_and_metadata_namespace() -> None:
+    ep = _ext_proc(render_bootstrap(EnvoySettings(picker_port=1)))
+    assert ep["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND",
+        "request_body_mode": "FULL_DUPLEX_STREAMED",
+        "response_body_mode": "FULL_DUPLEX_STREAMED",
+        "request_trailer_mode": "SEND",
+        "response_trailer_mode": "SEND",
+    }
+    assert ep["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb"]
+
+
+def test_failure_mode_maps_to_failure_mode_allow() -> None:
+    assert _ext_proc(render_bootstrap(EnvoySettings(failure_mode="FailOpen")))["failure_mode_allow"] is True
+    assert _ext_proc(render_bootstrap(EnvoySettings(failure_mode="FailClose")))["failure_mode_allow"] is False
+
+
+def test_picked_route_needs_picker_metadata_and_pool_route_is_the_fallback() -> None:
+    b = render_bootstrap(EnvoySettings(pool=["10.1.0.1:8000"]))
+    routes = _hcm(b)["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[0]["route"]["cluster"] == CLUSTER_PICKED
+    # Matched on dynamic metadata only the picker can set, never on a client-supplied header.
+    md = routes[0]["match"]["dynamic_metadata"][0]
+    assert md["filter"] == "envoy.lb" and md["path"] == [{"key": "x-gateway-destination-endpoint"}]
+    assert "headers" not in routes[0]["match"]
+    assert routes[1]["route"]["cluster"] == CLUSTER_POOL
+    clusters = {c["name"]: c for c in b["static_resources"]["clusters"]}
+    picked = clusters[CLUSTER_PICKED]
+    assert picked["type"] == "ORIGINAL_DST" and picked["lb_policy"] == "CLUSTER_PROVIDED"
+    assert picked["original_dst_lb_config"] == {
+        "use_http_header": True,
+        "http_header_name": "x-gateway-destination-endpoint",
+    }
+
+
+def test_without_a_pool_unpicked_requests_get_a_json_503() -> None:
+    routes = _hcm(render_bootstrap(EnvoySettings()))["route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[1]["direct_response"]["status"] == 503
+    assert (
+        orjson.loads(routes[1]["direct_response"]["body"]["inline_string"])["error"]["code"] == "no_endpoint"
+    )

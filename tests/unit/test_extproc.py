@@ -1,0 +1,279 @@
+"""ext_proc protocol: message order, destination, body chunking, errors and exactly-once finish.
+
+The servicer is driven directly with real Envoy protobuf messages; the director here is a small in-test
+double (protocol unit tests only; the e2e tests use the real director behind real Envoy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from ingate.dataplane.extproc import MAX_CHUNK, ExtProcServicer, ResponseOutcome, parse_usage
+from ingate.errors import GatewayError
+
+
+@dataclass
+class _Ep:
+    address: str
+
+
+@dataclass
+class _Decision:
+    target: _Ep
+    upstream_body: bytes
+
+
+@dataclass
+class _Director:
+    rewrite: bytes | None = None
+    error: GatewayError | None = None
+    seen: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    first_tokens: int = 0
+    finished: list[ResponseOutcome] = field(default_factory=list)
+
+    async def handle(self, path: str, headers: Mapping[str, str], raw_body: bytes) -> _Decision:
+        self.seen.append((path, dict(headers), raw_body))
+        if self.error is not None:
+            raise self.error
+        return _Decision(_Ep("10.0.0.7:8000"), self.rewrite if self.rewrite is not None else raw_body)
+
+    def on_first_token(self, decision: Any) -> None:
+        self.first_tokens += 1
+
+    def finish(self, decision: Any, info: Any) -> None:
+        self.finished.append(info)
+
+
+def _hdrs(pairs: dict[str, str], eos: bool = False) -> pb.HttpHeaders:
+    return pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]
+        ),
+        end_of_stream=eos,
+    )
+
+
+def req_headers(body_len: int | None = None, eos: bool = False) -> pb.ProcessingRequest:
+    h = {":method": "POST", ":path": "/v1/completions", "x-request-id": "r1"}
+    if body_len is not None:
+        h["content-length"] = str(body_len)
+    return pb.ProcessingRequest(request_headers=_hdrs(h, eos))
+
+
+def req_body(data: bytes, eos: bool) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=eos))
+
+
+def resp_headers(status: int = 200) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_headers=_hdrs({":status": str(status)}))
+
+
+def resp_body(data: bytes, eos: bool) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=eos))
+
+
+class _Stream:
+    """Feeds messages one at a time, like Envoy: the next one only after the test releases it."""
+
+    def __init__(self) -> None:
+        self.q: asyncio.Queue[pb.ProcessingRequest | None] = asyncio.Queue()
+
+    def send(self, *msgs: pb.ProcessingRequest) -> None:
+        for m in msgs:
+            self.q.put_nowait(m)
+
+    def close(self) -> None:
+        self.q.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[pb.ProcessingRequest]:
+        while True:
+            m = await self.q.get()
+            if m is None:
+                return
+            yield m
+
+
+def _servicer(d: _Director, **kw: Any) -> ExtProcServicer:
+    return ExtProcServicer(d, info_factory=lambda dec, o: o, **kw)
+
+
+async def _collect(gen: AsyncIterator[pb.ProcessingResponse], n: int) -> list[pb.ProcessingResponse]:
+    out = []
+    for _ in range(n):
+        out.append(await asyncio.wait_for(gen.__anext__(), 2.0))
+    return out
+
+
+def _set_headers(r: pb.ProcessingResponse) -> dict[str, str]:
+    hm = r.request_headers.response.header_mutation
+    return {h.header.key: h.header.raw_value.decode() for h in hm.set_headers}
+
+
+BODY = b'{"model": "m", "prompt": "hello world"}'
+
+
+async def test_headers_answer_is_held_until_the_whole_body_arrived() -> None:
+    d = _Director()
+    s = _Stream()
+    gen = _servicer(d).Process(s, None)
+    s.send(req_headers(len(BODY)), req_body(BODY[:10], False))
+    nxt = asyncio.ensure_future(gen.__anext__())
+    await asyncio.sleep(0.05)
+    assert not nxt.done(), "no answer may be sent before the body is complete"
+    assert d.seen == []
+    s.send(req_body(BODY[10:], True))
+    first = await asyncio.wait_for(nxt, 2.0)
+    assert first.WhichOneof("response") == "request_headers"
+    assert d.seen[0][0] == "/v1/completions" and d.seen[0][2] == BODY
+    assert d.seen[0][1]["x-request-id"] == "r1"
+    # Header and dynamic metadata carry the same destination; the route cache is cleared.
+    assert _set_headers(first) == {"x-gateway-destination-endpoint": "10.0.0.7:8000"}
+    md = first.dynamic_metadata.fields["envoy.lb"].struct_value.fields["x-gateway-destination-endpoint"]
+    assert md.string_value == "10.0.0.7:8000"
+    assert first.request_headers.response.clear_route_cache
+    (body,) = await _collect(gen, 1)
+    sr = body.request_body.response.body_mutation.streamed_response
+    assert sr.body == BODY and sr.end_of_stream
+    s.close()
+    await gen.aclose()
+
+
+async def test_rewritten_body_gets_new_content_length_and_is_chunked() -> None:
+    big = b'{"model": "m2", "prompt": "' + b"x" * (2 * MAX_CHUNK + 5) + b'"}'
+    d = _Director(rewrite=big)
+    s = _Stream()
+    gen = _servicer(d).Process(s, None)
+    s.send(req_headers(len(BODY)), req_body(BODY, True))
+    out = await _collect(gen, 4)
+    assert _set_headers(out[0])["content-length"] == str(len(big))
+    parts = [r.request_body.response.body_mutation.streamed_response for r in out[1:]]
+    assert all(len(p.body) <= MAX_CHUNK for p in parts)
+    assert [p.end_of_stream for p in parts] == [False, False, True]
+    assert b"".join(p.body for p in parts) == big
+    s.close()
+    await gen.aclose()
+
+
+async def test_gateway_error_becomes_immediate_response_with_openai_body() -> None:
+    d = _Director(error=GatewayError(429, "queue full", "queue_full", retry_after=3))
+    s = _Stream()
+    gen = _servicer(d).Process(s, None)
+    s.send(req_headers(len(BODY)), req_body(BODY, True))
+    (r,) = await _collect(gen, 1)
+    ir = r.immediate_response
+    assert ir.status.code == 429
+    assert b'"type":"rate_limit_error"' in ir.body and b"queue full" in ir.body
+    hdrs = {h.header.key: h.header.raw_value.decode() for h in ir.headers.set_headers}
+    assert hdrs["retry-after"] == "3" and hdrs["content-type"] == "application/json"
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+    assert d.finished == []  # no decision was made, nothing to release
+
+
+async def test_body_over_limit_is_413_by_content_length_and_by_bytes_seen() -> None:
+    d = _Director()
+    for msgs in (
+        [req_headers(1000)],
+        [req_headers(None), req_body(b"x" * 60, False), req_body(b"y" * 60, False)],
+    ):
+        s = _Stream()
+        gen = _servicer(d, max_body_bytes=100).Process(s, None)
+        s.send(*msgs)
+        (r,) = await _collect(gen, 1)
+        assert r.immediate_response.status.code == 413
+        assert b"exceeds the limit of 100 bytes" in r.immediate_response.body
+    assert d.seen == []
+
+
+async def test_headers_only_request_goes_to_any_endpoint() -> None:
+    d = _Director()
+    s = _Stream()
+    gen = _servicer(d, any_endpoint=lambda: "10.0.0.9:8000").Process(s, None)
+    s.send(req_headers(None, eos=True))
+    (r,) = await _collect(gen, 1)
+    assert _set_headers(r) == {"x-gateway-destination-endpoint": "10.0.0.9:8000"}
+    assert d.seen == []
+
+
+async def test_response_passes_through_first_token_usage_and_single_finish() -> None:
+    d = _Director()
+    s = _Stream()
+    gen = _servicer(d).Process(s, None)
+    s.send(req_headers(len(BODY)), req_body(BODY, True))
+    await _collect(gen, 2)
+    sse = [
+        b'data: {"choices":[{"text":"a"}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,'
+        b'"completion_tokens":2,"total_tokens":9}}\n\ndata: [DONE]\n\n',
+    ]
+    s.send(resp_headers(200), resp_body(sse[0], False), resp_body(sse[1], True))
+    h, b1, b2 = await _collect(gen, 3)
+    served = {
+        x.header.key: x.header.raw_value for x in h.response_headers.response.header_mutation.set_headers
+    }
+    assert served["x-gateway-destination-endpoint-served"] == b"10.0.0.7:8000"
+    assert b1.response_body.response.body_mutation.streamed_response.body == sse[0]
+    last = b2.response_body.response.body_mutation.streamed_response
+    assert last.body == sse[1] and last.end_of_stream
+    assert d.first_tokens == 1
+    s.close()
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+    assert len(d.finished) == 1
+    o = d.finished[0]
+    assert (o.status, o.prompt_tokens, o.completion_tokens, o.error) == (200, 7, 2, None)
+
+
+async def test_client_disconnect_mid_stream_finishes_once_with_error() -> None:
+    d = _Director()
+    s = _Stream()
+    gen = _servicer(d).Process(s, None)
+    s.send(req_headers(len(BODY)), req_body(BODY, True))
+    await _collect(gen, 2)
+    s.send(resp_headers(200), resp_body(b"data: {}\n\n", False))
+    await _collect(gen, 2)
+    s.close()  # Envoy ends the gRPC stream: the client went away
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+    assert len(d.finished) == 1 and d.finished[0].error is not None
+
+
+async def test_cancelled_stream_finishes_once() -> None:
+    d = _Director()
+    s = _Stream()
+    svc = _servicer(d)
+
+    async def run() -> None:
+        async for _ in svc.Process(s, None):
+            pass
+
+    t = asyncio.ensure_future(run())
+    s.send(req_headers(len(BODY)), req_body(BODY, True))
+    for _ in range(100):
+        if d.seen:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    assert len(d.finished) == 1 and d.finished[0].error == "cancelled"
+    assert svc.active_streams == 0
+
+
+def test_parse_usage_from_json_and_sse_tails() -> None:
+    assert parse_usage(b'{"id":"x","usage":{"prompt_tokens":11,"completion_tokens":4}}') == (11, 4)
+    nested = (
+        b'data: {"usage": {"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": 1}, '
+        b'"completion_tokens": 9}}\n\ndata: [DONE]\n\n'
+    )
+    assert parse_usage(nested) == (3, 9)
+    assert parse_usage(b'data: {"choices":[]}\n\n') == (None, None)
+    assert parse_usage(b'"usage": {"prompt_tokens": 3') == (None, None)
