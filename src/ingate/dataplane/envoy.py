@@ -85,6 +85,8 @@ class EnvoySettings:
     """Add `x-ingate-upstream-address` (the upstream Envoy connected to) to responses."""
     max_body_bytes: int = DEFAULT_MAX_BODY
     log_level: str = "warning"
+    picker_health_interval_s: float = 0.5
+    """FailOpen only: how often Envoy checks that the picker is up (the detection window)."""
 
 
 def _socket(host: str, port: int) -> dict[str, Any]:
@@ -114,6 +116,30 @@ def _static_cluster(name: str, addresses: Sequence[str], connect_timeout: str, h
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         }
+    return c
+
+
+def _picker_cluster(s: EnvoySettings, connect_timeout: str) -> dict[str, Any]:
+    c = _static_cluster(CLUSTER_EXTPROC, [f"{s.picker_host}:{s.picker_port}"], connect_timeout, http2=True)
+    if s.failure_mode == "FailOpen":
+        # With FULL_DUPLEX_STREAMED bodies Envoy hands the body to the picker as it arrives, so a picker
+        # failing mid-request cannot be "allowed" (the body is gone): Envoy answers 503. Failing open
+        # therefore relies on *knowing* the picker is down before a request starts: an active health
+        # check marks it unhealthy, the gRPC stream then fails before any byte is sent, and
+        # failure_mode_allow lets the request continue to the round-robin pool route. No panic
+        # routing: an unhealthy picker must not receive traffic.
+        interval = _duration(s.picker_health_interval_s)
+        c["health_checks"] = [
+            {
+                "timeout": interval,
+                "interval": interval,
+                "no_traffic_interval": interval,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "tcp_health_check": {},
+            }
+        ]
+        c["common_lb_config"] = {"healthy_panic_threshold": {"value": 0.0}}
     return c
 
 
@@ -204,7 +230,7 @@ def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
             "original_dst_lb_config": {"use_http_header": True, "http_header_name": HDR_DESTINATION},
             "cleanup_interval": "60s",
         },
-        _static_cluster(CLUSTER_EXTPROC, [f"{s.picker_host}:{s.picker_port}"], connect, http2=True),
+        _picker_cluster(s, connect),
     ]
     if s.pool:
         clusters.append(_static_cluster(CLUSTER_POOL, s.pool, connect, http2=False))

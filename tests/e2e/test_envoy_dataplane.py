@@ -1,0 +1,212 @@
+"""Real Envoy + ingate's ext_proc picker + model-server replicas on loopback.
+
+Checks what a user of `ingate serve --proxy envoy` relies on: Envoy sends each request where the picker
+says, SSE streams pass through intact, a too-large body gets a clear 413, and with the picker gone
+FailOpen keeps serving (round robin over the pool) while FailClose answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from ingate.dataplane.envoy import HDR_UPSTREAM_DEBUG, EnvoyDataPlane, EnvoySettings
+from ingate.errors import GatewayError
+from ingate.request import parse_request
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = aiohttp.ClientTimeout(total=20)
+
+
+async def _replica(name: str) -> tuple[web.AppRunner, str]:
+    """A tiny OpenAI-shaped replica: JSON or SSE completions that name the replica that served them."""
+
+    async def completions(req: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await req.read())
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "served_by": name,
+                    "model": body["model"],
+                    "usage": {"prompt_tokens": 2, "completion_tokens": 1},
+                }
+            )
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(req)
+        for i in range(5):
+            await resp.write(b"data: " + orjson.dumps({"served_by": name, "i": i}) + b"\n\n")
+        await resp.write(b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":5}}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def models(req: web.Request) -> web.Response:
+        return web.json_response({"served_by": name})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"127.0.0.1:{port}"
+
+
+@dataclass
+class _Ep:
+    address: str
+
+
+@dataclass
+class _Decision:
+    target: _Ep
+    upstream_body: bytes
+    request: Any
+
+
+@dataclass
+class _PrefixDirector:
+    """Stand-in until the real director lands: parses with ingate.request, routes by prompt prefix."""
+
+    addresses: list[str]
+    finished: list[Any] = field(default_factory=list)
+
+    async def handle(self, path: str, headers: Mapping[str, str], raw_body: bytes) -> _Decision:
+        req = parse_request(path, headers, raw_body)
+        if req.model == "unknown":
+            raise GatewayError(404, "model 'unknown' is not served", "model_not_found")
+        i = sum(req.prompt_text[:64].encode()) % len(self.addresses)
+        return _Decision(_Ep(self.addresses[i]), req.body_for_upstream(), req)
+
+    def on_first_token(self, decision: Any) -> None:
+        pass
+
+    def finish(self, decision: Any, info: Any) -> None:
+        self.finished.append(info)
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[list[str]]:
+    runners = []
+    addrs = []
+    for n in ("a", "b", "c"):
+        r, a = await _replica(n)
+        runners.append(r)
+        addrs.append(a)
+    yield addrs
+    for r in runners:
+        await r.cleanup()
+
+
+async def _gateway(addrs: list[str], mode: str, **kw: Any) -> tuple[EnvoyDataPlane, _PrefixDirector]:
+    d = _PrefixDirector(addrs)
+    s = EnvoySettings(pool=addrs, failure_mode=mode, debug_headers=True, message_timeout_s=5, **kw)  # type: ignore[arg-type]
+    dp = EnvoyDataPlane(d, s, info_factory=lambda dec, o: o)
+    await dp.start()
+    return dp, d
+
+
+async def test_routing_follows_the_picker_and_streams_through(replicas: list[str]) -> None:
+    dp, d = await _gateway(replicas, "FailClose")
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            served = set()
+            for _ in range(4):
+                body = {"model": "m", "prompt": "shared long system prompt " * 20 + "question?"}
+                async with http.post(dp.url + "/v1/completions", json=body) as r:
+                    assert r.status == 200
+                    dest = r.headers["x-gateway-destination-endpoint-served"]
+                    assert r.headers[HDR_UPSTREAM_DEBUG] == dest  # Envoy connected where the picker said
+                    served.add((await r.json())["served_by"])
+            assert len(served) == 1  # same prefix, same replica
+            body = {"model": "m", "prompt": "stream me", "stream": True}
+            async with http.post(dp.url + "/v1/completions", json=body) as r:
+                assert r.status == 200
+                text = (await r.read()).decode()
+            events = [ln[6:] for ln in text.split("\n") if ln.startswith("data: ")]
+            assert events[-1] == "[DONE]" and len(events) == 7
+            assert d.finished[-1].completion_tokens == 5 and d.finished[-1].first_token_at is not None
+            async with http.post(dp.url + "/v1/completions", json={"model": "unknown", "prompt": "x"}) as r:
+                assert r.status == 404
+                assert (await r.json())["error"]["code"] == "model_not_found"
+            async with http.get(dp.url + "/v1/models") as r:  # headers only: any endpoint
+                assert r.status == 200
+        assert len(d.finished) == 5  # one finish per decided request
+    finally:
+        await dp.stop()
+
+
+async def test_body_over_limit_is_413(replicas: list[str]) -> None:
+    dp, _d = await _gateway(replicas, "FailClose", max_body_bytes=10_000)
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            big = {"model": "m", "prompt": "x" * 20_000}
+            async with http.post(dp.url + "/v1/completions", json=big) as r:
+                assert r.status == 413
+                err = (await r.json())["error"]
+                assert err["code"] == "too_large" and "10000" in err["message"]
+            async with http.post(dp.url + "/v1/completions", json={"model": "m", "prompt": "ok"}) as r:
+                assert r.status == 200
+    finally:
+        await dp.stop()
+
+
+@pytest.mark.parametrize("mode", ["FailOpen", "FailClose"])
+async def test_picker_down(replicas: list[str], mode: str) -> None:
+    dp, _ = await _gateway(replicas, mode)
+    try:
+        await dp.grpc.stop(0)  # the picker dies; Envoy keeps running
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            if mode == "FailOpen":
+                # Requests fail open once Envoy's health check has seen the picker down (documented
+                # detection window: picker_health_interval_s); wait for it, bounded.
+                for _ in range(100):
+                    async with http.post(dp.url + "/v1/completions", json={"model": "m", "prompt": "w"}) as r:
+                        await r.read()
+                        if r.status == 200:
+                            break
+                    await asyncio.sleep(0.05)
+            statuses = []
+            upstreams = set()
+            for i in range(6):
+                async with http.post(dp.url + "/v1/completions", json={"model": "m", "prompt": f"p{i}"}) as r:
+                    statuses.append(r.status)
+                    await r.read()
+                    assert "x-gateway-destination-endpoint-served" not in r.headers
+                    if r.status == 200:
+                        upstreams.add(r.headers[HDR_UPSTREAM_DEBUG])
+        if mode == "FailOpen":
+            assert statuses == [200] * 6
+            assert len(upstreams) == 3  # plain round robin over the pool
+        else:
+            assert statuses == [503] * 6
+    finally:
+        await dp.stop()
+
+
+async def test_envoy_is_restarted_after_a_crash(replicas: list[str]) -> None:
+    dp, _ = await _gateway(replicas, "FailClose")
+    try:
+        assert dp.envoy is not None and dp.envoy.proc is not None
+        url = dp.url
+        dp.envoy.proc.kill()
+        for _ in range(200):
+            if dp.envoy.restarts == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert dp.envoy.restarts == 1 and dp.url == url  # same port after the restart
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            async with http.post(url + "/v1/completions", json={"model": "m", "prompt": "again"}) as r:
+                assert r.status == 200
+    finally:
+        await dp.stop()
+    assert dp.envoy.proc is not None and dp.envoy.proc.returncode is not None
