@@ -85,6 +85,8 @@ class EnvoySettings:
     """Add `x-ingate-upstream-address` (the upstream Envoy connected to) to responses."""
     max_body_bytes: int = DEFAULT_MAX_BODY
     log_level: str = "warning"
+    ext_proc: bool = True
+    """False renders plain Envoy round robin over `pool` (no picker): the benchmark baseline."""
     picker_health_interval_s: float = 0.5
     """FailOpen only: how often Envoy checks that the picker is up (the detection window)."""
 
@@ -212,7 +214,7 @@ def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
         "stream_idle_timeout": _duration(s.stream_idle_timeout_s),
         "route_config": {"name": "ingate", "virtual_hosts": [vhost]},
         "http_filters": [
-            ext_proc,
+            *([ext_proc] if s.ext_proc else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
@@ -230,8 +232,9 @@ def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
             "original_dst_lb_config": {"use_http_header": True, "http_header_name": HDR_DESTINATION},
             "cleanup_interval": "60s",
         },
-        _picker_cluster(s, connect),
     ]
+    if s.ext_proc:
+        clusters.append(_picker_cluster(s, connect))
     if s.pool:
         clusters.append(_static_cluster(CLUSTER_POOL, s.pool, connect, http2=False))
     return {
