@@ -204,17 +204,20 @@ async def _main(args: argparse.Namespace) -> None:
         picker_port = _free_port()
         procs.append(_spawn("picker", "--port", str(picker_port), "--upstream", upstream))
         await _wait_port(picker_port)
-        ep = EnvoyProcess(
-            EnvoySettings(
-                pool=[upstream],
-                picker_port=picker_port,
-                failure_mode="FailClose",
-                concurrency=args.envoy_workers,
+        # Full processing (responses too: TTFT, usage, served header) and request-only processing.
+        for name, responses in (("envoy-extproc", True), ("envoy-extproc-req", False)):
+            ep = EnvoyProcess(
+                EnvoySettings(
+                    pool=[upstream],
+                    picker_port=picker_port,
+                    failure_mode="FailClose",
+                    concurrency=args.envoy_workers,
+                    response_processing=responses,
+                )
             )
-        )
-        await ep.start()
-        envoys.append(ep)
-        targets["envoy-extproc"] = ep.url
+            await ep.start()
+            envoys.append(ep)
+            targets[name] = ep.url
         try:
             import importlib
 
@@ -297,10 +300,11 @@ def main() -> None:
     ap.add_argument("--envoy-workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    with contextlib.suppress(ImportError):
-        import uvloop
+    if not (args.role == "picker" and os.environ.get("INGATE_PICKER_LOOP") == "asyncio"):
+        with contextlib.suppress(ImportError):
+            import uvloop
 
-        uvloop.install()
+            uvloop.install()
     if args.role == "upstream":
         asyncio.run(_run_upstream(args.port))
     elif args.role == "picker":

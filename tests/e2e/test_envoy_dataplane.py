@@ -134,13 +134,18 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
                 text = (await r.read()).decode()
             events = [ln[6:] for ln in text.split("\n") if ln.startswith("data: ")]
             assert events[-1] == "[DONE]" and len(events) == 7
+            for _ in range(100):  # the picker accounts the end just after Envoy forwards the last chunk
+                if len(d.finished) == 5:
+                    break
+                await asyncio.sleep(0.02)
+            assert all(o.error is None and o.status == 200 for o in d.finished)
             assert d.finished[-1].completion_tokens == 5 and d.finished[-1].first_token_at is not None
             async with http.post(dp.url + "/v1/completions", json={"model": "unknown", "prompt": "x"}) as r:
                 assert r.status == 404
                 assert (await r.json())["error"]["code"] == "model_not_found"
             async with http.get(dp.url + "/v1/models") as r:  # headers only: any endpoint
                 assert r.status == 200
-        assert len(d.finished) == 5  # one finish per decided request
+        assert len(d.finished) == 5  # one per decided request (not the 404, not the headers-only GET)
     finally:
         await dp.stop()
 
@@ -210,3 +215,20 @@ async def test_envoy_is_restarted_after_a_crash(replicas: list[str]) -> None:
     finally:
         await dp.stop()
     assert dp.envoy.proc is not None and dp.envoy.proc.returncode is not None
+
+
+async def test_request_only_processing_still_routes_and_releases(replicas: list[str]) -> None:
+    dp, d = await _gateway(replicas, "FailClose", response_processing=False)
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            body = {"model": "m", "prompt": "hello", "stream": True}
+            async with http.post(dp.url + "/v1/completions", json=body) as r:
+                assert r.status == 200
+                assert (await r.read()).endswith(b"data: [DONE]\n\n")
+        for _ in range(100):  # Envoy closes the ext_proc stream as the HTTP stream ends
+            if d.finished:
+                break
+            await asyncio.sleep(0.02)
+        assert len(d.finished) == 1 and d.finished[0].error is None
+    finally:
+        await dp.stop()

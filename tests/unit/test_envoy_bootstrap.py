@@ -84,3 +84,29 @@ def test_without_a_pool_unpicked_requests_get_a_json_503() -> None:
     assert (
         orjson.loads(routes[1]["direct_response"]["body"]["inline_string"])["error"]["code"] == "no_endpoint"
     )
+
+
+def test_request_only_processing_skips_response_phases() -> None:
+    mode = _ext_proc(render_bootstrap(EnvoySettings(response_processing=False)))["processing_mode"]
+    assert mode["request_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert (mode["response_header_mode"], mode["response_body_mode"], mode["response_trailer_mode"]) == (
+        "SKIP",
+        "NONE",
+        "SKIP",
+    )
+
+
+def test_plain_round_robin_baseline_has_no_ext_proc_filter() -> None:
+    b = render_bootstrap(EnvoySettings(pool=["10.1.0.1:8000"], ext_proc=False))
+    assert [f["name"] for f in _hcm(b)["http_filters"]] == ["envoy.filters.http.router"]
+    assert "ingate_extproc" not in {c["name"] for c in b["static_resources"]["clusters"]}
+
+
+def test_fail_open_health_checks_the_picker_without_panic_routing() -> None:
+    clusters = {
+        c["name"]: c
+        for c in render_bootstrap(EnvoySettings(failure_mode="FailOpen"))["static_resources"]["clusters"]
+    }
+    picker = clusters["ingate_extproc"]
+    assert picker["health_checks"][0]["unhealthy_threshold"] == 1
+    assert picker["common_lb_config"]["healthy_panic_threshold"]["value"] == 0.0

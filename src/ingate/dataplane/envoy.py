@@ -85,6 +85,8 @@ class EnvoySettings:
     """Add `x-ingate-upstream-address` (the upstream Envoy connected to) to responses."""
     max_body_bytes: int = DEFAULT_MAX_BODY
     log_level: str = "warning"
+    response_processing: bool = True
+    """False: responses bypass the picker (no TTFT/usage feedback, no served header; fewer messages)."""
     ext_proc: bool = True
     """False renders plain Envoy round robin over `pool` (no picker): the benchmark baseline."""
     picker_health_interval_s: float = 0.5
@@ -145,6 +147,20 @@ def _picker_cluster(s: EnvoySettings, connect_timeout: str) -> dict[str, Any]:
     return c
 
 
+def _processing_mode(responses: bool) -> dict[str, str]:
+    mode = {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND",
+        "request_body_mode": "FULL_DUPLEX_STREAMED",
+        "response_body_mode": "FULL_DUPLEX_STREAMED",
+        "request_trailer_mode": "SEND",
+        "response_trailer_mode": "SEND",
+    }
+    if not responses:
+        mode.update(response_header_mode="SKIP", response_body_mode="NONE", response_trailer_mode="SKIP")
+    return mode
+
+
 def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
     """The Envoy v3 bootstrap (as a dict; Envoy reads it as JSON) for `s`."""
     connect = _duration(s.connect_timeout_s)
@@ -156,14 +172,7 @@ def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
             "grpc_service": {"envoy_grpc": {"cluster_name": CLUSTER_EXTPROC}},
             "failure_mode_allow": s.failure_mode == "FailOpen",
             "message_timeout": _duration(s.message_timeout_s),
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                "request_body_mode": "FULL_DUPLEX_STREAMED",
-                "response_body_mode": "FULL_DUPLEX_STREAMED",
-                "request_trailer_mode": "SEND",
-                "response_trailer_mode": "SEND",
-            },
+            "processing_mode": _processing_mode(s.response_processing),
             "metadata_options": {"receiving_namespaces": {"untyped": [LB_NAMESPACE]}},
             # FailClose: the client gets 503 (service unavailable), not Envoy's default 500.
             "status_on_error": {"code": 503},
@@ -448,6 +457,7 @@ class EnvoyDataPlane:
             max_body_bytes=settings.max_body_bytes,
             any_endpoint=first_of(pool_addresses),
             fallbacks=fallbacks,
+            expect_responses=settings.response_processing,
         )
         self.grpc = ExtProcServer(self.servicer, host=settings.picker_host, port=settings.picker_port)
         self._binary = binary

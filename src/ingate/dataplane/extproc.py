@@ -196,6 +196,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         any_endpoint: Callable[[], str | None] | None = None,
         fallbacks: int = 0,
         report_served: bool = True,
+        expect_responses: bool = True,
     ) -> None:
         self.director = director
         self.info_factory = info_factory
@@ -203,6 +204,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.any_endpoint = any_endpoint
         self.fallbacks = fallbacks
         self.report_served = report_served
+        self.expect_responses = expect_responses
+        """False when Envoy does not send responses (response modes SKIP/NONE): the stream's end is then
+        the request's end, not an early disconnect."""
         self.active_streams = 0
         self._too_large = GatewayError(
             413, f"request body exceeds the limit of {max_body_bytes} bytes", "too_large"
@@ -289,9 +293,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         if len(tail) > 2 * USAGE_TAIL:
                             del tail[:-USAGE_TAIL]
                     if rb.end_of_stream:
-                        yield _echo_body(data, True) if data else _EMPTY_RESP_EOS
-                        self._finish(decision, outcome, tail, None)
+                        # Account before the last yield: Envoy may close the stream as soon as it has
+                        # the final chunk, and the generator would never resume.
                         finished = True
+                        self._finish(decision, outcome, tail, None)
+                        yield _echo_body(data, True) if data else _EMPTY_RESP_EOS
                     else:
                         yield _echo_body(data, False)
                 elif kind == "request_body":
@@ -348,10 +354,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         self._finish(decision, outcome, tail, None)
                         finished = True
                 elif kind == "response_trailers":
-                    yield _EMPTY_RESP_TRAILERS
                     if decision is not None and not finished:
-                        self._finish(decision, outcome, tail, None)
                         finished = True
+                        self._finish(decision, outcome, tail, None)
+                    yield _EMPTY_RESP_TRAILERS
                 elif kind == "request_trailers":
                     # Trailers end the request body; decide now if the body had no end_of_stream chunk.
                     if decision is None and path:
@@ -366,7 +372,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                             yield r
                     yield _EMPTY_REQ_TRAILERS
         except asyncio.CancelledError:
-            outcome.error = "cancelled"
+            # Without response processing Envoy may reset the stream at the end of a normal request.
+            if self.expect_responses:
+                outcome.error = "cancelled"
             raise
         except Exception as e:  # never leave a decision unreleased; Envoy applies its failure mode
             outcome.error = f"processor error: {e!r}"
@@ -375,7 +383,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         finally:
             self.active_streams -= 1
             if decision is not None and not finished:
-                if outcome.error is None:
+                if outcome.error is None and self.expect_responses:
                     outcome.error = "stream ended before the response completed"
                 self._finish(decision, outcome, tail, outcome.error)
 
