@@ -138,7 +138,9 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
                 if len(d.finished) == 5:
                     break
                 await asyncio.sleep(0.02)
-            assert all(o.error is None and o.status == 200 for o in d.finished)
+            assert [(o.status, o.error) for o in d.finished] == [(200, None)] * 5, [
+                (o.error, o.body_bytes) for o in d.finished
+            ]
             assert d.finished[-1].completion_tokens == 5 and d.finished[-1].first_token_at is not None
             async with http.post(dp.url + "/v1/completions", json={"model": "unknown", "prompt": "x"}) as r:
                 assert r.status == 404

@@ -271,6 +271,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         chunks: list[bytes] = []
         size = 0
         tail = bytearray()
+        resp_len = -1
         finished = False
         try:
             async for msg in request_iterator:
@@ -292,11 +293,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         tail += data
                         if len(tail) > 2 * USAGE_TAIL:
                             del tail[:-USAGE_TAIL]
-                    if rb.end_of_stream:
+                    if not finished and (rb.end_of_stream or 0 <= resp_len <= outcome.body_bytes):
                         # Account before the last yield: Envoy may close the stream as soon as it has
                         # the final chunk, and the generator would never resume.
                         finished = True
                         self._finish(decision, outcome, tail, None)
+                    if rb.end_of_stream:
                         yield _echo_body(data, True) if data else _EMPTY_RESP_EOS
                     else:
                         yield _echo_body(data, False)
@@ -335,7 +337,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         if h.key == ":status":
                             v = h.raw_value or h.value.encode()
                             outcome.status = int(v) if v.isdigit() else 0
-                            break
+                        elif h.key == "content-length":
+                            # A sized response is complete at its last byte: Envoy may end the HTTP
+                            # stream (and reset this one) before sending an empty end-of-stream chunk.
+                            v = h.raw_value or h.value.encode()
+                            resp_len = int(v) if v.isdigit() else -1
                     if self.report_served and decision is not None:
                         yield pb.ProcessingResponse(
                             response_headers=pb.HeadersResponse(
@@ -373,11 +379,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     yield _EMPTY_REQ_TRAILERS
         except asyncio.CancelledError:
             # Without response processing Envoy may reset the stream at the end of a normal request.
-            if self.expect_responses:
+            # Envoy also resets the stream right after a completed response: not an error then.
+            if self.expect_responses and not finished:
                 outcome.error = "cancelled"
             raise
         except Exception as e:  # never leave a decision unreleased; Envoy applies its failure mode
-            outcome.error = f"processor error: {e!r}"
+            if not finished:
+                outcome.error = f"processor error: {e!r}"
             log.exception("ext_proc stream failed")
             raise
         finally:
