@@ -280,6 +280,13 @@ def find_envoy() -> str:
     )
 
 
+def _orphan_guard() -> list[str]:
+    """`setpriv --pdeathsig KILL --` where available: Envoy dies with us even if we are SIGKILLed
+    (otherwise it would hold the port as an orphan). Elsewhere `stop()` is the only guard."""
+    setpriv = shutil.which("setpriv") if sys.platform == "linux" else None
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
 def _read_if_exists(path: Path) -> str:
     try:
         return path.read_text().strip()
@@ -333,6 +340,7 @@ class EnvoyProcess:
         concurrency = s.concurrency or min(4, os.cpu_count() or 1)
         log_file = await asyncio.to_thread(open, self.workdir / "envoy.log", "ab")
         self.proc = await asyncio.create_subprocess_exec(
+            *_orphan_guard(),
             self.binary,
             "-c",
             str(cfg),
