@@ -1,0 +1,318 @@
+"""The OpenAI-compatible HTTP front of one simulated replica (aiohttp)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ingate.sim.engine import Engine, EngineConfig, SimRequest
+from ingate.sim.metrics import SimMetrics
+from ingate.sim.profiles import SimProfile
+from ingate.sim.tokenizer import block_hashes, chat_prompt, output_text, tokenize
+
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(slots=True)
+class ReplicaConfig:
+    """Everything one replica needs; see `ingate sim --help` for the meaning of each field."""
+
+    profile: SimProfile
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    host: str = "127.0.0.1"
+    port: int = 0
+    index: int = 0
+    time_scale: float = 1.0
+    max_loras: int = 0
+    lora_adapters: list[str] = field(default_factory=list)
+    lora_load_ms: float | None = None
+    error_rate: float = 0.0
+    extra_latency_ms: float = 0.0
+    hang_rate: float = 0.0
+    crash_after: int | None = None
+    stream_interval_ms: float = 0.0
+    seed: int = 0
+
+
+def _error(status: int, message: str, code: str) -> web.Response:
+    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "internal_error")
+    body = orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+class Replica:
+    """One simulated model server: engine + metrics + HTTP server on its own port."""
+
+    def __init__(self, cfg: ReplicaConfig) -> None:
+        if cfg.lora_adapters and cfg.max_loras < 1:
+            cfg.max_loras = 4
+        self.cfg = cfg
+        self.engine = Engine(
+            EngineConfig(cfg.profile, cfg.time_scale, cfg.max_loras, cfg.lora_load_ms),
+        )
+        self.metrics = SimMetrics(self.engine, cfg.model, cfg.max_loras)
+        self.engine.on_finish = self.metrics.on_finish
+        self._adapters = frozenset(cfg.lora_adapters)
+        self._rng = random.Random(cfg.seed * 1_000_003 + cfg.index)
+        self.requests_seen = 0
+        self.crashed = False
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.port = cfg.port
+        self._hang = asyncio.Event()  # never set: hung requests wait on it until cancelled
+        self._crash_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        self.engine.start()
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts the request
+        # in the engine and frees its KV blocks, as vLLM does.
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, backlog=1024)
+        await self._site.start()
+        server = self._site._server
+        sockets = getattr(server, "sockets", None)  # asyncio and uvloop servers both expose .sockets
+        assert sockets, "replica failed to listen"
+        self.port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.engine.stop()
+
+    async def crash(self) -> None:
+        """Die like a crashed pod: stop listening, drop every connection, forget in-flight work."""
+        self.crashed = True
+        await self.stop()
+
+    # -- handlers ------------------------------------------------------------------------------------
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        created = int(time.time())
+        data = [
+            {
+                "id": self.cfg.model,
+                "object": "model",
+                "created": created,
+                "owned_by": "ingate-sim",
+                "root": self.cfg.model,
+                "parent": None,
+            }
+        ]
+        for a in sorted(self._adapters):
+            data.append(
+                {
+                    "id": a,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "ingate-sim",
+                    "root": a,
+                    "parent": self.cfg.model,
+                }
+            )
+        return web.json_response({"object": "list", "data": data})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        cfg = self.cfg
+        self.requests_seen += 1
+        if cfg.crash_after is not None and self.requests_seen > cfg.crash_after:
+            if self._crash_task is None:
+                self._crash_task = asyncio.get_running_loop().create_task(self.crash())
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError  # the connection is gone; nothing to answer
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "request body is not valid JSON", "invalid_json")
+        if not isinstance(body, dict):
+            return _error(400, "request body must be a JSON object", "invalid_json")
+        parsed = self._parse(body, chat)
+        if isinstance(parsed, web.Response):
+            return parsed
+        model, tokens, max_tokens = parsed
+        if cfg.extra_latency_ms > 0:
+            await asyncio.sleep(cfg.extra_latency_ms / 1000.0 / cfg.time_scale)
+        if cfg.error_rate > 0 and self._rng.random() < cfg.error_rate:
+            return _error(500, "injected failure (--error-rate)", "injected_error")
+        if cfg.hang_rate > 0 and self._rng.random() < cfg.hang_rate:
+            await self._hang.wait()
+        adapter = model if model != cfg.model else None
+        hashes = block_hashes(tokens, cfg.profile.block_size, model)
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        try:
+            req = self.engine.submit(rid, len(tokens), hashes, max_tokens, adapter)
+        except ValueError as e:
+            return _error(400, str(e), "context_length_exceeded")
+        try:
+            if body.get("stream"):
+                return await self._stream(request, req, model, chat, body)
+            return await self._complete(req, model, chat)
+        finally:
+            self.engine.abort(req)  # no-op when finished; frees KV when the client went away
+
+    def _parse(self, body: dict[str, Any], chat: bool) -> tuple[str, list[str], int] | web.Response:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(400, "'model' is required", "missing_model")
+        if model != self.cfg.model and model not in self._adapters:
+            return _error(404, f"The model `{model}` does not exist.", "model_not_found")
+        if body.get("n", 1) not in (1, None):
+            return _error(400, "only n=1 is supported", "invalid_n")
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_TOKENS
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            return _error(400, "'max_tokens' must be a positive integer", "invalid_max_tokens")
+        if chat:
+            messages = body.get("messages")
+            if (
+                not isinstance(messages, list)
+                or not messages
+                or not all(isinstance(m, dict) for m in messages)
+            ):
+                return _error(400, "'messages' must be a non-empty list of objects", "invalid_messages")
+            tokens = tokenize(chat_prompt(messages))
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if isinstance(prompt, str) and prompt:
+                tokens = tokenize(prompt)
+            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                tokens = [str(t) for t in prompt]
+            else:
+                return _error(
+                    400, "'prompt' must be a non-empty string or list of token ids", "invalid_prompt"
+                )
+            if not tokens:
+                return _error(400, "'prompt' has no tokens", "invalid_prompt")
+        return model, tokens, max_tokens
+
+    @staticmethod
+    def _usage(req: SimRequest) -> dict[str, Any]:
+        return {
+            "prompt_tokens": req.prompt_len,
+            "completion_tokens": req.generated,
+            "total_tokens": req.prompt_len + req.generated,
+            "prompt_tokens_details": {"cached_tokens": req.num_cached},
+        }
+
+    async def _complete(self, req: SimRequest, model: str, chat: bool) -> web.Response:
+        while not req.done:
+            await req.event.wait()
+            req.event.clear()
+        if req.state != "finished":
+            return _error(500, "request aborted", "aborted")
+        text = output_text(0, req.generated)
+        created = int(time.time())
+        if chat:
+            out: dict[str, Any] = {
+                "id": f"chatcmpl-{req.rid}", "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+            }  # fmt: skip
+        else:
+            out = {
+                "id": f"cmpl-{req.rid}", "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
+            }  # fmt: skip
+        out["usage"] = self._usage(req)
+        return web.Response(body=orjson.dumps(out), content_type="application/json")
+
+    async def _stream(
+        self, request: web.Request, req: SimRequest, model: str, chat: bool, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        opts = body.get("stream_options")
+        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        created = int(time.time())
+        # Chunks differ only in their text: build the JSON around it once.
+        if chat:
+            head = orjson.dumps(
+                {
+                    "id": f"chatcmpl-{req.rid}",
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                }
+            )[:-1]
+            pre = head + b',"choices":[{"index":0,"delta":{"content":'
+            mid_open, mid_last = b'},"finish_reason":null}]}\n\n', b'},"finish_reason":"length"}]}\n\n'
+            await resp.write(
+                b"data: "
+                + head
+                + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+            )
+        else:
+            head = orjson.dumps(
+                {"id": f"cmpl-{req.rid}", "object": "text_completion", "created": created, "model": model}
+            )[:-1]
+            pre = head + b',"choices":[{"index":0,"text":'
+            mid_open, mid_last = (
+                b',"logprobs":null,"finish_reason":null}]}\n\n',
+                b',"logprobs":null,"finish_reason":"length"}]}\n\n',
+            )
+        interval = self.cfg.stream_interval_ms / 1000.0
+        sent = 0
+        while True:
+            await req.event.wait()
+            req.event.clear()
+            n = req.generated - sent
+            last = req.state == "finished"
+            if n > 0 or last:
+                # Tokens produced since the last write go out in one chunk (coalesced when we fall behind).
+                await resp.write(
+                    b"data: " + pre + orjson.dumps(output_text(sent, n)) + (mid_last if last else mid_open)
+                )
+                sent += n
+            if req.done:
+                break
+            if interval > 0:
+                await asyncio.sleep(interval)
+        if req.state != "finished":
+            await resp.write(
+                b'data: {"error":{"message":"request aborted","type":"internal_error","code":"aborted"}}\n\n'
+            )
+        elif include_usage:
+            await resp.write(
+                b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(self._usage(req)) + b"}\n\n"
+            )
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp

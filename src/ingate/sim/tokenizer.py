@@ -1,0 +1,74 @@
+"""The simulator's tokenisation: deterministic, documented, no download.
+
+Rule: a token is a maximal run of non-whitespace characters, with runs longer than 8 characters split
+into chunks of 8. Whitespace only separates tokens. So ``"hello   wonderful-world"`` is
+``["hello", "wonderfu", "l-world"]``. Generated output is made of short vocabulary words separated by a
+single space, so re-tokenising a completion gives exactly ``completion_tokens``. The same rule is
+reproduced as a Hugging Face `tokenizers` tokenizer by ``ingate bench tokenizer`` for inference-perf.
+"""
+
+from __future__ import annotations
+
+import xxhash
+
+MAX_TOKEN_CHARS = 8
+
+# Output vocabulary: short words (each a single token under the rule above).
+VOCAB = (
+    "the of and to in is it that for on with as was at by an be this from or are not but have all "
+    "they we can one has more will out up so if about its when two which do time their any may new"
+).split()
+
+
+def tokenize(text: str) -> list[str]:
+    """Split `text` into tokens by the rule in the module docstring."""
+    out: list[str] = []
+    for word in text.split():
+        if len(word) <= MAX_TOKEN_CHARS:
+            out.append(word)
+        else:
+            out.extend(word[i : i + MAX_TOKEN_CHARS] for i in range(0, len(word), MAX_TOKEN_CHARS))
+    return out
+
+
+def count_tokens(text: str) -> int:
+    """Number of tokens of `text` (same rule as `tokenize`)."""
+    n = 0
+    for word in text.split():
+        n += (len(word) + MAX_TOKEN_CHARS - 1) // MAX_TOKEN_CHARS
+    return n
+
+
+def chat_prompt(messages: list[dict[str, object]]) -> str:
+    """Render chat messages the way a chat template would: a role marker token before each message."""
+    parts: list[str] = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = " ".join(
+                str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+            )
+        parts.append(f"<|{m.get('role', 'user')}|> {content if isinstance(content, str) else ''}")
+    parts.append("<|assistant|>")
+    return "\n".join(parts)
+
+
+def block_hashes(tokens: list[str], block_size: int, seed: str) -> list[int]:
+    """Chained hashes of the full blocks of `tokens` (vLLM's prefix-caching scheme).
+
+    Block i's hash covers its parent's hash and its own tokens, so equal hashes mean equal prefixes.
+    `seed` separates caches of different models / LoRA adapters.
+    """
+    parent = xxhash.xxh64_intdigest(seed.encode())
+    out: list[int] = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        h = xxhash.xxh64_intdigest(" ".join(tokens[start : start + block_size]).encode(), seed=parent)
+        out.append(h)
+        parent = h
+    return out
+
+
+def output_text(start: int, count: int) -> str:
+    """`count` generated tokens, deterministic in their position, each preceded by a space."""
+    n = len(VOCAB)
+    return "".join(" " + VOCAB[(start + i) % n] for i in range(count))
