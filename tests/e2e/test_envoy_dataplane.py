@@ -1,4 +1,4 @@
-"""Real Envoy + ingate's ext_proc picker + model-server replicas on loopback.
+"""Real Envoy + ingate's ext_proc picker + `ingate sim` replicas on loopback.
 
 Checks what a user of `ingate serve --proxy envoy` relies on: Envoy sends each request where the picker
 says, SSE streams pass through intact, a too-large body gets a clear 413, and with the picker gone
@@ -15,50 +15,16 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from ingate.dataplane.envoy import HDR_UPSTREAM_DEBUG, EnvoyDataPlane, EnvoySettings
 from ingate.errors import GatewayError
 from ingate.request import parse_request
+from ingate.sim.fleet import SimFleetConfig, start_fleet
+from ingate.sim.profiles import get_profile
+from ingate.sim.server import ReplicaConfig
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = aiohttp.ClientTimeout(total=20)
-
-
-async def _replica(name: str) -> tuple[web.AppRunner, str]:
-    """A tiny OpenAI-shaped replica: JSON or SSE completions that name the replica that served them."""
-
-    async def completions(req: web.Request) -> web.StreamResponse:
-        body = orjson.loads(await req.read())
-        if not body.get("stream"):
-            return web.json_response(
-                {
-                    "served_by": name,
-                    "model": body["model"],
-                    "usage": {"prompt_tokens": 2, "completion_tokens": 1},
-                }
-            )
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(req)
-        for i in range(5):
-            await resp.write(b"data: " + orjson.dumps({"served_by": name, "i": i}) + b"\n\n")
-        await resp.write(b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":5}}\n\n')
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    async def models(req: web.Request) -> web.Response:
-        return web.json_response({"served_by": name})
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"127.0.0.1:{port}"
 
 
 @dataclass
@@ -96,15 +62,14 @@ class _PrefixDirector:
 
 @pytest.fixture
 async def replicas() -> AsyncIterator[list[str]]:
-    runners = []
-    addrs = []
-    for n in ("a", "b", "c"):
-        r, a = await _replica(n)
-        runners.append(r)
-        addrs.append(a)
-    yield addrs
-    for r in runners:
-        await r.cleanup()
+    """Three `ingate sim` replicas with the near-free profile (model "m")."""
+    cfg = SimFleetConfig(
+        replicas=3,
+        profiles=["null"],
+        replica=ReplicaConfig(profile=get_profile("null"), model="m"),
+    )
+    async with start_fleet(cfg) as fleet:
+        yield fleet.addresses
 
 
 async def _gateway(addrs: list[str], mode: str, **kw: Any) -> tuple[EnvoyDataPlane, _PrefixDirector]:
@@ -126,14 +91,21 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
                     assert r.status == 200
                     dest = r.headers["x-gateway-destination-endpoint-served"]
                     assert r.headers[HDR_UPSTREAM_DEBUG] == dest  # Envoy connected where the picker said
-                    served.add((await r.json())["served_by"])
+                    assert (await r.json())["usage"]["prompt_tokens"] > 20
+                    served.add(dest)
             assert len(served) == 1  # same prefix, same replica
-            body = {"model": "m", "prompt": "stream me", "stream": True}
+            body = {
+                "model": "m",
+                "prompt": "stream me",
+                "stream": True,
+                "max_tokens": 5,
+                "stream_options": {"include_usage": True},
+            }
             async with http.post(dp.url + "/v1/completions", json=body) as r:
                 assert r.status == 200
                 text = (await r.read()).decode()
             events = [ln[6:] for ln in text.split("\n") if ln.startswith("data: ")]
-            assert events[-1] == "[DONE]" and len(events) == 7
+            assert events[-1] == "[DONE]" and orjson.loads(events[-2])["usage"]["completion_tokens"] == 5
             for _ in range(100):  # the picker accounts the end just after Envoy forwards the last chunk
                 if len(d.finished) == 5:
                     break
@@ -223,7 +195,7 @@ async def test_request_only_processing_still_routes_and_releases(replicas: list[
     dp, d = await _gateway(replicas, "FailClose", response_processing=False)
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
-            body = {"model": "m", "prompt": "hello", "stream": True}
+            body = {"model": "m", "prompt": "hello", "stream": True, "max_tokens": 3}
             async with http.post(dp.url + "/v1/completions", json=body) as r:
                 assert r.status == 200
                 assert (await r.read()).endswith(b"data: [DONE]\n\n")
