@@ -1,0 +1,86 @@
+"""Scheduler configuration: profiles of filters -> weighted scorers -> picker, with every default here.
+
+YAML shape (all optional; `SchedulerConfig()` is what a user gets without writing any)::
+
+    scheduler:
+      defaultProfile: default
+      fallbacks: 2
+      profiles:
+        default:
+          filters: [{type: lora-affinity}, {type: load-guard, parameters: {queueMargin: 4}}]
+          scorers:
+            - {type: queue, weight: 2}
+            - {type: kv-cache, weight: 2}
+            - {type: prefix-cache, weight: 3, parameters: {blockChars: 64}}
+          picker: {type: max-score}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class PluginSpec(BaseModel):
+    """One plugin of a profile: its type name, weight (scorers only) and typed parameters."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: str
+    weight: float = Field(default=1.0, ge=0.0)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProfileConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    filters: list[PluginSpec] = Field(default_factory=list)
+    scorers: list[PluginSpec] = Field(default_factory=list)
+    picker: PluginSpec = Field(default_factory=lambda: PluginSpec(type="max-score"))
+
+
+def default_profiles() -> dict[str, ProfileConfig]:
+    """The built-in profiles.
+
+    default: LoRA affinity and a load guard first ("sticky until saturated": prefix affinity never
+    piles onto a replica whose queue is well above the least-loaded one), then queue depth (2), KV
+    utilisation (2) and prefix-cache affinity (3) as upstream weighs them, plus the gateway's own
+    in-flight count (1) so a burst between two metric scrapes spreads out.
+    """
+    return {
+        "default": ProfileConfig(
+            filters=[PluginSpec(type="lora-affinity"), PluginSpec(type="load-guard")],
+            scorers=[
+                PluginSpec(type="queue", weight=2),
+                PluginSpec(type="kv-cache", weight=2),
+                PluginSpec(type="prefix-cache", weight=3),
+                PluginSpec(type="least-in-flight", weight=1),
+                PluginSpec(type="lora-affinity", weight=1),
+            ],
+            picker=PluginSpec(type="max-score"),
+        ),
+        "round-robin": ProfileConfig(picker=PluginSpec(type="round-robin")),
+        "random": ProfileConfig(picker=PluginSpec(type="random")),
+        "least-in-flight": ProfileConfig(
+            scorers=[PluginSpec(type="least-in-flight")], picker=PluginSpec(type="max-score")
+        ),
+    }
+
+
+class SchedulerConfig(BaseModel):
+    """Scheduler profiles; user profiles are added to (or replace) the built-in ones by name."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
+    default_profile: str = Field(default="default", alias="defaultProfile")
+    fallbacks: int = Field(default=2, ge=0, le=8, description="Fallback endpoints after the target.")
+
+    @model_validator(mode="after")
+    def _merge_builtins(self) -> SchedulerConfig:
+        merged = default_profiles()
+        merged.update(self.profiles)
+        self.profiles = merged
+        if self.default_profile not in self.profiles:
+            raise ValueError(
+                f"defaultProfile {self.default_profile!r} is not a profile (have: {', '.join(sorted(self.profiles))})"
+            )
+        return self

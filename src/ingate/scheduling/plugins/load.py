@@ -1,0 +1,92 @@
+"""Load-based plugins: queue depth, KV-cache utilisation, the gateway's in-flight count, load guard.
+
+Between two metric scrapes (50 ms by default) a burst can arrive that the model servers' gauges don't
+show yet. The gateway counts what it has in flight per endpoint; requests in flight beyond what the
+server reports as waiting + running were dispatched since the last scrape and are counted as queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ingate.datastore import Endpoint
+from ingate.request import InferenceRequest
+from ingate.scheduling.framework import CycleState
+
+
+def effective_queue(ep: Endpoint) -> int:
+    """Waiting requests, including ones dispatched since the last scrape."""
+    m = ep.metrics
+    return m.waiting + max(0, ep.in_flight - m.waiting - m.running)
+
+
+def _inverse_scaled(values: dict[Endpoint, float], scale: float) -> dict[Endpoint, float]:
+    """1 - value / max(scale, largest value): 0 -> 1, falling linearly.
+
+    Small differences under `scale` cost little (one queued request must not outweigh a long prefix
+    hit), while under heavy load the scores stay relative to the most loaded candidate.
+    """
+    top = max(scale, max(values.values()))
+    return {ep: 1.0 - v / top for ep, v in values.items()}
+
+
+@dataclass
+class QueueScorer:
+    """Shorter effective queue scores higher: 1 - queue / max(scale, longest queue)."""
+
+    scale: float = 8.0
+    name: str = "queue"
+
+    def score(
+        self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> dict[Endpoint, float]:
+        return _inverse_scaled({ep: float(effective_queue(ep)) for ep in endpoints}, self.scale)
+
+
+@dataclass
+class KVCacheScorer:
+    """Free KV cache scores higher: 1 - utilisation (absolute, so a full cache is 0 everywhere)."""
+
+    name: str = "kv-cache"
+
+    def score(
+        self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> dict[Endpoint, float]:
+        return {ep: 1.0 - min(1.0, max(0.0, ep.metrics.kv_usage)) for ep in endpoints}
+
+
+@dataclass
+class LeastInFlightScorer:
+    """Fewer requests in flight from this gateway scores higher (least-request balancing)."""
+
+    scale: float = 32.0
+    name: str = "least-in-flight"
+
+    def score(
+        self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> dict[Endpoint, float]:
+        return _inverse_scaled({ep: float(ep.in_flight) for ep in endpoints}, self.scale)
+
+
+@dataclass
+class LoadGuardFilter:
+    """Keep only endpoints not far more loaded than the least-loaded candidate.
+
+    An endpoint is dropped when its effective queue exceeds the smallest one by more than
+    `queue_margin`, or its KV utilisation is above `kv_threshold` while some candidate is below it.
+    This lets affinity scorers stay sticky until a replica saturates, then spill over (affinity
+    without such a guard is known to be slower than round robin under load).
+    """
+
+    queue_margin: int = 3
+    kv_threshold: float = 0.9
+    name: str = "load-guard"
+
+    def filter(self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+        if len(endpoints) < 2:
+            return endpoints
+        queues = [effective_queue(ep) for ep in endpoints]
+        limit = min(queues) + self.queue_margin
+        out = [ep for ep, q in zip(endpoints, queues, strict=True) if q <= limit]
+        cool = [ep for ep in out if ep.metrics.kv_usage <= self.kv_threshold]
+        return cool or out

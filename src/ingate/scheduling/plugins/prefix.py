@@ -1,0 +1,151 @@
+"""Approximate prefix-cache affinity.
+
+The gateway remembers, per endpoint, the chained hashes of the prompt blocks it routed there (an LRU of
+bounded capacity, like the model server's own cache). A request scores each endpoint by the fraction of
+its leading blocks that endpoint has seen. Blocks are `block_chars` characters (default 64, about 16
+tokens at 4 characters per token); hash i covers block i and hash i-1, seeded with the target model, so
+a match of block i implies the whole prefix up to it matches.
+
+Cost per request is O(prompt blocks) for hashing (capped at `max_blocks`) plus O(sum over blocks of the
+endpoints holding that block) for matching: never O(endpoints x blocks) when prefixes don't overlap.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import xxhash
+
+from ingate.datastore import Datastore, Endpoint
+from ingate.request import InferenceRequest
+from ingate.scheduling.framework import CycleState, SchedulingResult
+
+_CTX_KEY = "prefix.hashes"
+_h64 = xxhash.xxh64_intdigest
+
+
+def prompt_block_hashes(text: str, model: str, block_chars: int, max_blocks: int) -> list[int]:
+    """Chained xxhash64 of the full `block_chars` blocks of `text` (at most `max_blocks`)."""
+    data = memoryview(text.encode())
+    n = min(len(data) // block_chars, max_blocks)
+    h = _h64(model.encode())
+    out = [0] * n
+    for i in range(n):
+        h = _h64(data[i * block_chars : (i + 1) * block_chars], h)
+        out[i] = h
+    return out
+
+
+class PrefixIndex:
+    """Which endpoint has seen which block hash, with one LRU of bounded capacity per endpoint."""
+
+    def __init__(self, capacity: int) -> None:
+        self.default_capacity = capacity
+        self._lru: dict[Endpoint, OrderedDict[int, None]] = {}
+        self._owners: dict[int, set[Endpoint]] = {}
+
+    def capacity_of(self, ep: Endpoint, block_chars: int) -> int:
+        """Blocks to remember for `ep`: sized from its KV cache when it reports cache_config_info."""
+        m = ep.metrics
+        if m.block_size and m.num_gpu_blocks:
+            tokens = m.block_size * m.num_gpu_blocks
+            return max(1, tokens * 4 // block_chars)
+        return self.default_capacity
+
+    def match(self, hashes: list[int], candidates: list[Endpoint]) -> dict[Endpoint, int]:
+        """Leading blocks of `hashes` each candidate has seen."""
+        matched = dict.fromkeys(candidates, 0)
+        owners = self._owners
+        for i, h in enumerate(hashes):
+            holders = owners.get(h)
+            if not holders:
+                break
+            advanced = False
+            for ep in holders:
+                if matched.get(ep) == i:
+                    matched[ep] = i + 1
+                    advanced = True
+            if not advanced:
+                break
+        return matched
+
+    def record(self, ep: Endpoint, hashes: list[int], capacity: int) -> None:
+        """Remember that `ep` now holds these blocks (most recently used)."""
+        lru = self._lru.get(ep)
+        if lru is None:
+            lru = self._lru[ep] = OrderedDict()
+        owners = self._owners
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+                continue
+            lru[h] = None
+            s = owners.get(h)
+            if s is None:
+                owners[h] = {ep}
+            else:
+                s.add(ep)
+        while len(lru) > capacity:
+            old, _ = lru.popitem(last=False)
+            self._drop_owner(old, ep)
+
+    def _drop_owner(self, h: int, ep: Endpoint) -> None:
+        s = self._owners.get(h)
+        if s is not None:
+            s.discard(ep)
+            if not s:
+                del self._owners[h]
+
+    def remove_endpoint(self, ep: Endpoint) -> None:
+        lru = self._lru.pop(ep, None)
+        if lru:
+            for h in lru:
+                self._drop_owner(h, ep)
+
+    def size(self, ep: Endpoint) -> int:
+        lru = self._lru.get(ep)
+        return len(lru) if lru else 0
+
+
+@dataclass
+class PrefixCacheScorer:
+    """Score = matched leading blocks / prompt blocks; records the target's blocks after scheduling."""
+
+    block_chars: int = 64
+    max_blocks: int = 256
+    capacity: int = 31_250
+    name: str = "prefix-cache"
+    index: PrefixIndex = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.block_chars < 1 or self.max_blocks < 1 or self.capacity < 1:
+            raise ValueError("blockChars, maxBlocks and capacity must be positive")
+        self.index = PrefixIndex(self.capacity)
+
+    def attach(self, datastore: Datastore) -> None:
+        datastore.on_remove(self.index.remove_endpoint)
+
+    def _hashes(self, ctx: CycleState, request: InferenceRequest) -> list[int]:
+        hashes: list[int] | None = ctx.get(_CTX_KEY)
+        if hashes is None:
+            hashes = prompt_block_hashes(
+                request.prompt_text, request.target_model or request.model, self.block_chars, self.max_blocks
+            )
+            ctx[_CTX_KEY] = hashes
+        return hashes
+
+    def score(
+        self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> dict[Endpoint, float]:
+        hashes = self._hashes(ctx, request)
+        if not hashes:
+            return dict.fromkeys(endpoints, 0.0)
+        n = len(hashes)
+        return {ep: k / n for ep, k in self.index.match(hashes, endpoints).items()}
+
+    def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        hashes = self._hashes(ctx, request)
+        if hashes:
+            ep = result.target
+            self.index.record(ep, hashes, self.index.capacity_of(ep, self.block_chars))

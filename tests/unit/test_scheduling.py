@@ -1,0 +1,171 @@
+"""Scheduling plugins on crafted endpoint states, and the profile mechanics."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import orjson
+import pytest
+
+from ingate.datastore import Datastore, Endpoint, EndpointMetrics
+from ingate.errors import GatewayError
+from ingate.request import COMPLETIONS, InferenceRequest, parse_request
+from ingate.scheduling.config import PluginSpec, ProfileConfig, SchedulerConfig
+from ingate.scheduling.framework import CycleState, SchedulingResult
+from ingate.scheduling.plugins.load import KVCacheScorer, LeastInFlightScorer, LoadGuardFilter, QueueScorer
+from ingate.scheduling.plugins.lora import LoraAffinityFilter, LoraAffinityScorer
+from ingate.scheduling.plugins.pickers import MaxScorePicker, RoundRobinPicker, WeightedRandomPicker
+from ingate.scheduling.plugins.prefix import PrefixCacheScorer, PrefixIndex, prompt_block_hashes
+from ingate.scheduling.scheduler import build_scheduler
+
+
+def ep(i: int, **m: object) -> Endpoint:
+    e = Endpoint(name=f"e{i}", host="127.0.0.1", port=9000 + i)
+    e.metrics = EndpointMetrics(**m)  # type: ignore[arg-type]
+    return e
+
+
+def req(prompt: str = "hello", model: str = "m", adapter: str | None = None) -> InferenceRequest:
+    r = parse_request(COMPLETIONS, {}, orjson.dumps({"model": model, "prompt": prompt}))
+    r.target_model = adapter or model
+    r.adapter = adapter
+    return r
+
+
+def test_queue_scorer_counts_dispatches_since_last_scrape() -> None:
+    a, b = ep(0, waiting=2, running=4), ep(1, waiting=0, running=4)
+    b.in_flight = 9  # 9 in flight, server only knows 4: 5 arrived since the scrape
+    s = QueueScorer(scale=4).score(CycleState(), req(), [a, b])
+    assert s[a] == pytest.approx(0.6) and s[b] == 0.0  # queues 2 vs 5 (0 + 5 unseen) over max(4, 5)
+
+
+def test_kv_and_inflight_scorers() -> None:
+    a, b = ep(0, kv_usage=0.9), ep(1, kv_usage=0.1)
+    s = KVCacheScorer().score(CycleState(), req(), [a, b])
+    assert s[b] > s[a] and s[a] == pytest.approx(0.1)
+    a.in_flight, b.in_flight = 0, 4
+    s = LeastInFlightScorer(scale=8).score(CycleState(), req(), [a, b])
+    assert (s[a], s[b]) == (1.0, 0.5)
+
+
+def test_load_guard_drops_overloaded_but_never_all() -> None:
+    a, b, c = ep(0, waiting=0), ep(1, waiting=2), ep(2, waiting=10)
+    g = LoadGuardFilter(queue_margin=3)
+    assert g.filter(CycleState(), req(), [a, b, c]) == [a, b]
+    hot = [ep(3, waiting=10, kv_usage=0.99), ep(4, waiting=10, kv_usage=0.95)]
+    assert g.filter(CycleState(), req(), hot) == hot  # all loaded: keep all
+
+
+def test_lora_affinity_scores_and_filter() -> None:
+    active = ep(0, active_adapters=frozenset({"x"}), max_loras=2)
+    free = ep(1, active_adapters=frozenset({"y"}), max_loras=2)
+    waiting = ep(2, active_adapters=frozenset({"y", "z"}), waiting_adapters=frozenset({"x"}), max_loras=2)
+    full = ep(3, active_adapters=frozenset({"y", "z"}), max_loras=2)
+    s = LoraAffinityScorer().score(CycleState(), req(adapter="x"), [active, free, waiting, full])
+    assert [s[e] for e in (active, free, waiting, full)] == [1.0, 0.8, 0.6, 0.0]
+    assert LoraAffinityFilter().filter(CycleState(), req(adapter="x"), [free, active, full]) == [active]
+    assert LoraAffinityFilter().filter(CycleState(), req(), [free, full]) == [free, full]
+
+
+def test_prefix_hashes_are_chained_and_model_seeded() -> None:
+    text = "a" * 64 + "b" * 64 + "c" * 10
+    h = prompt_block_hashes(text, "m", 64, 256)
+    assert len(h) == 2  # partial last block is not hashed
+    assert prompt_block_hashes("z" + text[1:], "m", 64, 256)[1] != h[1]  # chained
+    assert prompt_block_hashes(text, "other", 64, 256) != h
+    assert len(prompt_block_hashes("x" * 64 * 300, "m", 64, 256)) == 256
+
+
+def test_prefix_scorer_prefers_endpoint_that_saw_the_prefix() -> None:
+    a, b = ep(0), ep(1)
+    sc = PrefixCacheScorer(block_chars=16)
+    shared = "s" * 160
+    ctx = CycleState()
+    r1 = req(shared + "first question")
+    sc.score(ctx, r1, [a, b])
+    sc.post_schedule(ctx, r1, SchedulingResult([b], "p"))
+    s = sc.score(CycleState(), req(shared + "another question"), [a, b])
+    assert s[a] == 0.0 and s[b] == pytest.approx(10 / 11)
+
+
+def test_prefix_index_lru_eviction_and_endpoint_removal() -> None:
+    a = ep(0)
+    idx = PrefixIndex(capacity=3)
+    idx.record(a, [1, 2, 3], 3)
+    idx.record(a, [4], 3)  # evicts 1
+    assert idx.size(a) == 3
+    assert idx.match([1, 2], [a])[a] == 0
+    assert idx.match([2, 3, 4], [a])[a] == 3
+    idx.remove_endpoint(a)
+    assert idx.match([2], [a])[a] == 0 and idx.size(a) == 0
+
+
+def test_max_score_picker_breaks_ties_randomly() -> None:
+    eps = [ep(i) for i in range(4)]
+    p = MaxScorePicker(rng=random.Random(1))
+    firsts = Counter(p.pick(CycleState(), req(), [(e, 1.0) for e in eps])[0].name for _ in range(400))
+    assert set(firsts) == {"e0", "e1", "e2", "e3"} and min(firsts.values()) > 60
+    assert p.pick(CycleState(), req(), [(eps[0], 0.2), (eps[1], 0.9)])[0] is eps[1]
+
+
+def test_weighted_random_and_round_robin() -> None:
+    a, b = ep(0), ep(1)
+    p = WeightedRandomPicker(rng=random.Random(2))
+    wins = Counter(p.pick(CycleState(), req(), [(a, 3.0), (b, 1.0)])[0] is a for _ in range(2000))
+    assert 0.68 < wins[True] / 2000 < 0.82
+    rr = RoundRobinPicker()
+    order = [rr.pick(CycleState(), req(), [(b, 0.0), (a, 0.0)])[0] for _ in range(4)]
+    assert order == [a, b, a, b]
+
+
+def test_default_profile_sticks_to_prefix_until_loaded() -> None:
+    ds = Datastore([ep(i) for i in range(4)])
+    sched = build_scheduler(SchedulerConfig(), ds)
+    shared = "system prompt " * 100
+    first, _ = sched.schedule(req(shared + "q0"))
+    target = first.target
+    for i in range(1, 5):
+        res, _ = sched.schedule(req(shared + f"q{i}"))
+        assert res.target is target
+        target.in_flight += 1  # still within the load guard's margin for the first few
+    target.metrics.waiting = 20  # now the affine replica is overloaded: spill over
+    res, _ = sched.schedule(req(shared + "q9"))
+    assert res.target is not target
+    assert len(res.endpoints) == 3  # target + 2 fallbacks
+
+
+def test_unhealthy_and_filtered_out_give_503() -> None:
+    ds = Datastore([ep(0)])
+    ds.endpoints()[0].healthy = False
+    sched = build_scheduler(SchedulerConfig(), ds)
+    with pytest.raises(GatewayError) as ei:
+        sched.schedule(req())
+    assert ei.value.status == 503
+
+
+def test_config_errors_name_the_field() -> None:
+    bad = SchedulerConfig(profiles={"p": ProfileConfig(scorers=[PluginSpec(type="nope")])})
+    with pytest.raises(ValueError, match=r"scheduler.profiles.p.scorers\[0\]: unknown scorer type 'nope'"):
+        build_scheduler(bad, Datastore())
+    bad = SchedulerConfig(
+        profiles={"p": ProfileConfig(scorers=[PluginSpec(type="prefix-cache", parameters={"blokChars": 4})])}
+    )
+    with pytest.raises(ValueError, match="unknown parameter"):
+        build_scheduler(bad, Datastore())
+    with pytest.raises(ValueError, match="defaultProfile"):
+        SchedulerConfig(defaultProfile="missing")
+
+
+def test_yaml_parameters_reach_plugins() -> None:
+    cfg = SchedulerConfig.model_validate(
+        {
+            "defaultProfile": "p",
+            "profiles": {
+                "p": {"scorers": [{"type": "prefix-cache", "weight": 3, "parameters": {"blockChars": 32}}]}
+            },
+        }
+    )
+    sched = build_scheduler(cfg, Datastore([ep(0)]))
+    scorer, weight = sched.profiles["p"].scorers[0]
+    assert weight == 3 and scorer.block_chars == 32  # type: ignore[attr-defined]
