@@ -1,0 +1,1 @@
+"""Scraping model servers' Prometheus metrics into the datastore (per-engine name mappings)."""

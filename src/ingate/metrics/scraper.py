@@ -1,0 +1,120 @@
+"""Polls every endpoint's /metrics concurrently and writes the results into the datastore.
+
+One task per endpoint, so a slow or dead endpoint never delays the others; a supervisor reconciles the
+tasks with the datastore's membership. A failed scrape keeps the previous values but not their
+freshness (`EndpointMetrics.updated_at` stays old), so consumers see the staleness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aiohttp
+
+from ingate.datastore import Datastore, Endpoint
+from ingate.metrics.engines import ENGINES, parse_metrics
+
+log = logging.getLogger("ingate.metrics")
+
+
+class MetricsScraper:
+    """Keeps `Endpoint.metrics` fresh (default every 50 ms) for every endpoint in the datastore."""
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        interval_s: float = 0.05,
+        timeout_s: float = 1.0,
+        stale_after_s: float = 0.2,
+        path: str = "/metrics",
+    ) -> None:
+        if interval_s <= 0 or timeout_s <= 0:
+            raise ValueError("interval and timeout must be positive")
+        self.datastore = datastore
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.stale_after_s = stale_after_s
+        self.path = path
+        self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self.scrapes = 0
+        self.failures = 0
+
+    async def __aenter__(self) -> MetricsScraper:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        )
+        self._reconcile()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        if self._supervisor is not None:
+            tasks.append(self._supervisor)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        self._supervisor = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def is_fresh(self, ep: Endpoint, now: float | None = None) -> bool:
+        return ep.metrics.age(now) <= self.stale_after_s
+
+    async def scrape_once(self, ep: Endpoint) -> bool:
+        """Scrape one endpoint now; True on success."""
+        assert self._session is not None, "scraper not started"
+        names = ENGINES.get(ep.engine, ENGINES["vllm"])
+        try:
+            async with self._session.get(ep.url + self.path) as resp:
+                if resp.status != 200:
+                    raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
+                text = await resp.text()
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            self.failures += 1
+            ep.metrics.scrape_error = f"{type(e).__name__}: {e}"
+            if isinstance(e, aiohttp.ClientConnectionError | OSError):
+                ep.healthy = False  # refuses connections: keep it out of scheduling until it answers
+            return False
+        ep.metrics = parse_metrics(text, names, time.monotonic())
+        ep.healthy = True
+        self.scrapes += 1
+        return True
+
+    async def _loop(self, ep: Endpoint) -> None:
+        while True:
+            t0 = time.monotonic()
+            await self.scrape_once(ep)
+            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - t0)))
+
+    def _reconcile(self) -> None:
+        current = set(self.datastore.endpoints())
+        for ep, task in list(self._tasks.items()):
+            if ep not in current:
+                task.cancel()
+                del self._tasks[ep]
+        loop = asyncio.get_running_loop()
+        for ep in current:
+            if ep not in self._tasks:
+                self._tasks[ep] = loop.create_task(self._loop(ep), name=f"scrape-{ep.address}")
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self._reconcile()

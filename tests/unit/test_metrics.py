@@ -1,0 +1,107 @@
+"""Model-server metric parsing per engine, and the scraper against real HTTP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiohttp import web
+
+from ingate.datastore import Datastore, Endpoint
+from ingate.metrics.engines import ENGINES, parse_metrics
+from ingate.metrics.scraper import MetricsScraper
+
+VLLM = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 7.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.42
+vllm:gpu_cache_usage_perc{engine="0",model_name="m"} 0.99
+vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",num_gpu_blocks="27925"} 1.0
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",waiting_lora_adapters=""} 1.7e+09
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="c",waiting_lora_adapters="d"} 1.8e+09
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 10.0
+"""
+
+
+def test_vllm_parse_takes_newest_lora_series_and_current_kv_name() -> None:
+    m = parse_metrics(VLLM, ENGINES["vllm"], now=5.0)
+    assert (m.running, m.waiting, m.kv_usage) == (3, 7, 0.42)
+    assert (m.block_size, m.num_gpu_blocks) == (16, 27925)
+    assert m.active_adapters == {"c"} and m.waiting_adapters == {"d"} and m.max_loras == 2
+    assert m.updated_at == 5.0
+
+
+def test_other_engines() -> None:
+    sg = 'sglang:num_queue_reqs{model_name="m"} 4\nsglang:num_running_reqs{model_name="m"} 2\nsglang:token_usage{model_name="m"} 0.5\n'
+    m = parse_metrics(sg, ENGINES["sglang"], 0.0)
+    assert (m.waiting, m.running, m.kv_usage) == (4, 2, 0.5)
+    tgi = "tgi_queue_size 5\ntgi_batch_current_size 9\n"
+    m = parse_metrics(tgi, ENGINES["tgi"], 0.0)
+    assert (m.waiting, m.running, m.kv_usage) == (5, 9, 0.0)
+    triton = (
+        'nv_trt_llm_request_metrics{model="m",request_type="waiting",version="1"} 6\n'
+        'nv_trt_llm_request_metrics{model="m",request_type="scheduled",version="1"} 3\n'
+        'nv_trt_llm_request_metrics{model="m",request_type="max",version="1"} 512\n'
+        'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction",model="m",version="1"} 0.25\n'
+        'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="used",model="m",version="1"} 100\n'
+    )
+    m = parse_metrics(triton, ENGINES["triton-trtllm"], 0.0)
+    assert (m.waiting, m.running, m.kv_usage) == (6, 3, 0.25)
+
+
+def test_parser_agrees_with_prometheus_client_on_sim_output() -> None:
+    from prometheus_client import generate_latest
+
+    from ingate.sim.engine import Engine, EngineConfig
+    from ingate.sim.metrics import SimMetrics
+    from ingate.sim.profiles import NULL_PROFILE
+
+    e = Engine(EngineConfig(NULL_PROFILE, max_loras=3))
+    text = generate_latest(SimMetrics(e, "m", 3).registry).decode()
+    m = parse_metrics(text, ENGINES["vllm"], 1.0)
+    assert (m.waiting, m.running, m.kv_usage, m.max_loras) == (0, 0, 0.0, 3)
+    assert m.num_gpu_blocks == NULL_PROFILE.num_gpu_blocks
+
+
+async def test_scraper_updates_and_marks_stale_when_endpoint_dies() -> None:
+    body = {"text": VLLM}
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=body["text"])
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    ep = Endpoint(name="a", host="127.0.0.1", port=port)
+    ds = Datastore([ep])
+    scraper = MetricsScraper(ds, interval_s=0.02, stale_after_s=0.1)
+    async with scraper:
+        deadline = time.monotonic() + 5
+        while ep.metrics.waiting != 7:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert scraper.is_fresh(ep) and ep.healthy
+        body["text"] = VLLM.replace("} 7.0", "} 1.0")
+        while ep.metrics.waiting != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await runner.cleanup()  # the endpoint dies
+        while ep.healthy:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.15)
+        assert not scraper.is_fresh(ep)
+        assert ep.metrics.waiting == 1  # last values kept, but visibly stale
+        assert ep.metrics.scrape_error
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_every_engine_mapping_handles_empty_text(engine: str) -> None:
+    m = parse_metrics("", ENGINES[engine], 0.0)
+    assert (m.waiting, m.running) == (0, 0)
