@@ -277,3 +277,15 @@ def test_parse_usage_from_json_and_sse_tails() -> None:
     assert parse_usage(nested) == (3, 9)
     assert parse_usage(b'data: {"choices":[]}\n\n') == (None, None)
     assert parse_usage(b'"usage": {"prompt_tokens": 3') == (None, None)
+
+
+def test_default_response_info_carries_times_tokens_and_cut_off_status() -> None:
+    from ingate.dataplane.extproc import parse_usage_full, to_response_info
+
+    tail = b'data: {"usage":{"prompt_tokens":8,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":5}}}'
+    assert parse_usage_full(tail) == (8, 3, 5)
+    done = ResponseOutcome(status=200, started_at=10.0, first_token_at=10.25, ended_at=11.0, prompt_tokens=8)
+    info = to_response_info(None, done)
+    assert (info.status, info.ttft_s, info.e2e_s, info.prompt_tokens) == (200, 0.25, 1.0, 8)
+    cut = ResponseOutcome(status=200, started_at=10.0, ended_at=10.5, error="cancelled")
+    assert to_response_info(None, cut).status == 499 and to_response_info(None, cut).ttft_s is None

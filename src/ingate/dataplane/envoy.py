@@ -45,6 +45,7 @@ from ingate.dataplane.extproc import (
     ExtProcServicer,
     InfoFactory,
     first_of,
+    to_response_info,
 )
 from ingate.request import HDR_DESTINATION
 
@@ -447,7 +448,7 @@ class EnvoyDataPlane:
         director: DirectorLike,
         settings: EnvoySettings,
         *,
-        info_factory: InfoFactory,
+        info_factory: InfoFactory = to_response_info,
         pool_addresses: Callable[[], Sequence[str]] | None = None,
         fallbacks: int = 0,
         binary: str | None = None,

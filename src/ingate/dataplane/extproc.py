@@ -44,6 +44,7 @@ from google.protobuf import struct_pb2
 
 from ingate.errors import GatewayError
 from ingate.request import HDR_DESTINATION, HDR_DESTINATION_SERVED
+from ingate.scheduling.framework import ResponseInfo
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,10 @@ class ResponseOutcome:
     """What the processor saw of one response; turned into the director's `ResponseInfo`."""
 
     status: int = 0
+    started_at: float = 0.0
+    """time.monotonic() when the request headers arrived."""
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None
     completion_tokens: int | None = None
     first_token_at: float | None = None
     ended_at: float = 0.0
@@ -94,6 +98,23 @@ class ResponseOutcome:
 
 InfoFactory = Callable[[Any, ResponseOutcome], Any]
 """Builds the director's `ResponseInfo` from what the processor observed."""
+
+
+def to_response_info(decision: Any, o: ResponseOutcome) -> ResponseInfo:
+    """The default `InfoFactory`: `ingate.scheduling.framework.ResponseInfo` with TTFT and e2e times.
+
+    A stream that ended early (client gone, reset) reports status 499 when the upstream had answered
+    with success, so learning plugins do not count a cut-off response as a complete one.
+    """
+    status = o.status if o.error is None or o.status >= 400 else 499
+    return ResponseInfo(
+        status=status,
+        prompt_tokens=o.prompt_tokens,
+        completion_tokens=o.completion_tokens,
+        cached_tokens=o.cached_tokens,
+        ttft_s=None if o.first_token_at is None else o.first_token_at - o.started_at,
+        e2e_s=(o.ended_at - o.started_at) if o.ended_at else None,
+    )
 
 
 def _header_map(headers: base_pb2.HeaderMap) -> dict[str, str]:
@@ -134,17 +155,24 @@ def _gateway_error_response(e: GatewayError) -> pb.ProcessingResponse:
 
 
 def parse_usage(tail: bytes) -> tuple[int | None, int | None]:
-    """(prompt_tokens, completion_tokens) from the last `"usage": {...}` object in `tail`.
+    """(prompt_tokens, completion_tokens) from the last `"usage": {...}` object in `tail`."""
+    p, c, _ = parse_usage_full(tail)
+    return p, c
+
+
+def parse_usage_full(tail: bytes) -> tuple[int | None, int | None, int | None]:
+    """(prompt, completion, cached prompt tokens) from the last `"usage": {...}` object in `tail`.
 
     Works for both a JSON body and an SSE stream (the usage chunk is the last data line before
-    `[DONE]`) without parsing the rest of the body. Returns (None, None) when absent or malformed.
+    `[DONE]`) without parsing the rest of the body. Returns Nones when absent or malformed.
     """
+    none = (None, None, None)
     i = tail.rfind(b'"usage"')
     if i < 0:
-        return None, None
+        return none
     start = tail.find(b"{", i)
     if start < 0:
-        return None, None
+        return none
     # Usage objects are flat (or nest one level: *_tokens_details), so a brace counter suffices.
     depth = 0
     for j in range(start, min(len(tail), start + 2048)):
@@ -157,12 +185,18 @@ def parse_usage(tail: bytes) -> tuple[int | None, int | None]:
                 try:
                     u = orjson.loads(tail[start : j + 1])
                 except orjson.JSONDecodeError:
-                    return None, None
+                    return none
                 if not isinstance(u, dict):
-                    return None, None
+                    return none
                 p, c2 = u.get("prompt_tokens"), u.get("completion_tokens")
-                return (p if isinstance(p, int) else None, c2 if isinstance(c2, int) else None)
-    return None, None
+                details = u.get("prompt_tokens_details")
+                cached = details.get("cached_tokens") if isinstance(details, dict) else None
+                return (
+                    p if isinstance(p, int) else None,
+                    c2 if isinstance(c2, int) else None,
+                    cached if isinstance(cached, int) else None,
+                )
+    return none
 
 
 def _destination(decision: Any, fallbacks: int) -> str:
@@ -191,7 +225,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self,
         director: DirectorLike,
         *,
-        info_factory: InfoFactory,
+        info_factory: InfoFactory = to_response_info,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         any_endpoint: Callable[[], str | None] | None = None,
         fallbacks: int = 0,
@@ -322,6 +356,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                             yield r
                 elif kind == "request_headers":
                     rh = msg.request_headers
+                    outcome.started_at = time.monotonic()
                     headers = _header_map(rh.headers)
                     path = headers.get(":path", "")
                     cl = headers.get("content-length")
@@ -401,7 +436,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         outcome.ended_at = time.monotonic()
         outcome.error = error
         if tail:
-            outcome.prompt_tokens, outcome.completion_tokens = parse_usage(bytes(tail[-USAGE_TAIL:]))
+            outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens = parse_usage_full(
+                bytes(tail[-USAGE_TAIL:])
+            )
         try:
             self.director.finish(decision, self.info_factory(decision, outcome))
         except Exception:
