@@ -1,12 +1,11 @@
 """The director: the endpoint picker's one entry point, shared by every data plane.
 
 A data plane (built-in proxy, Envoy ext_proc) hands the director the request's path, headers and body;
-the director parses it, resolves model rewrite and objective, passes flow control, runs the scheduler and
-returns a `Decision`. The data plane then sends the request to `decision.target` (falling back to
-`decision.fallbacks()` on connection failure before any byte reached the client), reports the response
-through `on_first_token` / `on_usage`, and calls `finish` exactly once (also on errors and disconnects).
-
-Interface contract (implementation filled in by the gateway core):
+the director parses it (once), resolves model rewrite and objective, passes flow control (when
+configured), runs the scheduler and returns a `Decision`. The data plane then sends the request to
+`decision.target` (moving to `director.retarget(decision)` after a connection failure, before any byte
+reached the client), reports the first token with `on_first_token`, and calls `finish` exactly once
+(also on errors and disconnects; further calls are no-ops).
 
     decision = await director.handle(path, headers, raw_body)      # raises GatewayError (4xx/5xx)
     decision.target          -> Endpoint                            # where to send
@@ -16,3 +15,232 @@ Interface contract (implementation filled in by the gateway core):
     director.on_first_token(decision)                               # TTFT bookkeeping
     director.finish(decision, info: ResponseInfo)                   # idempotent; releases in-flight once
 """
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ingate.config import GatewayConfig
+from ingate.datastore import Datastore, Endpoint
+from ingate.errors import GatewayError
+from ingate.request import InferenceRequest, parse_request
+from ingate.scheduling.framework import CycleState, ResponseInfo, SchedulingResult
+from ingate.scheduling.scheduler import Scheduler
+from ingate.telemetry import Telemetry, get_logger, kv
+
+log = get_logger("ingate.director")
+
+
+class FlowControl(Protocol):
+    """The seam for flow control (ingate.flowcontrol): admit may wait, or raise GatewayError 429/503."""
+
+    async def admit(self, request: InferenceRequest) -> Any: ...
+
+    def release(self, ticket: Any, info: ResponseInfo) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Decision:
+    """One request's routing decision and its bookkeeping."""
+
+    request: InferenceRequest
+    result: SchedulingResult
+    ctx: CycleState
+    upstream_body: bytes
+    started: float
+    target_index: int = 0
+    first_token_at: float | None = None
+    ticket: Any = None
+    finished: bool = field(default=False)
+
+    @property
+    def target(self) -> Endpoint:
+        return self.result.endpoints[self.target_index]
+
+    def fallbacks(self) -> list[Endpoint]:
+        return self.result.endpoints[self.target_index + 1 :]
+
+
+class _Rewrite:
+    __slots__ = ("cum", "targets", "total")
+
+    def __init__(self, targets: list[tuple[str, int]]) -> None:
+        self.targets = [t for t, _ in targets]
+        self.cum = []
+        acc = 0
+        for _, w in targets:
+            acc += w
+            self.cum.append(acc)
+        self.total = acc
+
+    def pick(self, rnd: float) -> str:
+        x = rnd * self.total
+        for t, c in zip(self.targets, self.cum, strict=True):
+            if x < c:
+                return t
+        return self.targets[-1]
+
+
+class Director:
+    """Parses, resolves, admits and schedules requests for any data plane."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        datastore: Datastore,
+        scheduler: Scheduler,
+        telemetry: Telemetry,
+        flow_control: FlowControl | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.datastore = datastore
+        self.scheduler = scheduler
+        self.telemetry = telemetry
+        self.flow_control = flow_control
+        self.rng = rng or random.Random()
+        m = config.models
+        self._adapters = frozenset(m.adapters)
+        self._served = frozenset(m.served) | self._adapters if m.served else frozenset()
+        self._rewrites: dict[str, _Rewrite] = {}
+        for rule in m.rewrites:
+            rw = _Rewrite([(t.model_rewrite, t.weight) for t in rule.targets])
+            for match in rule.matches:
+                self._rewrites[match.model.value] = rw
+        self._objectives = {o.name: o for o in config.objectives}
+        self._objective_by_model = {mn: o for o in config.objectives for mn in o.models}
+        self._default_objective = self._objectives.get(config.default_objective or "")
+        self._max_body = config.proxy.max_body_bytes
+
+    def resolve(self, req: InferenceRequest) -> None:
+        """Apply model rewrite / traffic split, adapter detection and the objective (priority, SLOs)."""
+        if req.target_model == req.model:  # no x-gateway-model-name-rewrite header
+            rw = self._rewrites.get(req.model)
+            if rw is not None:
+                req.target_model = rw.pick(self.rng.random())
+        target = req.target_model
+        if self._served and target not in self._served:
+            raise GatewayError(404, f"The model `{target}` does not exist in this pool.", "model_not_found")
+        if target in self._adapters:
+            req.adapter = target
+        obj = None
+        if req.objective is not None:
+            obj = self._objectives.get(req.objective)
+            if obj is None:
+                log.debug(kv(event="unknown_objective", objective=req.objective, request_id=req.request_id))
+        if obj is None:
+            obj = self._objective_by_model.get(req.model) or self._default_objective
+        if obj is not None:
+            req.objective = obj.name
+            req.priority = obj.priority
+            if req.slo_ttft_ms is None:
+                req.slo_ttft_ms = obj.slo.ttft_ms
+            if req.slo_tpot_ms is None:
+                req.slo_tpot_ms = obj.slo.tpot_ms
+
+    async def handle(
+        self, path: str, headers: Mapping[str, str], raw_body: bytes, profile: str | None = None
+    ) -> Decision:
+        """Parse, resolve, admit and schedule one request (raises GatewayError)."""
+        now = time.monotonic()
+        tel = self.telemetry
+        try:
+            req = parse_request(path, headers, raw_body, max_body_bytes=self._max_body, now=now)
+        except GatewayError as e:
+            tel.errors.labels("", "", str(e.status)).inc()
+            raise
+        try:
+            self.resolve(req)
+            ticket = None
+            if self.flow_control is not None:
+                ticket = await self.flow_control.admit(req)
+            t0 = time.perf_counter()
+            try:
+                result, ctx = self.scheduler.schedule(req, profile=profile)
+            except GatewayError:
+                if ticket is not None and self.flow_control is not None:
+                    self.flow_control.release(ticket, ResponseInfo(status=503))
+                raise
+            tel.scheduling.observe(time.perf_counter() - t0)
+        except GatewayError as e:
+            tel.errors.labels(req.model, req.target_model, str(e.status)).inc()
+            raise
+        d = Decision(req, result, ctx, req.body_for_upstream(), now, ticket=ticket)
+        ep = d.target
+        ep.in_flight += 1
+        ep.in_flight_tokens += req.estimated_prompt_tokens
+        tel.requests.labels(req.model, req.target_model).inc()
+        tel.decisions.labels(ep.address, result.profile).inc()
+        if log.isEnabledFor(10):
+            log.debug(
+                kv(
+                    event="scheduled",
+                    request_id=req.request_id,
+                    model=req.target_model,
+                    endpoint=ep.address,
+                    profile=result.profile,
+                )
+            )
+        return d
+
+    def retarget(self, d: Decision) -> Endpoint | None:
+        """Move the request to its next fallback (after a connection failure); None when none is left."""
+        if d.finished or d.target_index + 1 >= len(d.result.endpoints):
+            return None
+        old = d.target
+        old.in_flight -= 1
+        old.in_flight_tokens -= d.request.estimated_prompt_tokens
+        d.target_index += 1
+        new = d.target
+        new.in_flight += 1
+        new.in_flight_tokens += d.request.estimated_prompt_tokens
+        self.telemetry.retries.inc()
+        return new
+
+    def on_first_token(self, d: Decision) -> None:
+        if d.first_token_at is None:
+            d.first_token_at = time.monotonic()
+            req = d.request
+            self.telemetry.ttft.labels(req.model, req.target_model).observe(d.first_token_at - d.started)
+
+    def finish(self, d: Decision, info: ResponseInfo) -> None:
+        """Release in-flight accounting and feed the outcome back; runs once per decision."""
+        if d.finished:
+            return
+        d.finished = True
+        ep = d.target
+        req = d.request
+        ep.in_flight -= 1
+        ep.in_flight_tokens -= req.estimated_prompt_tokens
+        tel = self.telemetry
+        now = time.monotonic()
+        if info.e2e_s is None:
+            info.e2e_s = now - d.started
+        if info.ttft_s is None and d.first_token_at is not None:
+            info.ttft_s = d.first_token_at - d.started
+        labels = (req.model, req.target_model)
+        if info.status >= 400 or info.status == 0:
+            tel.errors.labels(*labels, str(info.status)).inc()
+        else:
+            tel.duration.labels(*labels).observe(info.e2e_s)
+            if info.prompt_tokens is not None:
+                tel.input_tokens.labels(*labels).observe(info.prompt_tokens)
+            if info.completion_tokens is not None:
+                tel.output_tokens.labels(*labels).observe(info.completion_tokens)
+        if self.flow_control is not None and d.ticket is not None:
+            self.flow_control.release(d.ticket, info)
+        self.scheduler.post_response(d.ctx, req, ep, info)
+        if log.isEnabledFor(10):
+            log.debug(
+                kv(
+                    event="finished",
+                    request_id=req.request_id,
+                    endpoint=ep.address,
+                    status=info.status,
+                    e2e_s=round(info.e2e_s, 4),
+                )
+            )

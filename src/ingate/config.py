@@ -1,0 +1,188 @@
+"""Typed configuration of a standalone gateway: one YAML file, validated at start.
+
+Keys are camelCase in YAML (snake_case is accepted too); unknown keys are rejected; every error names
+the field, e.g. ``pool.endpoints.2.address: expected host:port``. Defaults live here and are documented
+in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from ingate.scheduling.config import SchedulerConfig
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class ListenConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class EndpointConfig(_Model):
+    address: str
+    name: str | None = None
+    engine: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    weight: float = Field(default=1.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, got {v!r}")
+        return v
+
+    def split(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class PoolConfig(_Model):
+    name: str = "default-pool"
+    engine: Literal["vllm", "sglang", "tgi", "trtllm", "triton-trtllm"] = "vllm"
+    endpoints: list[EndpointConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> PoolConfig:
+        seen: set[str] = set()
+        for i, ep in enumerate(self.endpoints):
+            if ep.address in seen:
+                raise ValueError(f"endpoints[{i}].address {ep.address!r} is listed twice")
+            seen.add(ep.address)
+        return self
+
+
+class ModelMatch(_Model):
+    type: Literal["Exact"] = "Exact"
+    value: str
+
+
+class RewriteMatch(_Model):
+    model: ModelMatch
+
+
+class RewriteTarget(_Model):
+    model_rewrite: str
+    weight: int = Field(default=1, ge=0)
+
+
+class RewriteRule(_Model):
+    """Upstream InferenceModelRewrite rule: requests for a matched model go to weighted targets."""
+
+    matches: list[RewriteMatch] = Field(min_length=1)
+    targets: list[RewriteTarget] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _weights(self) -> RewriteRule:
+        if sum(t.weight for t in self.targets) <= 0:
+            raise ValueError("targets need a positive total weight")
+        return self
+
+
+class ModelsConfig(_Model):
+    served: list[str] = Field(default_factory=list)
+    """Base model names the pool serves; empty = pass any model name through."""
+    adapters: list[str] = Field(default_factory=list)
+    """LoRA adapters of the base model (requests naming them are routed with LoRA affinity)."""
+    rewrites: list[RewriteRule] = Field(default_factory=list)
+
+
+class SLOConfig(_Model):
+    ttft_ms: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+
+
+class ObjectiveConfig(_Model):
+    """An InferenceObjective: priority (higher = more important, negative = sheddable) and SLOs."""
+
+    name: str
+    priority: int = 0
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+    models: list[str] = Field(default_factory=list)
+    """Requests for these model names get this objective when they name none by header."""
+
+
+class MetricsConfig(_Model):
+    interval_ms: float = Field(default=50, gt=0)
+    stale_after_ms: float = Field(default=200, gt=0)
+    timeout_ms: float = Field(default=1000, gt=0)
+
+
+class ProxyConfig(_Model):
+    request_timeout_s: float = Field(default=600, gt=0)
+    connect_timeout_s: float = Field(default=2, gt=0)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    retries: int = Field(default=1, ge=0, le=4)
+    """Extra endpoints tried when a connection is refused, before any byte reached the client."""
+
+
+class DataplaneConfig(_Model):
+    type: Literal["builtin", "envoy"] = "envoy"
+    failure_mode: Literal["FailOpen", "FailClose"] = "FailClose"
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Data-plane specific settings (see docs/envoy.md)."""
+
+
+class GatewayConfig(_Model):
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    pool: PoolConfig
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    objectives: list[ObjectiveConfig] = Field(default_factory=list)
+    default_objective: str | None = None
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    dataplane: DataplaneConfig = Field(default_factory=DataplaneConfig)
+    flow_control: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _objectives(self) -> GatewayConfig:
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError("objectives: names must be unique")
+        if self.default_objective is not None and self.default_objective not in names:
+            raise ValueError(f"defaultObjective {self.default_objective!r} is not among objectives")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and the fields."""
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
+    """Validate a loaded YAML document."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid configuration:\n{_format(e)}") from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway YAML file."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_config(data, str(p))

@@ -1,0 +1,215 @@
+"""The built-in asyncio data plane: an OpenAI-API HTTP proxy around the director (aiohttp).
+
+Streams responses through as they arrive (no buffering), forwards status codes and bodies faithfully,
+retries on a fallback endpoint when a connection is refused before any byte reached the client, turns a
+client disconnect into a cancelled upstream request, and answers its own errors OpenAI-style.
+"""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ingate.director import Decision
+from ingate.errors import GatewayError
+from ingate.gateway import Gateway
+from ingate.request import HDR_DESTINATION_SERVED, HDR_REQUEST_ID, INFERENCE_PATHS
+from ingate.scheduling.framework import ResponseInfo
+from ingate.telemetry import get_logger, kv
+from ingate.usage import USAGE_TAIL, parse_usage_tail
+
+log = get_logger("ingate.proxy")
+
+# Hop-by-hop and length headers are the proxy's own business (RFC 9110 7.6.1).
+_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "content-length",
+        "host",
+    }
+)
+_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, ConnectionResetError)
+
+
+def _error_response(e: GatewayError) -> web.Response:
+    return web.Response(status=e.status, body=e.body(), headers=e.headers())
+
+
+class BuiltinProxy:
+    """Serves the gateway's director on one HTTP port."""
+
+    def __init__(self, gateway: Gateway, host: str | None = None, port: int | None = None) -> None:
+        self.gateway = gateway
+        cfg = gateway.config
+        self.host = host if host is not None else cfg.listen.host
+        self.port = port if port is not None else cfg.listen.port
+        p = cfg.proxy
+        self._timeout = aiohttp.ClientTimeout(total=p.request_timeout_s, connect=p.connect_timeout_s)
+        self._retries = p.retries
+        self._max_body = p.max_body_bytes
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def app(self) -> web.Application:
+        # Bodies over the limit are refused by our own check with a JSON 413, not aiohttp's text one.
+        app = web.Application(client_max_size=self._max_body + 1)
+        for path in INFERENCE_PATHS:
+            app.router.add_post(path, self._inference)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
+            auto_decompress=False,
+        )
+        # handler_cancellation: a client disconnect cancels the handler, which closes the upstream request.
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=2048)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None)
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- plain endpoints ------------------------------------------------------------------------------
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        if self.gateway.ready():
+            return web.json_response({"status": "ready"})
+        err = GatewayError(503, "no endpoint with fresh metrics yet", "not_ready")
+        return _error_response(err)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.gateway.telemetry.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        m = self.gateway.config.models
+        created = int(time.time())
+        data = [{"id": n, "object": "model", "created": created, "owned_by": "ingate"} for n in m.served]
+        data += [
+            {
+                "id": a,
+                "object": "model",
+                "created": created,
+                "owned_by": "ingate",
+                "parent": m.served[0] if m.served else None,
+            }
+            for a in m.adapters
+        ]
+        data += [
+            {"id": r.matches[0].model.value, "object": "model", "created": created, "owned_by": "ingate"}
+            for r in m.rewrites
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    # -- inference ------------------------------------------------------------------------------------
+    async def _inference(self, request: web.Request) -> web.StreamResponse:
+        if request.content_length is not None and request.content_length > self._max_body:
+            return _error_response(
+                GatewayError(413, f"request body exceeds the limit of {self._max_body} bytes", "too_large")
+            )
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _error_response(
+                GatewayError(413, f"request body exceeds the limit of {self._max_body} bytes", "too_large")
+            )
+        director = self.gateway.director
+        try:
+            decision = await director.handle(request.path, request.headers, raw)
+        except GatewayError as e:
+            return _error_response(e)
+        info = ResponseInfo(status=0)
+        try:
+            return await self._forward(request, decision, info)
+        finally:
+            director.finish(decision, info)
+
+    async def _forward(self, request: web.Request, d: Decision, info: ResponseInfo) -> web.StreamResponse:
+        assert self._session is not None
+        director = self.gateway.director
+        fwd = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        fwd[HDR_REQUEST_ID] = d.request.request_id
+        fwd["Content-Type"] = "application/json"
+        path = request.path_qs
+        attempts = 0
+        while True:
+            ep = d.target
+            try:
+                upstream = await self._session.post(ep.url + path, data=d.upstream_body, headers=fwd)
+                break
+            except _CONNECT_ERRORS as e:
+                # Nothing reached the client yet: mark the endpoint down and try the next fallback once.
+                ep.healthy = False
+                log.warning(kv(event="upstream_connect_failed", endpoint=ep.address, error=type(e).__name__))
+                nxt = director.retarget(d) if attempts < self._retries else None
+                attempts += 1
+                if nxt is None:
+                    info.status = 503
+                    return _error_response(
+                        GatewayError(503, f"model server {ep.address} is unreachable", "upstream_unreachable")
+                    )
+            except TimeoutError:
+                info.status = 504
+                return _error_response(
+                    GatewayError(504, f"model server {ep.address} did not answer in time", "upstream_timeout")
+                )
+        info.status = upstream.status
+        try:
+            headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
+            headers[HDR_DESTINATION_SERVED] = ep.address
+            resp = web.StreamResponse(status=upstream.status, headers=headers)
+            await resp.prepare(request)
+            tail = b""
+            first = True
+            try:
+                async for chunk in upstream.content.iter_any():
+                    if first:
+                        director.on_first_token(d)
+                        first = False
+                    await resp.write(chunk)
+                    tail = (tail + chunk)[-USAGE_TAIL:] if len(chunk) < USAGE_TAIL else chunk[-USAGE_TAIL:]
+            except TimeoutError:
+                info.status = 504  # headers already went out: all we can do is end the stream
+                log.warning(kv(event="upstream_timeout_mid_stream", endpoint=ep.address))
+                return resp
+            except aiohttp.ClientPayloadError:
+                info.status = 502
+                return resp
+            info.prompt_tokens, info.completion_tokens, info.cached_tokens = parse_usage_tail(tail)
+            await resp.write_eof()
+            return resp
+        except BaseException:
+            upstream.close()  # client gone or failure mid-stream: drop the upstream connection, cancelling it
+            raise
+        finally:
+            upstream.release()

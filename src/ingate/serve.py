@@ -1,0 +1,142 @@
+"""`ingate serve`: the gateway from one YAML file, with Envoy (ext_proc) or the built-in proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+from dataclasses import fields
+from typing import Any, Protocol
+
+import click
+
+from ingate.config import ConfigError, GatewayConfig, load_config
+from ingate.gateway import Gateway
+from ingate.scheduling.framework import ResponseInfo
+
+
+class DataPlane(Protocol):
+    @property
+    def url(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def make_dataplane(gateway: Gateway, kind: str, port: int | None = None) -> DataPlane:
+    """Build the data plane `kind` ("envoy" or "builtin") around a gateway's director."""
+    cfg = gateway.config
+    listen_port = cfg.listen.port if port is None else port
+    if kind == "builtin":
+        from ingate.dataplane.proxy import BuiltinProxy
+
+        return BuiltinProxy(gateway, cfg.listen.host, listen_port)
+    from ingate.dataplane.envoy import EnvoyDataPlane, EnvoySettings
+    from ingate.dataplane.extproc import ResponseOutcome
+
+    allowed = {f.name for f in fields(EnvoySettings)}
+    opts: dict[str, Any] = {}
+    for k, v in cfg.dataplane.options.items():
+        key = _CAMEL.sub("_", k).lower()
+        if key not in allowed:
+            raise ConfigError(
+                f"dataplane.options.{k}: unknown Envoy setting (known: {', '.join(sorted(allowed))})"
+            )
+        opts[key] = v
+    settings = EnvoySettings(
+        **{
+            "listen_host": cfg.listen.host,
+            "listen_port": listen_port,
+            "failure_mode": cfg.dataplane.failure_mode,
+            "pool": [ep.address for ep in gateway.datastore.endpoints()],
+            "max_body_bytes": cfg.proxy.max_body_bytes,
+            "connect_timeout_s": cfg.proxy.connect_timeout_s,
+            **opts,
+        }
+    )
+
+    def info_factory(decision: Any, o: ResponseOutcome) -> ResponseInfo:
+        started = decision.started
+        return ResponseInfo(
+            status=o.status if o.error is None else (o.status if o.status >= 400 else 499),
+            prompt_tokens=o.prompt_tokens,
+            completion_tokens=o.completion_tokens,
+            ttft_s=(o.first_token_at - started) if o.first_token_at is not None else None,
+            e2e_s=o.ended_at - started if o.ended_at else None,
+        )
+
+    return EnvoyDataPlane(
+        gateway.director,
+        settings,
+        info_factory=info_factory,
+        pool_addresses=lambda: [ep.address for ep in gateway.datastore.endpoints()],
+        fallbacks=0,  # ORIGINAL_DST takes one address; fallbacks need a subset-aware LB (see docs/envoy.md)
+    )
+
+
+async def run_gateway(cfg: GatewayConfig, kind: str, port: int | None, stop: asyncio.Event) -> None:
+    """Run until `stop` is set."""
+    gw = Gateway(cfg)
+    await gw.start()
+    dp = make_dataplane(gw, kind, port)
+    try:
+        await dp.start()
+        click.echo(
+            f"ingate: {kind} data plane listening on {dp.url} for pool {cfg.pool.name!r} ({len(cfg.pool.endpoints)} endpoints)",
+            err=True,
+        )
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await dp.stop()
+        await gw.stop()
+
+
+@click.command("serve")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Gateway YAML file.",
+)
+@click.option(
+    "--proxy",
+    type=click.Choice(["envoy", "builtin"]),
+    default=None,
+    help="Data plane (default: the config's dataplane.type, envoy).",
+)
+@click.option("--port", type=int, default=None, help="Override listen.port.")
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+def serve(config_path: str, proxy: str | None, port: int | None, log_level: str) -> None:
+    """Run the gateway: endpoint picker + data plane in front of the pool in CONFIG."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    kind = proxy or cfg.dataplane.type
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_gateway(cfg, kind, port, stop)
+
+    try:
+        asyncio.run(main())
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None

@@ -1,0 +1,121 @@
+"""The gateway's own Prometheus metrics (upstream names where they exist) and structured logging."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ingate.datastore import Datastore
+
+_LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_SCHED = (1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
+_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+class _PoolCollector(Collector):
+    """Per-endpoint and pool gauges computed at scrape time from the datastore (nothing per request)."""
+
+    def __init__(self, datastore: Datastore, pool: str) -> None:
+        self.ds = datastore
+        self.pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        eps = self.ds.endpoints()
+        q = GaugeMetricFamily(
+            "ingate_endpoint_queue_size", "Waiting requests per endpoint (scraped).", labels=["endpoint"]
+        )
+        kv = GaugeMetricFamily(
+            "ingate_endpoint_kv_cache_utilization", "KV-cache utilisation per endpoint.", labels=["endpoint"]
+        )
+        fl = GaugeMetricFamily(
+            "ingate_endpoint_in_flight", "Requests in flight from this gateway.", labels=["endpoint"]
+        )
+        for ep in eps:
+            q.add_metric([ep.address], ep.metrics.waiting)
+            kv.add_metric([ep.address], ep.metrics.kv_usage)
+            fl.add_metric([ep.address], ep.in_flight)
+        yield q
+        yield kv
+        yield fl
+        n = len(eps) or 1
+        for name, doc, value in (
+            (
+                "inference_pool_average_kv_cache_utilization",
+                "Average KV-cache utilisation of the pool.",
+                sum(e.metrics.kv_usage for e in eps) / n,
+            ),
+            (
+                "inference_pool_average_queue_size",
+                "Average waiting queue of the pool.",
+                sum(e.metrics.waiting for e in eps) / n,
+            ),
+            ("inference_pool_ready_pods", "Endpoints currently healthy.", sum(1 for e in eps if e.healthy)),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["name"])
+            g.add_metric([self.pool], value)
+            yield g
+
+
+class Telemetry:
+    """Metric objects the director updates; one registry per gateway (tests run several)."""
+
+    def __init__(self, datastore: Datastore, pool: str) -> None:
+        self.registry = r = CollectorRegistry()
+        mt = ["model_name", "target_model_name"]
+        self.requests = Counter("inference_objective_request", "Requests received.", mt, registry=r)
+        self.errors = Counter(
+            "inference_objective_request_error", "Requests that failed.", [*mt, "error_code"], registry=r
+        )
+        self.duration = Histogram(
+            "inference_objective_request_duration_seconds",
+            "End-to-end latency seen by the gateway.",
+            mt,
+            buckets=_LAT,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "ingate_time_to_first_token_seconds",
+            "Time to first response byte seen by the gateway.",
+            mt,
+            buckets=_LAT,
+            registry=r,
+        )
+        self.input_tokens = Histogram(
+            "inference_objective_input_tokens", "Prompt tokens per request.", mt, buckets=_TOKENS, registry=r
+        )
+        self.output_tokens = Histogram(
+            "inference_objective_output_tokens",
+            "Completion tokens per request.",
+            mt,
+            buckets=_TOKENS,
+            registry=r,
+        )
+        self.scheduling = Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "Time to schedule one request.",
+            buckets=_SCHED,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "ingate_scheduler_decisions",
+            "Scheduling decisions per endpoint.",
+            ["endpoint", "profile"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "ingate_upstream_retries", "Requests re-sent to a fallback endpoint.", registry=r
+        )
+        r.register(_PoolCollector(datastore, pool))
+
+
+def get_logger(name: str = "ingate") -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def kv(**fields: object) -> str:
+    """key=value rendering for structured log lines."""
+    return " ".join(f"{k}={v}" for k, v in fields.items())
