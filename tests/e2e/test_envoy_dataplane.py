@@ -17,8 +17,11 @@ import orjson
 import pytest
 
 from ingate.dataplane.envoy import HDR_UPSTREAM_DEBUG, EnvoyDataPlane, EnvoySettings
+from ingate.datastore import Datastore, Endpoint
 from ingate.errors import GatewayError
 from ingate.request import parse_request
+from ingate.scheduling.config import SchedulerConfig
+from ingate.scheduling.scheduler import Scheduler, build_scheduler
 from ingate.sim.fleet import SimFleetConfig, start_fleet
 from ingate.sim.profiles import get_profile
 from ingate.sim.server import ReplicaConfig
@@ -28,30 +31,34 @@ TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 
 @dataclass
-class _Ep:
-    address: str
-
-
-@dataclass
 class _Decision:
-    target: _Ep
+    target: Endpoint
     upstream_body: bytes
     request: Any
 
 
 @dataclass
-class _PrefixDirector:
-    """Stand-in until the real director lands: parses with ingate.request, routes by prompt prefix."""
+class _SchedulingDirector:
+    """Director stand-in until `ingate.director.Director` lands: the real request parser and the real
+    scheduler (default profile: prefix affinity + load scorers) over the replicas."""
 
     addresses: list[str]
     finished: list[Any] = field(default_factory=list)
+    scheduler: Scheduler = field(init=False)
+
+    def __post_init__(self) -> None:
+        eps = []
+        for i, addr in enumerate(self.addresses):
+            host, port = addr.rsplit(":", 1)
+            eps.append(Endpoint(f"sim-{i}", host, int(port)))
+        self.scheduler = build_scheduler(SchedulerConfig(), Datastore(eps))
 
     async def handle(self, path: str, headers: Mapping[str, str], raw_body: bytes) -> _Decision:
         req = parse_request(path, headers, raw_body)
         if req.model == "unknown":
             raise GatewayError(404, "model 'unknown' is not served", "model_not_found")
-        i = sum(req.prompt_text[:64].encode()) % len(self.addresses)
-        return _Decision(_Ep(self.addresses[i]), req.body_for_upstream(), req)
+        result, _ = self.scheduler.schedule(req)
+        return _Decision(result.target, req.body_for_upstream(), req)
 
     def on_first_token(self, decision: Any) -> None:
         pass
@@ -72,8 +79,8 @@ async def replicas() -> AsyncIterator[list[str]]:
         yield fleet.addresses
 
 
-async def _gateway(addrs: list[str], mode: str, **kw: Any) -> tuple[EnvoyDataPlane, _PrefixDirector]:
-    d = _PrefixDirector(addrs)
+async def _gateway(addrs: list[str], mode: str, **kw: Any) -> tuple[EnvoyDataPlane, _SchedulingDirector]:
+    d = _SchedulingDirector(addrs)
     s = EnvoySettings(pool=addrs, failure_mode=mode, debug_headers=True, message_timeout_s=5, **kw)  # type: ignore[arg-type]
     dp = EnvoyDataPlane(d, s, info_factory=lambda dec, o: o)
     await dp.start()
@@ -84,16 +91,17 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
     dp, d = await _gateway(replicas, "FailClose")
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
-            served = set()
-            for _ in range(4):
-                body = {"model": "m", "prompt": "shared long system prompt " * 20 + "question?"}
-                async with http.post(dp.url + "/v1/completions", json=body) as r:
-                    assert r.status == 200
-                    dest = r.headers["x-gateway-destination-endpoint-served"]
-                    assert r.headers[HDR_UPSTREAM_DEBUG] == dest  # Envoy connected where the picker said
-                    assert (await r.json())["usage"]["prompt_tokens"] > 20
-                    served.add(dest)
-            assert len(served) == 1  # same prefix, same replica
+            for prefix in ("You are a helpful travel agent. " * 30, "Answer in French, briefly. " * 30):
+                served = set()
+                for q in range(4):
+                    body = {"model": "m", "prompt": prefix + f"question {q}?"}
+                    async with http.post(dp.url + "/v1/completions", json=body) as r:
+                        assert r.status == 200
+                        dest = r.headers["x-gateway-destination-endpoint-served"]
+                        assert r.headers[HDR_UPSTREAM_DEBUG] == dest  # Envoy went where the picker said
+                        assert (await r.json())["usage"]["prompt_tokens"] > 20
+                        served.add(dest)
+                assert len(served) == 1  # same long prefix, same replica (prefix affinity through Envoy)
             body = {
                 "model": "m",
                 "prompt": "stream me",
@@ -107,10 +115,10 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
             events = [ln[6:] for ln in text.split("\n") if ln.startswith("data: ")]
             assert events[-1] == "[DONE]" and orjson.loads(events[-2])["usage"]["completion_tokens"] == 5
             for _ in range(100):  # the picker accounts the end just after Envoy forwards the last chunk
-                if len(d.finished) == 5:
+                if len(d.finished) == 9:
                     break
                 await asyncio.sleep(0.02)
-            assert [(o.status, o.error) for o in d.finished] == [(200, None)] * 5, [
+            assert [(o.status, o.error) for o in d.finished] == [(200, None)] * 9, [
                 (o.error, o.body_bytes) for o in d.finished
             ]
             assert d.finished[-1].completion_tokens == 5 and d.finished[-1].first_token_at is not None
@@ -119,7 +127,7 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
                 assert (await r.json())["error"]["code"] == "model_not_found"
             async with http.get(dp.url + "/v1/models") as r:  # headers only: any endpoint
                 assert r.status == 200
-        assert len(d.finished) == 5  # one per decided request (not the 404, not the headers-only GET)
+        assert len(d.finished) == 9  # one per decided request (not the 404, not the headers-only GET)
     finally:
         await dp.stop()
 
