@@ -1,4 +1,4 @@
-"""Real Envoy + ingate's ext_proc picker + `ingate sim` replicas on loopback.
+"""Real Envoy + the real gateway (config, director, scheduler) over ext_proc + `ingate sim` replicas.
 
 Checks what a user of `ingate serve --proxy envoy` relies on: Envoy sends each request where the picker
 says, SSE streams pass through intact, a too-large body gets a clear 413, and with the picker gone
@@ -8,63 +8,23 @@ FailOpen keeps serving (round robin over the pool) while FailClose answers 503.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from ingate.dataplane.envoy import HDR_UPSTREAM_DEBUG, EnvoyDataPlane, EnvoySettings
-from ingate.datastore import Datastore, Endpoint
-from ingate.errors import GatewayError
-from ingate.request import parse_request
-from ingate.scheduling.config import SchedulerConfig
-from ingate.scheduling.scheduler import Scheduler, build_scheduler
+from ingate.config import GatewayConfig
+from ingate.dataplane.envoy import HDR_UPSTREAM_DEBUG
+from ingate.gateway import Gateway
+from ingate.serve import make_dataplane
 from ingate.sim.fleet import SimFleetConfig, start_fleet
 from ingate.sim.profiles import get_profile
 from ingate.sim.server import ReplicaConfig
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = aiohttp.ClientTimeout(total=20)
-
-
-@dataclass
-class _Decision:
-    target: Endpoint
-    upstream_body: bytes
-    request: Any
-
-
-@dataclass
-class _SchedulingDirector:
-    """Director stand-in until `ingate.director.Director` lands: the real request parser and the real
-    scheduler (default profile: prefix affinity + load scorers) over the replicas."""
-
-    addresses: list[str]
-    finished: list[Any] = field(default_factory=list)
-    scheduler: Scheduler = field(init=False)
-
-    def __post_init__(self) -> None:
-        eps = []
-        for i, addr in enumerate(self.addresses):
-            host, port = addr.rsplit(":", 1)
-            eps.append(Endpoint(f"sim-{i}", host, int(port)))
-        self.scheduler = build_scheduler(SchedulerConfig(), Datastore(eps))
-
-    async def handle(self, path: str, headers: Mapping[str, str], raw_body: bytes) -> _Decision:
-        req = parse_request(path, headers, raw_body)
-        if req.model == "unknown":
-            raise GatewayError(404, "model 'unknown' is not served", "model_not_found")
-        result, _ = self.scheduler.schedule(req)
-        return _Decision(result.target, req.body_for_upstream(), req)
-
-    def on_first_token(self, decision: Any) -> None:
-        pass
-
-    def finish(self, decision: Any, info: Any) -> None:
-        self.finished.append(info)
 
 
 @pytest.fixture
@@ -79,16 +39,52 @@ async def replicas() -> AsyncIterator[list[str]]:
         yield fleet.addresses
 
 
-async def _gateway(addrs: list[str], mode: str, **kw: Any) -> tuple[EnvoyDataPlane, _SchedulingDirector]:
-    d = _SchedulingDirector(addrs)
-    s = EnvoySettings(pool=addrs, failure_mode=mode, debug_headers=True, message_timeout_s=5, **kw)  # type: ignore[arg-type]
-    dp = EnvoyDataPlane(d, s, info_factory=lambda dec, o: o)
-    await dp.start()
-    return dp, d
+async def _gateway(
+    addrs: list[str], mode: str, max_body: int | None = None, **opts: Any
+) -> tuple[Any, Gateway]:
+    """The real gateway (config, director, scheduler, scraper) behind Envoy, as `ingate serve` builds it."""
+    cfg = GatewayConfig.model_validate(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "pool": {"name": "e2e", "endpoints": [{"address": a} for a in addrs]},
+            "models": {"served": ["m"]},
+            "proxy": {"maxBodyBytes": max_body or 16 * 1024 * 1024},
+            "dataplane": {
+                "type": "envoy",
+                "failureMode": mode,
+                "options": {"debugHeaders": True, "messageTimeoutS": 5, **opts},
+            },
+        }
+    )
+    gw = Gateway(cfg)
+    await gw.start()
+    dp = make_dataplane(gw, "envoy", 0)
+    try:
+        await dp.start()
+    except BaseException:
+        await gw.stop()
+        raise
+    return dp, gw
+
+
+async def _stop(dp: Any, gw: Gateway) -> None:
+    try:
+        await dp.stop()
+    finally:
+        await gw.stop()
+
+
+async def _settled(gw: Gateway) -> bool:
+    """True once every request's in-flight accounting was released (finish ran exactly once each)."""
+    for _ in range(100):
+        if all(ep.in_flight == 0 for ep in gw.datastore.endpoints()):
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 async def test_routing_follows_the_picker_and_streams_through(replicas: list[str]) -> None:
-    dp, d = await _gateway(replicas, "FailClose")
+    dp, gw = await _gateway(replicas, "FailClose")
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
             for prefix in ("You are a helpful travel agent. " * 30, "Answer in French, briefly. " * 30):
@@ -114,26 +110,20 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
                 text = (await r.read()).decode()
             events = [ln[6:] for ln in text.split("\n") if ln.startswith("data: ")]
             assert events[-1] == "[DONE]" and orjson.loads(events[-2])["usage"]["completion_tokens"] == 5
-            for _ in range(100):  # the picker accounts the end just after Envoy forwards the last chunk
-                if len(d.finished) == 9:
-                    break
-                await asyncio.sleep(0.02)
-            assert [(o.status, o.error) for o in d.finished] == [(200, None)] * 9, [
-                (o.error, o.body_bytes) for o in d.finished
-            ]
-            assert d.finished[-1].completion_tokens == 5 and d.finished[-1].first_token_at is not None
+            assert await _settled(gw)  # every routed request released its in-flight slot once
             async with http.post(dp.url + "/v1/completions", json={"model": "unknown", "prompt": "x"}) as r:
                 assert r.status == 404
                 assert (await r.json())["error"]["code"] == "model_not_found"
             async with http.get(dp.url + "/v1/models") as r:  # headers only: any endpoint
                 assert r.status == 200
-        assert len(d.finished) == 9  # one per decided request (not the 404, not the headers-only GET)
+        assert await _settled(gw)
+        assert all(ep.in_flight_tokens == 0 for ep in gw.datastore.endpoints())
     finally:
-        await dp.stop()
+        await _stop(dp, gw)
 
 
 async def test_body_over_limit_is_413(replicas: list[str]) -> None:
-    dp, _d = await _gateway(replicas, "FailClose", max_body_bytes=10_000)
+    dp, gw = await _gateway(replicas, "FailClose", max_body=10_000)
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
             big = {"model": "m", "prompt": "x" * 20_000}
@@ -144,12 +134,12 @@ async def test_body_over_limit_is_413(replicas: list[str]) -> None:
             async with http.post(dp.url + "/v1/completions", json={"model": "m", "prompt": "ok"}) as r:
                 assert r.status == 200
     finally:
-        await dp.stop()
+        await _stop(dp, gw)
 
 
 @pytest.mark.parametrize("mode", ["FailOpen", "FailClose"])
 async def test_picker_down(replicas: list[str], mode: str) -> None:
-    dp, _ = await _gateway(replicas, mode)
+    dp, gw = await _gateway(replicas, mode)
     try:
         await dp.grpc.stop(0)  # the picker dies; Envoy keeps running
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
@@ -177,11 +167,11 @@ async def test_picker_down(replicas: list[str], mode: str) -> None:
         else:
             assert statuses == [503] * 6
     finally:
-        await dp.stop()
+        await _stop(dp, gw)
 
 
 async def test_envoy_is_restarted_after_a_crash(replicas: list[str]) -> None:
-    dp, _ = await _gateway(replicas, "FailClose")
+    dp, gw = await _gateway(replicas, "FailClose")
     try:
         assert dp.envoy is not None and dp.envoy.proc is not None
         url = dp.url
@@ -195,22 +185,18 @@ async def test_envoy_is_restarted_after_a_crash(replicas: list[str]) -> None:
             async with http.post(url + "/v1/completions", json={"model": "m", "prompt": "again"}) as r:
                 assert r.status == 200
     finally:
-        await dp.stop()
+        await _stop(dp, gw)
     assert dp.envoy.proc is not None and dp.envoy.proc.returncode is not None
 
 
 async def test_request_only_processing_still_routes_and_releases(replicas: list[str]) -> None:
-    dp, d = await _gateway(replicas, "FailClose", response_processing=False)
+    dp, gw = await _gateway(replicas, "FailClose", responseProcessing=False)
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
             body = {"model": "m", "prompt": "hello", "stream": True, "max_tokens": 3}
             async with http.post(dp.url + "/v1/completions", json=body) as r:
                 assert r.status == 200
                 assert (await r.read()).endswith(b"data: [DONE]\n\n")
-        for _ in range(100):  # Envoy closes the ext_proc stream as the HTTP stream ends
-            if d.finished:
-                break
-            await asyncio.sleep(0.02)
-        assert len(d.finished) == 1 and d.finished[0].error is None
+        assert await _settled(gw)  # released when Envoy closes the ext_proc stream
     finally:
-        await dp.stop()
+        await _stop(dp, gw)
