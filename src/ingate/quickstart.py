@@ -1,0 +1,249 @@
+"""`ingate quickstart`: the gateway in front of a simulated fleet, against round robin, in one minute.
+
+Starts a fleet of simulated H100 replicas (`ingate sim`, own process, KV cache reduced so that not
+every system prompt fits everywhere), then for each routing profile (ingate's default, round robin) a
+fresh fleet and a gateway, and replays the same seeded shared-prefix chat load (a few long system
+prompts shared by many short questions, Poisson arrivals, streaming). Prints TTFT / e2e percentiles,
+throughput and the fleet's prefix-cache hit rate side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ingate.config import parse_config
+from ingate.dataplane.proxy import BuiltinProxy
+from ingate.gateway import Gateway
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@dataclass
+class LoadSpec:
+    replicas: int = 4
+    time_scale: float = 4.0
+    num_gpu_blocks: int = 1200
+    system_prompts: int = 24
+    system_tokens: int = 2500
+    question_tokens: int = 40
+    output_tokens: int = 40
+    rate: float = 25.0
+    """Requests per second (wall clock)."""
+    duration_s: float = 12.0
+    seed: int = 7
+
+
+@dataclass
+class RunResult:
+    profile: str
+    ttft: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    errors: int = 0
+    wall_s: float = 0.0
+    hit_rate: float = 0.0
+    output_tokens: int = 0
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def _prompts(spec: LoadSpec) -> list[tuple[float, str]]:
+    rng = random.Random(spec.seed)
+    systems = [" ".join(f"s{k}w{i}" for i in range(spec.system_tokens)) for k in range(spec.system_prompts)]
+    out = []
+    t = 0.0
+    while t < spec.duration_s:
+        t += rng.expovariate(spec.rate)
+        k = rng.randrange(spec.system_prompts)
+        q = " ".join(f"q{rng.randrange(10**6)}" for _ in range(spec.question_tokens))
+        out.append((t, systems[k] + " " + q))
+    return out
+
+
+async def _one(s: aiohttp.ClientSession, url: str, prompt: str, spec: LoadSpec, res: RunResult) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": spec.output_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    ttft = None
+    try:
+        async with s.post(url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                res.errors += 1
+                await r.read()
+                return
+            async for _ in r.content.iter_any():
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+        res.e2e.append(time.perf_counter() - t0)
+        res.ttft.append(ttft or 0.0)
+        res.output_tokens += spec.output_tokens
+    except (TimeoutError, aiohttp.ClientError):
+        res.errors += 1
+
+
+def _start_sim(spec: LoadSpec, ready: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
+    cmd = [sys.executable, "-m", "ingate", "sim", "--replicas", str(spec.replicas), "--base-port", "0",
+           "--time-scale", str(spec.time_scale), "--num-gpu-blocks", str(spec.num_gpu_blocks),
+           "--seed", str(spec.seed), "--ready-file", str(ready)]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise click.ClickException("the simulated fleet did not start")
+        time.sleep(0.05)
+    return proc, [r["address"] for r in json.loads(ready.read_text())["replicas"]]
+
+
+async def _hit_rate(addresses: list[str]) -> float:
+    q = h = 0.0
+    async with aiohttp.ClientSession() as s:
+        for a in addresses:
+            async with s.get(f"http://{a}/metrics") as r:
+                text = await r.text()
+            for line in text.splitlines():
+                if line.startswith("vllm:prefix_cache_queries_total"):
+                    q += float(line.rsplit(" ", 1)[1])
+                elif line.startswith("vllm:prefix_cache_hits_total"):
+                    h += float(line.rsplit(" ", 1)[1])
+    return h / q if q else 0.0
+
+
+async def run_profile(profile: str, spec: LoadSpec, workdir: Path) -> RunResult:
+    """A fresh fleet + gateway with `profile`, the seeded load, and the results."""
+    proc, addresses = _start_sim(spec, workdir / f"ready-{profile}.json")
+    res = RunResult(profile)
+    try:
+        cfg = parse_config({
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "pool": {"name": "quickstart", "endpoints": [{"address": a} for a in addresses]},
+            "scheduler": {"defaultProfile": profile},
+            "dataplane": {"type": "builtin"},
+        })  # fmt: skip
+        gw = Gateway(cfg)
+        await gw.start()
+        proxy = BuiltinProxy(gw)
+        await proxy.start()
+        try:
+            for _ in range(500):  # the gateway needs one metrics scrape before it routes well
+                if gw.ready():
+                    break
+                await asyncio.sleep(0.02)
+            plan = _prompts(spec)
+            async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=120), connector=aiohttp.TCPConnector(limit=0)
+            ) as s:
+                t0 = time.perf_counter()
+                tasks = []
+                for at, prompt in plan:
+                    delay = at - (time.perf_counter() - t0)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.create_task(_one(s, proxy.url, prompt, spec, res)))
+                await asyncio.gather(*tasks)
+                res.wall_s = time.perf_counter() - t0
+            res.hit_rate = await _hit_rate(addresses)
+        finally:
+            await proxy.stop()
+            await gw.stop()
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    return res
+
+
+def render(results: list[RunResult], spec: LoadSpec, console: Console) -> None:
+    t = Table(title=f"shared-prefix load: {spec.replicas} simulated H100 replicas, {spec.rate:g} req/s for {spec.duration_s:g} s "
+                    f"(time scale {spec.time_scale:g}x; latencies in modelled seconds)")  # fmt: skip
+    t.add_column("routing", no_wrap=True)
+    for col in (
+        "TTFT p50",
+        "TTFT p90",
+        "TTFT p99",
+        "e2e p50",
+        "e2e p99",
+        "output tok/s",
+        "cache hit",
+        "errors",
+    ):
+        t.add_column(col, justify="right")
+    k = spec.time_scale  # report modelled (GPU) time, not the accelerated wall clock
+    for r in results:
+        t.add_row(
+            r.profile,
+            *(f"{_pct(r.ttft, p) * k:.3f}" for p in (50, 90, 99)),
+            *(f"{_pct(r.e2e, p) * k:.2f}" for p in (50, 99)),
+            f"{r.output_tokens / (r.wall_s * k):.0f}" if r.wall_s else "-",
+            f"{r.hit_rate:.0%}",
+            str(r.errors),
+        )
+    console.print(t)
+    if len(results) == 2 and results[0].ttft and results[1].ttft:
+        a, b = _pct(results[0].ttft, 99), _pct(results[1].ttft, 99)
+        console.print(f"p99 TTFT: {results[0].profile} is {1 - a / b:.0%} lower than {results[1].profile}." if a < b
+                      else f"p99 TTFT: {results[0].profile} is not lower than {results[1].profile} on this run.")  # fmt: skip
+
+
+@click.command("quickstart")
+@click.option(
+    "--rate", type=float, default=LoadSpec.rate, show_default=True, help="Requests per second (wall clock)."
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=LoadSpec.duration_s,
+    show_default=True,
+    help="Seconds of load per profile.",
+)
+@click.option("--replicas", type=int, default=LoadSpec.replicas, show_default=True)
+@click.option(
+    "--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON."
+)
+def quickstart(rate: float, duration: float, replicas: int, json_out: str | None) -> None:
+    """Run a simulated fleet behind ingate and behind round robin, and compare latencies."""
+    spec = LoadSpec(rate=rate, duration_s=duration, replicas=replicas)
+    console = Console(width=max(110, Console().width))
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+    async def main() -> list[RunResult]:
+        out = []
+        with tempfile.TemporaryDirectory() as d:
+            for profile in ("default", "round-robin"):
+                console.print(f"[bold]running[/] {profile} profile ({spec.duration_s:g} s of load) ...")
+                out.append(await run_profile(profile, spec, Path(d)))
+        return out
+
+    results = asyncio.run(main())
+    render(results, spec, console)
+    if json_out:
+        Path(json_out).write_text(json.dumps([r.__dict__ for r in results]))
