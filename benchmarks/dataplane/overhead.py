@@ -4,12 +4,15 @@ Compares, for small completions requests at several concurrency levels (closed l
 
 - ``direct``: client -> upstream (the baseline every other row is measured against);
 - ``envoy-rr``: client -> Envoy (plain round robin, no picker) -> upstream;
-- ``envoy-extproc``: client -> Envoy -> ext_proc picker (separate process) -> upstream;
-- ``builtin``: client -> ingate's built-in asyncio proxy -> upstream (when `ingate.dataplane.proxy` exists).
+- ``envoy-extproc``: client -> Envoy -> ext_proc picker (separate process) -> upstream, with
+  response processing (TTFT, usage, served header);
+- ``envoy-extproc-req``: the same with request-only processing (responses bypass the picker);
+- ``builtin``: client -> ingate's built-in asyncio proxy -> upstream.
 
-The upstream, the picker and the client each run in their own process (as in production), with uvloop.
-The picker's director parses the request with `ingate.request.parse_request` (the real parse cost) and
-targets the single upstream, so the row shows the data-plane and protocol cost, not scheduling.
+The upstream, the picker, the built-in proxy and the client each run in their own process (as in
+production), with uvloop. The picker and the built-in proxy run the real gateway core (config, director,
+scheduler, metrics scraper) over a one-endpoint pool, so each row is the data plane's cost plus the
+real per-request decision, not a stub.
 
     python benchmarks/dataplane/overhead.py --duration 5 --concurrency 1,32,256
 
@@ -28,8 +31,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,6 @@ import orjson
 
 from ingate.dataplane.envoy import EnvoyProcess, EnvoySettings
 from ingate.dataplane.extproc import ExtProcServer, ExtProcServicer
-from ingate.request import parse_request
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "dataplane_overhead.json"
@@ -51,6 +51,24 @@ ANSWER = orjson.dumps(
         "usage": {"prompt_tokens": 6, "completion_tokens": 1, "total_tokens": 7},
     }
 )
+
+
+METRICS = (
+    b'vllm:num_requests_waiting{model_name="bench"} 0\n'
+    b'vllm:num_requests_running{model_name="bench"} 0\n'
+    b'vllm:kv_cache_usage_perc{model_name="bench"} 0.0\n'
+)
+
+
+def _gateway(upstream: str) -> Any:
+    """The real gateway core (director, scheduler, metrics scraper) over the one upstream."""
+    from ingate.config import GatewayConfig
+    from ingate.gateway import Gateway
+
+    cfg = GatewayConfig.model_validate(
+        {"listen": {"host": "127.0.0.1", "port": 0}, "pool": {"endpoints": [{"address": upstream}]}}
+    )
+    return Gateway(cfg)
 
 
 def _free_port() -> int:
@@ -69,55 +87,32 @@ async def _run_upstream(port: int) -> None:
         await req.read()
         return web.Response(body=ANSWER, content_type="application/json")
 
+    async def metrics(req: web.Request) -> web.Response:
+        return web.Response(body=METRICS, content_type="text/plain")
+
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
     await asyncio.Event().wait()
 
 
-@dataclass(slots=True)
-class _Ep:
-    address: str
-
-
-@dataclass(slots=True)
-class _Decision:
-    target: _Ep
-    upstream_body: bytes
-
-
-class _BenchDirector:
-    """Parses like the real director and always targets the one upstream."""
-
-    def __init__(self, upstream: str) -> None:
-        self.target = _Ep(upstream)
-
-    async def handle(self, path: str, headers: Mapping[str, str], raw_body: bytes) -> _Decision:
-        req = parse_request(path, headers, raw_body)
-        return _Decision(self.target, req.raw_body)
-
-    def on_first_token(self, decision: Any) -> None:
-        pass
-
-    def finish(self, decision: Any, info: Any) -> None:
-        pass
-
-
 async def _run_picker(port: int, upstream: str) -> None:
-    svc = ExtProcServicer(_BenchDirector(upstream), info_factory=lambda d, o: None)
-    server = ExtProcServer(svc, port=port)
+    gw = _gateway(upstream)
+    await gw.start()
+    server = ExtProcServer(ExtProcServicer(gw.director), port=port)
     await server.start()
     await asyncio.Event().wait()
 
 
-async def _run_builtin(port: int, upstream: str) -> None:  # pragma: no cover - depends on proxy.py
-    import importlib
+async def _run_builtin(port: int, upstream: str) -> None:
+    from ingate.dataplane.proxy import BuiltinProxy
 
-    proxy = importlib.import_module("ingate.dataplane.proxy")
-    runner = proxy.bench_proxy(port=port, upstream=upstream)  # contract asked of proxy.py's owner
-    await runner
+    gw = _gateway(upstream)
+    await gw.start()
+    await BuiltinProxy(gw, "127.0.0.1", port).start()
     await asyncio.Event().wait()
 
 
@@ -218,17 +213,10 @@ async def _main(args: argparse.Namespace) -> None:
             await ep.start()
             envoys.append(ep)
             targets[name] = ep.url
-        try:
-            import importlib
-
-            proxy = importlib.import_module("ingate.dataplane.proxy")
-            if hasattr(proxy, "bench_proxy"):
-                bport = _free_port()
-                procs.append(_spawn("builtin", "--port", str(bport), "--upstream", upstream))
-                await _wait_port(bport)
-                targets["builtin"] = f"http://127.0.0.1:{bport}"
-        except ImportError:
-            pass
+        bport = _free_port()
+        procs.append(_spawn("builtin", "--port", str(bport), "--upstream", upstream))
+        await _wait_port(bport)
+        targets["builtin"] = f"http://127.0.0.1:{bport}"
 
         rows: list[dict[str, Any]] = []
         for c in concurrencies:
