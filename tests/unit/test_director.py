@@ -1,0 +1,191 @@
+"""Director: model resolution, canary split, objectives, errors and exactly-once in-flight release."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from ingate.config import GatewayConfig, parse_config
+from ingate.datastore import Datastore, Endpoint
+from ingate.director import Director
+from ingate.errors import GatewayError
+from ingate.request import InferenceRequest
+from ingate.scheduling.framework import ResponseInfo
+from ingate.scheduling.scheduler import build_scheduler
+from ingate.telemetry import Telemetry
+
+BASE = "base-model"
+
+
+def _cfg(**extra: Any) -> GatewayConfig:
+    data: dict[str, Any] = {
+        "pool": {"endpoints": [{"address": "127.0.0.1:9001"}, {"address": "127.0.0.1:9002"}]},
+        "models": {
+            "served": [BASE, "base-v2"],
+            "adapters": ["sql-lora"],
+            "rewrites": [
+                {
+                    "matches": [{"model": {"value": "canary"}}],
+                    "targets": [
+                        {"modelRewrite": BASE, "weight": 80},
+                        {"modelRewrite": "base-v2", "weight": 20},
+                    ],
+                }
+            ],
+        },
+        "objectives": [
+            {"name": "critical", "priority": 10, "slo": {"ttftMs": 300}},
+            {"name": "batch", "priority": -1},
+        ],
+        "defaultObjective": "batch",
+        **extra,
+    }
+    return parse_config(data)
+
+
+def _director(cfg: GatewayConfig | None = None, seed: int = 1) -> tuple[Director, Datastore]:
+    cfg = cfg or _cfg()
+    ds = Datastore([Endpoint(name=f"e{i}", host="127.0.0.1", port=9001 + i) for i in range(2)])
+    sched = build_scheduler(cfg.scheduler, ds)
+    return Director(cfg, ds, sched, Telemetry(ds, "p"), rng=random.Random(seed)), ds
+
+
+def _body(model: str = BASE, **kw: Any) -> bytes:
+    return json.dumps({"model": model, "prompt": "hello there", "max_tokens": 4, **kw}).encode()
+
+
+async def test_in_flight_released_exactly_once() -> None:
+    d, ds = _director()
+    dec = await d.handle("/v1/completions", {}, _body())
+    assert sum(ep.in_flight for ep in ds.endpoints()) == 1
+    assert dec.target.in_flight_tokens > 0
+    d.finish(dec, ResponseInfo(status=200))
+    d.finish(dec, ResponseInfo(status=499))  # a second finish (e.g. disconnect after completion) is a no-op
+    assert all(ep.in_flight == 0 and ep.in_flight_tokens == 0 for ep in ds.endpoints())
+
+
+async def test_retarget_moves_in_flight_to_fallback() -> None:
+    d, ds = _director()
+    dec = await d.handle("/v1/completions", {}, _body())
+    first = dec.target
+    nxt = d.retarget(dec)
+    assert nxt is not None and nxt is not first
+    assert first.in_flight == 0 and nxt.in_flight == 1
+    assert d.retarget(dec) is None  # two endpoints: nothing left after the fallback
+    d.finish(dec, ResponseInfo(status=502))
+    assert all(ep.in_flight == 0 and ep.in_flight_tokens == 0 for ep in ds.endpoints())
+    assert d.retarget(dec) is None  # finished decisions never move
+
+
+async def test_canary_split_ratio() -> None:
+    d, _ = _director(seed=3)
+    n = 4000
+    v2 = 0
+    for _ in range(n):
+        dec = await d.handle("/v1/completions", {}, _body("canary"))
+        v2 += dec.request.target_model == "base-v2"
+        assert json.loads(dec.upstream_body)["model"] == dec.request.target_model
+        d.finish(dec, ResponseInfo(status=200))
+    assert abs(v2 / n - 0.20) < 0.03
+
+
+async def test_rewrite_header_forces_target() -> None:
+    d, _ = _director()
+    for _ in range(50):
+        dec = await d.handle("/v1/completions", {"x-gateway-model-name-rewrite": "base-v2"}, _body("canary"))
+        assert dec.request.target_model == "base-v2"
+        d.finish(dec, ResponseInfo(status=200))
+
+
+async def test_adapter_detected() -> None:
+    d, _ = _director()
+    dec = await d.handle("/v1/completions", {}, _body("sql-lora"))
+    assert dec.request.adapter == "sql-lora"
+    d.finish(dec, ResponseInfo(status=200))
+    dec = await d.handle("/v1/completions", {}, _body())
+    assert dec.request.adapter is None
+    d.finish(dec, ResponseInfo(status=200))
+
+
+async def test_objective_by_header_else_default() -> None:
+    d, _ = _director()
+    dec = await d.handle("/v1/completions", {"x-gateway-inference-objective": "critical"}, _body())
+    assert (dec.request.objective, dec.request.priority, dec.request.slo_ttft_ms) == ("critical", 10, 300)
+    d.finish(dec, ResponseInfo(status=200))
+    # An objective the config does not know falls back to the default objective (documented behaviour).
+    dec = await d.handle("/v1/completions", {"x-gateway-inference-objective": "nope"}, _body())
+    assert (dec.request.objective, dec.request.priority) == ("batch", -1)
+    d.finish(dec, ResponseInfo(status=200))
+
+
+def _openai_error(e: GatewayError) -> dict[str, Any]:
+    body = json.loads(e.body())
+    assert set(body["error"]) >= {"message", "type", "code"}
+    return body["error"]
+
+
+async def test_unknown_model_is_404() -> None:
+    d, ds = _director()
+    with pytest.raises(GatewayError) as ei:
+        await d.handle("/v1/completions", {}, _body("gpt-nope"))
+    assert ei.value.status == 404
+    assert "gpt-nope" in _openai_error(ei.value)["message"]
+    assert all(ep.in_flight == 0 for ep in ds.endpoints())
+
+
+async def test_bad_body_is_400() -> None:
+    d, _ = _director()
+    with pytest.raises(GatewayError) as ei:
+        await d.handle("/v1/completions", {}, b"{not json")
+    assert ei.value.status == 400
+    assert _openai_error(ei.value)["type"] == "invalid_request_error"
+
+
+async def test_no_endpoint_is_503() -> None:
+    d, ds = _director()
+    for ep in ds.endpoints():
+        ep.healthy = False
+    with pytest.raises(GatewayError) as ei:
+        await d.handle("/v1/completions", {}, _body())
+    assert ei.value.status == 503
+    _openai_error(ei.value)
+    assert all(ep.in_flight == 0 for ep in ds.endpoints())
+
+
+async def test_any_model_passes_when_none_listed() -> None:
+    cfg = parse_config({"pool": {"endpoints": [{"address": "127.0.0.1:9001"}]}})
+    d, _ = _director(cfg)
+    dec = await d.handle("/v1/completions", {}, _body("whatever"))
+    assert dec.request.target_model == "whatever"
+    d.finish(dec, ResponseInfo(status=200))
+
+
+class _Flow:
+    def __init__(self) -> None:
+        self.admitted: list[InferenceRequest] = []
+        self.released: list[int] = []
+
+    async def admit(self, request: InferenceRequest) -> Any:
+        self.admitted.append(request)
+        return len(self.admitted)
+
+    def release(self, ticket: Any, info: ResponseInfo) -> None:
+        self.released.append(ticket)
+
+
+async def test_flow_control_seam_admits_and_releases_once() -> None:
+    cfg = _cfg()
+    ds = Datastore([Endpoint(name="e0", host="127.0.0.1", port=9001)])
+    flow = _Flow()
+    d = Director(cfg, ds, build_scheduler(cfg.scheduler, ds), Telemetry(ds, "p"), flow_control=flow)
+    dec = await d.handle("/v1/completions", {}, _body())
+    d.finish(dec, ResponseInfo(status=200))
+    d.finish(dec, ResponseInfo(status=200))
+    assert flow.released == [1]
+    ds.endpoints()[0].healthy = False
+    with pytest.raises(GatewayError):
+        await d.handle("/v1/completions", {}, _body())
+    assert flow.released == [1, 2]  # a ticket admitted but not scheduled is released too
