@@ -1,0 +1,1 @@
+"""Benchmark harness: workloads, an open-loop load generator, systems under test, reports and plots."""

@@ -1,0 +1,79 @@
+"""`ingate bench`: run workloads, render reports, regenerate the committed results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+
+from ingate.bench.report import markdown_table, plot, print_table
+from ingate.bench.runner import run_workload
+from ingate.bench.workload import load_workload
+
+RESULTS_DIR = Path("benchmarks/results")
+ALL_WORKLOADS = ("benchmarks/workloads/shared-prefix.yaml", "benchmarks/workloads/mixed.yaml")
+
+
+@click.group()
+def bench() -> None:
+    """Benchmark harness: load sweeps against ingate, baselines and peers; reports and plots."""
+
+
+@bench.command("run")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), default=str(RESULTS_DIR), show_default=True
+)
+@click.option("--systems", default=None, help="Comma list overriding the config's systems.")
+@click.option("--no-report", is_flag=True, help="Skip the table and PNG.")
+def run_cmd(config: str, out_dir: str, systems: str | None, no_report: bool) -> None:
+    """Run the workload in CONFIG against each system; write JSON (and a PNG + table) under --out."""
+    wl = load_workload(config)
+    if systems:
+        wl.systems = [s.strip() for s in systems.split(",") if s.strip()]
+    console = Console()
+    path = run_workload(wl, Path(out_dir), console)
+    console.print(f"results: {path}")
+    if not no_report:
+        _report([path], path.with_suffix(".png"), None, console)
+
+
+def _report(paths: list[Path], png: Path, md: Path | None, console: Console) -> None:
+    results: list[dict[str, Any]] = [orjson.loads(p.read_bytes()) for p in paths]
+    print_table(results, console)
+    console.print(f"plot: {plot(results, png)}")
+    if md is not None:
+        md.write_text(markdown_table(results))
+        console.print(f"markdown: {md}")
+
+
+@bench.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--png", type=click.Path(dir_okay=False), default=None, help="Plot path (default: next to the first)."
+)
+@click.option(
+    "--markdown", type=click.Path(dir_okay=False), default=None, help="Also write a markdown table."
+)
+def report_cmd(results: tuple[str, ...], png: str | None, markdown: str | None) -> None:
+    """Render tables and plots (TTFT/e2e percentiles vs throughput, goodput) from RESULTS JSON files."""
+    paths = [Path(p) for p in results]
+    _report(
+        paths,
+        Path(png) if png else paths[0].with_suffix(".png"),
+        Path(markdown) if markdown else None,
+        Console(),
+    )
+
+
+@bench.command("all")
+def all_cmd() -> None:
+    """Regenerate the committed results (shared-prefix and mixed workloads) and the markdown table."""
+    console = Console()
+    paths = [run_workload(load_workload(w), RESULTS_DIR, console) for w in ALL_WORKLOADS]
+    for p in paths:
+        plot([orjson.loads(p.read_bytes())], p.with_suffix(".png"))
+    _report(paths, RESULTS_DIR / "bench_all.png", RESULTS_DIR / "bench_table.md", console)

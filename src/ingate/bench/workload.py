@@ -1,0 +1,208 @@
+"""Workload configs (YAML) and deterministic request generation.
+
+Prompt text is made of short words (at most 8 characters, no whitespace inside), so under the
+simulator's tokenisation rule (`ingate.sim.tokenizer`) every word is exactly one token and a prompt of
+N words counts as N prompt tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+# Prompt vocabulary: distinct from the simulator's output vocabulary, each word one token.
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+    "quebec romeo sierra tango uniform victor whiskey xray yankee zulu amber basil cedar dune ember fern "
+    "granite harbor iris jade kelp lotus maple nectar opal pearl quartz river sage thyme umber violet "
+    "willow yarrow zinc apple berry cherry grape lemon mango olive peach plum"
+).split()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Dist(_Strict):
+    """A token-length distribution. `fixed` uses `mean`; `normal` uses mean/std; `lognormal` and
+    `pareto` are heavy-tailed (lognormal: mean and sigma of the log; pareto: scale=`mean`, shape=`alpha`);
+    `uniform` draws from [min, max]. Every draw is clipped to [min, max]."""
+
+    kind: Literal["fixed", "normal", "lognormal", "pareto", "uniform"] = "fixed"
+    mean: float = 128
+    std: float = 0.0
+    sigma: float = 1.0
+    alpha: float = 1.5
+    min: int = 1
+    max: int = 1_000_000
+
+    def draw(self, rng: random.Random) -> int:
+        """One length drawn from this distribution with `rng`."""
+        if self.kind == "fixed":
+            v = self.mean
+        elif self.kind == "normal":
+            v = rng.gauss(self.mean, self.std)
+        elif self.kind == "lognormal":
+            v = rng.lognormvariate(math.log(self.mean), self.sigma)
+        elif self.kind == "pareto":
+            v = self.mean * rng.paretovariate(self.alpha)
+        else:
+            v = rng.uniform(self.min, self.max)
+        return max(self.min, min(self.max, round(v)))
+
+
+class SharedPrefixData(_Strict):
+    """The upstream shared-prefix shape: `groups` system prompts, each shared by `prompts_per_group`
+    distinct questions. With `turns` > 1 each conversation re-sends its history (multi-turn chat)."""
+
+    type: Literal["shared_prefix"] = "shared_prefix"
+    groups: int = 6
+    prompts_per_group: int = 20
+    system_tokens: int = 1000
+    question: Dist = Field(default_factory=Dist)
+    output: Dist = Field(default_factory=Dist)
+    turns: int = 1
+
+
+class RandomData(_Strict):
+    """Independent prompts with lengths from `input` and `output` distributions (no shared prefix)."""
+
+    type: Literal["random"] = "random"
+    input: Dist = Field(default_factory=Dist)
+    output: Dist = Field(default_factory=Dist)
+
+
+class LoraMix(_Strict):
+    """Traffic split over LoRA adapters: `adapters[i]` gets weight `weights[i]` (any scale)."""
+
+    adapters: list[str]
+    weights: list[float]
+
+
+class Load(_Strict):
+    """`poisson`: open-loop arrivals at each rate in `rates` (req/s) for `duration_s`; `concurrent`: a
+    fixed number of clients in a closed loop for each value in `concurrency`. `burst_on_s`/`burst_off_s`
+    turn Poisson arrivals on/off (the on-phase rate is scaled so the mean equals the stated rate)."""
+
+    type: Literal["poisson", "concurrent"] = "poisson"
+    rates: list[float] = Field(default_factory=lambda: [1.0])
+    concurrency: list[int] = Field(default_factory=lambda: [4])
+    duration_s: float = 30.0
+    warmup_s: float = 0.0
+    max_inflight: int = 2000
+    timeout_s: float = 300.0
+    burst_on_s: float = 0.0
+    burst_off_s: float = 0.0
+
+
+class Slo(_Strict):
+    """A request meets the SLO when its TTFT (and e2e latency, if set) are within bounds."""
+
+    ttft_s: float = 2.0
+    e2e_s: float | None = None
+
+
+class Fleet(_Strict):
+    """The simulated fleet: `ingate sim` with these replicas and extra arguments."""
+
+    replicas: int = 8
+    args: list[str] = Field(default_factory=list)
+
+
+class Workload(_Strict):
+    """One benchmark: data shape, load sweep, SLO, fleet and systems under test."""
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    api: Literal["completion", "chat"] = "completion"
+    model: str = "meta-llama/Llama-3.1-8B-Instruct"
+    data: SharedPrefixData | RandomData = Field(discriminator="type")
+    lora: LoraMix | None = None
+    load: Load = Field(default_factory=Load)
+    slo: Slo = Field(default_factory=Slo)
+    fleet: Fleet = Field(default_factory=Fleet)
+    systems: list[str] = Field(default_factory=lambda: ["ingate", "round-robin"])
+
+
+def load_workload(path: str | Path) -> Workload:
+    """Parse and validate a workload YAML file."""
+    raw: Any = yaml.safe_load(Path(path).read_text())
+    return Workload.model_validate(raw)
+
+
+@dataclass(slots=True)
+class BenchRequest:
+    """One request to send: the OpenAI body and a label of its prefix group (for analysis)."""
+
+    body: dict[str, Any]
+    group: int
+    conversation: int = -1
+    turn: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choices(_WORDS, k=n))
+
+
+class RequestStream:
+    """Deterministic, endless source of requests for a workload (same seed -> same sequence)."""
+
+    def __init__(self, wl: Workload, seed_offset: int = 0) -> None:
+        self.wl = wl
+        self.rng = random.Random(wl.seed * 1_000_003 + seed_offset)
+        self._systems: list[str] = []
+        self._history: dict[int, tuple[int, str]] = {}  # conversation -> (turns done, transcript)
+        data = wl.data
+        if isinstance(data, SharedPrefixData):
+            srng = random.Random(wl.seed)  # system prompts independent of the sweep offset
+            self._systems = [
+                f"system {g} " + _words(srng, data.system_tokens - 2) for g in range(data.groups)
+            ]
+
+    def _lora_model(self) -> str:
+        if self.wl.lora is None:
+            return self.wl.model
+        return self.rng.choices(self.wl.lora.adapters, weights=self.wl.lora.weights, k=1)[0]
+
+    def next(self) -> BenchRequest:
+        """The next request of the stream."""
+        data = self.wl.data
+        model = self._lora_model()
+        if isinstance(data, SharedPrefixData):
+            g = self.rng.randrange(data.groups)
+            conv = g * data.prompts_per_group + self.rng.randrange(data.prompts_per_group)
+            question = _words(self.rng, data.question.draw(self.rng))
+            out = data.output.draw(self.rng)
+            turns_done, transcript = self._history.get(conv, (0, ""))
+            if turns_done >= data.turns:
+                turns_done, transcript = 0, ""
+            prompt = f"{self._systems[g]}\n{transcript}user {conv} {question}"
+            if data.turns > 1:
+                # The reply is unknown to the client ahead of time; a fixed-length stand-in keeps the
+                # next turn's prefix identical to what this turn sent (what chat clients re-send).
+                self._history[conv] = (turns_done + 1, f"{transcript}user {conv} {question}\nreply {out}\n")
+            return BenchRequest(self._body(model, prompt, out), group=g, conversation=conv, turn=turns_done)
+        prompt = _words(self.rng, data.input.draw(self.rng))
+        return BenchRequest(self._body(model, prompt, data.output.draw(self.rng)), group=-1)
+
+    def _body(self, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
+        if self.wl.api == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        return body

@@ -1,0 +1,159 @@
+"""Load generator and workload generation against a tiny OpenAI-like streaming server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from aiohttp import web
+
+from ingate.bench.loadgen import make_session, run_concurrent, run_poisson, send_one
+from ingate.bench.report import markdown_table, max_sustainable_rate, summarize
+from ingate.bench.workload import Load, RequestStream, Workload
+from ingate.sim.tokenizer import count_tokens
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    body = orjson.loads(await request.read())
+    if body.get("model") != "m":
+        return web.json_response({"error": {"message": "unknown model"}}, status=404)
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    n = int(body["max_tokens"])
+    for _ in range(n):
+        await asyncio.sleep(0.002)
+        await resp.write(b'data: {"choices":[{"index":0,"text":"the "}],"usage":null}\n\n')
+    usage = {"prompt_tokens": count_tokens(body["prompt"]), "completion_tokens": n}
+    await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    return resp
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post("/v1/completions", _completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/v1/completions"
+    await runner.cleanup()
+
+
+def _wl(**kw: object) -> Workload:
+    base: dict[str, object] = {
+        "name": "t",
+        "model": "m",
+        "data": {
+            "type": "shared_prefix",
+            "groups": 2,
+            "prompts_per_group": 3,
+            "system_tokens": 50,
+            "question": {"kind": "fixed", "mean": 10},
+            "output": {"kind": "fixed", "mean": 5},
+        },
+    }
+    base.update(kw)
+    return Workload.model_validate(base)
+
+
+def test_prompts_are_deterministic_and_token_exact() -> None:
+    wl = _wl()
+    a = [RequestStream(wl).next().body for _ in range(1)] + [r.body for r in _take(RequestStream(wl), 5)]
+    b = [RequestStream(wl).next().body for _ in range(1)] + [r.body for r in _take(RequestStream(wl), 5)]
+    assert a == b
+    for body in a:
+        # system prompt (50) + "user <conv>" (2) + question (10) under the simulator's rule
+        assert count_tokens(body["prompt"]) == 62
+        assert body["stream_options"] == {"include_usage": True}
+
+
+def _take(stream: RequestStream, n: int) -> list:  # type: ignore[type-arg]
+    return [stream.next() for _ in range(n)]
+
+
+def test_shared_prefix_groups_share_system_prompt() -> None:
+    reqs = _take(RequestStream(_wl()), 30)
+    by_group: dict[int, set[str]] = {}
+    for r in reqs:
+        by_group.setdefault(r.group, set()).add(r.body["prompt"].split("\n")[0])
+    assert set(by_group) == {0, 1}
+    assert all(len(v) == 1 for v in by_group.values())
+    assert by_group[0] != by_group[1]
+
+
+def test_lora_mix_follows_weights() -> None:
+    wl = _wl(lora={"adapters": ["a", "b"], "weights": [9, 1]})
+    models = [r.body["model"] for r in _take(RequestStream(wl), 2000)]
+    assert 0.85 < models.count("a") / len(models) < 0.95
+
+
+async def test_send_one_records_ttft_itl_and_usage(server: str) -> None:
+    req = RequestStream(_wl()).next()
+    async with make_session(4) as s:
+        rec = await send_one(s, server, req, 0.0, 10)
+    assert rec.ok and rec.status == 200
+    assert rec.completion_tokens == 5 and rec.prompt_tokens == 62
+    assert rec.chunks == 5
+    assert rec.ttft is not None and rec.e2e is not None and rec.ttft <= rec.e2e
+    assert rec.itl_mean is not None and rec.itl_mean > 0
+
+
+async def test_send_one_reports_http_errors(server: str) -> None:
+    req = RequestStream(_wl(model="other")).next()
+    async with make_session(4) as s:
+        rec = await send_one(s, server, req, 0.0, 10)
+    assert not rec.ok and rec.status == 404 and "unknown model" in rec.error
+
+
+async def test_poisson_is_open_loop_and_counts_cap(server: str) -> None:
+    stream = RequestStream(_wl())
+    load = Load(rates=[200], duration_s=0.5, max_inflight=3)
+    async with make_session(8) as s:
+        st = await run_poisson(s, server, stream.next, 200, load, random.Random(0))
+    # ~100 arrivals expected; with a cap of 3 outstanding the cap must have been hit and reported.
+    assert len(st.records) > 40
+    assert st.max_inflight_hit > 0 and st.peak_inflight <= 3
+    assert all(r.ok for r in st.records)
+
+
+async def test_concurrent_mode(server: str) -> None:
+    stream = RequestStream(_wl())
+    load = Load(type="concurrent", concurrency=[2], duration_s=0.3)
+    async with make_session(4) as s:
+        st = await run_concurrent(s, server, stream.next, 2, load)
+    assert len(st.records) >= 2 and all(r.ok for r in st.records)
+
+
+def test_summary_goodput_and_max_rate() -> None:
+    def rec(ttft: float) -> dict[str, object]:
+        return {
+            "send": 0.0,
+            "status": 200,
+            "error": "",
+            "ttft": ttft,
+            "e2e": ttft + 1,
+            "itl_mean": 0.01,
+            "completion_tokens": 10,
+        }
+
+    s = summarize(
+        [rec(0.1), rec(0.2), rec(5.0), {**rec(0.1), "status": 500, "error": "x"}],
+        10.0,
+        {"ttft_s": 1.0, "e2e_s": None},
+    )
+    assert s["ok"] == 3 and s["errors"] == 1
+    assert s["goodput_rps"] == pytest.approx(0.2)
+    assert s["slo_attainment"] == pytest.approx(0.5)
+    stages = [
+        {"rate": 1.0, "summary": {"slo_attainment": 0.95}},
+        {"rate": 2.0, "summary": {"slo_attainment": 0.5}},
+    ]
+    assert max_sustainable_rate(stages) == 1.0
+    res = [{"workload": {"name": "w"}, "systems": [{"name": "peer", "unavailable": "no wheel"}]}]
+    assert "unavailable: no wheel" in markdown_table(res)
