@@ -49,6 +49,12 @@ class _EngineGauges(Collector):
         )
         yield self._counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", e.kv.hits)
         yield self._counter("vllm:num_preemptions", "Cumulative number of preemptions.", e.preemptions)
+        # The simulator's own health: how far engine steps ended later than modelled (CPU overload).
+        yield self._counter("ingate_sim_steps", "Engine steps run.", e.steps)
+        yield self._counter("ingate_sim_step_lag_seconds", "Total lateness of engine steps.", e.lag_s)
+        yield self._counter(
+            "ingate_sim_busy_seconds", "Modelled busy time of the engine (wall clock).", e.busy_s
+        )
         yield self._gauge("vllm:num_requests_running", "Requests in the running batch.", len(e.running))
         yield self._gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", len(e.waiting))
         usage = e.kv.usage
