@@ -157,3 +157,18 @@ def test_summary_goodput_and_max_rate() -> None:
     assert max_sustainable_rate(stages) == 1.0
     res = [{"workload": {"name": "w"}, "systems": [{"name": "peer", "unavailable": "no wheel"}]}]
     assert "unavailable: no wheel" in markdown_table(res)
+
+
+def test_committed_workloads_parse_and_generate() -> None:
+    from pathlib import Path
+
+    from ingate.bench.workload import load_workload
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    paths = sorted((root / "workloads").glob("*.yaml")) + sorted((root / "configs").glob("*.yaml"))
+    assert len(paths) >= 9
+    for p in paths:
+        wl = load_workload(p)
+        assert set(wl.systems) <= {"ingate", "round-robin", "least-request"}, p
+        bodies = [RequestStream(wl).next().body for _ in range(3)]
+        assert all(b["max_tokens"] >= 1 for b in bodies), p
