@@ -44,6 +44,19 @@ async def test_prefix_affinity_keeps_shared_prefix_on_one_replica(
             cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
         assert len(set(served)) == 1, served
         assert cached[0] == 0 and all(c >= 784 for c in cached[1:]), cached
+        hits = {a: await _prefix_hits(s, a) for a in sim.addresses}
+        assert hits[served[0]] >= 5 * 784 and sum(hits.values()) == hits[served[0]], hits
+
+
+async def _prefix_hits(s: aiohttp.ClientSession, address: str) -> float:
+    """The replica's own vLLM prefix-cache hit counter (tokens)."""
+    async with s.get(f"http://{address}/metrics") as r:
+        text = await r.text()
+    return sum(
+        float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith("vllm:prefix_cache_hits_total")
+    )
 
 
 async def test_burst_of_unrelated_requests_spreads(
