@@ -77,3 +77,12 @@ def all_cmd() -> None:
     for p in paths:
         plot([orjson.loads(p.read_bytes())], p.with_suffix(".png"))
     _report(paths, RESULTS_DIR / "bench_all.png", RESULTS_DIR / "bench_table.md", console)
+
+
+@bench.command("tokenizer")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def tokenizer_cmd(out_dir: str) -> None:
+    """Write a local HF-format tokenizer (simulator's counting rule) to OUT_DIR, for inference-perf."""
+    from ingate.bench.tokenizer import build_tokenizer
+
+    click.echo(f"tokenizer written to {build_tokenizer(out_dir)}")
