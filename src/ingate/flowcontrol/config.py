@@ -1,0 +1,73 @@
+"""Flow-control configuration: every default lives here and is documented in docs/flow-control.md."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+FairnessPolicy = Literal["round-robin", "vtc"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class BandConfig(_Model):
+    """Capacity and fairness policy of one priority band (all requests with the same priority)."""
+
+    priority: int
+    max_requests: int = Field(default=1000, ge=1)
+    """Requests queued in the band at most; beyond it new requests get 429."""
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    """Request bytes queued in the band at most."""
+    policy: FairnessPolicy | None = None
+    """Fairness policy between flows; None = the controller's default_policy."""
+
+
+class SaturationConfig(_Model):
+    """When an endpoint counts as saturated: max(waiting/queue_depth, kv/kv_utilization) >= 1."""
+
+    queue_depth_threshold: float = Field(default=5.0, gt=0)
+    kv_utilization_threshold: float = Field(default=0.8, gt=0, le=1.0)
+    stale_after_s: float = Field(default=0.2, gt=0)
+    """Metrics older than this count as saturated (we cannot tell, so we do not pile on)."""
+
+
+class FlowControlConfig(_Model):
+    """Top-level flow-control settings (gateway YAML key ``flowControl``)."""
+
+    enabled: bool = True
+    bands: list[BandConfig] = Field(default_factory=list)
+    """Explicit bands; a priority without one gets a band with the defaults below."""
+    default_band_max_requests: int = Field(default=1000, ge=1)
+    default_band_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    flow_max_requests: int = Field(default=200, ge=1)
+    """Requests one flow (fairness id) may have queued in one band."""
+    flow_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    default_policy: FairnessPolicy = "vtc"
+    vtc_input_weight: float = Field(default=1.0, ge=0)
+    vtc_output_weight: float = Field(default=2.0, ge=0)
+    queue_ttl_s: float = Field(default=30.0, gt=0)
+    """A request queued longer than this is answered 503."""
+    saturation: SaturationConfig = Field(default_factory=SaturationConfig)
+    dispatch_headroom: int = Field(default=0, ge=0)
+    """Extra requests per endpoint the dispatcher may send beyond the queue-depth threshold."""
+    max_in_flight: int | None = Field(default=None, ge=1)
+    """Optional hard cap on requests dispatched and not yet released, pool-wide."""
+    poll_interval_s: float = Field(default=0.05, gt=0)
+    """How often the dispatcher re-reads metrics while requests wait (the scrape interval)."""
+    retry_after_s: float = Field(default=1.0, gt=0)
+    """Retry-After sent with 429 answers."""
+
+    def band(self, priority: int) -> BandConfig:
+        """The configured band for ``priority`` or one built from the defaults."""
+        for b in self.bands:
+            if b.priority == priority:
+                return b
+        return BandConfig(
+            priority=priority,
+            max_requests=self.default_band_max_requests,
+            max_bytes=self.default_band_max_bytes,
+        )

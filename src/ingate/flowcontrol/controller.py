@@ -1,0 +1,357 @@
+"""The flow controller: admit (maybe queue), dispatch while the pool has capacity, release."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingate.datastore import Datastore
+from ingate.errors import GatewayError
+from ingate.flowcontrol.config import FlowControlConfig
+from ingate.flowcontrol.fairness import Policy, RoundRobin, VirtualTokenCounter
+from ingate.flowcontrol.metrics import FlowControlMetrics
+from ingate.flowcontrol.saturation import SaturationDetector
+from ingate.request import InferenceRequest
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """Proof of admission; hand it back to :meth:`FlowController.release` exactly once."""
+
+    fairness_id: str
+    priority: int
+    est_tokens: int
+    enqueued_at: float
+    dispatched_at: float
+    queued: bool
+    released: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Item:
+    fairness_id: str
+    priority: int
+    size_bytes: int
+    est_tokens: int
+    enqueued_at: float
+    expires_at: float
+    expiry_reason: str
+    future: asyncio.Future[Ticket]
+
+
+@dataclass(eq=False, slots=True)
+class _Band:
+    priority: int
+    max_requests: int
+    max_bytes: int
+    policy: Policy
+    flows: dict[str, deque[_Item]] = field(default_factory=dict)
+    flow_bytes: dict[str, int] = field(default_factory=dict)
+    count: int = 0
+    bytes: int = 0
+
+
+class FlowController:
+    """Strict priority between bands, a fair policy between flows within a band, FCFS within a flow.
+
+    Capacity: an endpoint takes more requests while its saturation is below 1.0, counting scraped
+    waiting requests plus requests the gateway sent it since that scrape; a queued request is dispatched
+    while the sum of headroom over endpoints is positive. While the pool is saturated requests wait here
+    instead of piling onto model servers; sheddable ones (priority < 0) are answered 429 at once.
+    """
+
+    def __init__(
+        self,
+        config: FlowControlConfig,
+        datastore: Datastore,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: FlowControlMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.datastore = datastore
+        self.clock = clock
+        self.detector = SaturationDetector(config.saturation)
+        self.metrics = metrics if metrics is not None else FlowControlMetrics()
+        self._bands: dict[int, _Band] = {}
+        self._order: list[int] = []  # priorities with a band, highest first
+        self._in_flight = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- public API -------------------------------------------------------------------------------
+
+    async def admit(
+        self,
+        request: InferenceRequest,
+        *,
+        size_bytes: int | None = None,
+        est_tokens: int | None = None,
+        deadline: float | None = None,
+    ) -> Ticket:
+        """Admit ``request`` now, or queue it until dispatched; raise GatewayError 429/503.
+
+        ``deadline`` is on this controller's clock. Cancelling the caller removes the queued item.
+        """
+        now = self.clock()
+        prio = request.priority
+        flow = request.fairness_id
+        size = len(request.raw_body) if size_bytes is None else size_bytes
+        tokens = request.estimated_prompt_tokens if est_tokens is None else est_tokens
+        if not self._queued_at_or_above(prio) and self._capacity(now) > 0:
+            return self._dispatched(flow, prio, tokens, now, now, queued=False)
+        if prio < 0 and self.detector.pool_saturated(self.datastore.endpoints(), now):
+            self.metrics.rejected.labels(str(prio), "shed").inc()
+            raise GatewayError(
+                429,
+                "request shed: pool saturated and objective is sheddable",
+                "shed",
+                retry_after=self.config.retry_after_s,
+            )
+        band = self._band(prio)
+        fq = band.flows.get(flow)
+        fbytes = band.flow_bytes.get(flow, 0)
+        c = self.config
+        if (
+            band.count >= band.max_requests
+            or band.bytes + size > band.max_bytes
+            or (fq is not None and len(fq) >= c.flow_max_requests)
+            or fbytes + size > c.flow_max_bytes
+        ):
+            self.metrics.rejected.labels(str(prio), "queue_full").inc()
+            raise GatewayError(
+                429,
+                f"flow-control queue full for priority {prio}, flow {flow!r}",
+                "queue_full",
+                retry_after=c.retry_after_s,
+            )
+        expires, reason = now + c.queue_ttl_s, f"queued longer than the queue TTL ({c.queue_ttl_s:g} s)"
+        if deadline is not None and deadline < expires:
+            expires, reason = deadline, "request deadline passed while queued"
+        item = _Item(
+            flow, prio, size, tokens, now, expires, reason, asyncio.get_running_loop().create_future()
+        )
+        if fq is None:
+            fq = band.flows[flow] = deque()
+        if not fq:
+            band.policy.activate(flow)
+        fq.append(item)
+        band.count += 1
+        band.bytes += size
+        band.flow_bytes[flow] = fbytes + size
+        self._gauges(band, flow)
+        self._wake.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            if not item.future.done() or item.future.cancelled():
+                self._remove(band, item)
+                self.metrics.rejected.labels(str(prio), "cancelled").inc()
+                self.metrics.wait.labels(flow, str(prio), "cancelled").observe(self.clock() - now)
+            else:
+                # Dispatched in the same tick the caller went away: give the capacity back.
+                self.release(item.future.result())
+            raise
+
+    def release(self, ticket: Ticket, info: Any = None) -> None:
+        """Give back the capacity of ``ticket`` and account served tokens (exactly once).
+
+        ``info`` is anything with ``prompt_tokens`` / ``completion_tokens`` (e.g. scheduling.ResponseInfo);
+        the estimate charged at dispatch is corrected by the real counts.
+        """
+        if ticket.released:
+            return
+        ticket.released = True
+        self._in_flight -= 1
+        prompt = getattr(info, "prompt_tokens", None)
+        completion = getattr(info, "completion_tokens", None) or 0
+        self.account(ticket, prompt, completion)
+        self._wake.set()
+
+    def account(self, ticket: Ticket, prompt_tokens: int | None, completion_tokens: int) -> None:
+        """Correct the dispatch-time estimate with real token counts (VTC accounting)."""
+        extra_in = 0 if prompt_tokens is None else prompt_tokens - ticket.est_tokens
+        band = self._bands.get(ticket.priority)
+        if band is not None:
+            band.policy.charge(ticket.fairness_id, extra_in, completion_tokens)
+        served = extra_in + completion_tokens
+        if served > 0:
+            self.metrics.served_tokens.labels(ticket.fairness_id, str(ticket.priority)).inc(served)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet released."""
+        return self._in_flight
+
+    def queued(self, priority: int | None = None) -> int:
+        """Requests waiting (in one band or all)."""
+        if priority is not None:
+            b = self._bands.get(priority)
+            return 0 if b is None else b.count
+        return sum(b.count for b in self._bands.values())
+
+    def pump(self) -> int:
+        """Expire overdue items, then dispatch while there is capacity. Returns how many dispatched."""
+        now = self.clock()
+        self._expire(now)
+        budget = self._capacity(now)
+        n = 0
+        while budget > 0:
+            item = self._pop_next()
+            if item is None:
+                break
+            item.future.set_result(
+                self._dispatched(
+                    item.fairness_id, item.priority, item.est_tokens, item.enqueued_at, now, True
+                )
+            )
+            self.metrics.wait.labels(item.fairness_id, str(item.priority), "dispatched").observe(
+                now - item.enqueued_at
+            )
+            budget -= 1
+            n += 1
+        return n
+
+    def next_expiry(self) -> float:
+        """Earliest expiry among queued items (inf when none)."""
+        best = math.inf
+        for b in self._bands.values():
+            for fq in b.flows.values():
+                if fq:
+                    best = min(best, min(i.expires_at for i in fq))
+        return best
+
+    async def start(self) -> None:
+        """Start the dispatcher task (wakes on enqueue, release, and every poll interval)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="flowcontrol-dispatcher")
+
+    async def stop(self) -> None:
+        """Stop the dispatcher and answer every queued request 503."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for band in self._bands.values():
+            for fq in band.flows.values():
+                while fq:
+                    item = fq.popleft()
+                    if not item.future.done():
+                        item.future.set_exception(GatewayError(503, "gateway shutting down", "shutdown"))
+            band.count = band.bytes = 0
+            band.flow_bytes.clear()
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            self.pump()
+            timeout = self.config.poll_interval_s
+            if self.queued() == 0:
+                timeout = 1.0  # nothing waits: only enqueue/release matter, they set the event
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _band(self, prio: int) -> _Band:
+        band = self._bands.get(prio)
+        if band is None:
+            bc = self.config.band(prio)
+            policy_name = bc.policy or self.config.default_policy
+            policy: Policy = (
+                RoundRobin()
+                if policy_name == "round-robin"
+                else VirtualTokenCounter(self.config.vtc_input_weight, self.config.vtc_output_weight)
+            )
+            band = self._bands[prio] = _Band(prio, bc.max_requests, bc.max_bytes, policy)
+            self._order = sorted(self._bands, reverse=True)
+        return band
+
+    def _queued_at_or_above(self, prio: int) -> bool:
+        for p in self._order:
+            if p < prio:
+                return False
+            if self._bands[p].count:
+                return True
+        return False
+
+    def _capacity(self, now: float) -> int:
+        extra = self.config.dispatch_headroom
+        cap = sum(self.detector.headroom(ep, now, extra) for ep in self.datastore.endpoints())
+        if self.config.max_in_flight is not None:
+            cap = min(cap, self.config.max_in_flight - self._in_flight)
+        return cap
+
+    def _dispatched(self, flow: str, prio: int, tokens: int, enq: float, now: float, queued: bool) -> Ticket:
+        self._in_flight += 1
+        # Charge the estimate now so long prompts count before their response completes.
+        self._band(prio).policy.charge(flow, tokens, 0)
+        self.metrics.served_tokens.labels(flow, str(prio)).inc(tokens)
+        return Ticket(flow, prio, tokens, enq, now, queued)
+
+    def _pop_next(self) -> _Item | None:
+        for p in self._order:
+            band = self._bands[p]
+            if not band.count:
+                continue
+            flow = band.policy.next()
+            if flow is None:
+                continue
+            fq = band.flows[flow]
+            item = fq.popleft()
+            self._account_removed(band, item)
+            return item
+        return None
+
+    def _account_removed(self, band: _Band, item: _Item) -> None:
+        band.count -= 1
+        band.bytes -= item.size_bytes
+        flow = item.fairness_id
+        left = band.flow_bytes[flow] - item.size_bytes
+        fq = band.flows[flow]
+        if not fq:
+            band.policy.deactivate(flow)
+            del band.flows[flow]
+            del band.flow_bytes[flow]
+        else:
+            band.flow_bytes[flow] = left
+        self._gauges(band, flow)
+
+    def _remove(self, band: _Band, item: _Item) -> None:
+        fq = band.flows.get(item.fairness_id)
+        if fq is None:
+            return
+        with contextlib.suppress(ValueError):
+            fq.remove(item)
+            self._account_removed(band, item)
+
+    def _expire(self, now: float) -> None:
+        for band in self._bands.values():
+            if not band.count:
+                continue
+            for flow in list(band.flows):
+                fq = band.flows[flow]
+                # FCFS with one TTL: heads expire first; a shorter per-request deadline may sit deeper.
+                for item in [i for i in fq if i.expires_at <= now]:
+                    fq.remove(item)
+                    self._account_removed(band, item)
+                    self.metrics.rejected.labels(str(band.priority), "expired").inc()
+                    self.metrics.wait.labels(flow, str(band.priority), "expired").observe(
+                        now - item.enqueued_at
+                    )
+                    if not item.future.done():
+                        item.future.set_exception(
+                            GatewayError(503, f"flow control: {item.expiry_reason}", "queue_ttl_expired")
+                        )
+
+    def _gauges(self, band: _Band, flow: str) -> None:
+        fq = band.flows.get(flow)
+        self.metrics.queue_size.labels(flow, str(band.priority)).set(0 if fq is None else len(fq))
+        self.metrics.queue_bytes.labels(flow, str(band.priority)).set(band.flow_bytes.get(flow, 0))
