@@ -126,7 +126,7 @@ class ProxyConfig(_Model):
 
 
 class DataplaneConfig(_Model):
-    type: Literal["builtin", "envoy"] = "envoy"
+    type: Literal["builtin", "envoy", "extproc"] = "envoy"
     failure_mode: Literal["FailOpen", "FailClose"] = "FailClose"
     options: dict[str, Any] = Field(default_factory=dict)
     """Data-plane specific settings (see docs/envoy.md)."""

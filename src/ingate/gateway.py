@@ -6,29 +6,12 @@ Data planes (built-in proxy, Envoy) take a started `Gateway` and serve its direc
 from __future__ import annotations
 
 from ingate.config import GatewayConfig
-from ingate.datastore import Datastore, Endpoint
+from ingate.datastore import Datastore
 from ingate.director import Director, FlowControl
+from ingate.discovery import endpoints_from_config
 from ingate.metrics.scraper import MetricsScraper
 from ingate.scheduling.scheduler import build_scheduler
 from ingate.telemetry import Telemetry
-
-
-def endpoints_from_config(cfg: GatewayConfig) -> list[Endpoint]:
-    """The static endpoint source: the pool's endpoints as listed in YAML."""
-    out = []
-    for i, e in enumerate(cfg.pool.endpoints):
-        host, port = e.split()
-        out.append(
-            Endpoint(
-                name=e.name or f"{cfg.pool.name}-{i}",
-                host=host,
-                port=port,
-                engine=e.engine or cfg.pool.engine,
-                labels=dict(e.labels),
-                weight=e.weight,
-            )
-        )
-    return out
 
 
 class Gateway:

@@ -14,7 +14,6 @@ import click
 
 from ingate.config import ConfigError, GatewayConfig, load_config
 from ingate.gateway import Gateway
-from ingate.scheduling.framework import ResponseInfo
 
 
 class DataPlane(Protocol):
@@ -30,15 +29,16 @@ _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 
 def make_dataplane(gateway: Gateway, kind: str, port: int | None = None) -> DataPlane:
-    """Build the data plane `kind` ("envoy" or "builtin") around a gateway's director."""
+    """Build the data plane `kind` ("envoy", "builtin" or "extproc") around a gateway's director."""
     cfg = gateway.config
     listen_port = cfg.listen.port if port is None else port
     if kind == "builtin":
         from ingate.dataplane.proxy import BuiltinProxy
 
         return BuiltinProxy(gateway, cfg.listen.host, listen_port)
+    if kind == "extproc":
+        return ExtProcOnly(gateway, cfg.listen.host, listen_port)
     from ingate.dataplane.envoy import EnvoyDataPlane, EnvoySettings
-    from ingate.dataplane.extproc import ResponseOutcome
 
     allowed = {f.name for f in fields(EnvoySettings)}
     opts: dict[str, Any] = {}
@@ -60,24 +60,40 @@ def make_dataplane(gateway: Gateway, kind: str, port: int | None = None) -> Data
             **opts,
         }
     )
-
-    def info_factory(decision: Any, o: ResponseOutcome) -> ResponseInfo:
-        started = decision.started
-        return ResponseInfo(
-            status=o.status if o.error is None else (o.status if o.status >= 400 else 499),
-            prompt_tokens=o.prompt_tokens,
-            completion_tokens=o.completion_tokens,
-            ttft_s=(o.first_token_at - started) if o.first_token_at is not None else None,
-            e2e_s=o.ended_at - started if o.ended_at else None,
-        )
-
     return EnvoyDataPlane(
         gateway.director,
         settings,
-        info_factory=info_factory,
         pool_addresses=lambda: [ep.address for ep in gateway.datastore.endpoints()],
         fallbacks=0,  # ORIGINAL_DST takes one address; fallbacks need a subset-aware LB (see docs/envoy.md)
     )
+
+
+class ExtProcOnly:
+    """The picker alone as an ext_proc gRPC server, for an Envoy run by someone else.
+
+    This is how ingate runs in a cluster: Envoy Gateway, Istio, kgateway or GKE own the proxy and call
+    the picker named by the InferencePool's endpointPickerRef.
+    """
+
+    def __init__(self, gateway: Gateway, host: str, port: int) -> None:
+        from ingate.dataplane.extproc import ExtProcServer, ExtProcServicer, first_of
+
+        svc = ExtProcServicer(
+            gateway.director,
+            max_body_bytes=gateway.config.proxy.max_body_bytes,
+            any_endpoint=first_of(lambda: [ep.address for ep in gateway.datastore.endpoints()]),
+        )
+        self.server = ExtProcServer(svc, host=host, port=port)
+
+    @property
+    def url(self) -> str:
+        return f"grpc://{self.server.host}:{self.server.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop(1.0)
 
 
 async def run_gateway(cfg: GatewayConfig, kind: str, port: int | None, stop: asyncio.Event) -> None:
@@ -108,7 +124,7 @@ async def run_gateway(cfg: GatewayConfig, kind: str, port: int | None, stop: asy
 )
 @click.option(
     "--proxy",
-    type=click.Choice(["envoy", "builtin"]),
+    type=click.Choice(["envoy", "builtin", "extproc"]),
     default=None,
     help="Data plane (default: the config's dataplane.type, envoy).",
 )
