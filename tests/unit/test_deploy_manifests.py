@@ -159,3 +159,16 @@ def test_routes_point_at_the_pool_and_the_pool_at_the_picker_service() -> None:
         assert port["targetPort"] in container_ports
     for obj in by_kind["InferenceObjective"]:
         assert obj["spec"]["poolRef"]["name"] in pools
+
+
+def test_picker_configmap_is_a_valid_gateway_config() -> None:
+    import yaml
+
+    from ingate.config import parse_config
+
+    docs = list(
+        yaml.safe_load_all((Path(__file__).resolve().parents[2] / "deploy/examples/picker.yaml").read_text())
+    )
+    cm = next(d for d in docs if d and d.get("kind") == "ConfigMap")
+    cfg = parse_config(yaml.safe_load(cm["data"]["config.yaml"]), "picker ConfigMap")
+    assert cfg.dataplane.type == "extproc" and cfg.listen.port == 9002
