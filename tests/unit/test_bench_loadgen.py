@@ -172,3 +172,31 @@ def test_committed_workloads_parse_and_generate() -> None:
         assert set(wl.systems) <= {"ingate", "round-robin", "least-request"}, p
         bodies = [RequestStream(wl).next().body for _ in range(3)]
         assert all(b["max_tokens"] >= 1 for b in bodies), p
+
+
+def test_headline_compares_at_round_robin_saturation() -> None:
+    from ingate.bench.report import headline, headline_markdown
+
+    def stage(rate: float, att: float, p99: float, good: float) -> dict[str, object]:
+        return {"rate": rate, "summary": {"slo_attainment": att, "ttft_p99": p99, "goodput_rps": good}}
+
+    res = {
+        "workload": {"name": "w"},
+        "systems": [
+            {
+                "name": "ingate",
+                "stages": [stage(1, 1.0, 0.2, 1.0), stage(2, 1.0, 0.3, 2.0), stage(3, 0.9, 1, 2.5)],
+            },
+            {
+                "name": "round-robin",
+                "stages": [stage(1, 1.0, 0.5, 1.0), stage(2, 0.5, 3.0, 1.0), stage(3, 0.1, 9, 0.2)],
+            },
+            {"name": "peer", "unavailable": "cannot install"},
+        ],
+    }
+    h = headline(res)
+    assert h is not None and h["rate"] == 2
+    assert h["ttft_p99_reduction"] == pytest.approx(0.9)
+    assert h["goodput_gain"] == pytest.approx(1.0)
+    md = headline_markdown([res])
+    assert "| w | 2 | round-robin |" in md and "| w | - | peer | not run |" in md

@@ -9,7 +9,7 @@ import click
 import orjson
 from rich.console import Console
 
-from ingate.bench.report import markdown_table, plot, print_table
+from ingate.bench.report import headline_markdown, markdown_table, plot, print_table
 from ingate.bench.runner import run_workload
 from ingate.bench.workload import load_workload
 
@@ -46,7 +46,7 @@ def _report(paths: list[Path], png: Path, md: Path | None, console: Console) -> 
     print_table(results, console)
     console.print(f"plot: {plot(results, png)}")
     if md is not None:
-        md.write_text(markdown_table(results))
+        md.write_text(headline_markdown(results) + "\n" + markdown_table(results))
         console.print(f"markdown: {md}")
 
 

@@ -176,3 +176,72 @@ def plot(results: list[dict[str, Any]], out: Path) -> Path:
 def print_table(results: list[dict[str, Any]], console: Console | None = None) -> None:
     """Print the rich table to the console."""
     (console or Console()).print(rich_table(results))
+
+
+def headline(
+    result: dict[str, Any], system: str = "ingate", baseline: str = "round-robin"
+) -> dict[str, Any] | None:
+    """Compare `system` with `baseline` at the load nearest the baseline's saturation: the lowest offered
+    rate at which the baseline met the SLO for fewer than 90% of requests (else the highest rate run).
+    Returns p99 TTFT reduction and goodput gain, or None if either system has no stages."""
+    by_name = {s["name"]: s for s in result["systems"] if s.get("stages")}
+    if system not in by_name or baseline not in by_name:
+        return None
+    base_stages = [st for st in by_name[baseline]["stages"] if st["rate"] is not None]
+    if not base_stages:
+        return None
+    sat = next((st for st in base_stages if st["summary"]["slo_attainment"] < 0.9), base_stages[-1])
+    mine = next((st for st in by_name[system]["stages"] if st["rate"] == sat["rate"]), None)
+    if mine is None:
+        return None
+    b, m = sat["summary"], mine["summary"]
+    out: dict[str, Any] = {"rate": sat["rate"], "baseline": baseline, "system": system}
+    out["ttft_p99"] = (m["ttft_p99"], b["ttft_p99"])
+    out["goodput"] = (m["goodput_rps"], b["goodput_rps"])
+    if m["ttft_p99"] is not None and b["ttft_p99"]:
+        out["ttft_p99_reduction"] = 1 - m["ttft_p99"] / b["ttft_p99"]
+    if b["goodput_rps"] > 0:
+        out["goodput_gain"] = m["goodput_rps"] / b["goodput_rps"] - 1
+    return out
+
+
+def headline_markdown(results: list[dict[str, Any]]) -> str:
+    """Markdown lines: ingate vs each other system at the round-robin saturation point, with verdicts."""
+    lines = [
+        "| workload | rate (req/s) | vs | TTFT p99 ingate / other (s) | p99 TTFT reduction | goodput ingate / other | goodput gain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        rr = headline(res, "ingate", "round-robin")
+        for other in [s["name"] for s in res["systems"] if s["name"] != "ingate"]:
+            h = None if rr is None else _at_rate(res, "ingate", other, rr["rate"])
+            if h is None:
+                lines.append(f"| {res['workload']['name']} | - | {other} | not run | | | |")
+                continue
+            red = h.get("ttft_p99_reduction")
+            gain = h.get("goodput_gain")
+            lines.append(
+                f"| {res['workload']['name']} | {h['rate']:g} | {other} | {_fmt(h['ttft_p99'][0])} / "
+                f"{_fmt(h['ttft_p99'][1])} | {'-' if red is None else f'{red * 100:.0f}%'} | "
+                f"{_fmt(h['goodput'][0])} / {_fmt(h['goodput'][1])} | "
+                f"{'-' if gain is None else f'{gain * 100:+.0f}%'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _at_rate(res: dict[str, Any], system: str, other: str, rate: float) -> dict[str, Any] | None:
+    by_name = {s["name"]: s for s in res["systems"] if s.get("stages")}
+    if system not in by_name or other not in by_name:
+        return None
+    a = next((st for st in by_name[system]["stages"] if st["rate"] == rate), None)
+    b = next((st for st in by_name[other]["stages"] if st["rate"] == rate), None)
+    if a is None or b is None:
+        return None
+    m, o = a["summary"], b["summary"]
+    out: dict[str, Any] = {"rate": rate, "ttft_p99": (m["ttft_p99"], o["ttft_p99"])}
+    out["goodput"] = (m["goodput_rps"], o["goodput_rps"])
+    if m["ttft_p99"] is not None and o["ttft_p99"]:
+        out["ttft_p99_reduction"] = 1 - m["ttft_p99"] / o["ttft_p99"]
+    if o["goodput_rps"] > 0:
+        out["goodput_gain"] = m["goodput_rps"] / o["goodput_rps"] - 1
+    return out
