@@ -55,19 +55,28 @@ class PrefixIndex:
 
     def match(self, hashes: list[int], candidates: list[Endpoint]) -> dict[Endpoint, int]:
         """Leading blocks of `hashes` each candidate has seen."""
+        # Walk the blocks keeping the set of candidates still matching; each step is one C-level set
+        # operation, and an endpoint drops out (with its count fixed) at the first block it lacks.
         matched = dict.fromkeys(candidates, 0)
         owners = self._owners
+        active = set(candidates)
+        i = 0
         for i, h in enumerate(hashes):
             holders = owners.get(h)
             if not holders:
                 break
-            advanced = False
-            for ep in holders:
-                if matched.get(ep) == i:
-                    matched[ep] = i + 1
-                    advanced = True
-            if not advanced:
-                break
+            if holders.issuperset(active):
+                continue
+            still = active & holders
+            for ep in active - still:
+                matched[ep] = i
+            active = still
+            if not active:
+                return matched
+        else:
+            i = len(hashes)
+        for ep in active:
+            matched[ep] = i
         return matched
 
     def record(self, ep: Endpoint, hashes: list[int], capacity: int) -> None:
