@@ -117,10 +117,15 @@ class VirtualTokenCounter:
         self._active.discard(flow)
         if not self._active:
             self._heap.clear()
-        if len(self.counters) > 4 * max(16, len(self._active)):
-            # Forget idle flows at or below the floor: lifting would give them the same counter anyway.
-            self.counters = {f: c for f, c in self.counters.items() if f in self._active or c > self._vtime}
 
     def charge(self, flow: str, input_tokens: float, output_tokens: float) -> None:
-        if flow in self.counters:
-            self.counters[flow] += self.input_weight * input_tokens + self.output_weight * output_tokens
+        # Flows served without queueing are charged too; an unknown flow starts at the band's floor.
+        c = self.counters.get(flow)
+        if c is None:
+            if len(self.counters) > 4 * max(256, len(self._active)):
+                # Forget idle flows at or below the floor: lifting would give them that counter anyway.
+                self.counters = {
+                    f: v for f, v in self.counters.items() if f in self._active or v > self._vtime
+                }
+            c = self._vtime
+        self.counters[flow] = c + self.input_weight * input_tokens + self.output_weight * output_tokens

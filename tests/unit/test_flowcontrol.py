@@ -1,0 +1,407 @@
+"""Flow control policies, capacity, expiry, cancellation and shedding, driven by a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ingate.datastore import Datastore, Endpoint
+from ingate.errors import GatewayError
+from ingate.flowcontrol import FlowControlConfig, FlowController, SaturationDetector, Ticket, jain_index
+from ingate.flowcontrol.config import BandConfig, SaturationConfig
+from ingate.flowcontrol.fairness import RoundRobin, VirtualTokenCounter
+from ingate.flowcontrol.metrics import FlowControlMetrics
+from ingate.request import InferenceRequest
+
+
+class Clock:
+    """Virtual monotonic clock."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def req(flow: str = "a", prio: int = 0, prompt: str = "hello world", rid: str = "r") -> InferenceRequest:
+    return InferenceRequest(
+        request_id=rid,
+        path="/v1/completions",
+        model="m",
+        prompt_text=prompt,
+        stream=False,
+        max_tokens=None,
+        body={},
+        raw_body=prompt.encode(),
+        headers={},
+        priority=prio,
+        fairness_id=flow,
+    )
+
+
+def pool(clock: Clock, n: int = 1, waiting: int = 0, kv: float = 0.0) -> Datastore:
+    ds = Datastore([Endpoint(f"e{i}", "127.0.0.1", 8000 + i) for i in range(n)])
+    for ep in ds.endpoints():
+        set_metrics(ep, clock, waiting, kv)
+    return ds
+
+
+def set_metrics(ep: Endpoint, clock: Clock, waiting: int, kv: float = 0.0) -> None:
+    ep.metrics.waiting = waiting
+    ep.metrics.kv_usage = kv
+    ep.metrics.updated_at = clock.t
+
+
+def controller(clock: Clock, ds: Datastore, **kw: object) -> FlowController:
+    return FlowController(
+        FlowControlConfig.model_validate(kw), ds, clock=clock, metrics=FlowControlMetrics(CollectorRegistry())
+    )
+
+
+async def enqueue(fc: FlowController, r: InferenceRequest, **kw: object) -> asyncio.Task[Ticket]:
+    t = asyncio.create_task(fc.admit(r, **kw))  # type: ignore[arg-type]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not t.done(), "expected the request to be queued"
+    return t
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+# ---- saturation -------------------------------------------------------------------------------------
+
+
+def test_saturation_formula_and_staleness() -> None:
+    clock = Clock()
+    det = SaturationDetector(SaturationConfig())
+    ep = Endpoint("e", "127.0.0.1", 1)
+    assert det.saturation(ep, clock.t) == math.inf  # never scraped
+    set_metrics(ep, clock, waiting=2, kv=0.6)
+    assert det.saturation(ep, clock.t) == pytest.approx(0.75)  # max(2/5, 0.6/0.8)
+    set_metrics(ep, clock, waiting=4, kv=0.1)
+    assert det.saturation(ep, clock.t) == pytest.approx(0.8)
+    clock.t += 0.25  # older than 0.2 s
+    assert det.saturation(ep, clock.t) == math.inf
+    assert det.pool_saturated([ep], clock.t)
+
+
+def test_pool_saturated_only_when_no_endpoint_below_one() -> None:
+    clock = Clock()
+    ds = pool(clock, n=2, waiting=5)
+    det = SaturationDetector(SaturationConfig())
+    assert det.pool_saturated(ds.endpoints(), clock.t)
+    set_metrics(ds.endpoints()[1], clock, waiting=1)
+    assert not det.pool_saturated(ds.endpoints(), clock.t)
+
+
+def test_requests_sent_since_scrape_count_as_waiting() -> None:
+    clock = Clock()
+    det = SaturationDetector(SaturationConfig())
+    ep = Endpoint("e", "127.0.0.1", 1)
+    set_metrics(ep, clock, waiting=0)
+    assert det.saturation(ep, clock.t) == 0.0
+    ep.in_flight += 5  # the gateway sent 5 more before the next scrape
+    assert det.saturation(ep, clock.t) == pytest.approx(1.0)
+    clock.t += 0.01
+    set_metrics(ep, clock, waiting=0)  # new scrape: they are in the server's own numbers now
+    assert det.saturation(ep, clock.t) == 0.0
+
+
+# ---- Jain's index -----------------------------------------------------------------------------------
+
+
+def test_jain_index() -> None:
+    assert jain_index([5, 5, 5]) == pytest.approx(1.0)
+    assert jain_index([1, 0, 0, 0]) == pytest.approx(0.25)
+    assert jain_index([1, 3]) == pytest.approx(16 / 20)
+    assert jain_index([]) == 1.0
+
+
+# ---- policies in isolation --------------------------------------------------------------------------
+
+
+def test_round_robin_cycles_backlogged_flows() -> None:
+    rr = RoundRobin()
+    for f in "abc":
+        rr.activate(f)
+    assert [rr.next() for _ in range(6)] == list("abcabc")
+    rr.deactivate("b")
+    assert [rr.next() for _ in range(4)] == list("acac")
+
+
+def test_vtc_lifts_returning_flow_to_minimum() -> None:
+    vtc = VirtualTokenCounter(1, 2)
+    vtc.activate("a")
+    vtc.charge("a", 1000, 0)
+    vtc.activate("b")  # new flow starts at a's counter, not at 0
+    assert vtc.counters["b"] == 1000
+    vtc.charge("a", 10, 5)
+    assert vtc.counters["a"] == 1020
+    assert vtc.next() == "b"
+
+
+# ---- controller -------------------------------------------------------------------------------------
+
+
+async def test_admits_at_once_when_not_saturated() -> None:
+    clock = Clock()
+    fc = controller(clock, pool(clock))
+    t = await fc.admit(req())
+    assert not t.queued and fc.in_flight == 1
+    fc.release(t)
+    fc.release(t)  # exactly once
+    assert fc.in_flight == 0
+
+
+async def test_strict_priority_between_bands() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=5)
+    fc = controller(clock, ds)
+    low = await enqueue(fc, req("a", prio=0))
+    high = await enqueue(fc, req("b", prio=10))
+    set_metrics(ds.endpoints()[0], clock, waiting=4)  # room for exactly one
+    assert fc.pump() == 1
+    await settle()
+    assert high.done() and not low.done()
+    set_metrics(ds.endpoints()[0], clock, waiting=4)
+    clock.t += 0.01
+    fc.pump()
+    await settle()
+    assert low.done()
+
+
+async def test_higher_band_waits_behind_nothing_but_lower_band_waits_behind_higher() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=5)
+    fc = controller(clock, ds)
+    await enqueue(fc, req("a", prio=5))
+    set_metrics(ds.endpoints()[0], clock, waiting=0)
+    # Capacity is back but a priority-5 request waits: a priority-0 request must queue behind it,
+    # a priority-9 request may go at once.
+    await enqueue(fc, req("b", prio=0))
+    t = await fc.admit(req("c", prio=9))
+    assert not t.queued
+
+
+async def dispatch_one_by_one(
+    fc: FlowController, ds: Datastore, clock: Clock, tasks: list[tuple[str, asyncio.Task[Ticket]]]
+) -> list[str]:
+    order: list[str] = []
+    pending = list(tasks)
+    for _ in range(len(tasks)):
+        clock.t += 0.01
+        set_metrics(ds.endpoints()[0], clock, waiting=4)  # headroom 1
+        assert fc.pump() == 1
+        await settle()
+        done = [p for p in pending if p[1].done()]
+        assert len(done) == 1
+        order.append(done[0][0])
+        pending.remove(done[0])
+        done[0][1].result()
+    return order
+
+
+async def test_round_robin_across_flows_fcfs_within_flow() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=5)
+    fc = controller(clock, ds, default_policy="round-robin")
+    tasks = []
+    for name in ["a1", "a2", "a3", "b1", "b2", "c1"]:
+        tasks.append((name, await enqueue(fc, req(name[0], rid=name))))
+    order = await dispatch_one_by_one(fc, ds, clock, tasks)
+    assert order == ["a1", "b1", "c1", "a2", "b2", "a3"]
+
+
+async def test_vtc_long_prompts_do_not_starve_others() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=5)
+    fc = controller(clock, ds, default_policy="vtc")
+    tasks = []
+    for i in range(10):
+        tasks.append(("long", await enqueue(fc, req("long", prompt="x" * 4000, rid=f"l{i}"))))
+        tasks.append(("short", await enqueue(fc, req("short", prompt="x" * 400, rid=f"s{i}"))))
+    order = await dispatch_one_by_one(fc, ds, clock, tasks)
+    # 1000-token vs 100-token prompts: after the first long one, ~10 short ones go per long one.
+    served = {"long": 0, "short": 0}
+    for name in order[:12]:
+        served[name] += 1000 if name == "long" else 100
+    assert order[:12].count("short") >= 9
+    assert jain_index(served.values()) > 0.8
+
+
+async def test_vtc_release_corrects_estimate_with_output_weight() -> None:
+    clock = Clock()
+    fc = controller(clock, pool(clock), vtc_input_weight=1, vtc_output_weight=2)
+    t = await fc.admit(req("a", prompt="x" * 400))  # estimate 100 tokens
+    band = fc._bands[0]
+    assert isinstance(band.policy, VirtualTokenCounter)
+    assert band.policy.counters["a"] == 100
+
+    class Info:
+        prompt_tokens = 120
+        completion_tokens = 50
+
+    fc.release(t, Info())
+    assert band.policy.counters["a"] == 120 + 2 * 50
+
+
+async def test_band_capacity_requests_and_bytes_429() -> None:
+    clock = Clock()
+    fc = controller(
+        clock, pool(clock, waiting=5), bands=[BandConfig(priority=0, max_requests=2, max_bytes=100)]
+    )
+    await enqueue(fc, req("a"), size_bytes=50)
+    with pytest.raises(GatewayError) as e:
+        await asyncio.wait_for(fc.admit(req("b"), size_bytes=60), 2.0)  # 110 bytes > 100
+    assert e.value.status == 429 and e.value.retry_after is not None
+    await enqueue(fc, req("b"), size_bytes=50)
+    with pytest.raises(GatewayError) as e:
+        await asyncio.wait_for(fc.admit(req("c"), size_bytes=0), 2.0)  # 3 requests > 2
+    assert e.value.status == 429 and "priority 0" in e.value.message
+    await enqueue(fc, req("c", prio=1))  # other bands are independent
+    await fc.stop()
+
+
+async def test_flow_capacity_429() -> None:
+    clock = Clock()
+    fc = controller(clock, pool(clock, waiting=5), flow_max_requests=1, flow_max_bytes=100)
+    await enqueue(fc, req("a"))
+    with pytest.raises(GatewayError) as e:
+        await asyncio.wait_for(fc.admit(req("a")), 2.0)
+    assert e.value.status == 429 and "queue full" in e.value.message
+    with pytest.raises(GatewayError) as e:
+        await asyncio.wait_for(fc.admit(req("b"), size_bytes=101), 2.0)
+    assert e.value.status == 429
+    await enqueue(fc, req("b"))  # another flow still has room
+    await fc.stop()
+
+
+async def test_ttl_expiry_503_with_message_and_deadline() -> None:
+    clock = Clock()
+    fc = controller(clock, pool(clock, waiting=5), queue_ttl_s=30)
+    ttl = await enqueue(fc, req("a"))
+    dl = await enqueue(fc, req("b"), deadline=clock.t + 5)
+    clock.t += 6
+    fc.pump()
+    await settle()
+    with pytest.raises(GatewayError) as e:
+        dl.result()
+    assert e.value.status == 503 and "deadline" in e.value.message
+    assert not ttl.done()
+    clock.t += 25
+    fc.pump()
+    await settle()
+    with pytest.raises(GatewayError) as e:
+        ttl.result()
+    assert e.value.status == 503 and "queue TTL" in e.value.message
+    assert fc.queued() == 0
+
+
+async def test_cancellation_removes_item() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=5)
+    fc = controller(clock, ds)
+    t1 = await enqueue(fc, req("a", rid="1"))
+    t2 = await enqueue(fc, req("a", rid="2"))
+    assert fc.queued() == 2
+    t1.cancel()
+    await settle()
+    assert fc.queued() == 1
+    set_metrics(ds.endpoints()[0], clock, waiting=4)
+    assert fc.pump() == 1
+    await settle()
+    assert t2.done() and fc.in_flight == 1
+    assert fc.queued() == 0 and not fc._bands[0].flows  # no leftover flow state
+
+
+async def test_sheddable_rejected_when_saturated_admitted_when_not() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=5)
+    fc = controller(clock, ds)
+    with pytest.raises(GatewayError) as e:
+        await fc.admit(req("a", prio=-1))
+    assert e.value.status == 429 and e.value.retry_after is not None
+    set_metrics(ds.endpoints()[0], clock, waiting=1)
+    t = await fc.admit(req("a", prio=-1))
+    assert not t.queued
+
+
+async def test_stale_metrics_count_as_saturated() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=0)
+    fc = controller(clock, ds)
+    clock.t += 1.0  # no scrape for a second
+    with pytest.raises(GatewayError) as e:
+        await fc.admit(req("a", prio=-1))
+    assert e.value.status == 429
+    queued = await enqueue(fc, req("a", prio=0))
+    set_metrics(ds.endpoints()[0], clock, waiting=0)
+    fc.pump()
+    await settle()
+    assert queued.done()
+
+
+async def test_dispatch_does_not_exceed_headroom_between_scrapes() -> None:
+    clock = Clock()
+    ds = pool(clock, n=2, waiting=5)
+    fc = controller(clock, ds)
+    tasks = [await enqueue(fc, req(str(i % 3))) for i in range(20)]
+    set_metrics(ds.endpoints()[0], clock, waiting=2)  # 3 free
+    set_metrics(ds.endpoints()[1], clock, waiting=4)  # 1 free
+    assert fc.pump() == 4
+    await settle()
+    assert sum(t.done() for t in tasks) == 4
+    # The director routes them (in_flight grows); without a new scrape there is no more room.
+    ds.endpoints()[0].in_flight += 3
+    ds.endpoints()[1].in_flight += 1
+    assert fc.pump() == 0
+    await fc.stop()
+    await settle()
+    assert all(t.done() for t in tasks)
+
+
+async def test_dispatcher_task_wakes_on_metrics_change() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=5)
+    fc = FlowController(
+        FlowControlConfig(poll_interval_s=0.01),
+        ds,
+        clock=clock,
+        metrics=FlowControlMetrics(CollectorRegistry()),
+    )
+    await fc.start()
+    try:
+        t = asyncio.create_task(fc.admit(req()))
+        await asyncio.sleep(0.03)
+        assert not t.done()
+        set_metrics(ds.endpoints()[0], clock, waiting=0)
+        ticket = await asyncio.wait_for(t, 2.0)
+        assert ticket.queued
+    finally:
+        await fc.stop()
+
+
+async def test_metrics_queue_size_and_rejections() -> None:
+    clock = Clock()
+    reg = CollectorRegistry()
+    fc = FlowController(
+        FlowControlConfig(), pool(clock, waiting=5), clock=clock, metrics=FlowControlMetrics(reg)
+    )
+    await enqueue(fc, req("a", prio=3))
+    size = reg.get_sample_value(
+        "inference_extension_flow_control_queue_size", {"fairness_id": "a", "priority": "3"}
+    )
+    assert size == 1
+    with pytest.raises(GatewayError):
+        await fc.admit(req("s", prio=-2))
+    assert (
+        reg.get_sample_value("ingate_flow_control_rejected_total", {"priority": "-2", "reason": "shed"}) == 1
+    )
+    await fc.stop()
