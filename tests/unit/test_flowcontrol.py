@@ -134,6 +134,11 @@ def test_round_robin_cycles_backlogged_flows() -> None:
     assert [rr.next() for _ in range(6)] == list("abcabc")
     rr.deactivate("b")
     assert [rr.next() for _ in range(4)] == list("acac")
+    # A flow that drains and comes back at once still gets one turn per round, never two.
+    rr.deactivate("a")
+    rr.activate("a")
+    rr.activate("b")
+    assert [rr.next() for _ in range(6)] == list("acbacb")
 
 
 def test_vtc_lifts_returning_flow_to_minimum() -> None:

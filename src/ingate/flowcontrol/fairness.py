@@ -40,11 +40,15 @@ class RoundRobin:
 
     def __init__(self) -> None:
         self._ring: deque[str] = deque()
+        self._in_ring: set[str] = set()
         self._active: set[str] = set()
 
     def activate(self, flow: str) -> None:
-        if flow not in self._active:
-            self._active.add(flow)
+        self._active.add(flow)
+        if flow not in self._in_ring:
+            # A flow that went idle and came back before its old ring slot was reaped keeps that slot,
+            # so it never holds two turns per round.
+            self._in_ring.add(flow)
             self._ring.append(flow)
 
     def next(self) -> str | None:
@@ -54,6 +58,7 @@ class RoundRobin:
             if flow in self._active:
                 return flow
             self._ring.pop()  # inactive: it was rotated to the end; drop it
+            self._in_ring.discard(flow)
         return None
 
     def deactivate(self, flow: str) -> None:
