@@ -10,7 +10,14 @@ from prometheus_client import CollectorRegistry
 
 from ingate.datastore import Datastore, Endpoint
 from ingate.errors import GatewayError
-from ingate.flowcontrol import FlowControlConfig, FlowController, SaturationDetector, Ticket, jain_index
+from ingate.flowcontrol import (
+    FlowControlConfig,
+    FlowController,
+    SaturationDetector,
+    Ticket,
+    build_flow_controller,
+    jain_index,
+)
 from ingate.flowcontrol.config import BandConfig, SaturationConfig
 from ingate.flowcontrol.fairness import RoundRobin, VirtualTokenCounter
 from ingate.flowcontrol.metrics import FlowControlMetrics
@@ -410,3 +417,19 @@ async def test_metrics_queue_size_and_rejections() -> None:
         reg.get_sample_value("ingate_flow_control_rejected_total", {"priority": "-2", "reason": "shed"}) == 1
     )
     await fc.stop()
+
+
+def test_build_from_yaml_mapping() -> None:
+    ds = Datastore([Endpoint("e", "127.0.0.1", 1)])
+    assert build_flow_controller(None, ds) is None
+    assert build_flow_controller({"enabled": False}, ds) is None
+    fc = build_flow_controller(
+        {"queueTtlS": 5, "defaultPolicy": "round-robin", "bands": [{"priority": 1, "maxRequests": 3}]},
+        ds,
+        CollectorRegistry(),
+    )
+    assert fc is not None and fc.config.queue_ttl_s == 5 and fc.config.band(1).max_requests == 3
+    with pytest.raises(ValueError, match=r"queueTtlS|queue_ttl_s"):
+        build_flow_controller({"queueTtlS": -1}, ds, CollectorRegistry())
+    with pytest.raises(ValueError, match="bogus"):
+        build_flow_controller({"bogus": 1}, ds, CollectorRegistry())

@@ -4,6 +4,7 @@ The director calls :meth:`FlowController.admit` between objective resolution and
 :meth:`FlowController.release` once the response is complete. See docs/flow-control.md.
 """
 
+from ingate.flowcontrol.build import build_flow_controller
 from ingate.flowcontrol.config import BandConfig, FlowControlConfig
 from ingate.flowcontrol.controller import FlowController, Ticket
 from ingate.flowcontrol.fairness import jain_index
@@ -15,5 +16,6 @@ __all__ = [
     "FlowController",
     "SaturationDetector",
     "Ticket",
+    "build_flow_controller",
     "jain_index",
 ]
