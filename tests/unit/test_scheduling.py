@@ -101,6 +101,27 @@ def test_prefix_index_lru_eviction_and_endpoint_removal() -> None:
     assert idx.match([2], [a])[a] == 0 and idx.size(a) == 0
 
 
+def test_prefix_index_counts_leading_blocks_per_endpoint() -> None:
+    a, b, c = ep(0), ep(1), ep(2)
+    idx = PrefixIndex(capacity=100)
+    idx.record(a, [1, 2, 3, 4], 100)
+    idx.record(b, [1, 2], 100)
+    idx.record(c, [2, 3, 4], 100)  # holds later blocks but not the first: no leading match
+    assert idx.match([1, 2, 3, 4, 5], [a, b, c]) == {a: 4, b: 2, c: 0}
+    assert idx.match([1, 2, 3, 4], [a]) == {a: 4}
+
+
+def test_prefix_index_repeat_record_refreshes_recency() -> None:
+    a = ep(0)
+    idx = PrefixIndex(capacity=3)
+    idx.record(a, [1, 2], 3)
+    idx.record(a, [3], 3)
+    idx.record(a, [1, 2], 3)  # all known: 1 and 2 become most recent, 3 is now the oldest
+    idx.record(a, [4], 3)  # evicts 3
+    assert idx.match([1, 2], [a])[a] == 2
+    assert idx.match([3], [a])[a] == 0
+
+
 def test_max_score_picker_breaks_ties_randomly() -> None:
     eps = [ep(i) for i in range(4)]
     p = MaxScorePicker(rng=random.Random(1))

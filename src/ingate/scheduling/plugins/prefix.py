@@ -12,7 +12,7 @@ endpoints holding that block) for matching: never O(endpoints x blocks) when pre
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import xxhash
@@ -58,25 +58,29 @@ class PrefixIndex:
         # Walk the blocks keeping the set of candidates still matching; each step is one C-level set
         # operation, and an endpoint drops out (with its count fixed) at the first block it lacks.
         matched = dict.fromkeys(candidates, 0)
-        owners = self._owners
+        holders_of = list(map(self._owners.get, hashes))
+        try:
+            n = holders_of.index(None)
+        except ValueError:
+            n = len(hashes)
         active = set(candidates)
-        i = 0
-        for i, h in enumerate(hashes):
-            holders = owners.get(h)
-            if not holders:
-                break
-            if holders.issuperset(active):
+        # Common case, done entirely in C: every remaining candidate holds every known block.
+        if all(map(active.issubset, holders_of[:n])):  # type: ignore[arg-type]
+            for ep in active:
+                matched[ep] = n
+            return matched
+        for i in range(n):
+            holders = holders_of[i]
+            if holders.issuperset(active):  # type: ignore[union-attr]
                 continue
-            still = active & holders
+            still = active & holders  # type: ignore[operator]
             for ep in active - still:
                 matched[ep] = i
             active = still
             if not active:
                 return matched
-        else:
-            i = len(hashes)
         for ep in active:
-            matched[ep] = i
+            matched[ep] = n
         return matched
 
     def record(self, ep: Endpoint, hashes: list[int], capacity: int) -> None:
@@ -84,6 +88,10 @@ class PrefixIndex:
         lru = self._lru.get(ep)
         if lru is None:
             lru = self._lru[ep] = OrderedDict()
+        if all(map(lru.__contains__, hashes)):
+            # Repeat prefix (the common case): refresh recency in C, nothing new to own.
+            deque(map(lru.move_to_end, hashes), maxlen=0)
+            return
         owners = self._owners
         for h in hashes:
             if h in lru:
