@@ -84,6 +84,7 @@ class FlowController:
         self._in_flight = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -235,10 +236,12 @@ class FlowController:
     async def stop(self) -> None:
         """Stop the dispatcher and answer every queued request 503."""
         if self._task is not None:
+            self._stopping = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            self._stopping = False
         for band in self._bands.values():
             for fq in band.flows.values():
                 while fq:
@@ -251,14 +254,16 @@ class FlowController:
     # ---- internals --------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             self.pump()
             timeout = self.config.poll_interval_s
             if self.queued() == 0:
                 timeout = 1.0  # nothing waits: only enqueue/release matter, they set the event
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that races completion.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _band(self, prio: int) -> _Band:
         band = self._bands.get(prio)
