@@ -93,10 +93,10 @@ def test_prefix_index_lru_eviction_and_endpoint_removal() -> None:
     a = ep(0)
     idx = PrefixIndex(capacity=3)
     idx.record(a, [1, 2, 3], 3)
-    idx.record(a, [4], 3)  # evicts 1
+    idx.record(a, [4], 3)  # evicts 3: a prefix is trimmed from its tail, its head stays usable
     assert idx.size(a) == 3
-    assert idx.match([1, 2], [a])[a] == 0
-    assert idx.match([2, 3, 4], [a])[a] == 3
+    assert idx.match([1, 2, 3], [a])[a] == 2
+    assert idx.match([4], [a])[a] == 1
     idx.remove_endpoint(a)
     assert idx.match([2], [a])[a] == 0 and idx.size(a) == 0
 

@@ -12,6 +12,7 @@ endpoints holding that block) for matching: never O(endpoints x blocks) when pre
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -25,15 +26,29 @@ _CTX_KEY = "prefix.hashes"
 _h64 = xxhash.xxh64_intdigest
 
 
+_SPLITTERS: dict[int, re.Pattern[bytes]] = {}
+
+
+def _splitter(block_chars: int) -> re.Pattern[bytes]:
+    pat = _SPLITTERS.get(block_chars)
+    if pat is None:  # compiled once per block size, never per request
+        pat = _SPLITTERS[block_chars] = re.compile(b".{%d}" % block_chars, re.S)
+    return pat
+
+
 def prompt_block_hashes(text: str, model: str, block_chars: int, max_blocks: int) -> list[int]:
-    """Chained xxhash64 of the full `block_chars` blocks of `text` (at most `max_blocks`)."""
-    data = memoryview(text.encode())
-    n = min(len(data) // block_chars, max_blocks)
+    """Chained xxhash64 of the full `block_chars` blocks of `text` (at most `max_blocks`).
+
+    The regex cuts the prompt into blocks in one C call, cheaper than slicing in a Python loop (slicing
+    was over half the hashing cost on 32 KB prompts).
+    """
+    blocks = _splitter(block_chars).findall(text.encode(), 0, block_chars * max_blocks)
     h = _h64(model.encode())
-    out = [0] * n
-    for i in range(n):
-        h = _h64(data[i * block_chars : (i + 1) * block_chars], h)
-        out[i] = h
+    out: list[int] = []
+    append = out.append
+    for b in blocks:
+        h = _h64(b, h)
+        append(h)
     return out
 
 
@@ -54,33 +69,40 @@ class PrefixIndex:
         return self.default_capacity
 
     def match(self, hashes: list[int], candidates: list[Endpoint]) -> dict[Endpoint, int]:
-        """Leading blocks of `hashes` each candidate has seen."""
-        # Walk the blocks keeping the set of candidates still matching; each step is one C-level set
-        # operation, and an endpoint drops out (with its count fixed) at the first block it lacks.
+        """Leading blocks of `hashes` each candidate has seen.
+
+        Because hashes are chained and `record` evicts the tail of a prefix before its head, the
+        endpoints holding block i+1 are (up to rare evictions) a subset of those holding block i. So the
+        block where each candidate drops out is found by binary search: O(drop-out points x log blocks)
+        set checks instead of one per block.
+        """
         matched = dict.fromkeys(candidates, 0)
         holders_of = list(map(self._owners.get, hashes))
         try:
             n = holders_of.index(None)
         except ValueError:
             n = len(hashes)
-        active = set(candidates)
-        # Common case, done entirely in C: every remaining candidate holds every known block.
-        if all(map(active.issubset, holders_of[:n])):  # type: ignore[arg-type]
-            for ep in active:
-                matched[ep] = n
+        if n == 0:
             return matched
-        for i in range(n):
-            holders = holders_of[i]
-            if holders.issuperset(active):  # type: ignore[union-attr]
-                continue
-            still = active & holders  # type: ignore[operator]
+        active = set(candidates).intersection(holders_of[0])  # type: ignore[arg-type]
+        lo = 0  # every active candidate holds blocks 0..lo
+        while active:
+            if active.issubset(holders_of[n - 1]):  # type: ignore[arg-type]
+                for ep in active:
+                    matched[ep] = n
+                break
+            hi = n - 1  # some active candidate lacks block hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if active.issubset(holders_of[mid]):  # type: ignore[arg-type]
+                    lo = mid
+                else:
+                    hi = mid
+            still = active.intersection(holders_of[hi])  # type: ignore[arg-type]
             for ep in active - still:
-                matched[ep] = i
+                matched[ep] = hi
             active = still
-            if not active:
-                return matched
-        for ep in active:
-            matched[ep] = n
+            lo = hi
         return matched
 
     def record(self, ep: Endpoint, hashes: list[int], capacity: int) -> None:
@@ -88,12 +110,15 @@ class PrefixIndex:
         lru = self._lru.get(ep)
         if lru is None:
             lru = self._lru[ep] = OrderedDict()
-        if all(map(lru.__contains__, hashes)):
+        # Walk the prefix backwards so its head ends up most recently used: eviction then trims a
+        # prefix from its tail, like the model server's own cache, and never leaves a headless chain.
+        rev = hashes[::-1]
+        if all(map(lru.__contains__, rev)):
             # Repeat prefix (the common case): refresh recency in C, nothing new to own.
-            deque(map(lru.move_to_end, hashes), maxlen=0)
+            deque(map(lru.move_to_end, rev), maxlen=0)
             return
         owners = self._owners
-        for h in hashes:
+        for h in rev:
             if h in lru:
                 lru.move_to_end(h)
                 continue
