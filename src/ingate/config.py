@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from ingate.flowcontrol.config import FlowControlConfig
 from ingate.scheduling.config import SchedulerConfig
 
 
@@ -142,7 +143,8 @@ class GatewayConfig(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     dataplane: DataplaneConfig = Field(default_factory=DataplaneConfig)
-    flow_control: dict[str, Any] | None = None
+    flow_control: FlowControlConfig | None = None
+    """Fair queuing, priority bands and shedding (docs/flow-control.md); absent = no flow control."""
 
     @model_validator(mode="after")
     def _objectives(self) -> GatewayConfig:

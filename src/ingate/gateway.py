@@ -9,6 +9,8 @@ from ingate.config import GatewayConfig
 from ingate.datastore import Datastore
 from ingate.director import Director, FlowControl
 from ingate.discovery import endpoints_from_config
+from ingate.flowcontrol.controller import FlowController
+from ingate.flowcontrol.metrics import FlowControlMetrics
 from ingate.metrics.scraper import MetricsScraper
 from ingate.scheduling.scheduler import build_scheduler
 from ingate.telemetry import Telemetry
@@ -29,6 +31,13 @@ class Gateway:
             timeout_s=m.timeout_ms / 1000,
             stale_after_s=m.stale_after_ms / 1000,
         )
+        if flow_control is None and cfg.flow_control is not None and cfg.flow_control.enabled:
+            fc = FlowController(
+                cfg.flow_control, self.datastore, metrics=FlowControlMetrics(self.telemetry.registry)
+            )
+            self.datastore.on_remove(lambda ep: fc.detector.forget(ep.address))
+            flow_control = fc
+        self.flow_control = flow_control
         self.director = Director(cfg, self.datastore, self.scheduler, self.telemetry, flow_control)
 
     def ready(self) -> bool:
@@ -37,6 +46,10 @@ class Gateway:
 
     async def start(self) -> None:
         await self.scraper.start()
+        if isinstance(self.flow_control, FlowController):
+            await self.flow_control.start()
 
     async def stop(self) -> None:
+        if isinstance(self.flow_control, FlowController):
+            await self.flow_control.stop()  # answers still-queued requests with 503
         await self.scraper.stop()

@@ -75,3 +75,10 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     top.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(top)
+
+
+def test_flow_control_section_validated_at_parse_time() -> None:
+    cfg = parse_config(_base(flowControl={"queueTtlS": 5}))
+    assert cfg.flow_control is not None and cfg.flow_control.queue_ttl_s == 5
+    with pytest.raises(ConfigError, match=r"flowControl\.queueTtlz|flow_control\.queueTtlz"):
+        parse_config(_base(flowControl={"queueTtlz": 5}))
