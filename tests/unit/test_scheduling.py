@@ -16,7 +16,7 @@ from ingate.scheduling.framework import CycleState, SchedulingResult
 from ingate.scheduling.plugins.load import KVCacheScorer, LeastInFlightScorer, LoadGuardFilter, QueueScorer
 from ingate.scheduling.plugins.lora import LoraAffinityFilter, LoraAffinityScorer
 from ingate.scheduling.plugins.pickers import MaxScorePicker, RoundRobinPicker, WeightedRandomPicker
-from ingate.scheduling.plugins.prefix import PrefixCacheScorer, PrefixIndex, prompt_block_hashes
+from ingate.scheduling.plugins.prefix import PrefixCacheScorer, PrefixHasher, PrefixIndex, prompt_block_hashes
 from ingate.scheduling.scheduler import build_scheduler
 
 
@@ -75,6 +75,25 @@ def test_prefix_hashes_are_chained_and_model_seeded() -> None:
     assert prompt_block_hashes("z" + text[1:], "m", 64, 256)[1] != h[1]  # chained
     assert prompt_block_hashes(text, "other", 64, 256) != h
     assert len(prompt_block_hashes("x" * 64 * 300, "m", 64, 256)) == 256
+
+
+def test_prefix_hasher_reuses_heads_and_matches_reference() -> None:
+    rnd = random.Random(5)
+    system = "".join(rnd.choice("abcdef ") for _ in range(5000))
+    hasher = PrefixHasher(64, 256)
+    texts = [
+        system + "question one",
+        system + "question two, a bit longer than the first one",
+        system[:3000],  # a shorter head of the same prompt
+        system[:2500] + "X" + system[2501:],  # diverges mid-block
+        "".join(rnd.choice("xyz ") for _ in range(20000)),  # longer than the hashed window
+        system + "tail",
+    ]
+    for t in texts:
+        for model in ("m", "other"):
+            assert hasher.hashes(t, model) == prompt_block_hashes(t, model, 64, 256)
+    assert hasher.reused_blocks > 100
+    assert hasher.hashes("short", "m") == []
 
 
 def test_prefix_scorer_prefers_endpoint_that_saw_the_prefix() -> None:

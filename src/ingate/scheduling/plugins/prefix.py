@@ -52,6 +52,69 @@ def prompt_block_hashes(text: str, model: str, block_chars: int, max_blocks: int
     return out
 
 
+class PrefixHasher:
+    """`prompt_block_hashes` that reuses the hashes of a prompt head seen recently.
+
+    Most traffic that benefits from prefix affinity shares long heads (system prompts, documents,
+    conversation history), so re-hashing them block by block is the bulk of the decision's CPU. The
+    hasher remembers, per (model, first block), the bytes and hashes of the latest prompt; a new prompt
+    with the same first block reuses the hashes of the longest common run of whole blocks, found by
+    comparing memoryviews (C memcmp, binary search), and hashes only the rest. Results are identical to
+    `prompt_block_hashes`.
+    """
+
+    def __init__(self, block_chars: int, max_blocks: int, entries: int = 1024) -> None:
+        self.block_chars = block_chars
+        self.max_blocks = max_blocks
+        self.entries = entries
+        self._cache: OrderedDict[tuple[str, bytes], tuple[bytes, list[int]]] = OrderedDict()
+        self.reused_blocks = 0
+
+    def hashes(self, text: str, model: str) -> list[int]:
+        bc = self.block_chars
+        data = text.encode()[: bc * self.max_blocks]
+        nblocks = len(data) // bc
+        if nblocks == 0:
+            return []
+        key = (model, data[:bc])
+        cached = self._cache.get(key)
+        k = 0
+        if cached is not None:
+            old, old_hashes = cached
+            hi = min(nblocks, len(old_hashes))
+            mv, mo = memoryview(data), memoryview(old)
+            if mv[: hi * bc] == mo[: hi * bc]:
+                k = hi
+            else:  # invariant: the first lo blocks match, the first hi do not
+                lo = 1
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if mv[: mid * bc] == mo[: mid * bc]:
+                        lo = mid
+                    else:
+                        hi = mid
+                k = lo
+            self._cache.move_to_end(key)
+        if k:
+            out = old_hashes[:k]
+            h = out[-1]
+            self.reused_blocks += k
+        else:
+            out = []
+            h = _h64(model.encode())
+        if k < nblocks:
+            append = out.append
+            for b in _splitter(bc).findall(data, k * bc, nblocks * bc):
+                h = _h64(b, h)
+                append(h)
+        # Remember the latest prompt, unless it is just a shorter head of the one remembered.
+        if cached is None or not (k == len(out) < len(cached[1])):
+            self._cache[key] = (data, out)
+            if len(self._cache) > self.entries:
+                self._cache.popitem(last=False)
+        return out
+
+
 class PrefixIndex:
     """Which endpoint has seen which block hash, with one LRU of bounded capacity per endpoint."""
 
@@ -159,11 +222,13 @@ class PrefixCacheScorer:
     capacity: int = 31_250
     name: str = "prefix-cache"
     index: PrefixIndex = field(init=False)
+    hasher: PrefixHasher = field(init=False)
 
     def __post_init__(self) -> None:
         if self.block_chars < 1 or self.max_blocks < 1 or self.capacity < 1:
             raise ValueError("blockChars, maxBlocks and capacity must be positive")
         self.index = PrefixIndex(self.capacity)
+        self.hasher = PrefixHasher(self.block_chars, self.max_blocks)
 
     def attach(self, datastore: Datastore) -> None:
         datastore.on_remove(self.index.remove_endpoint)
@@ -171,9 +236,7 @@ class PrefixCacheScorer:
     def _hashes(self, ctx: CycleState, request: InferenceRequest) -> list[int]:
         hashes: list[int] | None = ctx.get(_CTX_KEY)
         if hashes is None:
-            hashes = prompt_block_hashes(
-                request.prompt_text, request.target_model or request.model, self.block_chars, self.max_blocks
-            )
+            hashes = self.hasher.hashes(request.prompt_text, request.target_model or request.model)
             ctx[_CTX_KEY] = hashes
         return hashes
 
