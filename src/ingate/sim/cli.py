@@ -54,7 +54,10 @@ def _csv(value: str) -> list[str]:
 @click.option("--hang-rate", default=0.0, show_default=True, help="Fraction of requests never answered.")
 @click.option("--crash-after", type=int, default=None, help="Each replica stops listening after N requests.")
 @click.option(
-    "--stream-interval-ms", default=0.0, show_default=True, help="Min wall time between SSE writes."
+    "--stream-interval-ms",
+    default=0.0,
+    show_default=True,
+    help="Coalesce mid-stream tokens into SSE writes at most this often (first token and finish are immediate).",
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option(

@@ -48,6 +48,14 @@ class SimRequest:
     finished_at: float | None = None
     preemptions: int = 0
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    notify: Callable[[], None] | None = None
+    """Called instead of setting `event` when set (streaming responses are written by a flusher)."""
+
+    def signal(self) -> None:
+        if self.notify is not None:
+            self.notify()
+        else:
+            self.event.set()
 
     @property
     def done(self) -> bool:
@@ -116,7 +124,7 @@ class Engine:
             self.running.remove(req)
             self._free(req)
         req.state = ABORTED
-        req.event.set()
+        req.signal()
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -297,7 +305,7 @@ class Engine:
             req.last_token_at = now
             if req.generated >= req.max_tokens:
                 finished.append(req)
-            req.event.set()
+            req.signal()
         itl = self.itl_observer
         for req in decode:
             if req.state != RUNNING:
@@ -308,7 +316,7 @@ class Engine:
             req.last_token_at = now
             if req.generated >= req.max_tokens:
                 finished.append(req)
-            req.event.set()
+            req.signal()
         for req in finished:
             self.running.remove(req)
             self._free(req)

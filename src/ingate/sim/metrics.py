@@ -8,10 +8,11 @@ updated when requests finish. Latencies are wall-clock seconds as a client sees 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from ingate.sim.engine import Engine, SimRequest
@@ -26,8 +27,23 @@ _ITL_BUCKETS = (
 )  # fmt: skip
 
 
+class _FastHistogram:
+    """A lock-free histogram for the per-token inter-token latency (tens of thousands of observations
+    per second in one process): prometheus_client's Histogram takes a lock per observation."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.bounds = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1
+        self.sum += v
+
+
 class _EngineGauges(Collector):
     def __init__(self, engine: Engine, labels: dict[str, str], max_loras: int) -> None:
+        self.itl: _FastHistogram | None = None
         self.engine = engine
         self.labels = labels
         self.max_loras = max_loras
@@ -42,8 +58,18 @@ class _EngineGauges(Collector):
         c.add_metric(list(self.labels.values()), value)
         return c
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         e = self.engine
+        if self.itl is not None:
+            h = HistogramMetricFamily(
+                "vllm:inter_token_latency_seconds", "Inter-token latency.", labels=list(self.labels)
+            )
+            cum, buckets = 0, []
+            for bound, c in zip((*self.itl.bounds, float("inf")), self.itl.counts, strict=True):
+                cum += c
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), cum))
+            h.add_metric(list(self.labels.values()), buckets, self.itl.sum)
+            yield h
         yield self._counter(
             "vllm:prefix_cache_queries", "Prompt tokens looked up in the cache.", e.kv.queries
         )
@@ -89,7 +115,8 @@ class SimMetrics:
         self.registry = CollectorRegistry()
         labels = {"model_name": model_name, "engine": "0"}
         self._labels = list(labels.values())
-        self.registry.register(_EngineGauges(engine, labels, max_loras))
+        self._gauges = _EngineGauges(engine, labels, max_loras)
+        self.registry.register(self._gauges)
         names = list(labels)
         r = self.registry
 
@@ -103,7 +130,6 @@ class SimMetrics:
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens.")
         self.success = counter("vllm:request_success", "Finished requests.", ("finished_reason",))
         self.ttft = hist("vllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
-        self.itl = hist("vllm:inter_token_latency_seconds", "Inter-token latency.", _ITL_BUCKETS)
         self.e2e = hist("vllm:e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY_BUCKETS)
         self.queue = hist("vllm:request_queue_time_seconds", "Time spent waiting.", _LATENCY_BUCKETS)
         # Bind label values once: the hot path calls plain .inc()/.observe().
@@ -115,7 +141,9 @@ class SimMetrics:
             self.e2e.labels(*lv),
             self.queue.labels(*lv),
         )
-        engine.itl_observer = self.itl.labels(*lv).observe
+        self.itl = _FastHistogram(_ITL_BUCKETS)
+        engine.itl_observer = self.itl.observe
+        self._gauges.itl = self.itl
 
     def on_finish(self, req: SimRequest) -> None:
         """Record a finished request (called by the engine)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -42,6 +43,22 @@ class ReplicaConfig:
     seed: int = 0
 
 
+@dataclass(eq=False, slots=True)
+class _Stream:
+    """One streaming response, written by the replica's flusher rather than by its own task."""
+
+    req: SimRequest
+    resp: web.StreamResponse
+    head: bytes
+    pre: bytes
+    mid_open: bytes
+    mid_last: bytes
+    include_usage: bool
+    done: asyncio.Future[None]
+    sent: int = 0
+    queued: bool = False
+
+
 def _error(status: int, message: str, code: str) -> web.Response:
     kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "internal_error")
     body = orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
@@ -69,6 +86,12 @@ class Replica:
         self.port = cfg.port
         self._hang = asyncio.Event()  # never set: hung requests wait on it until cancelled
         self._crash_task: asyncio.Task[None] | None = None
+        # Streams with new tokens, written by one flusher task per replica: one wake-up per engine step
+        # instead of one per stream per step (what lets one process host 8 replicas x 64 streams).
+        self._dirty: list[_Stream] = []
+        self._urgent: list[_Stream] = []
+        self._flush = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -85,6 +108,7 @@ class Replica:
 
     async def start(self) -> None:
         self.engine.start()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="sim-flusher")
         # handler_cancellation: a client that disconnects cancels its handler, which aborts the request
         # in the engine and frees its KV blocks, as vLLM does.
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
@@ -101,6 +125,78 @@ class Replica:
             await self._runner.cleanup()
             self._runner = None
         await self.engine.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+
+    def _mark(self, st: _Stream) -> None:
+        # First tokens and finishes go out at once (TTFT and e2e stay exact); later tokens of a running
+        # stream wait for the next regular flush when --stream-interval-ms coalesces them.
+        if st.sent == 0 or st.req.done:
+            self._urgent.append(st)
+        elif not st.queued:
+            st.queued = True
+            self._dirty.append(st)
+        else:
+            return
+        self._flush.set()
+
+    async def _flush_loop(self) -> None:
+        interval = self.cfg.stream_interval_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        next_regular = 0.0
+        while True:
+            now = loop.time()
+            if not self._urgent and (not self._dirty or now < next_regular):
+                self._flush.clear()
+                if self._dirty:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(next_regular - now):
+                            await self._flush.wait()
+                else:
+                    await self._flush.wait()
+                continue
+            batch, self._urgent = self._urgent, []
+            if self._dirty and now >= next_regular:
+                batch += self._dirty
+                self._dirty = []
+                next_regular = now + interval
+            for st in batch:
+                st.queued = False
+                if st.done.done():
+                    continue
+                try:
+                    await self._emit(st)
+                except Exception as e:  # the client went away: its handler finishes and aborts the request
+                    st.done.set_exception(e)
+
+    async def _emit(self, st: _Stream) -> None:
+        req = st.req
+        n = req.generated - st.sent
+        last = req.state == "finished"
+        if n > 0 or last:
+            # Tokens produced since the last write go out in one chunk (coalesced when we fall behind).
+            await st.resp.write(
+                b"data: "
+                + st.pre
+                + orjson.dumps(output_text(st.sent, n))
+                + (st.mid_last if last else st.mid_open)
+            )
+            st.sent += n
+        if not req.done:
+            return
+        if req.state != "finished":
+            await st.resp.write(
+                b'data: {"error":{"message":"request aborted","type":"internal_error","code":"aborted"}}\n\n'
+            )
+        elif st.include_usage:
+            await st.resp.write(
+                b"data: " + st.head + b',"choices":[],"usage":' + orjson.dumps(self._usage(req)) + b"}\n\n"
+            )
+        await st.resp.write(b"data: [DONE]\n\n")
+        st.done.set_result(None)
 
     async def crash(self) -> None:
         """Die like a crashed pod: stop listening, drop every connection, forget in-flight work."""
@@ -288,31 +384,18 @@ class Replica:
                 b',"logprobs":null,"finish_reason":null}]}\n\n',
                 b',"logprobs":null,"finish_reason":"length"}]}\n\n',
             )
-        interval = self.cfg.stream_interval_ms / 1000.0
-        sent = 0
-        while True:
-            await req.event.wait()
-            req.event.clear()
-            n = req.generated - sent
-            last = req.state == "finished"
-            if n > 0 or last:
-                # Tokens produced since the last write go out in one chunk (coalesced when we fall behind).
-                await resp.write(
-                    b"data: " + pre + orjson.dumps(output_text(sent, n)) + (mid_last if last else mid_open)
-                )
-                sent += n
-            if req.done:
-                break
-            if interval > 0:
-                await asyncio.sleep(interval)
-        if req.state != "finished":
-            await resp.write(
-                b'data: {"error":{"message":"request aborted","type":"internal_error","code":"aborted"}}\n\n'
-            )
-        elif include_usage:
-            await resp.write(
-                b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(self._usage(req)) + b"}\n\n"
-            )
-        await resp.write(b"data: [DONE]\n\n")
+        st = _Stream(
+            req,
+            resp,
+            head,
+            pre,
+            mid_open,
+            mid_last,
+            include_usage,
+            asyncio.get_running_loop().create_future(),
+        )
+        req.notify = lambda: self._mark(st)
+        self._mark(st)  # tokens may already exist
+        await st.done
         await resp.write_eof()
         return resp

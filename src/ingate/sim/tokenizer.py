@@ -68,7 +68,23 @@ def block_hashes(tokens: list[str], block_size: int, seed: str) -> list[int]:
     return out
 
 
+_CYCLE_TOKENS = len(VOCAB) * 64
+_CYCLE = "".join(" " + VOCAB[i % len(VOCAB)] for i in range(2 * _CYCLE_TOKENS))
+_OFFSETS = [0]
+for _i in range(2 * _CYCLE_TOKENS):
+    _OFFSETS.append(_OFFSETS[-1] + 1 + len(VOCAB[_i % len(VOCAB)]))
+_CYCLE_BYTES = _CYCLE.encode()
+
+
 def output_text(start: int, count: int) -> str:
     """`count` generated tokens, deterministic in their position, each preceded by a space."""
+    return output_bytes(start, count).decode()
+
+
+def output_bytes(start: int, count: int) -> bytes:
+    """`output_text` as UTF-8 bytes, sliced from a precomputed cycle (the streaming hot path)."""
+    if count <= _CYCLE_TOKENS:
+        a = start % _CYCLE_TOKENS  # the cycle length is a multiple of the vocabulary size
+        return _CYCLE_BYTES[_OFFSETS[a] : _OFFSETS[a + count]]
     n = len(VOCAB)
-    return "".join(" " + VOCAB[(start + i) % n] for i in range(count))
+    return "".join(" " + VOCAB[(start + i) % n] for i in range(count)).encode()
