@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ from rich.table import Table
 from ingate.config import parse_config
 from ingate.dataplane.proxy import BuiltinProxy
 from ingate.gateway import Gateway
+from ingate.sim.process import launch_sim
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -105,22 +103,6 @@ async def _one(s: aiohttp.ClientSession, url: str, prompt: str, spec: LoadSpec, 
         res.errors += 1
 
 
-def _start_sim(spec: LoadSpec, ready: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
-    cmd = [sys.executable, "-m", "ingate", "sim", "--replicas", str(spec.replicas), "--base-port", "0",
-           "--time-scale", str(spec.time_scale), "--num-gpu-blocks", str(spec.num_gpu_blocks),
-           "--seed", str(spec.seed), "--ready-file", str(ready)]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise click.ClickException("the simulated fleet did not start")
-        time.sleep(0.05)
-    return proc, [r["address"] for r in json.loads(ready.read_text())["replicas"]]
-
-
 async def _hit_rate(addresses: list[str]) -> float:
     q = h = 0.0
     async with aiohttp.ClientSession() as s:
@@ -137,7 +119,19 @@ async def _hit_rate(addresses: list[str]) -> float:
 
 async def run_profile(profile: str, spec: LoadSpec, workdir: Path) -> RunResult:
     """A fresh fleet + gateway with `profile`, the seeded load, and the results."""
-    proc, addresses = _start_sim(spec, workdir / f"ready-{profile}.json")
+    sim = launch_sim(
+        spec.replicas,
+        [
+            "--time-scale",
+            str(spec.time_scale),
+            "--num-gpu-blocks",
+            str(spec.num_gpu_blocks),
+            "--seed",
+            str(spec.seed),
+        ],
+        workdir,
+    )
+    addresses = sim.addresses
     res = RunResult(profile)
     try:
         cfg = parse_config({
@@ -173,9 +167,7 @@ async def run_profile(profile: str, spec: LoadSpec, workdir: Path) -> RunResult:
             await proxy.stop()
             await gw.stop()
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+        sim.stop()
     return res
 
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -18,62 +14,18 @@ import pytest
 from ingate.config import GatewayConfig, parse_config
 from ingate.dataplane.proxy import BuiltinProxy
 from ingate.gateway import Gateway
+from ingate.sim.process import SimProcess, launch_sim
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
-class SimProcess:
-    """`ingate sim` running as a separate process, like a real fleet."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], addresses: list[str]) -> None:
-        self.proc = proc
-        self.addresses = addresses
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-
 @pytest.fixture
 def sim_fleet(tmp_path: Path) -> Iterator[Callable[..., SimProcess]]:
-    """Factory: `sim_fleet(replicas=4, "--time-scale", "10", ...)` -> running SimProcess."""
+    """Factory: `sim_fleet(replicas=4, "--time-scale", "10", ...)` -> running `ingate sim` process."""
     started: list[SimProcess] = []
 
     def start(replicas: int = 4, *args: str) -> SimProcess:
-        ready = tmp_path / f"ready-{len(started)}.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "ingate",
-            "sim",
-            "--replicas",
-            str(replicas),
-            "--base-port",
-            "0",
-            "--ready-file",
-            str(ready),
-            *args,
-        ]
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise RuntimeError(f"ingate sim exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise TimeoutError("ingate sim did not become ready")
-            time.sleep(0.05)
-        sp = SimProcess(proc, [r["address"] for r in json.loads(ready.read_text())["replicas"]])
+        sp = launch_sim(replicas, args, tmp_path, timeout_s=30, log=tmp_path / f"sim-{len(started)}.log")
         started.append(sp)
         return sp
 

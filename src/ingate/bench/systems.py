@@ -8,7 +8,6 @@ Every process is a child of this (live) process, so Envoy does not shut down wit
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ import aiohttp
 import yaml
 
 from ingate.bench.workload import Workload
+from ingate.sim.process import launch_sim
 
 SYSTEMS = ("ingate", "round-robin", "least-request")
 
@@ -88,23 +88,12 @@ class Fleet:
 
 def start_fleet(wl: Workload, workdir: Path, timeout_s: float = 60.0) -> Fleet:
     """Start a fresh simulated fleet for `wl` and wait for its ready file."""
-    ready = workdir / f"sim-ready-{time.monotonic_ns()}.json"
     args = list(wl.fleet.args)
     if wl.lora is not None and "--lora-adapters" not in args:
         args += ["--lora-adapters", ",".join(wl.lora.adapters)]
-    cmd = [sys.executable, "-m", "ingate", "sim", "--replicas", str(wl.fleet.replicas), "--base-port", "0"]
-    cmd += ["--model", wl.model, "--seed", str(wl.seed), "--ready-file", str(ready), *args]
-    proc = _spawn(cmd, workdir / "sim.log")
-    deadline = time.monotonic() + timeout_s
-    while not ready.exists():
-        if proc.proc.poll() is not None:
-            raise RuntimeError(f"ingate sim exited: {proc.tail()}")
-        if time.monotonic() > deadline:
-            proc.stop()
-            raise TimeoutError("ingate sim did not become ready")
-        time.sleep(0.05)
-    info = json.loads(ready.read_text())
-    return Fleet(proc, [r["address"] for r in info["replicas"]])
+    args += ["--model", wl.model, "--seed", str(wl.seed)]
+    sp = launch_sim(wl.fleet.replicas, args, workdir, timeout_s=timeout_s, log=workdir / "sim.log")
+    return Fleet(Proc(sp.proc, workdir / "sim.log"), sp.addresses)
 
 
 @dataclass
