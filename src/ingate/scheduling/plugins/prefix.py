@@ -6,8 +6,8 @@ its leading blocks that endpoint has seen. Blocks are `block_chars` characters (
 tokens at 4 characters per token); hash i covers block i and hash i-1, seeded with the target model, so
 a match of block i implies the whole prefix up to it matches.
 
-Cost per request is O(prompt blocks) for hashing (capped at `max_blocks`) plus O(sum over blocks of the
-endpoints holding that block) for matching: never O(endpoints x blocks) when prefixes don't overlap.
+Cost per request: hashing O(prompt blocks) (capped at `max_blocks`, and reusing the hashes of a
+recently seen prompt head), matching O(endpoints x log blocks) lookups, recording O(blocks) in C.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 import xxhash
 
@@ -116,12 +117,16 @@ class PrefixHasher:
 
 
 class PrefixIndex:
-    """Which endpoint has seen which block hash, with one LRU of bounded capacity per endpoint."""
+    """Which endpoint has seen which block hash: one LRU (an OrderedDict) of bounded capacity per endpoint.
+
+    Every per-block operation runs in C (`map`, `islice`, dict updates); Python only loops over
+    endpoints, so a decision costs O(endpoints x log blocks) lookups to match and O(blocks) C work to
+    record, even in the steady state where every recorded block evicts an old one.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.default_capacity = capacity
         self._lru: dict[Endpoint, OrderedDict[int, None]] = {}
-        self._owners: dict[int, set[Endpoint]] = {}
 
     def capacity_of(self, ep: Endpoint, block_chars: int) -> int:
         """Blocks to remember for `ep`: sized from its KV cache when it reports cache_config_info."""
@@ -134,79 +139,54 @@ class PrefixIndex:
     def match(self, hashes: list[int], candidates: list[Endpoint]) -> dict[Endpoint, int]:
         """Leading blocks of `hashes` each candidate has seen.
 
-        Because hashes are chained and `record` evicts the tail of a prefix before its head, the
-        endpoints holding block i+1 are (up to rare evictions) a subset of those holding block i. So the
-        block where each candidate drops out is found by binary search: O(drop-out points x log blocks)
-        set checks instead of one per block.
+        Hashes are chained and `record` keeps a prefix's head more recently used than its tail, so an
+        endpoint holding block i holds blocks 0..i (up to rare evictions): its match length is found
+        by binary search, O(log blocks) lookups per endpoint.
         """
+        n = len(hashes)
         matched = dict.fromkeys(candidates, 0)
-        holders_of = list(map(self._owners.get, hashes))
-        try:
-            n = holders_of.index(None)
-        except ValueError:
-            n = len(hashes)
         if n == 0:
             return matched
-        active = set(candidates).intersection(holders_of[0])  # type: ignore[arg-type]
-        lo = 0  # every active candidate holds blocks 0..lo
-        while active:
-            if active.issubset(holders_of[n - 1]):  # type: ignore[arg-type]
-                for ep in active:
-                    matched[ep] = n
-                break
-            hi = n - 1  # some active candidate lacks block hi
+        first, last = hashes[0], hashes[-1]
+        lrus = self._lru
+        for ep in candidates:
+            lru = lrus.get(ep)
+            if not lru or first not in lru:
+                continue
+            if last in lru:
+                matched[ep] = n
+                continue
+            lo, hi = 0, n - 1  # block lo is held, block hi is not
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if active.issubset(holders_of[mid]):  # type: ignore[arg-type]
+                if hashes[mid] in lru:
                     lo = mid
                 else:
                     hi = mid
-            still = active.intersection(holders_of[hi])  # type: ignore[arg-type]
-            for ep in active - still:
-                matched[ep] = hi
-            active = still
-            lo = hi
+            matched[ep] = hi
         return matched
 
     def record(self, ep: Endpoint, hashes: list[int], capacity: int) -> None:
-        """Remember that `ep` now holds these blocks (most recently used)."""
+        """Remember that `ep` now holds these blocks (most recently used), evicting the oldest."""
         lru = self._lru.get(ep)
         if lru is None:
             lru = self._lru[ep] = OrderedDict()
-        # Walk the prefix backwards so its head ends up most recently used: eviction then trims a
+        # Insert the prefix backwards so its head ends up most recently used: eviction then trims a
         # prefix from its tail, like the model server's own cache, and never leaves a headless chain.
         rev = hashes[::-1]
         if all(map(lru.__contains__, rev)):
-            # Repeat prefix (the common case): refresh recency in C, nothing new to own.
-            deque(map(lru.move_to_end, rev), maxlen=0)
+            deque(map(lru.move_to_end, rev), maxlen=0)  # repeat prefix: refresh recency only
             return
-        owners = self._owners
-        for h in rev:
-            if h in lru:
-                lru.move_to_end(h)
-                continue
-            lru[h] = None
-            s = owners.get(h)
-            if s is None:
-                owners[h] = {ep}
-            else:
-                s.add(ep)
-        while len(lru) > capacity:
-            old, _ = lru.popitem(last=False)
-            self._drop_owner(old, ep)
-
-    def _drop_owner(self, h: int, ep: Endpoint) -> None:
-        s = self._owners.get(h)
-        if s is not None:
-            s.discard(ep)
-            if not s:
-                del self._owners[h]
+        held = [h for h in rev if h in lru]
+        if held:
+            deque(map(lru.pop, held), maxlen=0)
+        lru.update(dict.fromkeys(rev))
+        excess = len(lru) - capacity
+        if excess > 0:
+            deque(map(lru.pop, list(islice(lru, excess))), maxlen=0)
 
     def remove_endpoint(self, ep: Endpoint) -> None:
-        lru = self._lru.pop(ep, None)
-        if lru:
-            for h in lru:
-                self._drop_owner(h, ep)
+        self._lru.pop(ep, None)
 
     def size(self, ep: Endpoint) -> int:
         lru = self._lru.get(ep)
