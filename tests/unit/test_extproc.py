@@ -15,7 +15,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from ingate.dataplane.extproc import MAX_CHUNK, ExtProcServicer, ResponseOutcome, parse_usage
+from ingate.dataplane.extproc import MAX_CHUNK, ExtProcServicer, ResponseOutcome
 from ingate.errors import GatewayError
 
 
@@ -268,22 +268,12 @@ async def test_cancelled_stream_finishes_once() -> None:
     assert svc.active_streams == 0
 
 
-def test_parse_usage_from_json_and_sse_tails() -> None:
-    assert parse_usage(b'{"id":"x","usage":{"prompt_tokens":11,"completion_tokens":4}}') == (11, 4)
-    nested = (
-        b'data: {"usage": {"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": 1}, '
-        b'"completion_tokens": 9}}\n\ndata: [DONE]\n\n'
-    )
-    assert parse_usage(nested) == (3, 9)
-    assert parse_usage(b'data: {"choices":[]}\n\n') == (None, None)
-    assert parse_usage(b'"usage": {"prompt_tokens": 3') == (None, None)
-
-
 def test_default_response_info_carries_times_tokens_and_cut_off_status() -> None:
-    from ingate.dataplane.extproc import parse_usage_full, to_response_info
+    from ingate.dataplane.extproc import to_response_info
+    from ingate.usage import parse_usage_tail
 
     tail = b'data: {"usage":{"prompt_tokens":8,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":5}}}'
-    assert parse_usage_full(tail) == (8, 3, 5)
+    assert parse_usage_tail(tail) == (8, 3, 5)
     done = ResponseOutcome(status=200, started_at=10.0, first_token_at=10.25, ended_at=11.0, prompt_tokens=8)
     info = to_response_info(None, done)
     assert (info.status, info.ttft_s, info.e2e_s, info.prompt_tokens) == (200, 0.25, 1.0, 8)

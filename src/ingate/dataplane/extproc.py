@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -45,13 +44,13 @@ from google.protobuf import struct_pb2
 from ingate.errors import GatewayError
 from ingate.request import HDR_DESTINATION, HDR_DESTINATION_SERVED
 from ingate.scheduling.framework import ResponseInfo
+from ingate.usage import USAGE_TAIL, parse_usage_tail
 
 log = logging.getLogger(__name__)
 
 MAX_CHUNK = 62_000
 """Largest body chunk sent back to Envoy in one streamed mutation (stays under gRPC's default frame)."""
 LB_NAMESPACE = "envoy.lb"
-USAGE_TAIL = 16_384
 """Bytes of the response body kept to find `usage` (the last SSE chunks or the end of a JSON body)."""
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
@@ -152,51 +151,6 @@ def immediate_error(status: int, body: bytes, headers: Mapping[str, str]) -> pb.
 
 def _gateway_error_response(e: GatewayError) -> pb.ProcessingResponse:
     return immediate_error(e.status, e.body(), e.headers())
-
-
-def parse_usage(tail: bytes) -> tuple[int | None, int | None]:
-    """(prompt_tokens, completion_tokens) from the last `"usage": {...}` object in `tail`."""
-    p, c, _ = parse_usage_full(tail)
-    return p, c
-
-
-def parse_usage_full(tail: bytes) -> tuple[int | None, int | None, int | None]:
-    """(prompt, completion, cached prompt tokens) from the last `"usage": {...}` object in `tail`.
-
-    Works for both a JSON body and an SSE stream (the usage chunk is the last data line before
-    `[DONE]`) without parsing the rest of the body. Returns Nones when absent or malformed.
-    """
-    none = (None, None, None)
-    i = tail.rfind(b'"usage"')
-    if i < 0:
-        return none
-    start = tail.find(b"{", i)
-    if start < 0:
-        return none
-    # Usage objects are flat (or nest one level: *_tokens_details), so a brace counter suffices.
-    depth = 0
-    for j in range(start, min(len(tail), start + 2048)):
-        c = tail[j]
-        if c == 0x7B:
-            depth += 1
-        elif c == 0x7D:
-            depth -= 1
-            if depth == 0:
-                try:
-                    u = orjson.loads(tail[start : j + 1])
-                except orjson.JSONDecodeError:
-                    return none
-                if not isinstance(u, dict):
-                    return none
-                p, c2 = u.get("prompt_tokens"), u.get("completion_tokens")
-                details = u.get("prompt_tokens_details")
-                cached = details.get("cached_tokens") if isinstance(details, dict) else None
-                return (
-                    p if isinstance(p, int) else None,
-                    c2 if isinstance(c2, int) else None,
-                    cached if isinstance(cached, int) else None,
-                )
-    return none
 
 
 def _destination(decision: Any, fallbacks: int) -> str:
@@ -436,7 +390,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         outcome.ended_at = time.monotonic()
         outcome.error = error
         if tail:
-            outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens = parse_usage_full(
+            outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens = parse_usage_tail(
                 bytes(tail[-USAGE_TAIL:])
             )
         try:

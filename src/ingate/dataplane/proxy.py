@@ -189,7 +189,7 @@ class BuiltinProxy:
             headers[HDR_DESTINATION_SERVED] = ep.address
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(request)
-            tail = b""
+            tail = bytearray()  # the response tail, for usage; trimmed in amortised O(chunk)
             first = True
             try:
                 async for chunk in upstream.content.iter_any():
@@ -197,7 +197,9 @@ class BuiltinProxy:
                         director.on_first_token(d)
                         first = False
                     await resp.write(chunk)
-                    tail = (tail + chunk)[-USAGE_TAIL:] if len(chunk) < USAGE_TAIL else chunk[-USAGE_TAIL:]
+                    tail += chunk
+                    if len(tail) > 2 * USAGE_TAIL:
+                        del tail[:-USAGE_TAIL]
             except TimeoutError:
                 info.status = 504  # headers already went out: all we can do is end the stream
                 log.warning(kv(event="upstream_timeout_mid_stream", endpoint=ep.address))
@@ -205,7 +207,9 @@ class BuiltinProxy:
             except aiohttp.ClientPayloadError:
                 info.status = 502
                 return resp
-            info.prompt_tokens, info.completion_tokens, info.cached_tokens = parse_usage_tail(tail)
+            info.prompt_tokens, info.completion_tokens, info.cached_tokens = parse_usage_tail(
+                bytes(tail[-USAGE_TAIL:])
+            )
             await resp.write_eof()
             return resp
         except BaseException:
