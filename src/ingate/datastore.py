@@ -49,8 +49,6 @@ class Endpoint:
     metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
     in_flight: int = 0
     """Requests the gateway has sent here that have not finished (tracked locally, not scraped)."""
-    in_flight_tokens: int = 0
-    """Estimated prompt tokens of in-flight requests not yet reflected in scraped metrics."""
     healthy: bool = True
     """False after a connection failure, until the next successful scrape."""
 

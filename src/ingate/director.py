@@ -172,7 +172,6 @@ class Director:
         d = Decision(req, result, ctx, req.body_for_upstream(), now, ticket=ticket)
         ep = d.target
         ep.in_flight += 1
-        ep.in_flight_tokens += req.estimated_prompt_tokens
         tel.requests.labels(req.model, req.target_model).inc()
         tel.decisions.labels(ep.address, result.profile).inc()
         if log.isEnabledFor(10):
@@ -191,13 +190,10 @@ class Director:
         """Move the request to its next fallback (after a connection failure); None when none is left."""
         if d.finished or d.target_index + 1 >= len(d.result.endpoints):
             return None
-        old = d.target
-        old.in_flight -= 1
-        old.in_flight_tokens -= d.request.estimated_prompt_tokens
+        d.target.in_flight -= 1
         d.target_index += 1
         new = d.target
         new.in_flight += 1
-        new.in_flight_tokens += d.request.estimated_prompt_tokens
         self.telemetry.retries.inc()
         return new
 
@@ -215,7 +211,6 @@ class Director:
         ep = d.target
         req = d.request
         ep.in_flight -= 1
-        ep.in_flight_tokens -= req.estimated_prompt_tokens
         tel = self.telemetry
         now = time.monotonic()
         if info.e2e_s is None:

@@ -117,7 +117,7 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
             async with http.get(dp.url + "/v1/models") as r:  # headers only: any endpoint
                 assert r.status == 200
         assert await _settled(gw)
-        assert all(ep.in_flight_tokens == 0 for ep in gw.datastore.endpoints())
+        assert all(ep.in_flight == 0 for ep in gw.datastore.endpoints())
     finally:
         await _stop(dp, gw)
 

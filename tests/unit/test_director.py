@@ -61,10 +61,10 @@ async def test_in_flight_released_exactly_once() -> None:
     d, ds = _director()
     dec = await d.handle("/v1/completions", {}, _body())
     assert sum(ep.in_flight for ep in ds.endpoints()) == 1
-    assert dec.target.in_flight_tokens > 0
+    assert dec.target.in_flight == 1
     d.finish(dec, ResponseInfo(status=200))
     d.finish(dec, ResponseInfo(status=499))  # a second finish (e.g. disconnect after completion) is a no-op
-    assert all(ep.in_flight == 0 and ep.in_flight_tokens == 0 for ep in ds.endpoints())
+    assert all(ep.in_flight == 0 for ep in ds.endpoints())
 
 
 async def test_retarget_moves_in_flight_to_fallback() -> None:
@@ -76,7 +76,7 @@ async def test_retarget_moves_in_flight_to_fallback() -> None:
     assert first.in_flight == 0 and nxt.in_flight == 1
     assert d.retarget(dec) is None  # two endpoints: nothing left after the fallback
     d.finish(dec, ResponseInfo(status=502))
-    assert all(ep.in_flight == 0 and ep.in_flight_tokens == 0 for ep in ds.endpoints())
+    assert all(ep.in_flight == 0 for ep in ds.endpoints())
     assert d.retarget(dec) is None  # finished decisions never move
 
 

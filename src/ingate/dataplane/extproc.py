@@ -216,6 +216,19 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             dynamic_metadata=_lb_metadata(dest),
         )
 
+    async def _decide(
+        self, path: str, headers: Mapping[str, str], chunks: list[bytes]
+    ) -> tuple[Any, list[pb.ProcessingResponse]]:
+        """Hand the complete body to the director (clearing `chunks`); the decision and the answers to
+        send, or (None, [error]) when the director refuses the request."""
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        try:
+            decision = await self.director.handle(path, headers, raw)
+        except GatewayError as e:
+            return None, [_gateway_error_response(e)]
+        return decision, self._decided(decision, len(raw))
+
     def _decided(self, decision: Any, original_len: int) -> list[pb.ProcessingResponse]:
         """Headers answer + body chunks for a decision (the order Envoy requires)."""
         dest = _destination(decision, self.fallbacks)
@@ -299,15 +312,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                             return
                         chunks.append(rb2.body)
                     if rb2.end_of_stream:
-                        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                        chunks = []
-                        try:
-                            decision = await director.handle(path, headers, raw)
-                        except GatewayError as e:
-                            yield _gateway_error_response(e)
-                            return
-                        for r in self._decided(decision, len(raw)):
+                        decision, answers = await self._decide(path, headers, chunks)
+                        for r in answers:
                             yield r
+                        if decision is None:
+                            return
                 elif kind == "request_headers":
                     rh = msg.request_headers
                     outcome.started_at = time.monotonic()
@@ -356,15 +365,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 elif kind == "request_trailers":
                     # Trailers end the request body; decide now if the body had no end_of_stream chunk.
                     if decision is None and path:
-                        raw = b"".join(chunks)
-                        chunks = []
-                        try:
-                            decision = await director.handle(path, headers, raw)
-                        except GatewayError as e:
-                            yield _gateway_error_response(e)
-                            return
-                        for r in self._decided(decision, len(raw)):
+                        decision, answers = await self._decide(path, headers, chunks)
+                        for r in answers:
                             yield r
+                        if decision is None:
+                            return
                     yield _EMPTY_REQ_TRAILERS
         except asyncio.CancelledError:
             # Without response processing Envoy may reset the stream at the end of a normal request.
