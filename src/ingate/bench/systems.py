@@ -8,10 +8,8 @@ Every process is a child of this (live) process, so Envoy does not shut down wit
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ import aiohttp
 import yaml
 
 from ingate.bench.workload import Workload
+from ingate.procs import ChildProcess, spawn
 from ingate.sim.process import launch_sim
 
 SYSTEMS = ("ingate", "round-robin", "least-request")
@@ -38,44 +37,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _guard() -> list[str]:
-    # Children die with the harness even if it is SIGKILLed.
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
-
-
-@dataclass
-class Proc:
-    """A supervised child process and its log file."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        """Terminate, then kill if it does not exit within 10 s."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-
-    def tail(self) -> str:
-        """Last lines of the process log (for error reports)."""
-        try:
-            return self.log.read_text(errors="replace")[-800:]
-        except OSError:
-            return ""
-
-
-def _spawn(cmd: list[str], log: Path) -> Proc:
-    fh = log.open("wb")
-    proc = subprocess.Popen(
-        _guard() + cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
-    fh.close()
-    return Proc(proc, log)
+Proc = ChildProcess  # a supervised child (gateway, Envoy, fleet) and its log
 
 
 @dataclass
@@ -93,7 +55,7 @@ def start_fleet(wl: Workload, workdir: Path, timeout_s: float = 60.0) -> Fleet:
         args += ["--lora-adapters", ",".join(wl.lora.adapters)]
     args += ["--model", wl.model, "--seed", str(wl.seed)]
     sp = launch_sim(wl.fleet.replicas, args, workdir, timeout_s=timeout_s, log=workdir / "sim.log")
-    return Fleet(Proc(sp.proc, workdir / "sim.log"), sp.addresses)
+    return Fleet(sp, sp.addresses)
 
 
 @dataclass
@@ -237,7 +199,7 @@ def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> Runnin
         cfg = workdir / "ingate.yaml"
         cfg.write_text(yaml.safe_dump(ingate_config(wl, fleet.addresses, port), sort_keys=False))
         cmd = [sys.executable, "-m", "ingate", "serve", "--config", str(cfg), "--log-level", "warning"]
-        proc = _spawn(cmd, workdir / "ingate.log")
+        proc = spawn(cmd, workdir / "ingate.log")
         sysm = RunningSystem(name, f"http://127.0.0.1:{port}", [proc], {"dataplane": "builtin"})
         try:
             _wait_http(f"{sysm.url}/ready", proc, 60)
@@ -252,7 +214,7 @@ def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> Runnin
         boot.write_text(yaml.safe_dump(envoy_bootstrap(fleet.addresses, port, admin, policy)))
         cmd = [_find_envoy(), "-c", str(boot), "--log-level", "warning", "--concurrency", "1"]
         cmd += ["--base-id", str(port)]
-        proc = _spawn(cmd, workdir / f"envoy-{name}.log")
+        proc = spawn(cmd, workdir / f"envoy-{name}.log")
         sysm = RunningSystem(
             name, f"http://127.0.0.1:{port}", [proc], {"dataplane": "envoy", "lb_policy": policy}
         )
