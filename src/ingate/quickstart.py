@@ -23,6 +23,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ingate.bench.loadgen import send_one
+from ingate.bench.workload import BenchRequest
 from ingate.config import parse_config
 from ingate.dataplane.proxy import BuiltinProxy
 from ingate.gateway import Gateway
@@ -85,22 +87,13 @@ async def _one(s: aiohttp.ClientSession, url: str, prompt: str, spec: LoadSpec, 
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    t0 = time.perf_counter()
-    ttft = None
-    try:
-        async with s.post(url + "/v1/completions", json=body) as r:
-            if r.status != 200:
-                res.errors += 1
-                await r.read()
-                return
-            async for _ in r.content.iter_any():
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-        res.e2e.append(time.perf_counter() - t0)
-        res.ttft.append(ttft or 0.0)
-        res.output_tokens += spec.output_tokens
-    except (TimeoutError, aiohttp.ClientError):
+    rec = await send_one(s, url + "/v1/completions", BenchRequest(body, group=0), time.perf_counter(), 120.0)
+    if not rec.ok or rec.ttft is None or rec.e2e is None:
         res.errors += 1
+        return
+    res.ttft.append(rec.ttft)
+    res.e2e.append(rec.e2e)
+    res.output_tokens += rec.completion_tokens
 
 
 async def _hit_rate(addresses: list[str]) -> float:
