@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -314,6 +317,73 @@ async def test_ttl_expiry_503_with_message_and_deadline() -> None:
         ttl.result()
     assert e.value.status == 503 and "queue TTL" in e.value.message
     assert fc.queued() == 0
+
+
+class NoScan(deque[Any]):
+    """A flow queue that fails the test if anyone iterates it (expiry must not scan the queues)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        raise AssertionError("flow queue scanned")
+
+
+async def test_expiry_is_o_expired_heap_not_a_queue_scan() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=5)
+    fc = controller(clock, ds, queue_ttl_s=10, flow_max_requests=1000)
+    # 200 queued in flow "a", 10 ms apart; number 50 carries a short deadline (deeper than the head);
+    # "b" has one item that must survive.
+    tasks = []
+    for i in range(200):
+        clock.t = 1000.0 + i * 0.01
+        dl = clock.t + 2 if i == 50 else None
+        tasks.append(await enqueue(fc, req("a", rid=str(i)), deadline=dl))
+    keep = await enqueue(fc, req("b", rid="b"))
+    band = fc._bands[0]
+    band.flows["a"] = NoScan(band.flows["a"])
+    assert fc.next_expiry() == pytest.approx(1000.0 + 50 * 0.01 + 2)
+    # Nothing due: a wake touches only the heap top.
+    fc.pump()
+    assert fc.queued() == 201
+    # At t0 + 10.105 s the first 11 items (10 s TTL) and the deadline item have expired.
+    clock.t = 1000.0 + 10.105
+    fc.pump()
+    await settle()
+    expired = [i for i, t in enumerate(tasks) if t.done()]
+    assert expired == [*range(11), 50]
+    for i in expired:
+        err = tasks[i].exception()
+        assert isinstance(err, GatewayError) and err.status == 503 and err.code == "queue_ttl_expired"
+    assert "deadline" in str(tasks[50].exception()) and "queue TTL" in str(tasks[0].exception())
+    assert fc.queued() == 200 - 12 + 1 and not keep.done()
+    # FCFS survives expiry: the next dispatched is item 11.
+    nq, plain = band.flows["a"], deque[Any]()
+    while nq:
+        plain.append(nq.popleft())
+    band.flows["a"] = plain
+    set_metrics(ds.endpoints()[0], clock, waiting=4)
+    assert fc.pump() == 1
+    await settle()
+    assert tasks[11].done() and not tasks[11].cancelled() and tasks[11].exception() is None
+    fc.release(tasks[11].result())
+
+
+async def test_expiry_heap_stays_bounded_by_queue_length() -> None:
+    # Items dispatched long before their TTL leave stale heap entries; compaction keeps the heap O(queued).
+    clock = Clock()
+    ds = pool(clock, waiting=0)
+    fc = controller(clock, ds, queue_ttl_s=1000, saturation={"queue_depth_threshold": 1})
+    ep = ds.endpoints()[0]
+    for i in range(500):
+        set_metrics(ep, clock, waiting=1)
+        t = await enqueue(fc, req("a", rid=str(i)))
+        set_metrics(ep, clock, waiting=0)
+        clock.t += 0.001
+        assert fc.pump() == 1
+        await settle()
+        fc.release(t.result())
+    assert fc.queued() == 0
+    assert len(fc._expiry) <= 64 + 1
+    assert fc.next_expiry() == math.inf
 
 
 async def test_cancellation_removes_item() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import math
 import time
 from collections import deque
@@ -43,6 +45,8 @@ class _Item:
     expires_at: float
     expiry_reason: str
     future: asyncio.Future[Ticket]
+    queued: bool = True
+    """False once the item left its queue (dispatched, expired, cancelled): its heap entry is stale."""
 
 
 @dataclass(eq=False, slots=True)
@@ -85,6 +89,10 @@ class FlowController:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Expiry heap (expires_at, seq, item) over queued items, stale entries deleted lazily: a wake
+        # costs O(log n) per expired or stale entry, never a scan of the queues.
+        self._expiry: list[tuple[float, int, _Item]] = []
+        self._seq = itertools.count()
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -143,6 +151,7 @@ class FlowController:
         if not fq:
             band.policy.activate(flow)
         fq.append(item)
+        self._push_expiry(item)
         band.count += 1
         band.bytes += size
         band.flow_bytes[flow] = fbytes + size
@@ -221,12 +230,10 @@ class FlowController:
 
     def next_expiry(self) -> float:
         """Earliest expiry among queued items (inf when none)."""
-        best = math.inf
-        for b in self._bands.values():
-            for fq in b.flows.values():
-                if fq:
-                    best = min(best, min(i.expires_at for i in fq))
-        return best
+        heap = self._expiry
+        while heap and not heap[0][2].queued:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
 
     async def start(self) -> None:
         """Start the dispatcher task (wakes on enqueue, release, and every poll interval)."""
@@ -250,6 +257,7 @@ class FlowController:
                         item.future.set_exception(GatewayError(503, "gateway shutting down", "shutdown"))
             band.count = band.bytes = 0
             band.flow_bytes.clear()
+        self._expiry.clear()
 
     # ---- internals --------------------------------------------------------------------------------
 
@@ -316,6 +324,7 @@ class FlowController:
         return None
 
     def _account_removed(self, band: _Band, item: _Item) -> None:
+        item.queued = False
         band.count -= 1
         band.bytes -= item.size_bytes
         flow = item.fairness_id
@@ -337,24 +346,38 @@ class FlowController:
             fq.remove(item)
             self._account_removed(band, item)
 
+    def _push_expiry(self, item: _Item) -> None:
+        heap = self._expiry
+        if len(heap) > 2 * self.queued() + 64:
+            # Mostly stale entries (items dispatched or cancelled before their expiry): compact, so the
+            # heap stays O(queued); amortised O(1) per push.
+            heap[:] = [e for e in heap if e[2].queued]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (item.expires_at, next(self._seq), item))
+
     def _expire(self, now: float) -> None:
-        for band in self._bands.values():
-            if not band.count:
-                continue
-            for flow in list(band.flows):
-                fq = band.flows[flow]
-                # FCFS with one TTL: heads expire first; a shorter per-request deadline may sit deeper.
-                for item in [i for i in fq if i.expires_at <= now]:
-                    fq.remove(item)
-                    self._account_removed(band, item)
-                    self.metrics.rejected.labels(str(band.priority), "expired").inc()
-                    self.metrics.wait.labels(flow, str(band.priority), "expired").observe(
-                        now - item.enqueued_at
-                    )
-                    if not item.future.done():
-                        item.future.set_exception(
-                            GatewayError(503, f"flow control: {item.expiry_reason}", "queue_ttl_expired")
-                        )
+        """Answer 503 to every queued item whose expiry passed: O(log n) per expired or stale entry."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            item = heapq.heappop(heap)[2]
+            if not item.queued:
+                continue  # dispatched or cancelled earlier: a stale entry
+            band = self._bands[item.priority]
+            fq = band.flows[item.fairness_id]
+            # FCFS with one TTL: the item is its flow's head; a shorter per-request deadline may sit deeper.
+            if fq[0] is item:
+                fq.popleft()
+            else:
+                fq.remove(item)
+            self._account_removed(band, item)
+            self.metrics.rejected.labels(str(band.priority), "expired").inc()
+            self.metrics.wait.labels(item.fairness_id, str(band.priority), "expired").observe(
+                now - item.enqueued_at
+            )
+            if not item.future.done():
+                item.future.set_exception(
+                    GatewayError(503, f"flow control: {item.expiry_reason}", "queue_ttl_expired")
+                )
 
     def _gauges(self, band: _Band, flow: str) -> None:
         fq = band.flows.get(flow)
