@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: quickstart test unit bench clean
+.PHONY: quickstart test unit bench peers inference-perf clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "ingate needs Python 3.11+"'
@@ -27,8 +27,17 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
-bench: $(STAMP)
+## bench: regenerate benchmarks/results (shared-prefix + mixed, every system incl. the peers)
+bench: $(STAMP) peers
 	$(BIN)/ingate bench all
+
+## peers: install sglang-router and vllm-router (exact pins) into their own venv, .venv-peers
+peers: $(STAMP)
+	@test -x .venv-peers/bin/sglang-router -a -x .venv-peers/bin/vllm-router || $(BIN)/ingate bench install-peers
+
+## inference-perf: run inference-perf (own venv, .venv-iperf) offline against ingate, shared-prefix config
+inference-perf: $(STAMP)
+	INGATE=$(BIN)/ingate benchmarks/inference-perf/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -162,6 +162,8 @@ def test_summary_goodput_and_max_rate() -> None:
 def test_committed_workloads_parse_and_generate() -> None:
     from pathlib import Path
 
+    from ingate.bench.peers import is_peer
+    from ingate.bench.systems import SYSTEMS
     from ingate.bench.workload import load_workload
 
     root = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -169,7 +171,7 @@ def test_committed_workloads_parse_and_generate() -> None:
     assert len(paths) >= 9
     for p in paths:
         wl = load_workload(p)
-        assert set(wl.systems) <= {"ingate", "round-robin", "least-request"}, p
+        assert all(s in SYSTEMS or is_peer(s) for s in wl.systems), p
         bodies = [RequestStream(wl).next().body for _ in range(3)]
         assert all(b["max_tokens"] >= 1 for b in bodies), p
 
@@ -191,7 +193,11 @@ def test_headline_compares_at_round_robin_saturation() -> None:
                 "name": "round-robin",
                 "stages": [stage(1, 1.0, 0.5, 1.0), stage(2, 0.5, 3.0, 1.0), stage(3, 0.1, 9, 0.2)],
             },
-            {"name": "peer", "unavailable": "cannot install"},
+            {"name": "vllm-router", "unavailable": "cannot install:\n| pip said no"},
+            {
+                "name": "sglang-router",
+                "stages": [stage(1, 1.0, 0.2, 1.0), stage(2, 1.0, 0.25, 2.0), stage(3, 1.0, 0.5, 3.0)],
+            },
         ],
     }
     h = headline(res)
@@ -199,4 +205,10 @@ def test_headline_compares_at_round_robin_saturation() -> None:
     assert h["ttft_p99_reduction"] == pytest.approx(0.9)
     assert h["goodput_gain"] == pytest.approx(1.0)
     md = headline_markdown([res])
-    assert "| w | 2 | round-robin |" in md and "| w | - | peer | not run |" in md
+    assert "| w | 2 | ingate | round-robin | 0.30 / 3.00 | 90% | 2.00 / 1.00 | +100% | 3 / 1 |" in md
+    # the reason stays in one table cell
+    assert "| w | - | ingate | vllm-router | unavailable: cannot install: / pip said no | | | | |" in md
+    verdict = md.split("\n\n", 1)[1]
+    assert "p99 TTFT 90% lower than round robin (met); goodput +100% (met)" in verdict
+    # same goodput as the best peer but a higher p99 TTFT: not "at least as good"
+    assert "vs best peer sglang-router: goodput 2.00 / 2.00, p99 TTFT 0.30 / 0.25 s (NOT met)" in verdict

@@ -79,6 +79,18 @@ def all_cmd() -> None:
     _report(paths, RESULTS_DIR / "bench_all.png", RESULTS_DIR / "bench_table.md", console)
 
 
+@bench.command("install-peers")
+def install_peers_cmd() -> None:
+    """Install the peer routers (sglang-router, vllm-router; exact pins) into their own venv."""
+    from ingate.bench.peers import PEERS, PeerUnavailable, install_peers
+
+    try:
+        venv = install_peers()
+    except PeerUnavailable as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"peers installed in {venv}: {', '.join(p.requirement for p in PEERS.values())}")
+
+
 @bench.command("tokenizer")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 def tokenizer_cmd(out_dir: str) -> None:

@@ -56,6 +56,12 @@ def max_sustainable_rate(stages: list[dict[str, Any]], slo_attainment: float = 0
     return best
 
 
+def _oneline(text: str, limit: int = 200) -> str:
+    """A reason fit for one table cell: no newlines or pipes, at most `limit` characters."""
+    flat = " ".join(str(text).replace("|", "/").split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def _fmt(v: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
 
@@ -67,7 +73,12 @@ def rows(results: list[dict[str, Any]]) -> list[list[str]]:
         for sysres in res["systems"]:
             if sysres.get("unavailable"):
                 out.append(
-                    [res["workload"]["name"], sysres["name"], "-", f"unavailable: {sysres['unavailable']}"]
+                    [
+                        res["workload"]["name"],
+                        sysres["name"],
+                        "-",
+                        f"unavailable: {_oneline(sysres['unavailable'])}",
+                    ]
                 )
                 continue
             msr = max_sustainable_rate(sysres["stages"])
@@ -205,28 +216,121 @@ def headline(
     return out
 
 
+SUBJECTS = ("ingate", "ingate-envoy")  # ingate with the built-in proxy and with Envoy + ext_proc
+TARGET_TTFT_P99_REDUCTION = 0.60
+TARGET_GOODPUT_GAIN = 0.40
+
+
+def _pct_str(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 100:+.0f}%" if signed else f"{v * 100:.0f}%"
+
+
+def knee_rate(res: dict[str, Any]) -> float | None:
+    """The offered rate where the comparison is made: round robin's saturation point (see `headline`)."""
+    h = headline(res, "ingate", "round-robin")
+    if h is None:
+        for subject in SUBJECTS[1:]:
+            h = headline(res, subject, "round-robin")
+            if h is not None:
+                break
+    return None if h is None else float(h["rate"])
+
+
 def headline_markdown(results: list[dict[str, Any]]) -> str:
-    """Markdown lines: ingate vs each other system at the round-robin saturation point, with verdicts."""
+    """Markdown: each ingate variant vs each other system at the round-robin saturation point, then
+    the verdicts against the issue's targets."""
     lines = [
-        "| workload | rate (req/s) | vs | TTFT p99 ingate / other (s) | p99 TTFT reduction | goodput ingate / other | goodput gain |",
-        "|---|---|---|---|---|---|---|",
+        "| workload | rate (req/s) | system | vs | TTFT p99 system / other (s) | p99 TTFT reduction "
+        "| goodput system / other (req/s) | goodput gain | max sustainable rate system / other |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
-        rr = headline(res, "ingate", "round-robin")
-        for other in [s["name"] for s in res["systems"] if s["name"] != "ingate"]:
-            h = None if rr is None else _at_rate(res, "ingate", other, rr["rate"])
+        wname = res["workload"]["name"]
+        rate = knee_rate(res)
+        msr = {s["name"]: max_sustainable_rate(s["stages"]) for s in res["systems"] if s.get("stages")}
+        for subject in [s["name"] for s in res["systems"] if s["name"] in SUBJECTS and s.get("stages")]:
+            for sysres in res["systems"]:
+                other = sysres["name"]
+                if other in SUBJECTS:
+                    continue
+                if sysres.get("unavailable"):
+                    why = _oneline(sysres["unavailable"])
+                    lines.append(f"| {wname} | - | {subject} | {other} | unavailable: {why} | | | | |")
+                    continue
+                h = None if rate is None else _at_rate(res, subject, other, rate)
+                if h is None:
+                    lines.append(f"| {wname} | - | {subject} | {other} | not run | | | | |")
+                    continue
+                lines.append(
+                    f"| {wname} | {h['rate']:g} | {subject} | {other} | {_fmt(h['ttft_p99'][0])} / "
+                    f"{_fmt(h['ttft_p99'][1])} | {_pct_str(h.get('ttft_p99_reduction'))} | "
+                    f"{_fmt(h['goodput'][0])} / {_fmt(h['goodput'][1])} | "
+                    f"{_pct_str(h.get('goodput_gain'), True)} | {_rate(msr.get(subject))} / {_rate(msr.get(other))} |"
+                )
+    return "\n".join(lines) + "\n\n" + verdict_markdown(results)
+
+
+def _rate(v: float | None) -> str:
+    return "<lowest" if v is None else f"{v:g}"
+
+
+def verdict_markdown(results: list[dict[str, Any]]) -> str:
+    """Bullets: does each ingate variant meet the targets (p99 TTFT >= 60% lower and goodput >= 40% higher
+    than round robin at its saturation point, and at least as good as the best peer that ran)?"""
+    from ingate.bench.peers import is_peer
+
+    out = []
+    for res in results:
+        wname = res["workload"]["name"]
+        rate = knee_rate(res)
+        if rate is None:
+            out.append(f"- {wname}: no comparison (round robin or ingate did not run)")
+            continue
+        peers = [s for s in res["systems"] if is_peer(s["name"]) and s.get("stages")]
+        down = [s["name"] for s in res["systems"] if is_peer(s["name"]) and s.get("unavailable")]
+        for subject in [s["name"] for s in res["systems"] if s["name"] in SUBJECTS and s.get("stages")]:
+            h = _at_rate(res, subject, "round-robin", rate)
             if h is None:
-                lines.append(f"| {res['workload']['name']} | - | {other} | not run | | | |")
                 continue
-            red = h.get("ttft_p99_reduction")
-            gain = h.get("goodput_gain")
-            lines.append(
-                f"| {res['workload']['name']} | {h['rate']:g} | {other} | {_fmt(h['ttft_p99'][0])} / "
-                f"{_fmt(h['ttft_p99'][1])} | {'-' if red is None else f'{red * 100:.0f}%'} | "
-                f"{_fmt(h['goodput'][0])} / {_fmt(h['goodput'][1])} | "
-                f"{'-' if gain is None else f'{gain * 100:+.0f}%'} |"
-            )
-    return "\n".join(lines) + "\n"
+            red, gain = h.get("ttft_p99_reduction"), h.get("goodput_gain")
+            ok_ttft = red is not None and red >= TARGET_TTFT_P99_REDUCTION
+            ok_good = gain is not None and gain >= TARGET_GOODPUT_GAIN
+            parts = [
+                f"p99 TTFT {_pct_str(red)} lower than round robin ({'met' if ok_ttft else 'NOT met'})",
+                f"goodput {_pct_str(gain, True)} ({'met' if ok_good else 'NOT met'})",
+            ]
+            best = _best_peer(res, peers, rate)
+            if best is None:
+                parts.append("no peer ran" + (f" ({', '.join(down)} unavailable)" if down else ""))
+            else:
+                b = _at_rate(res, subject, best, rate)
+                assert b is not None
+                as_good = b["goodput"][0] >= b["goodput"][1] and (b["ttft_p99"][0] or 0) <= (
+                    b["ttft_p99"][1] or float("inf")
+                )
+                parts.append(
+                    f"vs best peer {best}: goodput {_fmt(b['goodput'][0])} / {_fmt(b['goodput'][1])}, "
+                    f"p99 TTFT {_fmt(b['ttft_p99'][0])} / {_fmt(b['ttft_p99'][1])} s "
+                    f"({'at least as good: met' if as_good else 'NOT met'})"
+                )
+            out.append(f"- {wname} @ {rate:g} req/s, {subject}: " + "; ".join(parts))
+    return "\n".join(out) + "\n"
+
+
+def _best_peer(res: dict[str, Any], peers: list[dict[str, Any]], rate: float) -> str | None:
+    """The peer with the highest goodput at `rate` (ties: lower p99 TTFT)."""
+    best: tuple[float, float, str] | None = None
+    for p in peers:
+        st = next((st for st in p["stages"] if st["rate"] == rate), None)
+        if st is None:
+            continue
+        s = st["summary"]
+        key = (s["goodput_rps"], -(s["ttft_p99"] if s["ttft_p99"] is not None else float("inf")), p["name"])
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
 
 
 def _at_rate(res: dict[str, Any], system: str, other: str, rate: float) -> dict[str, Any] | None:

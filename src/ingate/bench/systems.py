@@ -1,29 +1,34 @@
 """Systems under test, each started on loopback in front of a simulated fleet.
 
-`ingate` runs `ingate serve` (built-in proxy) from a generated config; `round-robin` and
-`least-request` run Envoy with a static cluster of the replicas (a stand-in for a Kubernetes Service).
+`ingate` runs `ingate serve` (built-in proxy) from a generated config, `ingate-envoy` the same with
+Envoy + ext_proc as the data plane (ingate's default); `round-robin` and `least-request` run Envoy with
+a static cluster of the replicas (a stand-in for a Kubernetes Service); `sglang-router` and
+`vllm-router` are the peers from PyPI (`ingate.bench.peers`, own venv).
 Every process is a child of this (live) process, so Envoy does not shut down with a launching shell.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import yaml
 
+from ingate.bench import peers
 from ingate.bench.workload import Workload
 from ingate.procs import ChildProcess, spawn
 from ingate.sim.process import launch_sim
 
-SYSTEMS = ("ingate", "round-robin", "least-request")
+SYSTEMS = ("ingate", "ingate-envoy", "round-robin", "least-request", "sglang-router", "vllm-router")
 
 
 class SystemUnavailable(RuntimeError):
@@ -73,8 +78,11 @@ class RunningSystem:
             p.stop()
 
 
-def ingate_config(wl: Workload, addresses: list[str], port: int) -> dict[str, object]:
-    """The gateway config the harness generates: the default scheduler profile, built-in proxy."""
+def ingate_config(
+    wl: Workload, addresses: list[str], port: int, dataplane: dict[str, object] | None = None
+) -> dict[str, object]:
+    """The gateway config the harness generates: the default scheduler profile, built-in proxy unless
+    `dataplane` says otherwise."""
     models: dict[str, object] = {"served": [wl.model]}
     if wl.lora is not None:
         models["adapters"] = list(wl.lora.adapters)
@@ -82,7 +90,7 @@ def ingate_config(wl: Workload, addresses: list[str], port: int) -> dict[str, ob
         "listen": {"host": "127.0.0.1", "port": port},
         "pool": {"name": "bench", "engine": "vllm", "endpoints": [{"address": a} for a in addresses]},
         "models": models,
-        "dataplane": {"type": "builtin"},
+        "dataplane": dataplane or {"type": "builtin"},
     }
 
 
@@ -173,7 +181,9 @@ def _find_envoy() -> str:
     return found
 
 
-def _wait_http(url: str, proc: Proc, timeout_s: float) -> None:
+def _wait_http(url: str, proc: Proc, timeout_s: float, ready: Callable[[bytes], bool] | None = None) -> None:
+    """Poll GET `url` until it answers 200 (and `ready(body)` holds, if given)."""
+
     async def poll() -> None:
         deadline = time.monotonic() + timeout_s
         async with aiohttp.ClientSession() as s:
@@ -182,7 +192,7 @@ def _wait_http(url: str, proc: Proc, timeout_s: float) -> None:
                     raise SystemUnavailable(f"exited during start: {proc.tail()}")
                 try:
                     async with s.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
-                        if r.status == 200:
+                        if r.status == 200 and (ready is None or ready(await r.read())):
                             return
                 except (aiohttp.ClientError, OSError, TimeoutError):
                     pass
@@ -207,6 +217,10 @@ def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> Runnin
             sysm.stop()
             raise
         return sysm
+    if name == "ingate-envoy":
+        return _start_ingate_envoy(wl, fleet, workdir, port)
+    if peers.is_peer(name):
+        return _start_peer(name, fleet, workdir, port)
     if name in ("round-robin", "least-request"):
         policy = "ROUND_ROBIN" if name == "round-robin" else "LEAST_REQUEST"
         admin = free_port()
@@ -225,6 +239,55 @@ def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> Runnin
             raise
         return sysm
     raise SystemUnavailable(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
+
+
+def _start_ingate_envoy(wl: Workload, fleet: Fleet, workdir: Path, port: int) -> RunningSystem:
+    """`ingate serve` with the Envoy + ext_proc data plane (one Envoy worker, like the baselines)."""
+    _find_envoy()
+    admin = free_port()
+    dp: dict[str, object] = {"type": "envoy", "options": {"adminPort": admin, "concurrency": 1}}
+    cfg = workdir / "ingate-envoy.yaml"
+    cfg.write_text(yaml.safe_dump(ingate_config(wl, fleet.addresses, port, dp), sort_keys=False))
+    cmd = [sys.executable, "-m", "ingate", "serve", "--config", str(cfg), "--log-level", "warning"]
+    proc = spawn(cmd, workdir / "ingate-envoy.log")
+    sysm = RunningSystem(
+        "ingate-envoy", f"http://127.0.0.1:{port}", [proc], {"dataplane": "envoy", "envoy_concurrency": "1"}
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{admin}/ready", proc, 60)
+        _wait_http(f"{sysm.url}/v1/models", proc, 30)  # through Envoy and the picker
+    except SystemUnavailable:
+        sysm.stop()
+        raise
+    return sysm
+
+
+def _start_peer(name: str, fleet: Fleet, workdir: Path, port: int) -> RunningSystem:
+    """A peer router from the peers venv, router and metrics bound to 127.0.0.1."""
+    try:
+        spec, policy = peers.resolve(name)
+        exe = peers.ensure_installed(spec)
+    except peers.PeerUnavailable as e:
+        raise SystemUnavailable(str(e)) from None
+    metrics = free_port()
+    cmd = peers.peer_command(spec, policy, exe, fleet.addresses, port, metrics)
+    proc = spawn(cmd, workdir / f"{name.replace(':', '-')}.log")
+    info = {"peer": spec.requirement, "policy": policy, "policy_note": spec.note(policy)}
+    sysm = RunningSystem(name, f"http://127.0.0.1:{port}", [proc], info)
+    n = len(fleet.addresses)
+
+    def all_healthy(body: bytes) -> bool:
+        try:
+            return int(json.loads(body).get("healthy_workers", 0)) >= n
+        except (ValueError, AttributeError):
+            return False
+
+    try:
+        _wait_http(f"{sysm.url}/readiness", proc, 90, all_healthy)
+    except SystemUnavailable as e:
+        sysm.stop()
+        raise SystemUnavailable(f"{spec.requirement} ({policy}): {e}") from None
+    return sysm
 
 
 def make_workdir() -> Path:
