@@ -205,6 +205,31 @@ async def test_higher_band_waits_behind_nothing_but_lower_band_waits_behind_high
     assert not t.queued
 
 
+async def test_band_max_in_flight_reserves_capacity_for_higher_bands() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=0)  # plenty of room: headroom 5
+    fc = controller(clock, ds, bands=[{"priority": 0, "max_in_flight": 2}])
+    # Band 0 takes two at once, then waits although the pool has room; other bands are not capped.
+    t1 = await fc.admit(req("a", prio=0))
+    t2 = await fc.admit(req("a", prio=0))
+    third = await enqueue(fc, req("a", prio=0))
+    assert fc.pump() == 0
+    high = await fc.admit(req("b", prio=10))
+    assert not high.queued
+    # A lower band queues behind band 0's queued request but is not blocked by band 0's cap.
+    low = await enqueue(fc, req("c", prio=-1))
+    assert fc.pump() == 1
+    await settle()
+    assert low.done() and not third.done()
+    fc.release(t1)
+    assert fc.pump() == 1
+    await settle()
+    assert third.done() and fc.in_flight == 4
+    for t in (t2, third.result(), high, low.result()):
+        fc.release(t)
+    assert fc.in_flight == 0 and fc._bands[0].in_flight == 0
+
+
 async def dispatch_one_by_one(
     fc: FlowController, ds: Datastore, clock: Clock, tasks: list[tuple[str, asyncio.Task[Ticket]]]
 ) -> list[str]:

@@ -24,6 +24,9 @@ class BandConfig(_Model):
     """Request bytes queued in the band at most."""
     policy: FairnessPolicy | None = None
     """Fairness policy between flows; None = the controller's default_policy."""
+    max_in_flight: int | None = Field(default=None, ge=1)
+    """Requests of this band dispatched and not yet released, at most (None = no cap). Capping the
+    lower bands keeps model-server capacity free for higher ones (a reservation)."""
 
 
 class SaturationConfig(_Model):

@@ -55,6 +55,8 @@ class _Band:
     max_requests: int
     max_bytes: int
     policy: Policy
+    max_in_flight: int | None = None
+    in_flight: int = 0
     flows: dict[str, deque[_Item]] = field(default_factory=dict)
     flow_bytes: dict[str, int] = field(default_factory=dict)
     count: int = 0
@@ -113,7 +115,7 @@ class FlowController:
         flow = request.fairness_id
         size = len(request.raw_body) if size_bytes is None else size_bytes
         tokens = request.estimated_prompt_tokens if est_tokens is None else est_tokens
-        if not self._queued_at_or_above(prio) and self._capacity(now) > 0:
+        if not self._queued_at_or_above(prio) and self._capacity(now) > 0 and self._band_room(prio):
             return self._dispatched(flow, prio, tokens, now, now, queued=False)
         if prio < 0 and self.detector.pool_saturated(self.datastore.endpoints(), now):
             self.metrics.rejected.labels(str(prio), "shed").inc()
@@ -179,6 +181,9 @@ class FlowController:
             return
         ticket.released = True
         self._in_flight -= 1
+        band = self._bands.get(ticket.priority)
+        if band is not None:
+            band.in_flight -= 1
         prompt = getattr(info, "prompt_tokens", None)
         completion = getattr(info, "completion_tokens", None) or 0
         self.account(ticket, prompt, completion)
@@ -283,7 +288,7 @@ class FlowController:
                 if policy_name == "round-robin"
                 else VirtualTokenCounter(self.config.vtc_input_weight, self.config.vtc_output_weight)
             )
-            band = self._bands[prio] = _Band(prio, bc.max_requests, bc.max_bytes, policy)
+            band = self._bands[prio] = _Band(prio, bc.max_requests, bc.max_bytes, policy, bc.max_in_flight)
             self._order = sorted(self._bands, reverse=True)
         return band
 
@@ -302,10 +307,18 @@ class FlowController:
             cap = min(cap, self.config.max_in_flight - self._in_flight)
         return cap
 
+    def _band_room(self, prio: int) -> bool:
+        band = self._bands.get(prio)
+        if band is None:
+            return True  # a band's first request: max_in_flight >= 1
+        return band.max_in_flight is None or band.in_flight < band.max_in_flight
+
     def _dispatched(self, flow: str, prio: int, tokens: int, enq: float, now: float, queued: bool) -> Ticket:
         self._in_flight += 1
+        band = self._band(prio)
+        band.in_flight += 1
         # Charge the estimate now so long prompts count before their response completes.
-        self._band(prio).policy.charge(flow, tokens, 0)
+        band.policy.charge(flow, tokens, 0)
         self.metrics.served_tokens.labels(flow, str(prio)).inc(tokens)
         return Ticket(flow, prio, tokens, enq, now, queued)
 
@@ -314,6 +327,8 @@ class FlowController:
             band = self._bands[p]
             if not band.count:
                 continue
+            if band.max_in_flight is not None and band.in_flight >= band.max_in_flight:
+                continue  # at its own cap: lower bands may use the capacity (work-conserving)
             flow = band.policy.next()
             if flow is None:
                 continue
