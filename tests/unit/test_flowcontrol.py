@@ -208,16 +208,16 @@ async def test_higher_band_waits_behind_nothing_but_lower_band_waits_behind_high
 async def test_band_max_in_flight_reserves_capacity_for_higher_bands() -> None:
     clock = Clock()
     ds = pool(clock, waiting=0)  # plenty of room: headroom 5
-    fc = controller(clock, ds, bands=[{"priority": 0, "max_in_flight": 2}])
-    # Band 0 takes two at once, then waits although the pool has room; other bands are not capped.
-    t1 = await fc.admit(req("a", prio=0))
-    t2 = await fc.admit(req("a", prio=0))
-    third = await enqueue(fc, req("a", prio=0))
+    fc = controller(clock, ds, bands=[{"priority": 5, "max_in_flight": 2}])
+    # Band 5 takes two at once, then waits although the pool has room; other bands are not capped.
+    t1 = await fc.admit(req("a", prio=5))
+    t2 = await fc.admit(req("a", prio=5))
+    third = await enqueue(fc, req("a", prio=5))
     assert fc.pump() == 0
     high = await fc.admit(req("b", prio=10))
     assert not high.queued
-    # A lower band queues behind band 0's queued request but is not blocked by band 0's cap.
-    low = await enqueue(fc, req("c", prio=-1))
+    # A lower band queues behind band 5's queued request but is not blocked by band 5's cap.
+    low = await enqueue(fc, req("c", prio=0))
     assert fc.pump() == 1
     await settle()
     assert low.done() and not third.done()
@@ -227,7 +227,30 @@ async def test_band_max_in_flight_reserves_capacity_for_higher_bands() -> None:
     assert third.done() and fc.in_flight == 4
     for t in (t2, third.result(), high, low.result()):
         fc.release(t)
-    assert fc.in_flight == 0 and fc._bands[0].in_flight == 0
+    assert fc.in_flight == 0 and fc._bands[5].in_flight == 0
+
+
+async def test_sheddable_is_shed_not_queued_whenever_it_cannot_go_at_once() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=0)
+    fc = controller(clock, ds, bands=[{"priority": -1, "max_in_flight": 1}])
+    t = await fc.admit(req("s", prio=-1))
+    assert not t.queued
+    # The pool has room but the sheddable band is at its cap: shed, not queued.
+    with pytest.raises(GatewayError) as e:
+        await fc.admit(req("s", prio=-1))
+    assert e.value.status == 429 and e.value.code == "shed"
+    fc.release(t)
+    # Requests of a higher band are waiting: a sheddable one would queue behind them, so it is shed.
+    set_metrics(ds.endpoints()[0], clock, waiting=5)
+    waiting = await enqueue(fc, req("a", prio=0))
+    set_metrics(ds.endpoints()[0], clock, waiting=0)
+    with pytest.raises(GatewayError) as e:
+        await fc.admit(req("s", prio=-1))
+    assert e.value.code == "shed" and fc.queued(-1) == 0
+    assert fc.pump() == 1
+    await settle()
+    fc.release(waiting.result())
 
 
 async def dispatch_one_by_one(

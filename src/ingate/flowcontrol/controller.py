@@ -117,11 +117,15 @@ class FlowController:
         tokens = request.estimated_prompt_tokens if est_tokens is None else est_tokens
         if not self._queued_at_or_above(prio) and self._capacity(now) > 0 and self._band_room(prio):
             return self._dispatched(flow, prio, tokens, now, now, queued=False)
-        if prio < 0 and self.detector.pool_saturated(self.datastore.endpoints(), now):
+        if prio < 0:
+            # Sheddable: dispatched at once or shed, never queued (the pool is saturated, the band is
+            # at its maxInFlight, or requests of the same or higher priority are waiting).
             self.metrics.rejected.labels(str(prio), "shed").inc()
+            saturated = self.detector.pool_saturated(self.datastore.endpoints(), now)
             raise GatewayError(
                 429,
-                "request shed: pool saturated and objective is sheddable",
+                "request shed: objective is sheddable and "
+                + ("the pool is saturated" if saturated else "no capacity is free for it"),
                 "shed",
                 retry_after=self.config.retry_after_s,
             )
