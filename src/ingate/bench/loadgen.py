@@ -36,6 +36,7 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     chunks: int = 0
+    tenant: str = ""
 
     @property
     def ok(self) -> bool:
@@ -69,12 +70,13 @@ async def send_one(
 ) -> RequestRecord:
     """Send one streaming request and time it. Never raises: failures land in `error`."""
     start = time.perf_counter()
-    rec = RequestRecord(send=start - t0, group=req.group)
+    rec = RequestRecord(send=start - t0, group=req.group, tenant=req.tenant)
+    headers = {**_JSON, **req.headers} if req.headers else _JSON
     stamps: list[float] = []
     usage: Any = None
     try:
         async with asyncio.timeout(timeout_s):
-            async with session.post(url, data=orjson.dumps(req.body), headers=_JSON) as resp:
+            async with session.post(url, data=orjson.dumps(req.body), headers=headers) as resp:
                 rec.status = resp.status
                 if resp.status != 200:
                     rec.error = (await resp.text())[:200]

@@ -141,6 +141,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 def plot(results: list[dict[str, Any]], out: Path) -> Path:
     """PNG: TTFT and e2e percentiles against achieved throughput, one line per system, and goodput
     against offered load."""
+    if results and all(_has_tenants(r) for r in results):
+        return plot_tenants(results, out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,8 +187,9 @@ def plot(results: list[dict[str, Any]], out: Path) -> Path:
 
 
 def print_table(results: list[dict[str, Any]], console: Console | None = None) -> None:
-    """Print the rich table to the console."""
+    """Print the rich table to the console (and the per-tenant tables of multi-tenant workloads)."""
     (console or Console()).print(rich_table(results))
+    print_tenant_tables(results, console)
 
 
 def headline(
@@ -348,4 +351,242 @@ def _at_rate(res: dict[str, Any], system: str, other: str, rate: float) -> dict[
         out["ttft_p99_reduction"] = 1 - m["ttft_p99"] / o["ttft_p99"]
     if o["goodput_rps"] > 0:
         out["goodput_gain"] = m["goodput_rps"] / o["goodput_rps"] - 1
+    return out
+
+
+# ---- multi-tenant workloads (Workload.tenants) ------------------------------------------------------
+
+
+def tenant_summaries(
+    records: list[dict[str, Any]], duration_s: float, slo: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """`summarize` per tenant, plus status counts, `shed` (429s) and served tokens of successful requests."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by.setdefault(r.get("tenant", ""), []).append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for name, recs in by.items():
+        s = summarize(recs, duration_s, slo)
+        status: dict[str, int] = {}
+        for r in recs:
+            k = str(r["status"]) if r["status"] else "failed"
+            status[k] = status.get(k, 0) + 1
+        s["status"] = status
+        s["shed"] = status.get("429", 0)
+        s["served_tokens"] = sum(
+            r["prompt_tokens"] + r["completion_tokens"] for r in recs if r["status"] == 200 and not r["error"]
+        )
+        out[name] = s
+    return out
+
+
+def _tenant_rate(res: dict[str, Any], tenant: str, stage: int) -> float:
+    for t in res["workload"].get("tenants") or []:
+        if t["name"] == tenant:
+            return float(t["rates"][stage])
+    return 0.0
+
+
+def isolation(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each tenant that also ran alone at the same rate: its latency loaded vs alone (ratios)."""
+    out = []
+    keys = ("ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99")
+    for sysres in res["systems"]:
+        stages = sysres.get("stages") or []
+        for i, st in enumerate(stages):
+            ten = st.get("tenants") or {}
+            if len(ten) < 2:
+                continue
+            for name, loaded in ten.items():
+                rate = _tenant_rate(res, name, i)
+                alone_i = next(
+                    (
+                        j
+                        for j, o in enumerate(stages)
+                        if set(o.get("tenants") or {}) == {name} and _tenant_rate(res, name, j) == rate
+                    ),
+                    None,
+                )
+                if alone_i is None:
+                    continue
+                alone = stages[alone_i]["tenants"][name]
+                ratios = {
+                    k: (loaded[k] / alone[k] if loaded[k] is not None and alone[k] else None) for k in keys
+                }
+                out.append(
+                    {
+                        "system": sysres["name"],
+                        "tenant": name,
+                        "tenant_rate": rate,
+                        "loaded_stage_rate": st["rate"],
+                        "alone": {k: alone[k] for k in keys},
+                        "loaded": {k: loaded[k] for k in keys},
+                        "ratio": ratios,
+                    }
+                )
+    return out
+
+
+TENANT_HEADERS = [
+    "workload",
+    "system",
+    "load",
+    "tenant",
+    "sent",
+    "ok",
+    "429",
+    "503",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "e2e p50 s",
+    "e2e p99 s",
+    "goodput req/s",
+]
+
+
+def tenant_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per (workload, system, stage, tenant) of multi-tenant workloads."""
+    out = []
+    for res in results:
+        for sysres in res["systems"]:
+            for st in sysres.get("stages") or []:
+                for name, s in (st.get("tenants") or {}).items():
+                    out.append(
+                        [
+                            res["workload"]["name"],
+                            sysres["name"],
+                            f"{st['rate']:g} rps",
+                            name,
+                            str(s["sent"]),
+                            str(s["ok"]),
+                            str(s["status"].get("429", 0)),
+                            str(s["status"].get("503", 0)),
+                            _fmt(s["ttft_p50"], 1000, 0),
+                            _fmt(s["ttft_p99"], 1000, 0),
+                            _fmt(s["e2e_p50"]),
+                            _fmt(s["e2e_p99"]),
+                            _fmt(s["goodput_rps"]),
+                        ]
+                    )
+    return out
+
+
+ISOLATION_HEADERS = [
+    "system",
+    "tenant",
+    "tenant rps",
+    "total rps",
+    "TTFT p50 alone/loaded ms",
+    "TTFT p99 alone/loaded ms",
+    "e2e p50 alone/loaded s",
+    "e2e p99 alone/loaded s",
+    "e2e p50 ratio",
+    "e2e p99 ratio",
+    "TTFT p50 ratio",
+    "TTFT p99 ratio",
+]
+
+
+def isolation_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    """Latency of each tenant loaded vs alone; a ratio <= 1.20 is within 20%."""
+    out = []
+    for res in results:
+        for iso in isolation(res):
+            a, lo, r = iso["alone"], iso["loaded"], iso["ratio"]
+            out.append(
+                [
+                    iso["system"],
+                    iso["tenant"],
+                    f"{iso['tenant_rate']:g}",
+                    f"{iso['loaded_stage_rate']:g}",
+                    f"{_fmt(a['ttft_p50'], 1000, 0)} / {_fmt(lo['ttft_p50'], 1000, 0)}",
+                    f"{_fmt(a['ttft_p99'], 1000, 0)} / {_fmt(lo['ttft_p99'], 1000, 0)}",
+                    f"{_fmt(a['e2e_p50'])} / {_fmt(lo['e2e_p50'])}",
+                    f"{_fmt(a['e2e_p99'])} / {_fmt(lo['e2e_p99'])}",
+                    *(_fmt(r[k]) for k in ("e2e_p50", "e2e_p99", "ttft_p50", "ttft_p99")),
+                ]
+            )
+    return out
+
+
+def _md(headers: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def tenant_markdown(results: list[dict[str, Any]]) -> str:
+    """Markdown: the per-tenant table and the loaded-vs-alone table."""
+    return _md(TENANT_HEADERS, tenant_rows(results)) + "\n" + _md(ISOLATION_HEADERS, isolation_rows(results))
+
+
+def _has_tenants(res: dict[str, Any]) -> bool:
+    return any(st.get("tenants") for s in res["systems"] for st in s.get("stages") or [])
+
+
+def print_tenant_tables(results: list[dict[str, Any]], console: Console | None = None) -> None:
+    """Print the per-tenant and isolation tables (nothing for workloads without tenants)."""
+    if not any(_has_tenants(r) for r in results):
+        return
+    console = console or Console()
+    for title, headers, body in (
+        ("per tenant", TENANT_HEADERS, tenant_rows(results)),
+        ("loaded vs alone", ISOLATION_HEADERS, isolation_rows(results)),
+    ):
+        t = Table(title=title)
+        for h in headers:
+            t.add_column(h)
+        for r in body:
+            t.add_row(*r)
+        console.print(t)
+
+
+def plot_tenants(results: list[dict[str, Any]], out: Path) -> Path:
+    """PNG for multi-tenant workloads: each isolated tenant's latency alone vs loaded, per system, and
+    per-tenant outcomes (served, 429, 503) of the loaded stages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
+    keys = ("ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99")
+    isos = [iso for res in results for iso in isolation(res)]
+    width = 0.8 / max(1, 2 * len(isos))
+    for n, iso in enumerate(isos):
+        for m, which in enumerate(("alone", "loaded")):
+            vals = [iso[which][k] or 0.0 for k in keys]
+            xs = [i + (2 * n + m) * width for i in range(len(keys))]
+            ax1.bar(xs, vals, width, label=f"{iso['system']} {iso['tenant']} {which}")
+    ax1.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], [k.replace("_", " ") for k in keys])
+    ax1.set_yscale("log")
+    ax1.set_ylabel("seconds (log)")
+    ax1.set_title("tenant latency: alone vs under load")
+    ax1.legend(fontsize=8)
+    labels, served, shed, expired = [], [], [], []
+    for res in results:
+        for sysres in res["systems"]:
+            for st in sysres.get("stages") or []:
+                ten = st.get("tenants") or {}
+                if len(ten) < 2:
+                    continue
+                for name, s in ten.items():
+                    labels.append(f"{sysres['name']}\n{name}")
+                    served.append(s["ok"])
+                    shed.append(s["status"].get("429", 0))
+                    expired.append(s["status"].get("503", 0))
+    xs = list(range(len(labels)))
+    ax2.bar(xs, served, label="200 served")
+    ax2.bar(xs, shed, bottom=served, label="429 shed / queue full")
+    ax2.bar(xs, expired, bottom=[a + b for a, b in zip(served, shed, strict=True)], label="503")
+    ax2.set_xticks(xs, labels, fontsize=8)
+    ax2.set_ylabel("requests")
+    ax2.set_title("loaded stage: outcome per tenant")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3, axis="y")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
     return out

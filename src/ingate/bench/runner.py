@@ -6,6 +6,7 @@ import asyncio
 import platform
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ingate.bench import systems as sysmod
 from ingate.bench.loadgen import RequestRecord, StageResult, make_session, run_concurrent, run_poisson
-from ingate.bench.report import max_sustainable_rate, summarize
-from ingate.bench.workload import RequestStream, Workload
+from ingate.bench.report import max_sustainable_rate, summarize, tenant_summaries
+from ingate.bench.workload import BenchRequest, RequestStream, Tenant, Workload
 
 
 async def _sweep(wl: Workload, base_url: str, progress: Progress, label: str) -> list[StageResult]:
@@ -35,13 +36,47 @@ async def _sweep(wl: Workload, base_url: str, progress: Progress, label: str) ->
             def done(_: RequestRecord, tid: Any = task_id) -> None:
                 progress.advance(tid)
 
-            if load.type == "poisson":
+            if wl.tenants:
+                st = await _run_tenants(session, url, wl, i, done)
+            elif load.type == "poisson":
                 st = await run_poisson(session, url, stream.next, float(point), load, rng, done)
             else:
                 st = await run_concurrent(session, url, stream.next, int(point), load, done)
             progress.update(task_id, total=len(st.records), completed=len(st.records))
             stages.append(st)
     return stages
+
+
+async def _run_tenants(
+    session: Any, url: str, wl: Workload, stage: int, done: Callable[[RequestRecord], None]
+) -> StageResult:
+    """Stage `stage` of a multi-tenant workload: one Poisson stream per tenant with a rate, side by side."""
+    runs = []
+    for j, t in enumerate(wl.tenants):
+        if t.rates[stage] <= 0:
+            continue
+        offset = stage + 1000 * (j + 1)  # each tenant its own deterministic requests and arrivals
+        rng = random.Random(wl.seed * 7919 + offset)
+        nxt = _tagged(RequestStream(wl, seed_offset=offset), t)
+        runs.append(run_poisson(session, url, nxt, t.rates[stage], wl.load, rng, done))
+    parts = await asyncio.gather(*runs)
+    out = StageResult(rate=wl.load.rates[stage], concurrency=None, duration_s=wl.load.duration_s)
+    for p in parts:
+        out.records.extend(p.records)
+        out.max_inflight_hit += p.max_inflight_hit
+        out.peak_inflight += p.peak_inflight
+    out.records.sort(key=lambda r: r.send)
+    return out
+
+
+def _tagged(stream: RequestStream, tenant: Tenant) -> Callable[[], BenchRequest]:
+    def nxt() -> BenchRequest:
+        req = stream.next()
+        req.tenant = tenant.name
+        req.headers = tenant.headers
+        return req
+
+    return nxt
 
 
 def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) -> Path:
@@ -90,6 +125,11 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
                     "max_inflight_hit": st.max_inflight_hit,
                     "peak_inflight": st.peak_inflight,
                     "summary": summarize([r.to_json() for r in st.records], st.duration_s, slo),
+                    **(
+                        {"tenants": tenant_summaries([r.to_json() for r in st.records], st.duration_s, slo)}
+                        if wl.tenants
+                        else {}
+                    ),
                     "records": [r.to_json() for r in st.records],
                 }
                 for st in stages

@@ -91,6 +91,7 @@ def ingate_config(
         "pool": {"name": "bench", "engine": "vllm", "endpoints": [{"address": a} for a in addresses]},
         "models": models,
         "dataplane": dataplane or {"type": "builtin"},
+        **wl.gateway,  # the workload's objectives, flowControl, ...
     }
 
 

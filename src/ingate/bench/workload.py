@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Prompt vocabulary: distinct from the simulator's output vocabulary, each word one token.
 _WORDS = (
@@ -115,6 +115,19 @@ class Fleet(_Strict):
     args: list[str] = Field(default_factory=list)
 
 
+class Tenant(_Strict):
+    """One tenant of a multi-tenant workload: its own request headers (e.g. the fairness id and the
+    objective) and its own Poisson rate in each stage (`rates[i]` in stage i; 0 = absent)."""
+
+    name: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    rates: list[float]
+
+
+# Keys of the generated gateway config a workload may not override (the harness owns them).
+_HARNESS_KEYS = frozenset({"listen", "pool", "dataplane"})
+
+
 class Workload(_Strict):
     """One benchmark: data shape, load sweep, SLO, fleet and systems under test."""
 
@@ -129,6 +142,28 @@ class Workload(_Strict):
     slo: Slo = Field(default_factory=Slo)
     fleet: Fleet = Field(default_factory=Fleet)
     systems: list[str] = Field(default_factory=lambda: ["ingate", "round-robin"])
+    tenants: list[Tenant] = Field(default_factory=list)
+    """Poisson tenants sent side by side; then `load.rates[i]` must be the sum of `tenants[*].rates[i]`."""
+    gateway: dict[str, Any] = Field(default_factory=dict)
+    """Extra top-level keys of the generated ingate config (e.g. `objectives`, `flowControl`)."""
+
+    @model_validator(mode="after")
+    def _check_tenants(self) -> Workload:
+        bad = _HARNESS_KEYS & set(self.gateway)
+        if bad:
+            raise ValueError(f"gateway: {', '.join(sorted(bad))} are set by the harness")
+        if not self.tenants:
+            return self
+        if self.load.type != "poisson":
+            raise ValueError("tenants: only with load.type poisson")
+        for t in self.tenants:
+            if len(t.rates) != len(self.load.rates):
+                raise ValueError(f"tenants[{t.name}].rates: needs one rate per load.rates entry")
+        for i, total in enumerate(self.load.rates):
+            got = sum(t.rates[i] for t in self.tenants)
+            if abs(got - total) > 1e-6 * max(1.0, total):
+                raise ValueError(f"load.rates[{i}]: {total:g} is not the tenants' sum {got:g}")
+        return self
 
 
 def load_workload(path: str | Path) -> Workload:
@@ -146,6 +181,8 @@ class BenchRequest:
     conversation: int = -1
     turn: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    tenant: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _words(rng: random.Random, n: int) -> str:

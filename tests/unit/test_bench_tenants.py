@@ -1,0 +1,107 @@
+"""Multi-tenant workloads in the bench harness: validation, per-tenant headers, summaries, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from pydantic import ValidationError
+
+from ingate.bench.loadgen import make_session
+from ingate.bench.report import isolation, tenant_markdown, tenant_summaries
+from ingate.bench.runner import _run_tenants
+from ingate.bench.systems import ingate_config
+from ingate.bench.workload import Workload
+
+SEEN: list[dict[str, str]] = []
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    body = orjson.loads(await request.read())
+    SEEN.append(dict(request.headers))
+    if request.headers.get("x-gateway-inference-objective") == "sheddable":
+        return web.json_response({"error": {"message": "shed", "code": "shed"}}, status=429)
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    await asyncio.sleep(0.001)
+    await resp.write(b'data: {"choices":[{"index":0,"text":"the "}],"usage":null}\n\n')
+    usage = {"prompt_tokens": 3, "completion_tokens": int(body["max_tokens"])}
+    await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    return resp
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_post("/v1/completions", _completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/v1/completions"
+    await runner.cleanup()
+
+
+def _wl(**kw: Any) -> Workload:
+    base: dict[str, Any] = {
+        "name": "t",
+        "model": "m",
+        "data": {"type": "random", "input": {"mean": 4}, "output": {"mean": 2}},
+        "load": {"rates": [20, 60], "duration_s": 0.5},
+        "gateway": {"objectives": [{"name": "critical", "priority": 10}]},
+        "tenants": [
+            {"name": "crit", "rates": [20, 20], "headers": {"x-gateway-inference-objective": "critical"}},
+            {"name": "std", "rates": [0, 20], "headers": {"x-gateway-inference-fairness-id": "b"}},
+            {"name": "shed", "rates": [0, 20], "headers": {"x-gateway-inference-objective": "sheddable"}},
+        ],
+    }
+    base.update(kw)
+    return Workload.model_validate(base)
+
+
+def test_tenant_rates_must_match_stages_and_sum_to_the_stage_rate() -> None:
+    wl = _wl()
+    assert [t.name for t in wl.tenants] == ["crit", "std", "shed"]
+    with pytest.raises(ValidationError, match=r"one rate per load\.rates"):
+        _wl(tenants=[{"name": "a", "rates": [20]}])
+    with pytest.raises(ValidationError, match=r"load\.rates\[1\]"):
+        _wl(tenants=[{"name": "a", "rates": [20, 50]}])
+    with pytest.raises(ValidationError, match="set by the harness"):
+        _wl(gateway={"listen": {"port": 1}})
+    cfg = ingate_config(wl, ["127.0.0.1:1"], 9)
+    assert cfg["objectives"] == [{"name": "critical", "priority": 10}]
+    assert cfg["listen"] == {"host": "127.0.0.1", "port": 9}
+
+
+async def test_tenants_run_side_by_side_with_their_own_headers(server: str) -> None:
+    wl = _wl()
+    SEEN.clear()
+    async with make_session(64) as s:
+        alone = await _run_tenants(s, server, wl, 0, lambda _: None)
+        loaded = await _run_tenants(s, server, wl, 1, lambda _: None)
+    assert {r.tenant for r in alone.records} == {"crit"}
+    assert {r.tenant for r in loaded.records} == {"crit", "std", "shed"}
+    assert all(h.get("x-gateway-inference-objective") == "critical" for h in SEEN[: len(alone.records)])
+    assert any(h.get("x-gateway-inference-fairness-id") == "b" for h in SEEN)
+    summ = tenant_summaries([r.to_json() for r in loaded.records], 0.5, {"ttft_s": 2.0})
+    assert summ["shed"]["shed"] == summ["shed"]["sent"] > 0 and summ["shed"]["ok"] == 0
+    assert summ["crit"]["ok"] == summ["crit"]["sent"] and summ["crit"]["served_tokens"] > 0
+    # The results-file shape: isolation finds the stage where "crit" ran alone at the same rate.
+    stages = [
+        {"rate": st.rate, "tenants": tenant_summaries([r.to_json() for r in st.records], 0.5, {"ttft_s": 2})}
+        for st in (alone, loaded)
+    ]
+    res = {"workload": wl.model_dump(), "systems": [{"name": "x", "stages": stages}]}
+    iso = isolation(res)
+    assert [(i["tenant"], i["tenant_rate"]) for i in iso] == [("crit", 20.0)]
+    r = iso[0]["ratio"]["e2e_p50"]
+    assert r == pytest.approx(
+        stages[1]["tenants"]["crit"]["e2e_p50"] / stages[0]["tenants"]["crit"]["e2e_p50"]
+    )
+    assert "| x | crit |" in tenant_markdown([res])
