@@ -38,7 +38,7 @@ import aiohttp
 import orjson
 
 from ingate.dataplane.envoy import EnvoyProcess, EnvoySettings
-from ingate.dataplane.extproc import ExtProcServer, ExtProcServicer
+from ingate.dataplane.extproc import TRANSPORTS, ExtProcServer, ExtProcServicer, Transport
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "dataplane_overhead.json"
@@ -99,10 +99,10 @@ async def _run_upstream(port: int) -> None:
     await asyncio.Event().wait()
 
 
-async def _run_picker(port: int, upstream: str) -> None:
+async def _run_picker(port: int, upstream: str, transport: Transport) -> None:
     gw = _gateway(upstream)
     await gw.start()
-    server = ExtProcServer(ExtProcServicer(gw.director), port=port)
+    server = ExtProcServer(ExtProcServicer(gw.director), port=port, transport=transport)
     await server.start()
     await asyncio.Event().wait()
 
@@ -283,6 +283,7 @@ def main() -> None:
     ap.add_argument("--role", choices=["bench", "upstream", "picker", "builtin"], default="bench")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--upstream", default="")
+    ap.add_argument("--transport", choices=TRANSPORTS, default="h2", help="picker role: ext_proc gRPC server")
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
     ap.add_argument("--concurrency", default="1,32,256")
     ap.add_argument("--envoy-workers", type=int, default=2)
@@ -296,7 +297,7 @@ def main() -> None:
     if args.role == "upstream":
         asyncio.run(_run_upstream(args.port))
     elif args.role == "picker":
-        asyncio.run(_run_picker(args.port, args.upstream))
+        asyncio.run(_run_picker(args.port, args.upstream, args.transport))
     elif args.role == "builtin":
         asyncio.run(_run_builtin(args.port, args.upstream))
     else:

@@ -279,3 +279,59 @@ def test_default_response_info_carries_times_tokens_and_cut_off_status() -> None
     assert (info.status, info.ttft_s, info.e2e_s, info.prompt_tokens) == (200, 0.25, 1.0, 8)
     cut = ResponseOutcome(status=200, started_at=10.0, ended_at=10.5, error="cancelled")
     assert to_response_info(None, cut).status == 499 and to_response_info(None, cut).ttft_s is None
+
+
+@pytest.mark.parametrize("transport", ["h2", "grpcio"])
+async def test_both_transports_carry_the_same_exchange(transport: str) -> None:
+    """Through a real gRPC client (grpcio's ext_proc stub), each transport serves one request and its
+    response, and a client that cancels mid-response releases the decision exactly once."""
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    from ingate.dataplane.extproc import ExtProcServer
+
+    d = _Director()
+    server = ExtProcServer(_servicer(d), port=0, transport=transport)  # type: ignore[arg-type]
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.ExternalProcessorStub(ch)
+            call = stub.Process()
+            await call.write(req_headers(len(BODY)))
+            await call.write(req_body(BODY, True))
+            first = await call.read()
+            assert _set_headers(first) == {"x-gateway-destination-endpoint": "10.0.0.7:8000"}
+            body = await call.read()
+            assert body.request_body.response.body_mutation.streamed_response.body == BODY
+            await call.write(resp_headers(200))
+            assert (await call.read()).WhichOneof("response") == "response_headers"
+            await call.write(resp_body(b'{"usage":{"prompt_tokens":3,"completion_tokens":1}}', True))
+            last = await call.read()
+            assert last.response_body.response.body_mutation.streamed_response.end_of_stream
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+            assert [(o.status, o.prompt_tokens, o.error) for o in d.finished] == [(200, 3, None)]
+
+            cut = stub.Process()
+            await cut.write(req_headers(len(BODY)))
+            await cut.write(req_body(BODY, True))
+            await cut.read()
+            await cut.read()
+            await cut.write(resp_headers(200))
+            await cut.read()
+            cut.cancel()  # Envoy resets the stream: the client went away mid-response
+            for _ in range(200):
+                if len(d.finished) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(d.finished) == 2 and d.finished[1].error is not None
+    finally:
+        await server.stop(0)
+    assert len(d.finished) == 2
+
+
+def test_unknown_transport_is_refused() -> None:
+    from ingate.dataplane.extproc import ExtProcServer
+
+    with pytest.raises(ValueError, match="unknown ext_proc transport"):
+        ExtProcServer(_servicer(_Director()), transport="nope")  # type: ignore[arg-type]

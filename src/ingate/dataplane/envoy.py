@@ -44,6 +44,7 @@ from ingate.dataplane.extproc import (
     ExtProcServer,
     ExtProcServicer,
     InfoFactory,
+    Transport,
     first_of,
     to_response_info,
 )
@@ -92,6 +93,8 @@ class EnvoySettings:
     """False renders plain Envoy round robin over `pool` (no picker): the benchmark baseline."""
     picker_health_interval_s: float = 0.5
     """FailOpen only: how often Envoy checks that the picker is up (the detection window)."""
+    picker_transport: Transport = "h2"
+    """gRPC server the picker's ext_proc runs on: "h2" (in-loop HTTP/2, default) or "grpcio"."""
 
 
 def _socket(host: str, port: int) -> dict[str, Any]:
@@ -468,7 +471,12 @@ class EnvoyDataPlane:
             fallbacks=fallbacks,
             expect_responses=settings.response_processing,
         )
-        self.grpc = ExtProcServer(self.servicer, host=settings.picker_host, port=settings.picker_port)
+        self.grpc = ExtProcServer(
+            self.servicer,
+            host=settings.picker_host,
+            port=settings.picker_port,
+            transport=settings.picker_transport,
+        )
         self._binary = binary
         self.envoy: EnvoyProcess | None = None
 

@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -41,6 +41,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from ingate.dataplane.grpc_h2 import GrpcH2Server, StreamMethod
 from ingate.errors import GatewayError
 from ingate.request import HDR_DESTINATION, HDR_DESTINATION_SERVED
 from ingate.scheduling.framework import ResponseInfo
@@ -428,17 +429,52 @@ def _echo_body(data: bytes, eos: bool) -> pb.ProcessingResponse:
     )
 
 
-class ExtProcServer:
-    """A `grpc.aio` server hosting `ExtProcServicer` on one address (loopback by default)."""
+PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+Transport = Literal["h2", "grpcio"]
+TRANSPORTS: tuple[str, ...] = ("h2", "grpcio")
 
-    def __init__(self, servicer: ExtProcServicer, host: str = "127.0.0.1", port: int = 0) -> None:
+
+class ExtProcServer:
+    """Hosts `ExtProcServicer` on one address (loopback by default) over a gRPC transport.
+
+    The servicer's `Process` is the whole protocol; the transport only carries messages:
+
+    - ``"h2"`` (default): `ingate.dataplane.grpc_h2`, a small HTTP/2 gRPC server in the caller's event
+      loop (no thread hop per message; see that module and docs/envoy.md for the measured difference);
+    - ``"grpcio"``: `grpc.aio`, the reference implementation (its own poller thread).
+    """
+
+    def __init__(
+        self, servicer: ExtProcServicer, host: str = "127.0.0.1", port: int = 0, transport: Transport = "h2"
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown ext_proc transport {transport!r} (known: {', '.join(TRANSPORTS)})")
         self.servicer = servicer
         self.host = host
         self.port = port
+        self.transport = transport
         self._server: grpc.aio.Server | None = None
+        self._h2: GrpcH2Server | None = None
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful when `port` was 0)."""
+        if self.transport == "h2":
+            svc = self.servicer
+            h2 = GrpcH2Server(
+                {
+                    PROCESS_METHOD: StreamMethod(
+                        decode=pb.ProcessingRequest.FromString,
+                        handler=lambda requests: svc.Process(requests, None),
+                        encode=pb.ProcessingResponse.SerializeToString,
+                    )
+                }
+            )
+            try:
+                self.port = await h2.start(self.host, self.port)
+            except OSError as e:
+                raise OSError(f"ext_proc server could not bind {self.host}:{self.port}: {e}") from e
+            self._h2 = h2
+            return self.port
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -458,6 +494,9 @@ class ExtProcServer:
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop accepting streams; in-flight ones get `grace` seconds, then are cancelled."""
+        if self._h2 is not None:
+            await self._h2.stop(grace)
+            self._h2 = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
