@@ -1,12 +1,26 @@
 """Added latency of the data planes, measured in one run against a trivial fast upstream.
 
-Compares, for small completions requests at several concurrency levels (closed loop):
+Two row sets, each at several concurrency levels (closed loop), every data plane measured side by side:
+
+- ``tiny``: small non-streaming completions (83-byte request, 180-byte JSON answer) against an
+  upstream that answers at once. Each worker sends the next request as soon as the previous one is
+  answered, so at 32 and 256 workers this measures the maximum request rate (CPU throughput of the
+  whole chain on this machine) more than a data plane's own latency;
+- ``stream``: streaming generations (SSE) from an upstream that emits tokens at a realistic pace
+  (first token after ``--prefill-ms``, then one every ``--token-interval-ms``, ``--tokens`` tokens and
+  a usage chunk). The added latency is the time to first token (TTFT) minus the direct TTFT at the
+  same concurrency: what a user of a streaming API feels. Every token chunk passes through the data
+  plane (and, with full ext_proc processing, through the picker).
+
+Data planes:
 
 - ``direct``: client -> upstream (the baseline every other row is measured against);
 - ``envoy-rr``: client -> Envoy (plain round robin, no picker) -> upstream;
-- ``envoy-extproc``: client -> Envoy -> ext_proc picker (separate process) -> upstream, with
-  response processing (TTFT, usage, served header);
+- ``envoy-extproc``: client -> Envoy -> ext_proc picker (separate process, default transport: the
+  in-loop HTTP/2 server) -> upstream, with response processing (TTFT, usage, served header);
 - ``envoy-extproc-req``: the same with request-only processing (responses bypass the picker);
+- ``envoy-extproc-grpcio``: full processing with the picker on grpcio (``picker_transport: grpcio``,
+  the implementation before the in-loop server);
 - ``builtin``: client -> ingate's built-in asyncio proxy -> upstream.
 
 The upstream, the picker, the built-in proxy and the client each run in their own process (as in
@@ -43,6 +57,15 @@ from ingate.dataplane.extproc import TRANSPORTS, ExtProcServer, ExtProcServicer,
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "dataplane_overhead.json"
 BODY = orjson.dumps({"model": "bench", "prompt": "Say hello in one word.", "max_tokens": 1})
+STREAM_BODY = orjson.dumps(
+    {
+        "model": "bench",
+        "prompt": "Say hello in a few words.",
+        "max_tokens": 16,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+)
 ANSWER = orjson.dumps(
     {
         "id": "cmpl-1",
@@ -80,12 +103,42 @@ def _free_port() -> int:
 # --- roles run in child processes ---------------------------------------------------------------
 
 
-async def _run_upstream(port: int) -> None:
+def _sse_chunk(text: str) -> bytes:
+    event = {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": text}]}
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+async def _run_upstream(port: int, tokens: int, prefill_s: float, interval_s: float) -> None:
     from aiohttp import web
 
-    async def completions(req: web.Request) -> web.Response:
-        await req.read()
-        return web.Response(body=ANSWER, content_type="application/json")
+    token = _sse_chunk(" tok")
+    usage = (
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "choices": [],
+                "usage": {"prompt_tokens": 6, "completion_tokens": tokens, "total_tokens": 6 + tokens},
+            }
+        )
+        + b"\n\ndata: [DONE]\n\n"
+    )
+
+    async def completions(req: web.Request) -> web.StreamResponse:
+        body = await req.read()
+        if b'"stream":true' not in body:
+            return web.Response(body=ANSWER, content_type="application/json")
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(req)
+        await asyncio.sleep(prefill_s)
+        for i in range(tokens):
+            if i:
+                await asyncio.sleep(interval_s)
+            await resp.write(token)
+        await resp.write(usage)
+        await resp.write_eof()
+        return resp
 
     async def metrics(req: web.Request) -> web.Response:
         return web.Response(body=METRICS, content_type="text/plain")
@@ -138,9 +191,20 @@ async def _wait_port(port: int, within_s: float = 15.0) -> None:
     raise TimeoutError(f"port {port} did not open")
 
 
-async def _load(url: str, concurrency: int, duration: float) -> dict[str, float]:
+def _pct(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))] * 1000
+
+
+async def _load(url: str, concurrency: int, duration: float, stream: bool = False) -> dict[str, float]:
+    """Closed loop: `concurrency` workers, each sending its next request when the last one ended.
+
+    Non-streaming: latency = whole request. Streaming: TTFT = until the first body bytes (the first
+    SSE event), and the request must end with `data: [DONE]`.
+    """
     lat: list[float] = []
+    ttfts: list[float] = []
     errors = 0
+    body = STREAM_BODY if stream else BODY
     conn = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     headers = {"content-type": "application/json"}
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as http:
@@ -155,91 +219,152 @@ async def _load(url: str, concurrency: int, duration: float) -> dict[str, float]
                 now = time.monotonic()
                 if now >= stop:
                     return
+                ttft = 0.0
                 try:
-                    async with http.post(url, data=BODY, headers=headers) as r:
-                        await r.read()
-                        ok = r.status == 200
+                    async with http.post(url, data=body, headers=headers) as r:
+                        if stream:
+                            first = await r.content.readany()
+                            ttft = time.perf_counter() - t0
+                            rest = await r.read()
+                            ok = r.status == 200 and first.startswith(b"data: ")
+                            ok = ok and (first + rest).endswith(b"data: [DONE]\n\n")
+                        else:
+                            await r.read()
+                            ok = r.status == 200
                 except aiohttp.ClientError:
                     ok = False
                 dt = time.perf_counter() - t0
                 if now >= warm_end:
                     if ok:
                         lat.append(dt)
+                        ttfts.append(ttft)
                     else:
                         errors += 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     lat.sort()
+    ttfts.sort()
     n = len(lat)
     if n == 0:
-        return {"requests": 0, "errors": errors, "rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan")}
-    return {
+        nan = float("nan")
+        return {"requests": 0, "errors": errors, "rps": 0.0, "p50_ms": nan, "p99_ms": nan}
+    out = {
         "requests": n,
         "errors": errors,
         "rps": n / duration,
-        "p50_ms": lat[n // 2] * 1000,
-        "p99_ms": lat[min(n - 1, int(n * 0.99))] * 1000,
+        "p50_ms": _pct(lat, 0.5),
+        "p99_ms": _pct(lat, 0.99),
     }
+    if stream:
+        out["ttft_p50_ms"] = _pct(ttfts, 0.5)
+        out["ttft_p99_ms"] = _pct(ttfts, 0.99)
+    return out
+
+
+async def _start_targets(
+    args: argparse.Namespace, upstream: str, procs: list[subprocess.Popen[bytes]], envoys: list[EnvoyProcess]
+) -> dict[str, str]:
+    """Start every data plane in front of `upstream`; {name: base URL}."""
+    targets = {"direct": f"http://{upstream}"}
+    rr = EnvoyProcess(EnvoySettings(pool=[upstream], ext_proc=False, concurrency=args.envoy_workers))
+    await rr.start()
+    envoys.append(rr)
+    targets["envoy-rr"] = rr.url
+    pickers: dict[str, int] = {}
+    for transport in ("h2", "grpcio"):
+        port = _free_port()
+        procs.append(_spawn("picker", "--port", str(port), "--upstream", upstream, "--transport", transport))
+        await _wait_port(port)
+        pickers[transport] = port
+    # Full processing (responses too: TTFT, usage, served header), request-only, and the grpcio picker.
+    for name, transport, responses in (
+        ("envoy-extproc", "h2", True),
+        ("envoy-extproc-req", "h2", False),
+        ("envoy-extproc-grpcio", "grpcio", True),
+    ):
+        ep = EnvoyProcess(
+            EnvoySettings(
+                pool=[upstream],
+                picker_port=pickers[transport],
+                failure_mode="FailClose",
+                concurrency=args.envoy_workers,
+                response_processing=responses,
+            )
+        )
+        await ep.start()
+        envoys.append(ep)
+        targets[name] = ep.url
+    bport = _free_port()
+    procs.append(_spawn("builtin", "--port", str(bport), "--upstream", upstream))
+    await _wait_port(bport)
+    targets["builtin"] = f"http://127.0.0.1:{bport}"
+    only = [t for t in args.only.split(",") if t]
+    return {k: v for k, v in targets.items() if k == "direct" or not only or k in only}
+
+
+def _row(rset: str, name: str, c: int, r: dict[str, float], base: dict[str, float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"set": rset, "dataplane": name, "concurrency": c, **r}
+    row["added_p50_ms"] = r["p50_ms"] - base["p50_ms"]
+    row["added_p99_ms"] = r["p99_ms"] - base["p99_ms"]
+    if rset == "stream":
+        row["added_ttft_p50_ms"] = r["ttft_p50_ms"] - base["ttft_p50_ms"]
+        row["added_ttft_p99_ms"] = r["ttft_p99_ms"] - base["ttft_p99_ms"]
+    return row
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    head = f"{row['set']:<6} c={row['concurrency']:<4} {row['dataplane']:<21} rps={row['rps']:7.0f}"
+    if row["set"] == "stream":
+        print(
+            f"{head}  ttft p50={row['ttft_p50_ms']:7.2f} p99={row['ttft_p99_ms']:7.2f} ms  "
+            f"added ttft p50={row['added_ttft_p50_ms']:6.2f} p99={row['added_ttft_p99_ms']:6.2f} ms  "
+            f"errors={row['errors']}",
+            flush=True,
+        )
+    else:
+        print(
+            f"{head}  p50={row['p50_ms']:7.2f} p99={row['p99_ms']:7.2f} ms  "
+            f"added p50={row['added_p50_ms']:6.2f} p99={row['added_p99_ms']:6.2f} ms  errors={row['errors']}",
+            flush=True,
+        )
 
 
 async def _main(args: argparse.Namespace) -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    sets = [x for x in args.sets.split(",") if x]
     up_port = _free_port()
-    procs = [_spawn("upstream", "--port", str(up_port))]
+    procs = [
+        _spawn(
+            "upstream",
+            "--port",
+            str(up_port),
+            "--tokens",
+            str(args.tokens),
+            "--prefill-ms",
+            str(args.prefill_ms),
+            "--token-interval-ms",
+            str(args.token_interval_ms),
+        )
+    ]
     upstream = f"127.0.0.1:{up_port}"
     envoys: list[EnvoyProcess] = []
-    targets: dict[str, str] = {}
     try:
         await _wait_port(up_port)
-        targets["direct"] = f"http://{upstream}"
-        rr = EnvoyProcess(EnvoySettings(pool=[upstream], ext_proc=False, concurrency=args.envoy_workers))
-        await rr.start()
-        envoys.append(rr)
-        targets["envoy-rr"] = rr.url
-        picker_port = _free_port()
-        procs.append(_spawn("picker", "--port", str(picker_port), "--upstream", upstream))
-        await _wait_port(picker_port)
-        # Full processing (responses too: TTFT, usage, served header) and request-only processing.
-        for name, responses in (("envoy-extproc", True), ("envoy-extproc-req", False)):
-            ep = EnvoyProcess(
-                EnvoySettings(
-                    pool=[upstream],
-                    picker_port=picker_port,
-                    failure_mode="FailClose",
-                    concurrency=args.envoy_workers,
-                    response_processing=responses,
-                )
-            )
-            await ep.start()
-            envoys.append(ep)
-            targets[name] = ep.url
-        bport = _free_port()
-        procs.append(_spawn("builtin", "--port", str(bport), "--upstream", upstream))
-        await _wait_port(bport)
-        targets["builtin"] = f"http://127.0.0.1:{bport}"
-
+        targets = await _start_targets(args, upstream, procs, envoys)
         rows: list[dict[str, Any]] = []
-        for c in concurrencies:
-            base: dict[str, float] | None = None
-            for name, url in targets.items():
-                r = await _load(url + "/v1/completions", c, args.duration)
-                if name == "direct":
-                    base = r
-                assert base is not None
-                row = {
-                    "dataplane": name,
-                    "concurrency": c,
-                    **r,
-                    "added_p50_ms": r["p50_ms"] - base["p50_ms"],
-                    "added_p99_ms": r["p99_ms"] - base["p99_ms"],
-                }
-                rows.append(row)
-                print(
-                    f"c={c:<4} {name:<14} rps={r['rps']:8.0f}  p50={r['p50_ms']:7.2f} ms  "
-                    f"p99={r['p99_ms']:7.2f} ms  added p50={row['added_p50_ms']:6.2f} ms  "
-                    f"added p99={row['added_p99_ms']:6.2f} ms  errors={r['errors']}",
-                    flush=True,
-                )
+        for rset in sets:
+            stream = rset == "stream"
+            duration = args.stream_duration if stream else args.duration
+            for c in concurrencies:
+                base: dict[str, float] | None = None
+                for name, url in targets.items():
+                    r = await _load(url + "/v1/completions", c, duration, stream=stream)
+                    if name == "direct":
+                        base = r
+                    assert base is not None
+                    row = _row(rset, name, c, r, base)
+                    rows.append(row)
+                    _print_row(row)
         out = {
             "benchmark": "dataplane_overhead",
             "machine": {
@@ -247,11 +372,19 @@ async def _main(args: argparse.Namespace) -> None:
                 "cores": os.cpu_count(),
                 "python": platform.python_version(),
                 "platform": platform.platform(),
+                "load_avg_at_end": os.getloadavg(),
             },
             "duration_s": args.duration,
+            "stream_duration_s": args.stream_duration,
             "envoy_workers": args.envoy_workers,
             "request_bytes": len(BODY),
             "response_bytes": len(ANSWER),
+            "stream": {
+                "request_bytes": len(STREAM_BODY),
+                "tokens": args.tokens,
+                "prefill_ms": args.prefill_ms,
+                "token_interval_ms": args.token_interval_ms,
+            },
             "rows": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,8 +417,14 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--upstream", default="")
     ap.add_argument("--transport", choices=TRANSPORTS, default="h2", help="picker role: ext_proc gRPC server")
-    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
+    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per tiny-request cell")
+    ap.add_argument("--stream-duration", type=float, default=8.0, help="measured seconds per stream cell")
     ap.add_argument("--concurrency", default="1,32,256")
+    ap.add_argument("--sets", default="tiny,stream", help="row sets: tiny (max rps), stream (TTFT)")
+    ap.add_argument("--only", default="", help="comma-separated data planes (direct is always run)")
+    ap.add_argument("--tokens", type=int, default=16, help="stream set: tokens per generation")
+    ap.add_argument("--prefill-ms", type=float, default=10.0, help="stream set: upstream time to first token")
+    ap.add_argument("--token-interval-ms", type=float, default=20.0, help="stream set: time between tokens")
     ap.add_argument("--envoy-workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -295,7 +434,9 @@ def main() -> None:
 
             uvloop.install()
     if args.role == "upstream":
-        asyncio.run(_run_upstream(args.port))
+        asyncio.run(
+            _run_upstream(args.port, args.tokens, args.prefill_ms / 1000, args.token_interval_ms / 1000)
+        )
     elif args.role == "picker":
         asyncio.run(_run_picker(args.port, args.upstream, args.transport))
     elif args.role == "builtin":

@@ -154,18 +154,23 @@ async def test_picker_down(replicas: list[str], mode: str) -> None:
                     await asyncio.sleep(0.05)
             statuses = []
             upstreams = set()
+            errors = []
             for i in range(6):
                 async with http.post(dp.url + "/v1/completions", json={"model": "m", "prompt": f"p{i}"}) as r:
                     statuses.append(r.status)
-                    await r.read()
+                    body = await r.read()
                     assert "x-gateway-destination-endpoint-served" not in r.headers
                     if r.status == 200:
                         upstreams.add(r.headers[HDR_UPSTREAM_DEBUG])
+                    else:
+                        assert r.headers["content-type"] == "application/json"
+                        errors.append(orjson.loads(body)["error"]["code"])
         if mode == "FailOpen":
             assert statuses == [200] * 6
             assert len(upstreams) == 3  # plain round robin over the pool
         else:
             assert statuses == [503] * 6
+            assert errors == ["picker_unavailable"] * 6  # OpenAI-style JSON body, not Envoy's empty one
     finally:
         await _stop(dp, gw)
 

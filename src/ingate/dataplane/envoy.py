@@ -57,6 +57,18 @@ FailureMode = Literal["FailOpen", "FailClose"]
 CLUSTER_PICKED = "ingate_picked"
 CLUSTER_POOL = "ingate_pool"
 CLUSTER_EXTPROC = "ingate_extproc"
+PICKER_ERROR_STATUS = 508
+"""Status Envoy's ext_proc filter answers when the picker fails (`status_on_error`); never sent by the
+picker, and rewritten to 503 with `PICKER_ERROR_BODY` by the listener's local-reply mapper."""
+PICKER_ERROR_BODY = orjson.dumps(
+    {
+        "error": {
+            "message": "the endpoint picker is unavailable",
+            "type": "service_unavailable",
+            "code": "picker_unavailable",
+        }
+    }
+)
 HDR_UPSTREAM_DEBUG = "x-ingate-upstream-address"
 """Response header with the address Envoy really connected to (only with `debug_headers`)."""
 
@@ -151,6 +163,33 @@ def _picker_cluster(s: EnvoySettings, connect_timeout: str) -> dict[str, Any]:
     return c
 
 
+def _picker_error_mapper() -> dict[str, Any]:
+    """Local-reply mapper: Envoy's reply when ext_proc fails becomes 503 + an OpenAI-style JSON body.
+
+    Matching on the otherwise unused `PICKER_ERROR_STATUS` (rather than on 503) leaves the picker's
+    own 503 answers (no endpoint, queue expiry), which carry their own JSON body, untouched.
+    """
+    return {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {
+                        "default_value": PICKER_ERROR_STATUS,
+                        "runtime_key": "ingate.picker_error_status",
+                    },
+                }
+            }
+        },
+        "status_code": 503,
+        "body": {"inline_string": PICKER_ERROR_BODY.decode()},
+        "body_format_override": {
+            "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+            "content_type": "application/json",
+        },
+    }
+
+
 def _processing_mode(responses: bool) -> dict[str, str]:
     mode = {
         "request_header_mode": "SEND",
@@ -178,8 +217,9 @@ def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
             "message_timeout": _duration(s.message_timeout_s),
             "processing_mode": _processing_mode(s.response_processing),
             "metadata_options": {"receiving_namespaces": {"untyped": [LB_NAMESPACE]}},
-            # FailClose: the client gets 503 (service unavailable), not Envoy's default 500.
-            "status_on_error": {"code": 503},
+            # The picker failing (unreachable, stream error, FailClose) answers a status the picker itself
+            # never sends; the local-reply mapper below turns it into a 503 with a JSON error body.
+            "status_on_error": {"code": PICKER_ERROR_STATUS},
         },
     }
     picked_match = {
@@ -226,6 +266,7 @@ def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
         "codec_type": "AUTO",
         "stream_idle_timeout": _duration(s.stream_idle_timeout_s),
         "route_config": {"name": "ingate", "virtual_hosts": [vhost]},
+        "local_reply_config": {"mappers": [_picker_error_mapper()]},
         "http_filters": [
             *([ext_proc] if s.ext_proc else []),
             {

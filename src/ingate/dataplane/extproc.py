@@ -20,6 +20,10 @@ request. The filter runs with request/response headers `SEND`, bodies `FULL_DUPL
 Errors from the director (`GatewayError`) and oversized bodies become `ImmediateResponse`s with the
 OpenAI-style JSON body, so the client never waits on a decision that will not come.
 
+The servicer is transport-neutral: `Process` takes an async iterator of requests and yields answers.
+`ExtProcServer` runs it on `ingate.dataplane.grpc_h2` (an in-loop HTTP/2 gRPC server, the default) or
+on `grpc.aio` (`transport="grpcio"`).
+
 The per-message path is the gateway's latency path: no JSON is re-serialised (the body is forwarded as
 the director returns it), constant responses are prebuilt protobuf messages, and bodies are sliced with
 `memoryview` without copies beyond what protobuf needs.
@@ -52,8 +56,9 @@ log = logging.getLogger(__name__)
 MAX_CHUNK = 62_000
 """Largest body chunk sent back to Envoy in one streamed mutation (stays under gRPC's default frame)."""
 LB_NAMESPACE = "envoy.lb"
-"""Bytes of the response body kept to find `usage` (the last SSE chunks or the end of a JSON body)."""
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
+ANSWER_CACHE = 4096
+"""Prebuilt per-destination answers kept (a pool has at most a few thousand endpoints)."""
 
 # Prebuilt constant answers: one allocation at import, none per message.
 _EMPTY_REQ_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
@@ -197,6 +202,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         """False when Envoy does not send responses (response modes SKIP/NONE): the stream's end is then
         the request's end, not an early disconnect."""
         self.active_streams = 0
+        self._answers: dict[str, pb.ProcessingResponse] = {}
+        self._served: dict[str, pb.ProcessingResponse] = {}
         self._too_large = GatewayError(
             413, f"request body exceeds the limit of {max_body_bytes} bytes", "too_large"
         )
@@ -230,25 +237,55 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return None, [_gateway_error_response(e)]
         return decision, self._decided(decision, len(raw))
 
+    def _headers_answer(self, dest: str, new_length: int | None) -> pb.ProcessingResponse:
+        """The request-headers answer routing to `dest`; constant per destination when the body is
+        unchanged, so those are built once (bounded cache) and reused."""
+        if new_length is None:
+            hit = self._answers.get(dest)
+            if hit is not None:
+                return hit
+        sets = [_set_header(HDR_DESTINATION, dest)]
+        if new_length is not None:
+            sets.append(_set_header("content-length", str(new_length)))
+        answer = pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(
+                response=pb.CommonResponse(
+                    header_mutation=pb.HeaderMutation(set_headers=sets),
+                    clear_route_cache=True,
+                )
+            ),
+            dynamic_metadata=_lb_metadata(dest),
+        )
+        if new_length is None:
+            if len(self._answers) >= ANSWER_CACHE:
+                self._answers.clear()
+            self._answers[dest] = answer
+        return answer
+
+    def _served_answer(self, address: str) -> pb.ProcessingResponse:
+        """The response-headers answer adding the served-endpoint header (cached per address)."""
+        hit = self._served.get(address)
+        if hit is None:
+            hit = pb.ProcessingResponse(
+                response_headers=pb.HeadersResponse(
+                    response=pb.CommonResponse(
+                        header_mutation=pb.HeaderMutation(
+                            set_headers=[_set_header(HDR_DESTINATION_SERVED, address)]
+                        )
+                    )
+                )
+            )
+            if len(self._served) >= ANSWER_CACHE:
+                self._served.clear()
+            self._served[address] = hit
+        return hit
+
     def _decided(self, decision: Any, original_len: int) -> list[pb.ProcessingResponse]:
         """Headers answer + body chunks for a decision (the order Envoy requires)."""
         dest = _destination(decision, self.fallbacks)
         body: bytes = decision.upstream_body
-        sets = [_set_header(HDR_DESTINATION, dest)]
-        if len(body) != original_len:
-            sets.append(_set_header("content-length", str(len(body))))
-        out = [
-            pb.ProcessingResponse(
-                request_headers=pb.HeadersResponse(
-                    response=pb.CommonResponse(
-                        header_mutation=pb.HeaderMutation(set_headers=sets),
-                        clear_route_cache=True,
-                    )
-                ),
-                dynamic_metadata=_lb_metadata(dest),
-            )
-        ]
         n = len(body)
+        out = [self._headers_answer(dest, None if n == original_len else n)]
         if n == 0:
             out.append(_body_chunk(b"", True))
             return out
@@ -342,17 +379,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                             v = h.raw_value or h.value.encode()
                             resp_len = int(v) if v.isdigit() else -1
                     if self.report_served and decision is not None:
-                        yield pb.ProcessingResponse(
-                            response_headers=pb.HeadersResponse(
-                                response=pb.CommonResponse(
-                                    header_mutation=pb.HeaderMutation(
-                                        set_headers=[
-                                            _set_header(HDR_DESTINATION_SERVED, decision.target.address)
-                                        ]
-                                    )
-                                )
-                            )
-                        )
+                        yield self._served_answer(decision.target.address)
                     else:
                         yield _EMPTY_RESP_HEADERS
                     if rsh.end_of_stream and decision is not None:

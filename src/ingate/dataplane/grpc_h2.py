@@ -76,6 +76,8 @@ CONN_WINDOW = 1 << 30
 MAX_FRAME = 1 << 20
 """Largest frame we accept (SETTINGS_MAX_FRAME_SIZE); fewer, larger frames from the peer."""
 MAX_STREAMS = 100_000
+BLOCK_CACHE = 256
+"""Decoded header blocks remembered per connection (see `_Connection._decode_block`)."""
 
 _FRAME = struct.Struct(">HBBBI")  # 24-bit length as (high 16, low 8), type, flags, stream id
 _U32 = struct.Struct(">I")
@@ -216,6 +218,7 @@ class _Connection(asyncio.Protocol):
         self.hdr_end_stream = False
         self.closed = False
         self.going_away = False
+        self.block_cache: dict[tuple[tuple[int, int, int], bytes], list[tuple[bytes, bytes]]] = {}
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -377,11 +380,36 @@ class _Connection(asyncio.Protocol):
             self.hdr_block = bytearray(fragment)
             self.hdr_end_stream = eos
 
-    def _header_block(self, sid: int, block: bytes, eos: bool) -> None:
+    def _table_state(self) -> tuple[int, int, int]:
+        """Identifies the HPACK dynamic table's content: an insertion always puts a new entry first."""
+        t = self.decoder.header_table
+        entries = t.dynamic_entries
+        return len(entries), id(entries[0]) if entries else 0, t.maxsize
+
+    def _decode_block(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """Decode a header block; a block already seen against the same table state is not re-decoded.
+
+        Envoy's request headers are identical on every stream once its encoder has indexed them
+        (a few bytes of indexed fields), so the cache hits on nearly every stream. Only blocks that
+        left the table unchanged are cached, so skipping their decode cannot desynchronise the table.
+        """
+        before = self._table_state()
+        key = (before, block)
+        hit = self.block_cache.get(key)
+        if hit is not None:
+            return hit
         try:
-            headers = self.decoder.decode(block, raw=True)
+            headers = cast(list[tuple[bytes, bytes]], self.decoder.decode(block, raw=True))
         except Exception as e:  # hpack raises several types; all are fatal for the connection
             raise ConnectionError_(COMPRESSION_ERROR, f"HPACK: {e}") from None
+        if self._table_state() == before:
+            if len(self.block_cache) >= BLOCK_CACHE:
+                self.block_cache.clear()
+            self.block_cache[key] = headers
+        return headers
+
+    def _header_block(self, sid: int, block: bytes, eos: bool) -> None:
+        headers = self._decode_block(block)
         st = self.streams.get(sid)
         if st is not None:  # trailers from the client
             if not eos:
