@@ -226,9 +226,26 @@ async def test_response_passes_through_first_token_usage_and_single_finish() -> 
     s.close()
     with pytest.raises(StopAsyncIteration):
         await gen.__anext__()
+    await asyncio.sleep(0)  # feedback runs right after the last answer was handed to the transport
     assert len(d.finished) == 1
     o = d.finished[0]
     assert (o.status, o.prompt_tokens, o.completion_tokens, o.error) == (200, 7, 2, None)
+
+
+async def test_stream_closed_right_after_the_last_chunk_counts_as_complete() -> None:
+    """Envoy may reset the gRPC stream as soon as it has the final echo: the generator is closed at
+    that yield and never resumes, and the response must still be accounted once, as a success."""
+    d = _Director()
+    s = _Stream()
+    gen = _servicer(d).Process(s, None)
+    s.send(req_headers(len(BODY)), req_body(BODY, True))
+    await _collect(gen, 2)
+    s.send(resp_headers(200), resp_body(b'{"usage":{"prompt_tokens":4,"completion_tokens":1}}', True))
+    await _collect(gen, 2)
+    await gen.aclose()
+    await asyncio.sleep(0)
+    assert [(o.status, o.prompt_tokens, o.error) for o in d.finished] == [(200, 4, None)]
+    assert d.first_tokens == 1
 
 
 async def test_client_disconnect_mid_stream_finishes_once_with_error() -> None:

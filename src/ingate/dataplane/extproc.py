@@ -312,35 +312,51 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         tail = bytearray()
         resp_len = -1
         finished = False
+        first_pending = False
+        """The first token was seen and `director.on_first_token` is still to run."""
+        unaccounted = False
+        """The response completed and `director.finish` is still to run."""
+        loop = asyncio.get_running_loop()
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
                 if kind == "response_body":
                     rb = msg.response_body
                     data = rb.body
-                    if (
-                        data
+                    first = (
+                        bool(data)
                         and outcome.first_token_at is None
                         and decision is not None
                         and outcome.status < 400
-                    ):
+                    )
+                    if first:
                         outcome.first_token_at = time.monotonic()
-                        director.on_first_token(decision)
+                        first_pending = True
                     if data:
                         outcome.body_bytes += len(data)
                         # Amortised: append, trim only when twice the window (no per-chunk 16 KB copy).
                         tail += data
                         if len(tail) > 2 * USAGE_TAIL:
                             del tail[:-USAGE_TAIL]
-                    if not finished and (rb.end_of_stream or 0 <= resp_len <= outcome.body_bytes):
-                        # Account before the last yield: Envoy may close the stream as soon as it has
-                        # the final chunk, and the generator would never resume.
+                    complete = not finished and (rb.end_of_stream or 0 <= resp_len <= outcome.body_bytes)
+                    if complete:
+                        # The response is complete; it is accounted as such even if Envoy closes the
+                        # stream as soon as it has this chunk and the generator never resumes (finally).
                         finished = True
-                        self._finish(decision, outcome, tail, None)
+                        outcome.ended_at = time.monotonic()
+                        unaccounted = True
                     if rb.end_of_stream:
                         yield _echo_body(data, True) if data else _EMPTY_RESP_EOS
                     else:
                         yield _echo_body(data, False)
+                    # The echo is queued with the transport; the feedback work (metrics, plugins'
+                    # post-response hooks) runs after it, off the token's path (FIFO callbacks).
+                    if first_pending:
+                        first_pending = False
+                        loop.call_soon(director.on_first_token, decision)
+                    if unaccounted:
+                        unaccounted = False
+                        loop.call_soon(self._finish, decision, outcome, tail, None)
                 elif kind == "request_body":
                     rb2 = msg.request_body
                     if rb2.body:
@@ -412,7 +428,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             raise
         finally:
             self.active_streams -= 1
-            if decision is not None and not finished:
+            if first_pending:
+                director.on_first_token(decision)
+            if unaccounted:
+                self._finish(decision, outcome, tail, None)
+            elif decision is not None and not finished:
                 if outcome.error is None and self.expect_responses:
                     outcome.error = "stream ended before the response completed"
                 self._finish(decision, outcome, tail, outcome.error)
@@ -420,7 +440,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def _finish(self, decision: Any, outcome: ResponseOutcome, tail: bytearray, error: str | None) -> None:
         if decision is None:
             return
-        outcome.ended_at = time.monotonic()
+        if not outcome.ended_at:
+            outcome.ended_at = time.monotonic()
         outcome.error = error
         if tail:
             outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens = parse_usage_tail(
