@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import random
 import signal
 import socket
 import subprocess
@@ -195,12 +196,18 @@ def _pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))] * 1000
 
 
-async def _load(url: str, concurrency: int, duration: float, stream: bool = False) -> dict[str, float]:
+async def _load(
+    url: str, concurrency: int, duration: float, stream: bool = False, stagger_s: float = 0.0
+) -> dict[str, float]:
     """Closed loop: `concurrency` workers, each sending its next request when the last one ended.
 
     Non-streaming: latency = whole request. Streaming: TTFT = until the first body bytes (the first
-    SSE event), and the request must end with `data: [DONE]`.
+    SSE event), and the request must end with `data: [DONE]`. Workers start at random offsets within
+    `stagger_s` (seeded, so every data plane sees the same offsets): generations of equal length
+    would otherwise stay in lockstep, every stream's token arriving in the same instant.
     """
+    rng = random.Random(concurrency)
+    offsets = [rng.uniform(0, stagger_s) for _ in range(concurrency)]
     lat: list[float] = []
     ttfts: list[float] = []
     errors = 0
@@ -212,8 +219,9 @@ async def _load(url: str, concurrency: int, duration: float, stream: bool = Fals
         warm_end = time.monotonic() + min(1.0, duration / 3)
         stop = warm_end + duration
 
-        async def worker() -> None:
+        async def worker(offset: float) -> None:
             nonlocal errors
+            await asyncio.sleep(offset)
             while True:
                 t0 = time.perf_counter()
                 now = time.monotonic()
@@ -241,7 +249,7 @@ async def _load(url: str, concurrency: int, duration: float, stream: bool = Fals
                     else:
                         errors += 1
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(o) for o in offsets))
     lat.sort()
     ttfts.sort()
     n = len(lat)
@@ -355,10 +363,12 @@ async def _main(args: argparse.Namespace) -> None:
         for rset in sets:
             stream = rset == "stream"
             duration = args.stream_duration if stream else args.duration
+            # Stream workers start spread over one generation (see `_load`).
+            stagger = (args.prefill_ms + args.tokens * args.token_interval_ms) / 1000 if stream else 0.0
             for c in concurrencies:
                 base: dict[str, float] | None = None
                 for name, url in targets.items():
-                    r = await _load(url + "/v1/completions", c, duration, stream=stream)
+                    r = await _load(url + "/v1/completions", c, duration, stream=stream, stagger_s=stagger)
                     if name == "direct":
                         base = r
                     assert base is not None
