@@ -87,6 +87,8 @@ async def test_tenants_run_side_by_side_with_their_own_headers(server: str) -> N
         loaded = await _run_tenants(s, server, wl, 1, lambda _: None)
     assert {r.tenant for r in alone.records} == {"crit"}
     assert {r.tenant for r in loaded.records} == {"crit", "std", "shed"}
+    # The same arrival pattern for "crit" alone and under load (same rate): the same number of requests.
+    assert sum(r.tenant == "crit" for r in loaded.records) == len(alone.records)
     assert all(h.get("x-gateway-inference-objective") == "critical" for h in SEEN[: len(alone.records)])
     assert any(h.get("x-gateway-inference-fairness-id") == "b" for h in SEEN)
     summ = tenant_summaries([r.to_json() for r in loaded.records], 0.5, {"ttft_s": 2.0})
