@@ -50,6 +50,11 @@ def make_datastore(n: int, rng: random.Random) -> Datastore:
     return Datastore(eps)
 
 
+def _text(rng: random.Random, n: int) -> str:
+    """`n` characters of random lowercase hex (fast enough for thousands of 32 KB prompts)."""
+    return rng.randbytes((n + 1) // 2).hex()[:n]
+
+
 def make_requests(
     count: int, prompt_bytes: int, rng: random.Random, shared: bool = True
 ) -> list[InferenceRequest]:
@@ -57,15 +62,12 @@ def make_requests(
 
     With `shared=False` every prompt is different from its first byte (no head to reuse or match).
     """
-    prefixes = ["".join(rng.choice("abcdefghij ") for _ in range(prompt_bytes // 2)) for _ in range(16)]
+    half = prompt_bytes // 2
+    prefixes = [_text(rng, half) for _ in range(16)]
     reqs = []
     for i in range(count):
-        tail = f"user {i} " + "".join(rng.choice("klmnopqrst ") for _ in range(prompt_bytes // 2 - 12))
-        head = (
-            rng.choice(prefixes)
-            if shared
-            else f"{i:08d}" + "".join(rng.choice("abcdefghij ") for _ in range(prompt_bytes // 2 - 8))
-        )
+        head = rng.choice(prefixes) if shared else f"{i:08d}" + _text(rng, half - 8)
+        tail = f"user {i:08d} " + _text(rng, half - 14)
         body = orjson.dumps({"model": "m", "prompt": head + tail})
         r = parse_request(COMPLETIONS, {}, body)
         r.target_model = "m"
@@ -80,13 +82,14 @@ def measure(
     rng = random.Random(seed)
     ds = make_datastore(n_endpoints, rng)
     sched = build_scheduler(SchedulerConfig(), ds)
-    reqs = make_requests(min(decisions, 1000), prompt_bytes, rng, shared)
-    for r in reqs[:200]:  # warm the prefix index and the interpreter's caches
+    # Every timed decision sees a prompt it has not scheduled before (warm-up prompts are separate).
+    warmup = 500
+    reqs = make_requests(warmup + decisions, prompt_bytes, rng, shared)
+    for r in reqs[:warmup]:  # warm the prefix index and the interpreter's caches
         sched.schedule(r)
     samples = []
     clock = time.perf_counter_ns
-    for i in range(decisions):
-        r = reqs[i % len(reqs)]
+    for r in reqs[warmup:]:
         t0 = clock()
         sched.schedule(r)
         samples.append(clock() - t0)

@@ -108,16 +108,19 @@ def test_prefix_scorer_prefers_endpoint_that_saw_the_prefix() -> None:
     assert s[a] == 0.0 and s[b] == pytest.approx(10 / 11)
 
 
-def test_prefix_index_lru_eviction_and_endpoint_removal() -> None:
+def test_prefix_index_forgets_oldest_generation_within_capacity() -> None:
     a = ep(0)
-    idx = PrefixIndex(capacity=3)
-    idx.record(a, [1, 2, 3], 3)
-    idx.record(a, [4], 3)  # evicts 3: a prefix is trimmed from its tail, its head stays usable
-    assert idx.size(a) == 3
-    assert idx.match([1, 2, 3], [a])[a] == 2
-    assert idx.match([4], [a])[a] == 1
+    idx = PrefixIndex(capacity=8)
+    idx.record(a, [1, 2, 3], 8)
+    idx.record(a, [4, 5], 8)  # young reaches half the capacity: it becomes the old generation
+    assert idx.match([1, 2, 3], [a])[a] == 3 and idx.match([4, 5], [a])[a] == 2
+    for k in range(10, 50, 4):  # keep recording new prompts: memory stays bounded
+        idx.record(a, [k, k + 1, k + 2], 8)
+        assert idx.size(a) <= 8 + 3
+    assert idx.match([1, 2, 3], [a])[a] == 0  # the oldest blocks are forgotten ...
+    assert idx.match([46, 47, 48], [a])[a] == 3  # ... the latest are remembered
     idx.remove_endpoint(a)
-    assert idx.match([2], [a])[a] == 0 and idx.size(a) == 0
+    assert idx.match([46], [a])[a] == 0 and idx.size(a) == 0
 
 
 def test_prefix_index_counts_leading_blocks_per_endpoint() -> None:
@@ -132,13 +135,26 @@ def test_prefix_index_counts_leading_blocks_per_endpoint() -> None:
 
 def test_prefix_index_repeat_record_refreshes_recency() -> None:
     a = ep(0)
-    idx = PrefixIndex(capacity=3)
-    idx.record(a, [1, 2], 3)
-    idx.record(a, [3], 3)
-    idx.record(a, [1, 2], 3)  # all known: 1 and 2 become most recent, 3 is now the oldest
-    idx.record(a, [4], 3)  # evicts 3
+    idx = PrefixIndex(capacity=8)
+    idx.record(a, [1, 2], 8)
+    idx.record(a, [3, 4], 8)  # generation full: {1, 2, 3, 4} is now the old one
+    idx.record(a, [1, 2], 8)  # re-used: 1 and 2 are young again
+    idx.record(a, [5, 6], 8)  # the young generation retires, {3, 4} is forgotten with the old one
     assert idx.match([1, 2], [a])[a] == 2
-    assert idx.match([3], [a])[a] == 0
+    assert idx.match([3, 4], [a])[a] == 0
+    assert idx.match([5, 6], [a])[a] == 2
+
+
+def test_prefix_index_shorter_record_keeps_head_matchable() -> None:
+    a = ep(0)
+    idx = PrefixIndex(capacity=10)
+    idx.record(a, [1, 2, 3, 4], 10)
+    idx.record(a, [1, 2, 9], 10)  # a sibling prompt with the same head, recorded last
+    for k in (20, 30):  # two generations of other prompts: both are forgotten
+        idx.record(a, [k, k + 1, k + 2, k + 3, k + 4], 10)
+    assert idx.match([1, 2, 3, 4], [a])[a] == 0
+    idx.record(a, [1, 2, 9], 10)
+    assert idx.match([1, 2, 3, 4], [a])[a] == 2  # head held, tail forgotten: a prefix, never a gap
 
 
 def test_max_score_picker_breaks_ties_randomly() -> None:
