@@ -8,6 +8,7 @@ The raw bytes are kept so an unchanged body is forwarded without re-serialisatio
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -167,12 +168,25 @@ def parse_request(
         headers=headers,
         target_model=headers.get(HDR_MODEL_REWRITE) or model,
         objective=headers.get(HDR_OBJECTIVE) or None,
-        fairness_id=headers.get(HDR_FAIRNESS_ID) or DEFAULT_FLOW,
+        fairness_id=headers.get(HDR_FAIRNESS_ID) or api_key_flow(headers) or DEFAULT_FLOW,
         slo_ttft_ms=_float_header(headers, HDR_SLO_TTFT),
         slo_tpot_ms=_float_header(headers, HDR_SLO_TPOT),
         arrival=now,
     )
     return req
+
+
+def api_key_flow(headers: Mapping[str, str]) -> str | None:
+    """The flow of a request without a fairness-id header: its API key (`authorization: Bearer KEY`),
+    as `key-` + the first 16 hex digits of the key's SHA-256, so the key never reaches metric labels."""
+    auth = headers.get("authorization")
+    if not auth:
+        return None
+    scheme, _, key = auth.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        return None
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _float_header(headers: Mapping[str, str], name: str) -> float | None:

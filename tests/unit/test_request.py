@@ -22,6 +22,19 @@ def test_completion_fields_and_headers() -> None:
     assert req.body_for_upstream() is raw  # unchanged body is forwarded as-is, not re-serialised
 
 
+def test_flow_from_header_else_api_key_else_default() -> None:
+    raw = _body(model="m", prompt="hi")
+    bearer = {"authorization": "Bearer sk-secret-1"}
+    by_key = parse_request(COMPLETIONS, bearer, raw).fairness_id
+    assert by_key.startswith("key-") and len(by_key) == 20 and "secret" not in by_key
+    assert parse_request(COMPLETIONS, {"authorization": "Bearer sk-secret-1"}, raw).fairness_id == by_key
+    assert parse_request(COMPLETIONS, {"authorization": "Bearer sk-secret-2"}, raw).fairness_id != by_key
+    hdr = {**bearer, "x-gateway-inference-fairness-id": "t1"}
+    assert parse_request(COMPLETIONS, hdr, raw).fairness_id == "t1"
+    assert parse_request(COMPLETIONS, {"authorization": "Basic abc"}, raw).fairness_id == "default-flow"
+    assert parse_request(COMPLETIONS, {}, raw).fairness_id == "default-flow"
+
+
 def test_chat_messages_flattened_with_roles() -> None:
     raw = _body(
         model="m",
