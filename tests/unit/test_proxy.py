@@ -185,3 +185,41 @@ async def test_stream_chunks_arrive_incrementally() -> None:
 async def _metrics(proxy: BuiltinProxy) -> str:
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
         return await r.text()
+
+
+async def test_client_gone_mid_stream_is_499_and_cancels_upstream(caplog: Any) -> None:
+    upstream_done = asyncio.Event()
+    client_read_first = asyncio.Event()
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            await resp.write(b'data: {"choices":[{"text":"a"}]}\n\n')
+            await asyncio.wait_for(client_read_first.wait(), 5)
+            for _ in range(200):  # keeps streaming until the proxy drops the connection
+                await resp.write(b'data: {"choices":[{"text":"b"}]}\n\n')
+                await asyncio.sleep(0.01)
+        except (ConnectionResetError, asyncio.CancelledError):
+            upstream_done.set()
+        return resp
+
+    runner, addr = await _upstream(sse)
+    try:
+        async with _gateway([addr]) as (gw, proxy):
+            async with aiohttp.ClientSession() as s:
+                r = await s.post(proxy.url + "/v1/completions", json=BODY)
+                assert (await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)).startswith(b"data: ")
+                r.close()  # the client goes away mid-stream
+                client_read_first.set()
+            await asyncio.wait_for(upstream_done.wait(), 5)  # the upstream request was cancelled
+            for _ in range(100):
+                if gw.datastore.endpoints()[0].in_flight == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert gw.datastore.endpoints()[0].in_flight == 0
+            errors = [ln for ln in (await _metrics(proxy)).splitlines() if "request_error_total{" in ln]
+            assert any('error_code="499"' in ln and ln.endswith(" 1.0") for ln in errors), errors
+            assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+    finally:
+        await runner.cleanup()

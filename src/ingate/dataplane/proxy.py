@@ -7,6 +7,7 @@ client disconnect into a cancelled upstream request, and answers its own errors 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
@@ -154,6 +155,17 @@ class BuiltinProxy:
         finally:
             director.finish(decision, info)
 
+    @staticmethod
+    def _client_gone(
+        upstream: aiohttp.ClientResponse, info: ResponseInfo, resp: web.StreamResponse
+    ) -> web.StreamResponse:
+        """The client closed its connection: cancel the upstream request and report 499 to learners."""
+        upstream.close()
+        if info.status < 400:
+            info.status = 499
+        log.debug(kv(event="client_disconnected_mid_stream"))
+        return resp
+
     async def _forward(self, request: web.Request, d: Decision, info: ResponseInfo) -> web.StreamResponse:
         assert self._session is not None
         director = self.gateway.director
@@ -207,13 +219,21 @@ class BuiltinProxy:
             except aiohttp.ClientPayloadError:
                 info.status = 502
                 return resp
+            except ConnectionResetError:
+                # The client went away mid-stream (aiohttp raises this from `write`): not a server error.
+                return self._client_gone(upstream, info, resp)
             info.prompt_tokens, info.completion_tokens, info.cached_tokens = parse_usage_tail(
                 bytes(tail[-USAGE_TAIL:])
             )
-            await resp.write_eof()
+            try:
+                await resp.write_eof()
+            except ConnectionResetError:
+                return self._client_gone(upstream, info, resp)
             return resp
-        except BaseException:
+        except BaseException as e:
             upstream.close()  # client gone or failure mid-stream: drop the upstream connection, cancelling it
+            if info.status < 400:  # the response did not complete: learners must not count it as a success
+                info.status = 499 if isinstance(e, asyncio.CancelledError | ConnectionResetError) else 500
             raise
         finally:
             upstream.release()
