@@ -20,6 +20,8 @@ def test_quickstart_runs_both_profiles(tmp_path: Path) -> None:
             "2",
             "--replicas",
             "2",
+            "--rate",
+            "15",
             "--json-out",
             str(out),
         ],
