@@ -175,6 +175,43 @@ async def test_picker_down(replicas: list[str], mode: str) -> None:
         await _stop(dp, gw)
 
 
+async def test_failopen_pool_follows_the_pool_at_runtime(replicas: list[str]) -> None:
+    """With the picker down, FailOpen round robin uses the *current* pool: an endpoint removed from
+    the pool (discovery) stops receiving requests and comes back when it is re-added."""
+    dp, gw = await _gateway(replicas, "FailOpen", poolRefreshS=0.1)
+    try:
+        await dp.grpc.stop(0)
+
+        async def upstreams(n: int) -> set[str]:
+            seen = set()
+            for i in range(n):
+                async with http.post(dp.url + "/v1/completions", json={"model": "m", "prompt": f"q{i}"}) as r:
+                    await r.read()
+                    if r.status == 200:
+                        seen.add(r.headers[HDR_UPSTREAM_DEBUG])
+            return seen
+
+        async def settle(want: set[str]) -> set[str]:
+            got: set[str] = set()
+            for _ in range(60):  # bounded: the pool file is rewritten every 0.1 s, Envoy reloads it
+                got = await upstreams(6)
+                if got == want:
+                    break
+                await asyncio.sleep(0.1)
+            return got
+
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            assert await settle(set(replicas)) == set(replicas)
+            gone = gw.datastore.get(replicas[0])
+            assert gone is not None
+            gw.datastore.remove(replicas[0])
+            assert await settle(set(replicas[1:])) == set(replicas[1:])
+            gw.datastore.upsert(gone)
+            assert await settle(set(replicas)) == set(replicas)
+    finally:
+        await _stop(dp, gw)
+
+
 async def test_envoy_is_restarted_after_a_crash(replicas: list[str]) -> None:
     dp, gw = await _gateway(replicas, "FailClose")
     try:

@@ -14,6 +14,7 @@ from ingate.dataplane.envoy import (
     CLUSTER_POOL,
     EnvoySettings,
     find_envoy,
+    pool_assignment,
     render_bootstrap,
 )
 
@@ -26,11 +27,16 @@ def _ext_proc(b: dict[str, Any]) -> Any:
     return _hcm(b)["http_filters"][0]["typed_config"]
 
 
+@pytest.mark.parametrize("pool_from_file", [False, True])
 @pytest.mark.parametrize("mode", ["FailOpen", "FailClose"])
-def test_envoy_validates_the_bootstrap(tmp_path: Path, mode: str) -> None:
-    b = render_bootstrap(
-        EnvoySettings(picker_port=9002, pool=["127.0.0.1:8001", "127.0.0.1:8002"], failure_mode=mode)  # type: ignore[arg-type]
-    )
+def test_envoy_validates_the_bootstrap(tmp_path: Path, mode: str, pool_from_file: bool) -> None:
+    settings = EnvoySettings(picker_port=9002, pool=["127.0.0.1:8001", "127.0.0.1:8002"], failure_mode=mode)  # type: ignore[arg-type]
+    pool_file = None
+    if pool_from_file:  # the FailOpen pool as a watched EDS file (what EnvoyProcess renders)
+        pool_file = tmp_path / "pool" / "pool.json"
+        pool_file.parent.mkdir()
+        pool_file.write_bytes(orjson.dumps(pool_assignment(settings.pool, 1)))
+    b = render_bootstrap(settings, pool_file)
     cfg = tmp_path / "envoy.json"
     cfg.write_bytes(orjson.dumps(b))
     r = subprocess.run(

