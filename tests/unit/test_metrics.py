@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -105,3 +106,39 @@ async def test_scraper_updates_and_marks_stale_when_endpoint_dies() -> None:
 def test_every_engine_mapping_handles_empty_text(engine: str) -> None:
     m = parse_metrics("", ENGINES[engine], 0.0)
     assert (m.waiting, m.running) == (0, 0)
+
+
+async def test_slow_scrape_makes_metrics_stale_but_keeps_endpoint_schedulable() -> None:
+    release = asyncio.Event()
+
+    async def slow_metrics(request: web.Request) -> web.Response:
+        await release.wait()  # answers only after the scraper has timed out
+        return web.Response(text=VLLM)
+
+    app = web.Application()
+    app.router.add_get("/metrics", slow_metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    ep = Endpoint(name="slow", host="127.0.0.1", port=port)
+    refused = Endpoint(name="gone", host="127.0.0.1", port=_closed_port())
+    scraper = MetricsScraper(Datastore([ep, refused]), interval_s=0.02, timeout_s=0.1)
+    try:
+        await scraper.start()
+        assert not await scraper.scrape_once(ep)
+        assert ep.healthy and "Timeout" in (ep.metrics.scrape_error or "")
+        assert not scraper.is_fresh(ep)
+        assert not await scraper.scrape_once(refused)
+        assert not refused.healthy  # a refused connection does take it out of scheduling
+    finally:
+        release.set()
+        await scraper.stop()
+        await runner.cleanup()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

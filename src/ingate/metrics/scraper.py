@@ -89,8 +89,11 @@ class MetricsScraper:
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             self.failures += 1
             ep.metrics.scrape_error = f"{type(e).__name__}: {e}"
-            if isinstance(e, aiohttp.ClientConnectionError | OSError):
+            if isinstance(e, aiohttp.ClientConnectorError) and not isinstance(e, TimeoutError):
                 ep.healthy = False  # refuses connections: keep it out of scheduling until it answers
+            # A slow answer (timeout) or a dropped keep-alive connection only makes the metrics stale:
+            # on an overloaded host every scrape can time out at once, and taking the whole pool out
+            # of scheduling for that would turn a slow gateway into one that answers 503.
             return False
         ep.metrics = parse_metrics(text, names, time.monotonic())
         ep.healthy = True
