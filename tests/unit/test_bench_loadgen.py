@@ -180,7 +180,8 @@ def test_headline_compares_at_round_robin_saturation() -> None:
     from ingate.bench.report import headline, headline_markdown
 
     def stage(rate: float, att: float, p99: float, good: float) -> dict[str, object]:
-        return {"rate": rate, "summary": {"slo_attainment": att, "ttft_p99": p99, "goodput_rps": good}}
+        summary = {"slo_attainment": att, "ttft_p99": p99, "goodput_rps": good, "sent": 10}
+        return {"rate": rate, "summary": summary}
 
     res = {
         "workload": {"name": "w"},
@@ -211,4 +212,12 @@ def test_headline_compares_at_round_robin_saturation() -> None:
     verdict = md.split("\n\n", 1)[1]
     assert "p99 TTFT 90% lower than round robin (met); goodput +100% (met)" in verdict
     # same goodput as the best peer but a higher p99 TTFT: not "at least as good"
-    assert "vs best peer sglang-router: goodput 2.00 / 2.00, p99 TTFT 0.30 / 0.25 s (NOT met)" in verdict
+    assert (
+        "vs best peer sglang-router: goodput 2.00 / 2.00 req/s (10 / 10 requests within the SLO), " in verdict
+    )
+    assert "p99 TTFT 0.30 / 0.25 s (NOT met)" in verdict
+    # as many requests within the SLO (goodput differing only by drain time) and a lower p99: met
+    res["systems"][0]["stages"][1] = stage(2, 1.0, 0.2, 1.99)
+    assert "(10 / 10 requests within the SLO), p99 TTFT 0.20 / 0.25 s (at least as good: met)" in (
+        headline_markdown([res])
+    )
