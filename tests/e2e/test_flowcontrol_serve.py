@@ -278,9 +278,10 @@ async def test_queue_ttl_expiry_and_client_disconnect(
     replica = f"http://{sim.addresses[0]}"
     with serve(tmp_path, sim.addresses, flowControl=fc) as url:
         async with aiohttp.ClientSession() as s:
-            # Two long requests: one runs, one waits on the replica -> the pool is saturated for ~3 s.
+            # Two long requests: one runs, one waits on the replica -> the pool is saturated while the
+            # first one decodes (500 tokens, a few seconds: room for the TTL and disconnect checks).
             longs = [
-                asyncio.create_task(complete(s, url, flow="long", max_tokens=150, timeout_s=30))
+                asyncio.create_task(complete(s, url, flow="long", max_tokens=500, timeout_s=60))
                 for _ in range(2)
             ]
 
