@@ -142,3 +142,31 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def test_stop_returns_even_if_a_cancellation_comes_back_as_a_timeout() -> None:
+    ep = Endpoint(name="a", host="127.0.0.1", port=_closed_port())
+    scraper = MetricsScraper(Datastore([ep]), interval_s=0.01, timeout_s=0.05)
+    calls = swallowed = 0
+
+    async def racy_scrape(_: Endpoint) -> bool:
+        # What aiohttp can do when a cancel lands as its own timeout fires: the caller sees a
+        # timeout (a failed scrape), not the cancellation.
+        nonlocal calls, swallowed
+        calls += 1
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            swallowed += 1
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        return False
+
+    scraper.scrape_once = racy_scrape  # type: ignore[method-assign]
+    await scraper.start()
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await asyncio.wait_for(scraper.stop(), 5)  # used to wait forever on the loop task
+    assert time.monotonic() - t0 < 1.0
+    assert swallowed == 1
+    await asyncio.sleep(0.1)
+    assert calls == 1  # the loop ended instead of scraping on

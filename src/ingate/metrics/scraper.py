@@ -8,7 +8,6 @@ freshness (`EndpointMetrics.updated_at` stays old), so consumers see the stalene
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -43,6 +42,7 @@ class MetricsScraper:
         self._supervisor: asyncio.Task[None] | None = None
         self.scrapes = 0
         self.failures = 0
+        self._stopping = False
 
     async def __aenter__(self) -> MetricsScraper:
         await self.start()
@@ -52,6 +52,7 @@ class MetricsScraper:
         await self.stop()
 
     async def start(self) -> None:
+        self._stopping = False
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
@@ -60,14 +61,22 @@ class MetricsScraper:
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
     async def stop(self) -> None:
+        """Stop every scrape loop and close the session; never waits more than a few seconds.
+
+        The loops also check a stop flag: a cancellation that lands while aiohttp's own request timeout
+        fires can come back as a TimeoutError, which a loop would otherwise treat as a failed scrape
+        and carry on after.
+        """
+        self._stopping = True
         tasks = list(self._tasks.values())
         if self._supervisor is not None:
             tasks.append(self._supervisor)
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(2.0, 2 * self.timeout_s))
+            for t in pending:
+                log.warning("scrape task %s did not stop", t.get_name())
         self._tasks.clear()
         self._supervisor = None
         if self._session is not None:
@@ -87,6 +96,9 @@ class MetricsScraper:
                     raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from e  # we were cancelled while the timeout fired
             self.failures += 1
             ep.metrics.scrape_error = f"{type(e).__name__}: {e}"
             if isinstance(e, aiohttp.ClientConnectorError) and not isinstance(e, TimeoutError):
@@ -101,7 +113,7 @@ class MetricsScraper:
         return True
 
     async def _loop(self, ep: Endpoint) -> None:
-        while True:
+        while not self._stopping:
             t0 = time.monotonic()
             await self.scrape_once(ep)
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - t0)))
@@ -118,6 +130,6 @@ class MetricsScraper:
                 self._tasks[ep] = loop.create_task(self._loop(ep), name=f"scrape-{ep.address}")
 
     async def _supervise(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(0.5)
             self._reconcile()
