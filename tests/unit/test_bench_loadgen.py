@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from aiohttp import web
+from loopback_http import start_app
 
 from ingate.bench.loadgen import make_session, run_concurrent, run_poisson, send_one
 from ingate.bench.report import markdown_table, max_sustainable_rate, summarize
@@ -36,11 +37,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 async def server() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/v1/completions", _completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await start_app(app)
     yield f"http://127.0.0.1:{port}/v1/completions"
     await runner.cleanup()
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from aiohttp import web
+from loopback_http import start_app
 
 from ingate.datastore import Datastore, Endpoint
 from ingate.metrics.engines import ENGINES, parse_metrics
@@ -74,11 +75,7 @@ async def test_scraper_updates_and_marks_stale_when_endpoint_dies() -> None:
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await start_app(app)
     ep = Endpoint(name="a", host="127.0.0.1", port=port)
     ds = Datastore([ep])
     scraper = MetricsScraper(ds, interval_s=0.02, stale_after_s=0.1)
@@ -117,11 +114,7 @@ async def test_slow_scrape_makes_metrics_stale_but_keeps_endpoint_schedulable() 
 
     app = web.Application()
     app.router.add_get("/metrics", slow_metrics)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await start_app(app)
     ep = Endpoint(name="slow", host="127.0.0.1", port=port)
     refused = Endpoint(name="gone", host="127.0.0.1", port=_closed_port())
     scraper = MetricsScraper(Datastore([ep, refused]), interval_s=0.02, timeout_s=0.1)

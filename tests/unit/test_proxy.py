@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from loopback_http import start_app
 
 from ingate.config import parse_config
 from ingate.dataplane.proxy import BuiltinProxy
@@ -28,11 +29,7 @@ def _free_port() -> int:
 async def _upstream(handler: Handler) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_post("/v1/completions", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await start_app(app)
     return runner, f"127.0.0.1:{port}"
 
 

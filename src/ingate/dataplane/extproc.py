@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -479,7 +479,7 @@ def _echo_body(data: bytes, eos: bool) -> pb.ProcessingResponse:
 
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 Transport = Literal["h2", "grpcio"]
-TRANSPORTS: tuple[str, ...] = ("h2", "grpcio")
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
 
 
 class ExtProcServer:
