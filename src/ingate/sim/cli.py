@@ -59,6 +59,21 @@ def _csv(value: str) -> list[str]:
     show_default=True,
     help="Coalesce mid-stream tokens into SSE writes at most this often (first token and finish are immediate).",
 )
+@click.option(
+    "--scheduling-policy",
+    type=click.Choice(["fcfs", "priority"]),
+    default="fcfs",
+    show_default=True,
+    help="As vLLM's: 'priority' serves waiting requests by their 'priority' field (lower first); "
+    "'fcfs' rejects requests that carry a non-zero priority with 400.",
+)
+@click.option(
+    "--priority-preemption/--no-priority-preemption",
+    default=False,
+    show_default=True,
+    help="With --scheduling-policy priority: a waiting request that finds no batch slot or KV room "
+    "preempts the lowest-priority running request (as SGLang's priority scheduling; vLLM V1 does not).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--ready-file",
@@ -85,6 +100,8 @@ def sim(
     hang_rate: float,
     crash_after: int | None,
     stream_interval_ms: float,
+    scheduling_policy: str,
+    priority_preemption: bool,
     seed: int,
     ready_file: str | None,
 ) -> None:
@@ -111,6 +128,8 @@ def sim(
         crash_after=crash_after,
         stream_interval_ms=stream_interval_ms,
         seed=seed,
+        scheduling_policy=scheduling_policy,
+        priority_preemption=priority_preemption,
     )
     cfg = SimFleetConfig(
         replicas=replicas,

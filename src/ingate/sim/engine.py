@@ -4,7 +4,14 @@ Each step the scheduler (1) advances running requests, prefill chunks first-come
 token budget (`max_num_batched_tokens`), one token per decoding request, preempting the newest running
 request (recompute) when a decode step needs a KV block and none is left; (2) if nothing was preempted,
 admits waiting requests in arrival order while there is a sequence slot, token budget and KV room,
-skipping requests whose LoRA adapter cannot be loaded yet. The step's duration comes from the profile
+skipping requests whose LoRA adapter cannot be loaded yet.
+
+Scheduling policies, as vLLM's `--scheduling-policy`: `fcfs` (arrival order; preemption victim the newest
+running request) and `priority` (waiting requests ordered by (priority, arrival), lower value first;
+the victim of a KV shortage is the running request with the largest (priority, arrival)). Optional
+`priority_preemption` (off by default; vLLM V1 does not do it, SGLang's `--enable-priority-scheduling`
+does): a waiting request that finds no sequence slot or KV room preempts (recompute) the lowest-priority
+running request when that one's priority value is larger. The step's duration comes from the profile
 (`SimProfile.step_ms`), divided by `time_scale`; its effects (tokens, first tokens, finishes) apply when
 the step ends. One asyncio task per replica does O(batch) arithmetic per step.
 """
@@ -12,9 +19,11 @@ the step ends. One asyncio task per replica does O(batch) arithmetic per step.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ingate.sim.kvcache import KVCache
@@ -22,6 +31,7 @@ from ingate.sim.lora import LoraSlots
 from ingate.sim.profiles import SimProfile
 
 WAITING, RUNNING, FINISHED, ABORTED = "waiting", "running", "finished", "aborted"
+POLICIES = ("fcfs", "priority")
 
 
 @dataclass(eq=False, slots=True)
@@ -34,6 +44,9 @@ class SimRequest:
     max_tokens: int
     adapter: str | None
     arrival: float
+    priority: int = 0
+    """vLLM semantics: a lower value is scheduled first (only with the `priority` policy)."""
+    seq: int = 0
     state: str = WAITING
     prefill_target: int = 0
     computed: int = 0
@@ -68,6 +81,69 @@ class EngineConfig:
     time_scale: float = 1.0
     max_loras: int = 0
     lora_load_ms: float | None = None
+    scheduling_policy: str = "fcfs"
+    priority_preemption: bool = False
+
+
+class _FCFSQueue:
+    """Waiting requests in arrival order (preempted ones go back to the front)."""
+
+    def __init__(self) -> None:
+        self._q: deque[SimRequest] = deque()
+
+    def push(self, req: SimRequest) -> None:
+        self._q.append(req)
+
+    def push_front(self, req: SimRequest) -> None:
+        self._q.appendleft(req)
+
+    def pop(self) -> SimRequest:
+        return self._q.popleft()
+
+    def peek(self) -> SimRequest:
+        return self._q[0]
+
+    def remove(self, req: SimRequest) -> None:
+        self._q.remove(req)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[SimRequest]:
+        return iter(self._q)
+
+
+class _PriorityQueue:
+    """Waiting requests ordered by (priority, arrival); a preempted request keeps its place."""
+
+    def __init__(self) -> None:
+        self._h: list[tuple[int, float, int, SimRequest]] = []
+
+    def push(self, req: SimRequest) -> None:
+        heapq.heappush(self._h, (req.priority, req.arrival, req.seq, req))
+
+    push_front = push  # the key, not the insertion side, decides the order
+
+    def pop(self) -> SimRequest:
+        return heapq.heappop(self._h)[3]
+
+    def peek(self) -> SimRequest:
+        return self._h[0][3]
+
+    def remove(self, req: SimRequest) -> None:
+        for i, e in enumerate(self._h):
+            if e[3] is req:
+                self._h[i] = self._h[-1]
+                self._h.pop()
+                heapq.heapify(self._h)
+                return
+        raise ValueError("not queued")
+
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def __iter__(self) -> Iterator[SimRequest]:
+        return (e[3] for e in self._h)
 
 
 class Engine:
@@ -77,13 +153,18 @@ class Engine:
         p = cfg.profile
         if cfg.time_scale <= 0:
             raise ValueError("time_scale must be positive")
+        if cfg.scheduling_policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}")
         self.cfg = cfg
         self.profile = p
         self.kv = KVCache(p.num_gpu_blocks, p.block_size)
         self.lora = LoraSlots(cfg.max_loras)
         self.lora_load_ms = p.lora_load_ms if cfg.lora_load_ms is None else cfg.lora_load_ms
-        self.waiting: deque[SimRequest] = deque()
+        self.by_priority = cfg.scheduling_policy == "priority"
+        self.priority_preemption = cfg.priority_preemption and self.by_priority
+        self.waiting: _FCFSQueue | _PriorityQueue = _PriorityQueue() if self.by_priority else _FCFSQueue()
         self.running: list[SimRequest] = []
+        self._seq = itertools.count()
         self.on_finish = on_finish
         self.preemptions = 0
         self.steps = 0
@@ -96,18 +177,28 @@ class Engine:
 
     # -- client side ---------------------------------------------------------------------------------
     def submit(
-        self, rid: str, prompt_len: int, hashes: list[int], max_tokens: int, adapter: str | None
+        self,
+        rid: str,
+        prompt_len: int,
+        hashes: list[int],
+        max_tokens: int,
+        adapter: str | None,
+        priority: int = 0,
     ) -> SimRequest:
         """Queue a request; progress is signalled on `request.event`."""
+        if priority and not self.by_priority:
+            # vLLM's answer when a request carries a priority the server was not started for.
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
         bs = self.profile.block_size
         if (prompt_len + max_tokens + bs - 1) // bs > self.kv.num_blocks:
             raise ValueError(
                 f"request needs {prompt_len + max_tokens} tokens of KV cache but the replica holds "
                 f"{self.kv.num_blocks * bs}"
             )
-        req = SimRequest(rid, prompt_len, hashes, max_tokens, adapter, time.monotonic())
+        req = SimRequest(rid, prompt_len, hashes, max_tokens, adapter, time.monotonic(), priority)
+        req.seq = next(self._seq)
         req.prefill_target = prompt_len
-        self.waiting.append(req)
+        self.waiting.push(req)
         self._wake.set()
         return req
 
@@ -206,7 +297,7 @@ class Engine:
             held = req.private_blocks + len(req.cached_refs)
             victim_is_self = False
             while need > held and not self.kv.allocate(1):
-                victim = self.running[-1]
+                victim = self._victim()
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -223,16 +314,29 @@ class Engine:
         if not preempted:
             blocked_adapters: set[str] = set()
             skipped: list[SimRequest] = []
-            while self.waiting and len(self.running) < p.max_num_seqs and budget > 0:
-                req = self.waiting.popleft()
-                if req.adapter is not None and (
-                    req.adapter in blocked_adapters or not self.lora.can_run(req.adapter)
+            preempted_now: list[SimRequest] = []
+            while self.waiting and budget > 0:
+                if len(self.running) >= p.max_num_seqs and not self.priority_preemption:
+                    break
+                req = self.waiting.pop()
+                if req in preempted_now or (
+                    req.adapter is not None
+                    and (req.adapter in blocked_adapters or not self.lora.can_run(req.adapter))
                 ):
-                    blocked_adapters.add(req.adapter)
+                    # Blocked on LoRA slots, or preempted in this very step (its entries in this step's
+                    # batch are void): it waits for a later step.
+                    if req.adapter is not None and req not in preempted_now:
+                        blocked_adapters.add(req.adapter)
                     skipped.append(req)
                     continue
-                if not self._admit(req):
-                    self.waiting.appendleft(req)
+                if len(self.running) >= p.max_num_seqs and not self._preempt_for(req, preempted_now):
+                    self.waiting.push_front(req)
+                    break
+                admitted = self._admit(req)
+                while not admitted and self._preempt_for(req, preempted_now):
+                    admitted = self._admit(req)  # room made by preempting lower-priority work
+                if not admitted:
+                    self.waiting.push_front(req)
                     break
                 if req.adapter is not None and self.lora.acquire(req.adapter):
                     loads += 1
@@ -240,7 +344,7 @@ class Engine:
                 budget -= n
                 prefill.append((req, n, req.computed))
             for req in reversed(skipped):
-                self.waiting.appendleft(req)
+                self.waiting.push_front(req)
         return prefill, decode, loads
 
     def _admit(self, req: SimRequest) -> bool:
@@ -267,6 +371,23 @@ class Engine:
         self.running.append(req)
         return True
 
+    def _victim(self) -> SimRequest:
+        """The running request to preempt on a KV shortage."""
+        if self.by_priority:
+            return max(self.running, key=lambda r: (r.priority, r.arrival))
+        return self.running[-1]
+
+    def _preempt_for(self, req: SimRequest, preempted: list[SimRequest]) -> bool:
+        """Priority preemption: free room for ``req`` by preempting one strictly lower-priority request."""
+        if not (self.priority_preemption and self.running):
+            return False
+        victim = max(self.running, key=lambda r: (r.priority, r.arrival))
+        if victim.priority <= req.priority:
+            return False
+        self._preempt(victim)
+        preempted.append(victim)
+        return True
+
     def _preempt(self, req: SimRequest) -> None:
         self.running.remove(req)
         self._free(req)
@@ -275,7 +396,7 @@ class Engine:
         self.preemptions += 1
         req.computed = 0
         req.prefill_target = req.prompt_len + req.generated
-        self.waiting.appendleft(req)
+        self.waiting.push_front(req)
 
     def _free(self, req: SimRequest) -> None:
         self.kv.release(req.cached_refs, req.private_blocks)

@@ -41,6 +41,8 @@ class ReplicaConfig:
     crash_after: int | None = None
     stream_interval_ms: float = 0.0
     seed: int = 0
+    scheduling_policy: str = "fcfs"
+    priority_preemption: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -73,7 +75,14 @@ class Replica:
             cfg.max_loras = 4
         self.cfg = cfg
         self.engine = Engine(
-            EngineConfig(cfg.profile, cfg.time_scale, cfg.max_loras, cfg.lora_load_ms),
+            EngineConfig(
+                cfg.profile,
+                cfg.time_scale,
+                cfg.max_loras,
+                cfg.lora_load_ms,
+                cfg.scheduling_policy,
+                cfg.priority_preemption,
+            ),
         )
         self.metrics = SimMetrics(self.engine, cfg.model, cfg.max_loras)
         self.engine.on_finish = self.metrics.on_finish
@@ -262,6 +271,14 @@ class Replica:
         if isinstance(parsed, web.Response):
             return parsed
         model, tokens, max_tokens = parsed
+        priority = body.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            return _error(400, "'priority' must be an integer", "invalid_priority")
+        if priority and not self.engine.by_priority:
+            # vLLM rejects a priority the server was not started to honour (--scheduling-policy).
+            return _error(
+                400, f"Got priority {priority} but Priority scheduling is not enabled.", "invalid_priority"
+            )
         if cfg.extra_latency_ms > 0:
             await asyncio.sleep(cfg.extra_latency_ms / 1000.0 / cfg.time_scale)
         if cfg.error_rate > 0 and self._rng.random() < cfg.error_rate:
@@ -272,7 +289,7 @@ class Replica:
         hashes = block_hashes(tokens, cfg.profile.block_size, model)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         try:
-            req = self.engine.submit(rid, len(tokens), hashes, max_tokens, adapter)
+            req = self.engine.submit(rid, len(tokens), hashes, max_tokens, adapter, priority)
         except ValueError as e:
             return _error(400, str(e), "context_length_exceeded")
         try:
