@@ -51,6 +51,13 @@ class PoolConfig(_Model):
     name: str = "default-pool"
     engine: Literal["vllm", "sglang", "tgi", "trtllm", "triton-trtllm"] = "vllm"
     endpoints: list[EndpointConfig] = Field(min_length=1)
+    model_server_priority: Literal["none", "vllm", "sglang"] = "none"
+    """Send the objective's priority to the model servers in the body's `priority` field: `vllm`
+    (servers started with `--scheduling-policy priority`; lower value first, so the value is the
+    negated objective priority), `sglang` (`--enable-priority-scheduling`; higher first, sent as is).
+    Off by default: a vLLM server without the priority policy answers 400 to a non-zero priority.
+    When on, a `priority` the client put in the body is overwritten (clients cannot promote
+    themselves)."""
 
     @model_validator(mode="after")
     def _unique(self) -> PoolConfig:

@@ -49,6 +49,8 @@ class Endpoint:
     metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
     in_flight: int = 0
     """Requests the gateway has sent here that have not finished (tracked locally, not scraped)."""
+    in_flight_by_priority: dict[int, int] = field(default_factory=dict)
+    """`in_flight` split by priority; kept only with flowControl.preemption (empty otherwise)."""
     healthy: bool = True
     """False after a connection failure, until the next successful scrape."""
 

@@ -115,6 +115,9 @@ class Director:
         self._objective_by_model = {mn: o for o in config.objectives for mn in o.models}
         self._default_objective = self._objectives.get(config.default_objective or "")
         self._max_body = config.proxy.max_body_bytes
+        self._server_priority = config.pool.model_server_priority
+        fc = config.flow_control
+        self._by_priority = fc is not None and fc.enabled and fc.preemption
 
     def resolve(self, req: InferenceRequest) -> None:
         """Apply model rewrite / traffic split, adapter detection and the objective (priority, SLOs)."""
@@ -169,7 +172,15 @@ class Director:
         except GatewayError as e:
             tel.errors.labels(req.model, req.target_model, str(e.status)).inc()
             raise
-        d = Decision(req, result, ctx, req.body_for_upstream(), now, ticket=ticket)
+        sp = self._server_priority
+        body = req.body_for_upstream(
+            None if sp == "none" else -req.priority if sp == "vllm" else req.priority
+        )
+        d = Decision(req, result, ctx, body, now, ticket=ticket)
+        if self._by_priority:
+            if getattr(ticket, "preempting", False):
+                _prefer_preemptable(result, req.priority)
+            _count(d.target, req.priority, 1)
         ep = d.target
         ep.in_flight += 1
         tel.requests.labels(req.model, req.target_model).inc()
@@ -191,9 +202,13 @@ class Director:
         if d.finished or d.target_index + 1 >= len(d.result.endpoints):
             return None
         d.target.in_flight -= 1
+        if self._by_priority:
+            _count(d.target, d.request.priority, -1)
         d.target_index += 1
         new = d.target
         new.in_flight += 1
+        if self._by_priority:
+            _count(new, d.request.priority, 1)
         self.telemetry.retries.inc()
         return new
 
@@ -202,6 +217,7 @@ class Director:
             d.first_token_at = time.monotonic()
             req = d.request
             self.telemetry.ttft.labels(req.model, req.target_model).observe(d.first_token_at - d.started)
+            self.scheduler.on_first_token(d.ctx, req, d.target)
 
     def finish(self, d: Decision, info: ResponseInfo) -> None:
         """Release in-flight accounting and feed the outcome back; runs once per decision."""
@@ -211,6 +227,8 @@ class Director:
         ep = d.target
         req = d.request
         ep.in_flight -= 1
+        if self._by_priority:
+            _count(ep, req.priority, -1)
         tel = self.telemetry
         now = time.monotonic()
         if info.e2e_s is None:
@@ -239,3 +257,27 @@ class Director:
                     e2e_s=round(info.e2e_s, 4),
                 )
             )
+
+
+def _count(ep: Endpoint, priority: int, delta: int) -> None:
+    by = ep.in_flight_by_priority
+    n = by.get(priority, 0) + delta
+    if n:
+        by[priority] = n
+    else:
+        del by[priority]
+
+
+def _lower(ep: Endpoint, priority: int) -> int:
+    return sum(n for p, n in ep.in_flight_by_priority.items() if p < priority)
+
+
+def _prefer_preemptable(result: SchedulingResult, priority: int) -> None:
+    """A request dispatched to preempt should land where lower-priority work runs: the scheduler's
+    first choice (target, then fallbacks, so its filters still hold) that has some goes first."""
+    eps = result.endpoints
+    for i, ep in enumerate(eps):
+        if _lower(ep, priority) > 0:
+            if i:
+                eps.insert(0, eps.pop(i))
+            return

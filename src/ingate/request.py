@@ -70,12 +70,16 @@ class InferenceRequest:
         """Rough token count (4 characters per token), used where no tokenizer is at hand."""
         return max(1, len(self.prompt_text) // 4)
 
-    def body_for_upstream(self) -> bytes:
-        """The body to send upstream: the original bytes unless the model was rewritten."""
-        if self.target_model == self.model:
+    def body_for_upstream(self, server_priority: int | None = None) -> bytes:
+        """The body to send upstream: the original bytes unless the model was rewritten or the model
+        server's ``priority`` field must be set (``server_priority``, None = leave the body's own)."""
+        set_priority = server_priority is not None and self.body.get("priority", 0) != server_priority
+        if self.target_model == self.model and not set_priority:
             return self.raw_body
         body = dict(self.body)
         body["model"] = self.target_model
+        if set_priority:
+            body["priority"] = server_priority
         return orjson.dumps(body)
 
 

@@ -189,3 +189,52 @@ async def test_flow_control_seam_admits_and_releases_once() -> None:
     with pytest.raises(GatewayError):
         await d.handle("/v1/completions", {}, _body())
     assert flow.released == [1, 2]  # a ticket admitted but not scheduled is released too
+
+
+@pytest.mark.parametrize(("mode", "sent"), [("vllm", -10), ("sglang", 10)])
+async def test_objective_priority_reaches_the_model_server(mode: str, sent: int) -> None:
+    cfg = _cfg(pool={"endpoints": [{"address": "127.0.0.1:9001"}], "modelServerPriority": mode})
+    d, _ = _director(cfg)
+    hdr = {"x-gateway-inference-objective": "critical"}
+    dec = await d.handle("/v1/completions", hdr, _body())
+    assert json.loads(dec.upstream_body)["priority"] == sent
+    # A client's own priority is overwritten, also back to the objective's 0 (no self-promotion).
+    d.config.default_objective = None
+    d._default_objective = None
+    raw = _body(priority=-99)
+    dec = await d.handle("/v1/completions", {}, raw)
+    assert json.loads(dec.upstream_body)["priority"] == 0
+    raw = _body()
+    dec = await d.handle("/v1/completions", {}, raw)
+    assert dec.upstream_body is dec.request.raw_body  # nothing to change: forwarded as-is
+
+
+async def test_priority_not_forwarded_by_default() -> None:
+    d, _ = _director()
+    raw = _body(priority=-99)
+    dec = await d.handle("/v1/completions", {"x-gateway-inference-objective": "critical"}, raw)
+    assert dec.upstream_body is dec.request.raw_body
+
+
+class _PreemptFlow(_Flow):
+    async def admit(self, request: InferenceRequest) -> Any:
+        from ingate.flowcontrol.controller import Ticket
+
+        return Ticket("f", request.priority, 1, 0.0, 0.0, False, preempting=request.priority > 0)
+
+
+async def test_preempting_request_goes_where_lower_priority_work_runs() -> None:
+    cfg = _cfg(flowControl={"preemption": True})
+    ds = Datastore([Endpoint(name=f"e{i}", host="127.0.0.1", port=9001 + i) for i in range(2)])
+    d = Director(cfg, ds, build_scheduler(cfg.scheduler, ds), Telemetry(ds, "p"), flow_control=_PreemptFlow())
+    crit = {"x-gateway-inference-objective": "critical"}
+    # A batch (priority -1) request runs on one endpoint; critical ones follow it there (preempting).
+    low = await d.handle("/v1/completions", {}, _body())
+    busy = low.target
+    for _ in range(3):
+        dec = await d.handle("/v1/completions", crit, _body(prompt="x" * 50))
+        assert dec.ticket.preempting and dec.target is busy
+        d.finish(dec, ResponseInfo(status=200))
+    assert busy.in_flight_by_priority == {-1: 1}
+    d.finish(low, ResponseInfo(status=200))
+    assert busy.in_flight_by_priority == {} and busy.in_flight == 0

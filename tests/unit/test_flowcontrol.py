@@ -551,3 +551,42 @@ def test_build_from_yaml_mapping() -> None:
         build_flow_controller({"queueTtlS": -1}, ds, CollectorRegistry())
     with pytest.raises(ValueError, match="bogus"):
         build_flow_controller({"bogus": 1}, ds, CollectorRegistry())
+
+
+async def test_preemption_dispatches_past_saturation_one_per_lower_priority_request() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=0)
+    fc = controller(clock, ds, preemption=True)
+    lows = [await fc.admit(req("std", prio=0)) for _ in range(2)]
+    set_metrics(ds.endpoints()[0], clock, waiting=5)  # saturated from now on
+    h1 = await fc.admit(req("crit", prio=10))
+    h2 = await fc.admit(req("crit", prio=10))
+    assert h1.preempting and h2.preempting and not h1.queued  # two lower-priority requests to displace
+    h3 = await enqueue(fc, req("crit", prio=10))  # nothing left to displace
+    same = await enqueue(fc, req("std", prio=0))  # equal priority never preempts
+    assert fc.pump() == 0
+    fc.release(h1)
+    assert fc.pump() == 1  # h3 takes the room h1 gave back; `same` still waits
+    await settle()
+    assert h3.done() and h3.result().preempting and not same.done()
+    for t in (h2, h3.result(), *lows):
+        fc.release(t)
+    assert fc.in_flight == 0 and fc._preempting == 0
+    assert fc.pump() == 0  # the pool is still saturated and nothing lower runs: `same` waits
+    same.cancel()
+
+
+async def test_without_preemption_a_high_priority_request_waits_for_capacity() -> None:
+    clock = Clock()
+    ds = pool(clock, waiting=0)
+    fc = controller(clock, ds)
+    low = await fc.admit(req("std", prio=0))
+    set_metrics(ds.endpoints()[0], clock, waiting=5)
+    high = await enqueue(fc, req("crit", prio=10))
+    assert fc.pump() == 0
+    set_metrics(ds.endpoints()[0], clock, waiting=0)
+    assert fc.pump() == 1
+    await settle()
+    assert not high.result().preempting
+    fc.release(low)
+    fc.release(high.result())

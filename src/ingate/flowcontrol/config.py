@@ -63,6 +63,13 @@ class FlowControlConfig(_Model):
     """How often the dispatcher re-reads metrics while requests wait (the scrape interval)."""
     retry_after_s: float = Field(default=1.0, gt=0)
     """Retry-After sent with 429 answers."""
+    preemption: bool = False
+    """The model servers preempt lower-priority work for higher-priority requests (set
+    `pool.modelServerPriority` and start them with priority preemption, e.g. SGLang's
+    `--enable-priority-scheduling`, `ingate sim --scheduling-policy priority --priority-preemption`).
+    Then a request may be dispatched while the pool is saturated, up to one per lower-priority request
+    the gateway has in flight, and goes to an endpoint running such work: it takes that request's
+    place at once instead of waiting for a completion."""
 
     def band(self, priority: int) -> BandConfig:
         """The configured band for ``priority`` or one built from the defaults."""

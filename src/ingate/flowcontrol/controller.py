@@ -33,6 +33,8 @@ class Ticket:
     dispatched_at: float
     queued: bool
     released: bool = False
+    preempting: bool = False
+    """Dispatched past saturation to displace lower-priority work (flowControl.preemption)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -88,6 +90,7 @@ class FlowController:
         self._bands: dict[int, _Band] = {}
         self._order: list[int] = []  # priorities with a band, highest first
         self._in_flight = 0
+        self._preempting = 0  # tickets in flight that were dispatched by preemption
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -115,8 +118,11 @@ class FlowController:
         flow = request.fairness_id
         size = len(request.raw_body) if size_bytes is None else size_bytes
         tokens = request.estimated_prompt_tokens if est_tokens is None else est_tokens
-        if not self._queued_at_or_above(prio) and self._capacity(now) > 0 and self._band_room(prio):
-            return self._dispatched(flow, prio, tokens, now, now, queued=False)
+        if not self._queued_at_or_above(prio) and self._band_room(prio):
+            if self._capacity(now) > 0:
+                return self._dispatched(flow, prio, tokens, now, now, queued=False)
+            if self._preempt_room(prio) > 0:
+                return self._dispatched(flow, prio, tokens, now, now, queued=False, preempting=True)
         if prio < 0:
             # Sheddable: dispatched at once or shed, never queued (the pool is saturated, the band is
             # at its maxInFlight, or requests of the same or higher priority are waiting).
@@ -185,6 +191,8 @@ class FlowController:
             return
         ticket.released = True
         self._in_flight -= 1
+        if ticket.preempting:
+            self._preempting -= 1
         band = self._bands.get(ticket.priority)
         if band is not None:
             band.in_flight -= 1
@@ -221,13 +229,20 @@ class FlowController:
         self._expire(now)
         budget = self._capacity(now)
         n = 0
-        while budget > 0:
-            item = self._pop_next()
+        while True:
+            preempting = budget <= 0
+            item = self._pop_next(preempting)
             if item is None:
                 break
             item.future.set_result(
                 self._dispatched(
-                    item.fairness_id, item.priority, item.est_tokens, item.enqueued_at, now, True
+                    item.fairness_id,
+                    item.priority,
+                    item.est_tokens,
+                    item.enqueued_at,
+                    now,
+                    True,
+                    preempting=preempting,
                 )
             )
             self.metrics.wait.labels(item.fairness_id, str(item.priority), "dispatched").observe(
@@ -317,20 +332,48 @@ class FlowController:
             return True  # a band's first request: max_in_flight >= 1
         return band.max_in_flight is None or band.in_flight < band.max_in_flight
 
-    def _dispatched(self, flow: str, prio: int, tokens: int, enq: float, now: float, queued: bool) -> Ticket:
+    def _preempt_room(self, prio: int) -> int:
+        """How many more requests of ``prio`` may displace lower-priority work in flight (0 when off)."""
+        if not self.config.preemption:
+            return 0
+        lower = 0
+        for p in reversed(self._order):  # lowest first
+            if p >= prio:
+                break
+            lower += self._bands[p].in_flight
+        if self.config.max_in_flight is not None:
+            lower = min(lower, self.config.max_in_flight - self._in_flight)
+        return lower - self._preempting
+
+    def _dispatched(
+        self,
+        flow: str,
+        prio: int,
+        tokens: int,
+        enq: float,
+        now: float,
+        queued: bool,
+        preempting: bool = False,
+    ) -> Ticket:
         self._in_flight += 1
         band = self._band(prio)
         band.in_flight += 1
+        if preempting:
+            self._preempting += 1
+            self.metrics.preemptive.labels(str(prio)).inc()
         # Charge the estimate now so long prompts count before their response completes.
         band.policy.charge(flow, tokens, 0)
         self.metrics.served_tokens.labels(flow, str(prio)).inc(tokens)
-        return Ticket(flow, prio, tokens, enq, now, queued)
+        return Ticket(flow, prio, tokens, enq, now, queued, preempting=preempting)
 
-    def _pop_next(self) -> _Item | None:
+    def _pop_next(self, preempting: bool = False) -> _Item | None:
+        """The next item to dispatch; with ``preempting``, only from a band with preemption room."""
         for p in self._order:
             band = self._bands[p]
             if not band.count:
                 continue
+            if preempting and self._preempt_room(p) <= 0:
+                return None  # lower bands have even less lower-priority work to displace
             if band.max_in_flight is not None and band.in_flight >= band.max_in_flight:
                 continue  # at its own cap: lower bands may use the capacity (work-conserving)
             flow = band.policy.next()

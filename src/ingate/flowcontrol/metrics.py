@@ -37,6 +37,12 @@ class FlowControlMetrics:
             ["priority", "reason"],
             registry=r,
         )
+        self.preemptive = Counter(
+            "ingate_flow_control_preemptive_dispatch_total",
+            "Requests dispatched past saturation to preempt lower-priority work (flowControl.preemption)",
+            ["priority"],
+            registry=r,
+        )
         self.served_tokens = Counter(
             "ingate_flow_control_served_tokens_total",
             "Tokens served per flow (prompt + completion), the basis of fairness shares",
