@@ -12,6 +12,7 @@ import pytest
 from ingate.dataplane.envoy import (
     CLUSTER_PICKED,
     CLUSTER_POOL,
+    OBSERVER_FILTER,
     EnvoySettings,
     find_envoy,
     pool_assignment,
@@ -27,10 +28,18 @@ def _ext_proc(b: dict[str, Any]) -> Any:
     return _hcm(b)["http_filters"][0]["typed_config"]
 
 
+@pytest.mark.parametrize("responses", ["observe", "full", "none"])
 @pytest.mark.parametrize("pool_from_file", [False, True])
 @pytest.mark.parametrize("mode", ["FailOpen", "FailClose"])
-def test_envoy_validates_the_bootstrap(tmp_path: Path, mode: str, pool_from_file: bool) -> None:
-    settings = EnvoySettings(picker_port=9002, pool=["127.0.0.1:8001", "127.0.0.1:8002"], failure_mode=mode)  # type: ignore[arg-type]
+def test_envoy_validates_the_bootstrap(
+    tmp_path: Path, mode: str, pool_from_file: bool, responses: str
+) -> None:
+    settings = EnvoySettings(
+        picker_port=9002,
+        pool=["127.0.0.1:8001", "127.0.0.1:8002"],
+        failure_mode=mode,  # type: ignore[arg-type]
+        response_processing=responses,  # type: ignore[arg-type]
+    )
     pool_file = None
     if pool_from_file:  # the FailOpen pool as a watched EDS file (what EnvoyProcess renders)
         pool_file = tmp_path / "pool" / "pool.json"
@@ -48,8 +57,9 @@ def test_envoy_validates_the_bootstrap(tmp_path: Path, mode: str, pool_from_file
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_processing_modes_and_metadata_namespace() -> None:
-    ep = _ext_proc(render_bootstrap(EnvoySettings(picker_port=1)))
+def test_full_processing_modes_and_metadata_namespace() -> None:
+    b = render_bootstrap(EnvoySettings(picker_port=1, response_processing="full"))
+    ep = _ext_proc(b)
     assert ep["processing_mode"] == {
         "request_header_mode": "SEND",
         "response_header_mode": "SEND",
@@ -59,6 +69,59 @@ def test_processing_modes_and_metadata_namespace() -> None:
         "response_trailer_mode": "SEND",
     }
     assert ep["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb"]
+    assert [f["name"] for f in _hcm(b)["http_filters"]] == [
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.router",
+    ]
+
+
+def test_observe_mode_streams_responses_to_an_observability_filter() -> None:
+    """Default: the request filter does not wait on responses (except trailers, which keep its stream
+    open to the end of the HTTP stream); a second filter in observability mode streams them to the
+    picker with the request key's namespace, and never fails a response."""
+    b = render_bootstrap(EnvoySettings(picker_port=1, failure_mode="FailClose"))
+    filters = _hcm(b)["http_filters"]
+    assert [f["name"] for f in filters] == [
+        "envoy.filters.http.ext_proc",
+        OBSERVER_FILTER,
+        "envoy.filters.http.router",
+    ]
+    req = filters[0]["typed_config"]
+    assert req["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SKIP",
+        "request_body_mode": "FULL_DUPLEX_STREAMED",
+        "response_body_mode": "NONE",
+        "request_trailer_mode": "SEND",
+        "response_trailer_mode": "SEND",
+    }
+    assert req["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb", "ingate"]
+    assert req["failure_mode_allow"] is False
+    obs = filters[1]["typed_config"]
+    assert obs["observability_mode"] is True and obs["failure_mode_allow"] is True
+    assert obs["grpc_service"] == req["grpc_service"]
+    assert obs["processing_mode"]["response_body_mode"] == "STREAMED"  # the only body mode it supports
+    assert obs["processing_mode"]["request_header_mode"] == "SKIP"
+    assert obs["metadata_options"]["forwarding_namespaces"]["untyped"] == ["ingate"]
+
+
+def test_response_processing_accepts_the_old_booleans_and_refuses_unknown_modes() -> None:
+    assert EnvoySettings(response_processing=True).response_processing == "observe"  # type: ignore[arg-type]
+    assert EnvoySettings(response_processing=False).response_processing == "none"  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown mode"):
+        EnvoySettings(response_processing="sometimes")  # type: ignore[arg-type]
+
+
+def test_envoy_adds_the_served_header_on_the_picked_route_only() -> None:
+    for responses in ("observe", "full", "none"):
+        b = render_bootstrap(EnvoySettings(pool=["10.1.0.1:8000"], response_processing=responses))  # type: ignore[arg-type]
+        picked, pool = _hcm(b)["route_config"]["virtual_hosts"][0]["routes"]
+        (add,) = picked["response_headers_to_add"]
+        assert add["header"] == {
+            "key": "x-gateway-destination-endpoint-served",
+            "value": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%",
+        }
+        assert "response_headers_to_add" not in pool  # fail-open round robin: no picker, no header
 
 
 def test_failure_mode_maps_to_failure_mode_allow() -> None:
@@ -93,7 +156,9 @@ def test_without_a_pool_unpicked_requests_get_a_json_503() -> None:
 
 
 def test_request_only_processing_skips_response_phases() -> None:
-    mode = _ext_proc(render_bootstrap(EnvoySettings(response_processing=False)))["processing_mode"]
+    b = render_bootstrap(EnvoySettings(response_processing="none"))
+    assert OBSERVER_FILTER not in [f["name"] for f in _hcm(b)["http_filters"]]
+    mode = _ext_proc(b)["processing_mode"]
     assert mode["request_body_mode"] == "FULL_DUPLEX_STREAMED"
     assert (mode["response_header_mode"], mode["response_body_mode"], mode["response_trailer_mode"]) == (
         "SKIP",

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
 
+from ingate.dataplane import extproc
 from ingate.dataplane.extproc import MAX_CHUNK, ExtProcServicer, ResponseOutcome
 from ingate.errors import GatewayError
 
@@ -352,3 +354,195 @@ def test_unknown_transport_is_refused() -> None:
 
     with pytest.raises(ValueError, match="unknown ext_proc transport"):
         ExtProcServer(_servicer(_Director()), transport="nope")  # type: ignore[arg-type]
+
+
+# --- observe mode: the response on an observability-mode stream of its own ------------------------
+
+
+def _key_of(answer: pb.ProcessingResponse) -> str:
+    return answer.dynamic_metadata.fields["ingate"].struct_value.fields["key"].string_value
+
+
+def _observed(msg: pb.ProcessingRequest, key: str | None) -> pb.ProcessingRequest:
+    """`msg` as the observer filter sends it: observability_mode, the `ingate` namespace forwarded."""
+    msg.observability_mode = True
+    if key is not None:
+        st = struct_pb2.Struct()
+        st.fields["key"].string_value = key
+        msg.metadata_context.filter_metadata["ingate"].CopyFrom(st)
+    return msg
+
+
+async def _routed(svc: ExtProcServicer) -> tuple[AsyncIterator[pb.ProcessingResponse], _Stream, str]:
+    """A request stream that got its decision: (its generator, its input, the request key)."""
+    s = _Stream()
+    gen = svc.Process(s, None)
+    s.send(req_headers(len(BODY)), req_body(BODY, True))
+    first, _ = await _collect(gen, 2)
+    return gen, s, _key_of(first)
+
+
+async def _run_observer(svc: ExtProcServicer, *msgs: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+    """Feed an observer stream `msgs` (then leave it open, like Envoy); what it answered when it ended."""
+    s = _Stream()
+    s.send(*msgs)
+    return await asyncio.wait_for(_drain(svc.Process(s, None)), 2.0)
+
+
+async def _drain(gen: AsyncIterator[pb.ProcessingResponse]) -> list[pb.ProcessingResponse]:
+    return [r async for r in gen]
+
+
+SSE = [
+    b'data: {"choices":[{"text":"a"}]}\n\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+async def test_observe_mode_reports_ttft_and_usage_once_from_the_observer_stream() -> None:
+    d = _Director()
+    svc = _servicer(d, responses="observe", report_served=False)
+    gen, _s, key = await _routed(svc)
+    assert key and svc.pending == 1
+    # The observer gets no answers; it closes its stream itself once the response is complete.
+    out = await _run_observer(
+        svc,
+        _observed(resp_headers(200), key),
+        _observed(resp_body(SSE[0], False), key),
+        _observed(resp_body(SSE[1], False), key),
+        _observed(resp_body(SSE[2], False), key),
+        _observed(resp_body(b"", True), key),
+    )
+    assert out == []
+    assert d.first_tokens == 1
+    assert [(o.status, o.prompt_tokens, o.completion_tokens, o.error) for o in d.finished] == [
+        (200, 7, 2, None)
+    ]
+    assert d.finished[0].first_token_at is not None and svc.pending == 0
+    # Envoy then resets the request's stream at the end of the HTTP stream: nothing is reported again.
+    await gen.aclose()  # type: ignore[attr-defined]
+    await asyncio.sleep(0.05)
+    assert len(d.finished) == 1 and svc.active_streams == 0
+
+
+async def test_observe_mode_request_answer_is_not_shared_between_requests() -> None:
+    svc = _servicer(_Director(), responses="observe")
+    g1, _s1, k1 = await _routed(svc)
+    g2, _s2, k2 = await _routed(svc)
+    assert k1 != k2 and svc.pending == 2
+    for g in (g1, g2):
+        await g.aclose()  # type: ignore[attr-defined]
+
+
+async def test_observe_mode_response_that_never_came_is_released_once_after_the_linger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client gone before the upstream answered: Envoy closes the request's stream and no observer
+    stream ever starts. The request is released once, as cut off; a late observer changes nothing."""
+    monkeypatch.setattr(extproc, "LINGER_S", 0.05)
+    d = _Director()
+    svc = _servicer(d, responses="observe")
+    gen, s, key = await _routed(svc)
+    s.close()
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+    assert d.finished == []  # the observer may still have queued messages: not yet
+    for _ in range(100):
+        if d.finished:
+            break
+        await asyncio.sleep(0.01)
+    assert len(d.finished) == 1 and d.finished[0].error is not None and svc.pending == 0
+    assert (
+        await _run_observer(svc, _observed(resp_headers(200), key), _observed(resp_body(SSE[0], False), key))
+        == []
+    )
+    await asyncio.sleep(0.1)
+    assert len(d.finished) == 1 and d.first_tokens == 0
+
+
+async def test_observe_mode_cut_off_response_is_released_once_with_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(extproc, "LINGER_S", 0.05)
+    d = _Director()
+    svc = _servicer(d, responses="observe")
+    gen, _s, key = await _routed(svc)
+    obs = _Stream()
+    obs.send(_observed(resp_headers(200), key), _observed(resp_body(SSE[0], False), key))
+    observer = asyncio.ensure_future(_drain(svc.Process(obs, None)))
+    for _ in range(100):
+        if d.first_tokens:
+            break
+        await asyncio.sleep(0.01)
+    assert d.first_tokens == 1 and d.finished == []
+    # The client leaves: Envoy resets the request's stream; the observer's stream stays open (Envoy's
+    # deferred close) and is reset later.
+    await gen.aclose()  # type: ignore[attr-defined]
+    for _ in range(100):
+        if d.finished:
+            break
+        await asyncio.sleep(0.01)
+    assert len(d.finished) == 1
+    o = d.finished[0]
+    assert o.status == 200 and o.error is not None and o.first_token_at is not None
+    assert extproc.to_response_info(None, o).status == 499  # not counted as a complete response
+    obs.send(_observed(resp_body(SSE[1], False), key))  # anything still arriving is ignored
+    assert await asyncio.wait_for(observer, 2.0) == []
+    assert len(d.finished) == 1 and svc.pending == 0 and svc.active_streams == 0
+
+
+async def test_observe_mode_response_trailers_end_the_response() -> None:
+    d = _Director()
+    svc = _servicer(d, responses="observe")
+    gen, s, key = await _routed(svc)
+    trailers = pb.ProcessingRequest(response_trailers=pb.HttpTrailers())
+    assert (
+        await _run_observer(
+            svc,
+            _observed(resp_headers(200), key),
+            _observed(resp_body(SSE[0], False), key),
+            _observed(trailers, key),
+        )
+        == []
+    )
+    assert [o.error for o in d.finished] == [None]
+    # The request filter (response trailers SEND, to keep its stream open) gets them too: answered, no
+    # second report.
+    s.send(pb.ProcessingRequest(response_trailers=pb.HttpTrailers()))
+    (r,) = await _collect(gen, 1)
+    assert r.WhichOneof("response") == "response_trailers"
+    s.close()
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+    await asyncio.sleep(0.05)
+    assert len(d.finished) == 1
+
+
+async def test_observer_of_an_unrouted_request_ends_at_once() -> None:
+    """No decision (a headers-only request routed to any endpoint, an error answer): the observer stream
+    carries no request key, or an unknown one, and is closed right away."""
+    d = _Director()
+    svc = _servicer(d, responses="observe")
+    assert await _run_observer(svc, _observed(resp_headers(200), None)) == []
+    assert await _run_observer(svc, _observed(resp_headers(200), "no-such-key")) == []
+    assert d.finished == [] and svc.active_streams == 0
+
+
+async def test_request_only_mode_releases_when_the_request_stream_closes() -> None:
+    d = _Director()
+    svc = _servicer(d, responses="none")
+    s = _Stream()
+    gen = svc.Process(s, None)
+    s.send(req_headers(len(BODY)), req_body(BODY, True))
+    first, _ = await _collect(gen, 2)
+    assert "ingate" not in first.dynamic_metadata.fields  # no observer to tie to
+    s.close()
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+    assert [o.error for o in d.finished] == [None]
+
+
+def test_unknown_response_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown response mode"):
+        _servicer(_Director(), responses="sometimes")  # type: ignore[arg-type]

@@ -39,6 +39,8 @@ class _Handlers:
                 self.started.set()
                 if m == b"boom":
                     raise RuntimeError("boom")
+                if m == b"silent":
+                    return  # ends the stream without a single answer (ext_proc observer streams)
                 yield b"echo:" + m
         except asyncio.CancelledError:
             how = "cancelled"
@@ -231,6 +233,26 @@ async def test_raw_ping_continuation_padding(server: tuple[g.GrpcH2Server, _Hand
     finally:
         c.close()
     assert h.finished == ["completed"] * 3
+
+
+async def test_raw_handler_without_answers_ends_with_a_trailers_only_ok(
+    server: tuple[g.GrpcH2Server, _Handlers],
+) -> None:
+    """A stream answered by no message (an ext_proc observer) ends with one HEADERS frame that holds
+    the response headers and the OK status (gRPC's trailers-only form, which clients require)."""
+    srv, h = server
+    c = await _Raw.connect(srv.port)
+    try:
+        c.send(g.HEADERS, g.F_END_HEADERS, 1, _request_block(hpack.Encoder()))
+        c.send(g.DATA, g.F_END_STREAM, 1, _grpc_msg(b"silent"))
+        flags, block = await c.until(g.HEADERS, 1)
+        assert flags & g.F_END_STREAM
+        fields = hpack.Decoder().decode(block, raw=True)
+        assert (b":status", b"200") in fields and (b"grpc-status", b"0") in fields
+        assert (b"content-type", b"application/grpc") in fields
+    finally:
+        c.close()
+    assert h.finished == ["completed"]
 
 
 async def test_raw_bad_preface_gets_goaway(server: tuple[g.GrpcH2Server, _Handlers]) -> None:

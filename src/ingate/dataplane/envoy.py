@@ -2,9 +2,12 @@
 
 `render_bootstrap` builds a static Envoy v3 bootstrap:
 
-- one listener (loopback by default) with the HTTP connection manager and two HTTP filters:
-  `envoy.filters.http.ext_proc` (headers SEND, bodies FULL_DUPLEX_STREAMED, trailers SEND; receives the
-  `envoy.lb` metadata namespace) and the router;
+- one listener (loopback by default) with the HTTP connection manager and its HTTP filters:
+  `envoy.filters.http.ext_proc` for the request (headers SEND, body FULL_DUPLEX_STREAMED, trailers SEND;
+  receives the `envoy.lb` and `ingate` metadata namespaces), by default (`response_processing:
+  observe`) a second ext_proc filter in observability mode that streams the response to the picker
+  without waiting for it, and the router. Envoy adds the served-endpoint header itself, from the
+  `envoy.lb` metadata;
 - routes: when the picker has set the `envoy.lb` / `x-gateway-destination-endpoint` *dynamic metadata*
   (which clients cannot forge, unlike a header), the request goes to an `ORIGINAL_DST` cluster
   (`CLUSTER_PROVIDED` load balancing) that connects to the address in the `x-gateway-destination-endpoint`
@@ -41,16 +44,19 @@ import orjson
 
 from ingate.dataplane.extproc import (
     DEFAULT_MAX_BODY,
+    INGATE_NAMESPACE,
     LB_NAMESPACE,
+    RESPONSE_MODES,
     DirectorLike,
     ExtProcServer,
     ExtProcServicer,
     InfoFactory,
+    ResponseMode,
     Transport,
     first_of,
     to_response_info,
 )
-from ingate.request import HDR_DESTINATION
+from ingate.request import HDR_DESTINATION, HDR_DESTINATION_SERVED
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,11 @@ PICKER_ERROR_BODY = orjson.dumps(
 )
 HDR_UPSTREAM_DEBUG = "x-ingate-upstream-address"
 """Response header with the address Envoy really connected to (only with `debug_headers`)."""
+OBSERVER_FILTER = "ingate.ext_proc.observe"
+"""Name of the second ext_proc filter (observability mode) that streams responses to the picker."""
+OBSERVER_CLOSE_S = 1.0
+"""`deferred_close_timeout` of the observer: how long Envoy keeps an observer stream open after the
+HTTP stream ended (only cut-off responses: the picker closes the others itself at their end)."""
 
 
 @dataclass(slots=True)
@@ -103,8 +114,11 @@ class EnvoySettings:
     """Add `x-ingate-upstream-address` (the upstream Envoy connected to) to responses."""
     max_body_bytes: int = DEFAULT_MAX_BODY
     log_level: str = "warning"
-    response_processing: bool = True
-    """False: responses bypass the picker (no TTFT/usage feedback, no served header; fewer messages)."""
+    response_processing: ResponseMode = "observe"
+    """How the picker sees responses: "observe" (a second, observability-mode ext_proc filter streams
+    them to the picker without waiting for it: TTFT and usage feedback off the token's path), "full"
+    (the request's filter sends them and waits for the picker's answer to every message), "none"
+    (responses bypass the picker: no TTFT/usage feedback). From YAML, true = "observe", false = "none"."""
     ext_proc: bool = True
     """False renders plain Envoy round robin over `pool` (no picker): the benchmark baseline."""
     picker_health_interval_s: float = 0.5
@@ -114,6 +128,16 @@ class EnvoySettings:
     (0 = never: the pool stays as rendered at start)."""
     picker_transport: Transport = "h2"
     """gRPC server the picker's ext_proc runs on: "h2" (in-loop HTTP/2, default) or "grpcio"."""
+
+    def __post_init__(self) -> None:
+        mode: Any = self.response_processing
+        if isinstance(mode, bool):  # the YAML option before the modes existed
+            mode = "observe" if mode else "none"
+        if mode not in RESPONSE_MODES:
+            raise ValueError(
+                f"response_processing: unknown mode {mode!r} (known: {', '.join(RESPONSE_MODES)})"
+            )
+        self.response_processing = mode
 
 
 def _socket(host: str, port: int) -> dict[str, Any]:
@@ -197,7 +221,12 @@ def _picker_error_mapper() -> dict[str, Any]:
     }
 
 
-def _processing_mode(responses: bool) -> dict[str, str]:
+def _processing_mode(responses: ResponseMode) -> dict[str, str]:
+    """The request filter's modes. With "observe" it skips response headers and body (the observer
+    filter streams those) but keeps response trailers `SEND`: a filter that may still have something
+    to send keeps its gRPC stream open until the HTTP stream ends, so the picker learns when the
+    exchange is over (without it Envoy closes the stream right after the request). Responses rarely
+    have trailers; when they do, the picker answers them at once, at the end of the response."""
     mode = {
         "request_header_mode": "SEND",
         "response_header_mode": "SEND",
@@ -206,9 +235,37 @@ def _processing_mode(responses: bool) -> dict[str, str]:
         "request_trailer_mode": "SEND",
         "response_trailer_mode": "SEND",
     }
-    if not responses:
-        mode.update(response_header_mode="SKIP", response_body_mode="NONE", response_trailer_mode="SKIP")
+    if responses != "full":
+        mode.update(response_header_mode="SKIP", response_body_mode="NONE")
+    if responses == "none":
+        mode.update(response_trailer_mode="SKIP")
     return mode
+
+
+def _observer_filter(s: EnvoySettings) -> dict[str, Any]:
+    """The second ext_proc filter: streams response headers, body and trailers to the picker in
+    observability mode (Envoy sends and goes on, never waits for an answer; only `STREAMED` bodies)
+    with the `ingate` metadata namespace (the request key the picker's request answer set) on every
+    message. It must never fail a response, whatever the failure mode: `failure_mode_allow` is on."""
+    return {
+        "name": OBSERVER_FILTER,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": CLUSTER_EXTPROC}},
+            "observability_mode": True,
+            "failure_mode_allow": True,
+            "deferred_close_timeout": _duration(OBSERVER_CLOSE_S),
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "STREAMED",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SEND",
+            },
+            "metadata_options": {"forwarding_namespaces": {"untyped": [INGATE_NAMESPACE]}},
+        },
+    }
 
 
 def pool_assignment(addresses: Sequence[str], version: int = 0) -> dict[str, Any]:
@@ -256,6 +313,8 @@ def render_bootstrap(s: EnvoySettings, pool_file: Path | None = None) -> dict[st
     """
     connect = _duration(s.connect_timeout_s)
     route_timeout = _duration(s.route_timeout_s)
+    observe = s.response_processing == "observe"
+    receiving = [LB_NAMESPACE, INGATE_NAMESPACE] if observe else [LB_NAMESPACE]
     ext_proc = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
@@ -264,7 +323,7 @@ def render_bootstrap(s: EnvoySettings, pool_file: Path | None = None) -> dict[st
             "failure_mode_allow": s.failure_mode == "FailOpen",
             "message_timeout": _duration(s.message_timeout_s),
             "processing_mode": _processing_mode(s.response_processing),
-            "metadata_options": {"receiving_namespaces": {"untyped": [LB_NAMESPACE]}},
+            "metadata_options": {"receiving_namespaces": {"untyped": receiving}},
             # The picker failing (unreachable, stream error, FailClose) answers a status the picker itself
             # never sends; the local-reply mapper below turns it into a 503 with a JSON error body.
             "status_on_error": {"code": PICKER_ERROR_STATUS},
@@ -281,8 +340,22 @@ def render_bootstrap(s: EnvoySettings, pool_file: Path | None = None) -> dict[st
         ],
     }
     route_common: dict[str, Any] = {"timeout": route_timeout}
+    # Envoy itself tells the client which replica served it: the destination the picker chose (only
+    # this route has one), from the envoy.lb metadata, in every response mode.
+    served = {
+        "header": {
+            "key": HDR_DESTINATION_SERVED,
+            "value": f"%DYNAMIC_METADATA({LB_NAMESPACE}:{HDR_DESTINATION})%",
+        },
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
     routes: list[dict[str, Any]] = [
-        {"name": "picked", "match": picked_match, "route": {"cluster": CLUSTER_PICKED, **route_common}}
+        {
+            "name": "picked",
+            "match": picked_match,
+            "route": {"cluster": CLUSTER_PICKED, **route_common},
+            "response_headers_to_add": [served],
+        }
     ]
     if s.pool:
         routes.append(
@@ -317,6 +390,7 @@ def render_bootstrap(s: EnvoySettings, pool_file: Path | None = None) -> dict[st
         "local_reply_config": {"mappers": [_picker_error_mapper()]},
         "http_filters": [
             *([ext_proc] if s.ext_proc else []),
+            *([_observer_filter(s)] if s.ext_proc and observe else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
@@ -592,7 +666,8 @@ class EnvoyDataPlane:
             max_body_bytes=settings.max_body_bytes,
             any_endpoint=first_of(pool_addresses),
             fallbacks=fallbacks,
-            expect_responses=settings.response_processing,
+            report_served=False,  # the bootstrap's picked route adds it (see render_bootstrap)
+            responses=settings.response_processing,
         )
         self.grpc = ExtProcServer(
             self.servicer,

@@ -1,21 +1,33 @@
 """Envoy ext_proc server: Envoy proxies the bytes, the director decides where they go.
 
 One gRPC bidirectional stream (`envoy.service.ext_proc.v3.ExternalProcessor/Process`) carries one HTTP
-request. The filter runs with request/response headers `SEND`, bodies `FULL_DUPLEX_STREAMED` and trailers
+request. The request filter runs with request headers `SEND`, body `FULL_DUPLEX_STREAMED` and trailers
 `SEND` (see `ingate.dataplane.envoy`), so on each stream:
 
 1. `request_headers` arrives. If it ends the stream (no body) the request goes to any endpoint: the
    headers are answered at once, with a destination when a pool lister was given, else none (Envoy's
    route then falls back to round robin over the pool).
-2. `request_body` chunks arrive; they are buffered, and the headers answer is *held* until the chunk with
-   `end_of_stream`. Then the director decides, and the processor answers, in this order: the headers
-   (destination header + new content-length + `clear_route_cache`) with the `envoy.lb` dynamic
-   metadata carrying the same destination, then the body as streamed body mutations of at most 62,000
-   bytes each, `end_of_stream` on the last.
-3. `response_headers` / `response_body` / `response_trailers` are passed through unchanged (each streamed
-   chunk is echoed as a streamed mutation). The first body chunk marks the first token; usage is read
-   from the tail of the body; `director.finish` runs exactly once when the stream ends for any reason
-   (normal end, client disconnect, Envoy reset, processor error).
+2. `request_body` chunks arrive (Envoy sends them without waiting for the headers answer); they are
+   buffered, and the headers answer is *held* until the chunk with `end_of_stream`, so the request costs
+   one round trip. Then the director decides, and the processor answers, in this order: the headers
+   (destination header + new content-length + `clear_route_cache`) with the `envoy.lb` dynamic metadata
+   carrying the same destination, then the body as streamed body mutations of at most 62,000 bytes
+   each, `end_of_stream` on the last.
+3. The response, in one of three `responses` modes:
+   - ``"observe"`` (`ingate serve --proxy envoy`): a second ext_proc filter in Envoy's observability
+     mode streams the response headers, body chunks and trailers on a stream of their own and never
+     waits for an answer (none is sent), so the picker is off the token's path. The request's answer
+     also sets the `ingate` metadata namespace to a request key, which Envoy forwards on every observer
+     message (`metadata_context`): that ties the two streams together. The request filter keeps its
+     stream open to the end of the HTTP stream (response trailers `SEND`), so its end says the exchange
+     is over;
+   - ``"full"`` (what a Gateway API implementation's Envoy sends): the same stream carries the response
+     and every message is answered (each streamed chunk echoed as a streamed mutation);
+   - ``"none"``: responses bypass the picker; the request is released when Envoy closes its stream.
+
+   The first body chunk marks the first token; usage is read from the tail of the body;
+   `director.finish` runs exactly once: at the response's end, or when the streams end early (client
+   disconnect, Envoy reset, processor error, a response that never came) with an error.
 
 Errors from the director (`GatewayError`) and oversized bodies become `ImmediateResponse`s with the
 OpenAI-style JSON body, so the client never waits on a decision that will not come.
@@ -32,10 +44,11 @@ the director returns it), constant responses are prebuilt protobuf messages, and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, get_args
 
 import grpc
@@ -178,8 +191,74 @@ def _destination(decision: Any, fallbacks: int) -> str:
     return ",".join(addrs)
 
 
+ResponseMode = Literal["observe", "full", "none"]
+"""How Envoy shows the picker the response (see the module docstring and `ingate.dataplane.envoy`)."""
+RESPONSE_MODES: tuple[str, ...] = get_args(ResponseMode)
+INGATE_NAMESPACE = "ingate"
+"""Dynamic-metadata namespace of the request key that ties an observer stream to its request."""
+KEY_FIELD = "key"
+LINGER_S = 0.5
+"""observe: how long a request outlives its request-side stream for the observer stream to finish it
+(the observer's last messages may still be queued); after that it is released as cut off."""
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One routed request: the decision and what was seen of its response, until `finish` ran once."""
+
+    decision: Any
+    outcome: ResponseOutcome
+    key: str = ""
+    tail: bytearray = field(default_factory=bytearray)
+    """The response body's last bytes (at most 2 x USAGE_TAIL), for `usage`."""
+    resp_len: int = -1
+    """The response's content-length, -1 when not sized."""
+    done: bool = False
+    """`director.finish` ran or is scheduled: nothing may report this request again."""
+
+    def on_headers(self, rsh: pb.HttpHeaders) -> bool:
+        """Note status and content-length; True when the response has no body (it ends here)."""
+        o = self.outcome
+        for h in rsh.headers.headers:
+            if h.key == ":status":
+                v = h.raw_value or h.value.encode()
+                o.status = int(v) if v.isdigit() else 0
+            elif h.key == "content-length":
+                # A sized response is complete at its last byte: Envoy may end the HTTP stream (and
+                # reset the gRPC stream) before sending an empty end-of-stream chunk.
+                v = h.raw_value or h.value.encode()
+                self.resp_len = int(v) if v.isdigit() else -1
+        return rsh.end_of_stream
+
+    def on_body(self, data: bytes) -> bool:
+        """Account one body chunk; True when it is the first token of a successful response."""
+        if not data:
+            return False
+        o = self.outcome
+        first = o.first_token_at is None and o.status < 400
+        if first:
+            o.first_token_at = time.monotonic()
+        o.body_bytes += len(data)
+        tail = self.tail
+        # Amortised: append, trim only when twice the window (no per-chunk 16 KB copy).
+        tail += data
+        if len(tail) > 2 * USAGE_TAIL:
+            del tail[:-USAGE_TAIL]
+        return first
+
+    def complete(self, eos: bool) -> bool:
+        return eos or 0 <= self.resp_len <= self.outcome.body_bytes
+
+
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    """The `ExternalProcessor` service over a director. One instance serves every stream."""
+    """The `ExternalProcessor` service over a director. One instance serves every stream.
+
+    `responses` says how the Envoy in front shows the responses (see the module docstring):
+    ``"full"`` (the request's own stream carries the response, the picker answers every message; what
+    a Gateway API implementation's Envoy does), ``"observe"`` (a second, observability-mode filter
+    streams the response on its own stream; `ingate serve --proxy envoy`'s default) or ``"none"``
+    (responses bypass the picker: released when Envoy closes the request's stream).
+    """
 
     def __init__(
         self,
@@ -190,23 +269,33 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         any_endpoint: Callable[[], str | None] | None = None,
         fallbacks: int = 0,
         report_served: bool = True,
-        expect_responses: bool = True,
+        responses: ResponseMode = "full",
     ) -> None:
+        if responses not in RESPONSE_MODES:
+            raise ValueError(f"unknown response mode {responses!r} (known: {', '.join(RESPONSE_MODES)})")
         self.director = director
         self.info_factory = info_factory
         self.max_body_bytes = max_body_bytes
         self.any_endpoint = any_endpoint
         self.fallbacks = fallbacks
         self.report_served = report_served
-        self.expect_responses = expect_responses
-        """False when Envoy does not send responses (response modes SKIP/NONE): the stream's end is then
-        the request's end, not an early disconnect."""
+        """full mode: add the served-endpoint header to the response (an Envoy that adds it itself,
+        like ours, does not need it)."""
+        self.responses = responses
         self.active_streams = 0
         self._answers: dict[str, pb.ProcessingResponse] = {}
         self._served: dict[str, pb.ProcessingResponse] = {}
+        self._exchanges: dict[str, _Exchange] = {}
+        """observe: requests whose response an observer stream may still report, by key."""
+        self._keys = itertools.count(1)
         self._too_large = GatewayError(
             413, f"request body exceeds the limit of {max_body_bytes} bytes", "too_large"
         )
+
+    @property
+    def pending(self) -> int:
+        """observe: routed requests not yet reported (for tests and diagnostics)."""
+        return len(self._exchanges)
 
     # --- request side -------------------------------------------------------------------------
 
@@ -225,9 +314,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         )
 
     async def _decide(
-        self, path: str, headers: Mapping[str, str], chunks: list[bytes]
-    ) -> tuple[Any, list[pb.ProcessingResponse]]:
-        """Hand the complete body to the director (clearing `chunks`); the decision and the answers to
+        self, path: str, headers: Mapping[str, str], chunks: list[bytes], started: float
+    ) -> tuple[_Exchange | None, list[pb.ProcessingResponse]]:
+        """Hand the complete body to the director (clearing `chunks`); the exchange and the answers to
         send, or (None, [error]) when the director refuses the request."""
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
@@ -235,18 +324,26 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             decision = await self.director.handle(path, headers, raw)
         except GatewayError as e:
             return None, [_gateway_error_response(e)]
-        return decision, self._decided(decision, len(raw))
+        ex = _Exchange(decision, ResponseOutcome(started_at=started))
+        if self.responses == "observe":
+            ex.key = str(next(self._keys))
+            self._exchanges[ex.key] = ex
+        return ex, self._decided(ex, len(raw))
 
-    def _headers_answer(self, dest: str, new_length: int | None) -> pb.ProcessingResponse:
+    def _headers_answer(self, dest: str, new_length: int | None, key: str) -> pb.ProcessingResponse:
         """The request-headers answer routing to `dest`; constant per destination when the body is
-        unchanged, so those are built once (bounded cache) and reused."""
-        if new_length is None:
+        unchanged and there is no request key, so those are built once (bounded cache) and reused."""
+        cacheable = new_length is None and not key
+        if cacheable:
             hit = self._answers.get(dest)
             if hit is not None:
                 return hit
         sets = [_set_header(HDR_DESTINATION, dest)]
         if new_length is not None:
             sets.append(_set_header("content-length", str(new_length)))
+        md = _lb_metadata(dest)
+        if key:
+            md.fields[INGATE_NAMESPACE].struct_value.fields[KEY_FIELD].string_value = key
         answer = pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(
@@ -254,9 +351,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     clear_route_cache=True,
                 )
             ),
-            dynamic_metadata=_lb_metadata(dest),
+            dynamic_metadata=md,
         )
-        if new_length is None:
+        if cacheable:
             if len(self._answers) >= ANSWER_CACHE:
                 self._answers.clear()
             self._answers[dest] = answer
@@ -280,12 +377,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             self._served[address] = hit
         return hit
 
-    def _decided(self, decision: Any, original_len: int) -> list[pb.ProcessingResponse]:
+    def _decided(self, ex: _Exchange, original_len: int) -> list[pb.ProcessingResponse]:
         """Headers answer + body chunks for a decision (the order Envoy requires)."""
+        decision = ex.decision
         dest = _destination(decision, self.fallbacks)
         body: bytes = decision.upstream_body
         n = len(body)
-        out = [self._headers_answer(dest, None if n == original_len else n)]
+        out = [self._headers_answer(dest, None if n == original_len else n, ex.key)]
         if n == 0:
             out.append(_body_chunk(b"", True))
             return out
@@ -295,27 +393,25 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             out.append(_body_chunk(bytes(view[off:end]), end == n))
         return out
 
-    # --- the stream ---------------------------------------------------------------------------
+    # --- the streams --------------------------------------------------------------------------
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        """Serve one HTTP request's ext_proc stream (see the module docstring for the sequence)."""
+        """Serve one ext_proc stream: a request's (see the module docstring for the sequence) or, when
+        it starts with an observability-mode response, an observer's (`_observe`)."""
         self.active_streams += 1
         director = self.director
-        decision: Any = None
-        outcome = ResponseOutcome()
+        ex: _Exchange | None = None
+        started = 0.0
         path = ""
         headers: dict[str, str] = {}
         chunks: list[bytes] = []
         size = 0
-        tail = bytearray()
-        resp_len = -1
-        finished = False
         first_pending = False
-        """The first token was seen and `director.on_first_token` is still to run."""
+        """full: the first token was seen and `director.on_first_token` is still to run."""
         unaccounted = False
-        """The response completed and `director.finish` is still to run."""
+        """full: the response completed and `director.finish` is still to run."""
         loop = asyncio.get_running_loop()
         try:
             async for msg in request_iterator:
@@ -323,28 +419,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 if kind == "response_body":
                     rb = msg.response_body
                     data = rb.body
-                    first = (
-                        bool(data)
-                        and outcome.first_token_at is None
-                        and decision is not None
-                        and outcome.status < 400
-                    )
-                    if first:
-                        outcome.first_token_at = time.monotonic()
-                        first_pending = True
-                    if data:
-                        outcome.body_bytes += len(data)
-                        # Amortised: append, trim only when twice the window (no per-chunk 16 KB copy).
-                        tail += data
-                        if len(tail) > 2 * USAGE_TAIL:
-                            del tail[:-USAGE_TAIL]
-                    complete = not finished and (rb.end_of_stream or 0 <= resp_len <= outcome.body_bytes)
-                    if complete:
-                        # The response is complete; it is accounted as such even if Envoy closes the
-                        # stream as soon as it has this chunk and the generator never resumes (finally).
-                        finished = True
-                        outcome.ended_at = time.monotonic()
-                        unaccounted = True
+                    if ex is not None and not ex.done:
+                        first_pending = ex.on_body(data)
+                        if ex.complete(rb.end_of_stream):
+                            # Accounted as complete even if Envoy closes the stream as soon as it has
+                            # this chunk and the generator never resumes (see finally).
+                            ex.done = unaccounted = True
+                            ex.outcome.ended_at = time.monotonic()
                     if rb.end_of_stream:
                         yield _echo_body(data, True) if data else _EMPTY_RESP_EOS
                     else:
@@ -353,10 +434,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     # post-response hooks) runs after it, off the token's path (FIFO callbacks).
                     if first_pending:
                         first_pending = False
-                        loop.call_soon(director.on_first_token, decision)
+                        loop.call_soon(director.on_first_token, ex.decision)  # type: ignore[union-attr]
                     if unaccounted:
                         unaccounted = False
-                        loop.call_soon(self._finish, decision, outcome, tail, None)
+                        loop.call_soon(self._report, ex, None)  # type: ignore[arg-type]
                 elif kind == "request_body":
                     rb2 = msg.request_body
                     if rb2.body:
@@ -366,14 +447,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                             return
                         chunks.append(rb2.body)
                     if rb2.end_of_stream:
-                        decision, answers = await self._decide(path, headers, chunks)
+                        ex, answers = await self._decide(path, headers, chunks, started)
                         for r in answers:
                             yield r
-                        if decision is None:
+                        if ex is None:
                             return
                 elif kind == "request_headers":
                     rh = msg.request_headers
-                    outcome.started_at = time.monotonic()
+                    started = time.monotonic()
                     headers = _header_map(rh.headers)
                     path = headers.get(":path", "")
                     cl = headers.get("content-length")
@@ -381,74 +462,123 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         yield _gateway_error_response(self._too_large)
                         return
                     if rh.end_of_stream:
-                        yield self._headers_only()
-                        finished = True  # nothing to account: no decision was made
+                        yield self._headers_only()  # nothing to account: no decision is made
                 elif kind == "response_headers":
-                    rsh = msg.response_headers
-                    for h in rsh.headers.headers:
-                        if h.key == ":status":
-                            v = h.raw_value or h.value.encode()
-                            outcome.status = int(v) if v.isdigit() else 0
-                        elif h.key == "content-length":
-                            # A sized response is complete at its last byte: Envoy may end the HTTP
-                            # stream (and reset this one) before sending an empty end-of-stream chunk.
-                            v = h.raw_value or h.value.encode()
-                            resp_len = int(v) if v.isdigit() else -1
-                    if self.report_served and decision is not None:
-                        yield self._served_answer(decision.target.address)
+                    if msg.observability_mode and not path:
+                        await self._observe(msg, request_iterator)
+                        return
+                    end = ex is not None and not ex.done and ex.on_headers(msg.response_headers)
+                    if self.report_served and ex is not None:
+                        yield self._served_answer(ex.decision.target.address)
                     else:
                         yield _EMPTY_RESP_HEADERS
-                    if rsh.end_of_stream and decision is not None:
-                        self._finish(decision, outcome, tail, None)
-                        finished = True
+                    if end:
+                        self._finish(ex, None)  # type: ignore[arg-type]
                 elif kind == "response_trailers":
-                    if decision is not None and not finished:
-                        finished = True
-                        self._finish(decision, outcome, tail, None)
+                    if ex is not None and self.responses == "full":
+                        self._finish(ex, None)
                     yield _EMPTY_RESP_TRAILERS
                 elif kind == "request_trailers":
                     # Trailers end the request body; decide now if the body had no end_of_stream chunk.
-                    if decision is None and path:
-                        decision, answers = await self._decide(path, headers, chunks)
+                    if ex is None and path:
+                        ex, answers = await self._decide(path, headers, chunks, started)
                         for r in answers:
                             yield r
-                        if decision is None:
+                        if ex is None:
                             return
                     yield _EMPTY_REQ_TRAILERS
         except asyncio.CancelledError:
-            # Without response processing Envoy may reset the stream at the end of a normal request.
-            # Envoy also resets the stream right after a completed response: not an error then.
-            if self.expect_responses and not finished:
-                outcome.error = "cancelled"
+            # Envoy resets the stream at the end of the HTTP stream (observe, none) and right after a
+            # completed response (full): an error only when a full-mode response is cut off.
+            if ex is not None and not ex.done and self.responses == "full":
+                ex.outcome.error = "cancelled"
             raise
         except Exception as e:  # never leave a decision unreleased; Envoy applies its failure mode
-            if not finished:
-                outcome.error = f"processor error: {e!r}"
+            if ex is not None and not ex.done:
+                ex.outcome.error = f"processor error: {e!r}"
             log.exception("ext_proc stream failed")
             raise
         finally:
             self.active_streams -= 1
-            if first_pending:
-                director.on_first_token(decision)
-            if unaccounted:
-                self._finish(decision, outcome, tail, None)
-            elif decision is not None and not finished:
-                if outcome.error is None and self.expect_responses:
-                    outcome.error = "stream ended before the response completed"
-                self._finish(decision, outcome, tail, outcome.error)
+            if ex is not None:
+                if first_pending:
+                    director.on_first_token(ex.decision)
+                if unaccounted:
+                    self._report(ex, None)
+                elif not ex.done:
+                    self._request_ended(ex, loop)
 
-    def _finish(self, decision: Any, outcome: ResponseOutcome, tail: bytearray, error: str | None) -> None:
-        if decision is None:
+    def _request_ended(self, ex: _Exchange, loop: asyncio.AbstractEventLoop) -> None:
+        """The request's own stream ended before its response was reported."""
+        if self.responses == "none":
+            self._finish(ex, ex.outcome.error)  # the stream's end is the request's end
+        elif self.responses == "full":
+            self._finish(ex, ex.outcome.error or "stream ended before the response completed")
+        else:
+            # observe: Envoy closes this stream when the HTTP stream is over, so the response has no
+            # more bytes to come. The observer may still have its last messages queued (they were sent
+            # first): give it a moment, then release the request as cut off (when there was no
+            # response at all too: a client gone before the upstream answered).
+            loop.call_later(LINGER_S, self._expire, ex)
+
+    def _expire(self, ex: _Exchange) -> None:
+        self._finish(ex, ex.outcome.error or "stream ended before the response completed")
+
+    async def _observe(
+        self, first: pb.ProcessingRequest, requests: AsyncIterator[pb.ProcessingRequest]
+    ) -> None:
+        """An observability-mode stream: the response of the request whose key is in the metadata.
+
+        Envoy does not wait for answers (none are sent). The stream is closed as soon as the response
+        is complete, or at once when no routed request matches (no decision, already released).
+        """
+        fm = first.metadata_context.filter_metadata
+        if INGATE_NAMESPACE not in fm:
             return
+        ex = self._exchanges.get(fm[INGATE_NAMESPACE].fields[KEY_FIELD].string_value)
+        if ex is None or ex.done:
+            return
+        if ex.on_headers(first.response_headers):
+            self._finish(ex, None)
+            return
+        director = self.director
+        async for msg in requests:
+            if ex.done:  # released meanwhile (the request's stream ended long ago)
+                return
+            kind = msg.WhichOneof("request")
+            if kind == "response_body":
+                rb = msg.response_body
+                if ex.on_body(rb.body):
+                    director.on_first_token(ex.decision)
+                if ex.complete(rb.end_of_stream):
+                    self._finish(ex, None)
+                    return
+            elif kind == "response_trailers":
+                self._finish(ex, None)
+                return
+        # Envoy half-closed without the response's end; the request's stream decides (`_expire`).
+
+    def _finish(self, ex: _Exchange, error: str | None) -> None:
+        """Report the request once: the first caller wins, later ones do nothing."""
+        if ex.done:
+            return
+        ex.done = True
+        self._report(ex, error)
+
+    def _report(self, ex: _Exchange, error: str | None) -> None:
+        if ex.key:
+            self._exchanges.pop(ex.key, None)
+        outcome = ex.outcome
         if not outcome.ended_at:
             outcome.ended_at = time.monotonic()
         outcome.error = error
+        tail = ex.tail
         if tail:
             outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens = parse_usage_tail(
                 bytes(tail[-USAGE_TAIL:])
             )
         try:
-            self.director.finish(decision, self.info_factory(decision, outcome))
+            self.director.finish(ex.decision, self.info_factory(ex.decision, outcome))
         except Exception:
             log.exception("director.finish failed")
 

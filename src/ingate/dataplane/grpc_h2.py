@@ -570,7 +570,9 @@ class _Connection(asyncio.Protocol):
 
     def _end_stream(self, st: _Stream, trailers: bytes) -> None:
         st.local_closed = True
-        self._write(frame(HEADERS, F_END_HEADERS | F_END_STREAM, st.sid, trailers))
+        # A handler that sent no message ends with a trailers-only response (headers + status).
+        head = b"" if st.headers_sent else RESPONSE_HEADERS
+        self._write(frame(HEADERS, F_END_HEADERS | F_END_STREAM, st.sid, head + trailers))
         if not st.remote_closed:
             # Like grpc-go and grpc C-core: a server that finished before the client half-closed
             # resets the stream with NO_ERROR, so the client stops sending.
