@@ -17,10 +17,13 @@ Data planes:
 - ``direct``: client -> upstream (the baseline every other row is measured against);
 - ``envoy-rr``: client -> Envoy (plain round robin, no picker) -> upstream;
 - ``envoy-extproc``: client -> Envoy -> ext_proc picker (separate process, default transport: the
-  in-loop HTTP/2 server) -> upstream, with response processing (TTFT, usage, served header);
-- ``envoy-extproc-req``: the same with request-only processing (responses bypass the picker);
-- ``envoy-extproc-grpcio``: full processing with the picker on grpcio (``picker_transport: grpcio``,
-  the implementation before the in-loop server);
+  in-loop HTTP/2 server) -> upstream, default response processing ``observe`` (the response streams
+  to the picker on an observability-mode filter that does not wait for it: TTFT, usage);
+- ``envoy-extproc-full``: response processing ``full`` (the picker answers every response message:
+  the default before ``observe``);
+- ``envoy-extproc-req``: request-only processing ``none`` (responses bypass the picker);
+- ``envoy-extproc-grpcio``: the default (``observe``) with the picker on grpcio
+  (``picker_transport: grpcio``, the implementation before the in-loop server);
 - ``builtin``: client -> ingate's built-in asyncio proxy -> upstream.
 
 The upstream, the picker, the built-in proxy and the client each run in their own process (as in
@@ -53,7 +56,14 @@ import aiohttp
 import orjson
 
 from ingate.dataplane.envoy import EnvoyProcess, EnvoySettings
-from ingate.dataplane.extproc import TRANSPORTS, ExtProcServer, ExtProcServicer, Transport
+from ingate.dataplane.extproc import (
+    RESPONSE_MODES,
+    TRANSPORTS,
+    ExtProcServer,
+    ExtProcServicer,
+    ResponseMode,
+    Transport,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "dataplane_overhead.json"
@@ -153,10 +163,12 @@ async def _run_upstream(port: int, tokens: int, prefill_s: float, interval_s: fl
     await asyncio.Event().wait()
 
 
-async def _run_picker(port: int, upstream: str, transport: Transport) -> None:
+async def _run_picker(port: int, upstream: str, transport: Transport, responses: ResponseMode) -> None:
     gw = _gateway(upstream)
     await gw.start()
-    server = ExtProcServer(ExtProcServicer(gw.director), port=port, transport=transport)
+    # As EnvoyDataPlane builds it: Envoy adds the served-endpoint header itself.
+    svc = ExtProcServicer(gw.director, report_served=False, responses=responses)
+    server = ExtProcServer(svc, port=port, transport=transport)
     await server.start()
     await asyncio.Event().wait()
 
@@ -278,22 +290,36 @@ async def _start_targets(
     await rr.start()
     envoys.append(rr)
     targets["envoy-rr"] = rr.url
-    pickers: dict[str, int] = {}
-    for transport in ("h2", "grpcio"):
+    # One picker process per Envoy: the picker's response mode must match its Envoy's.
+    planes: tuple[tuple[str, Transport, ResponseMode], ...] = (
+        ("envoy-extproc", "h2", "observe"),
+        ("envoy-extproc-full", "h2", "full"),
+        ("envoy-extproc-req", "h2", "none"),
+        ("envoy-extproc-grpcio", "grpcio", "observe"),
+    )
+    only = [t for t in args.only.split(",") if t]
+    for name, transport, responses in planes:
+        if only and name not in only:
+            continue
         port = _free_port()
-        procs.append(_spawn("picker", "--port", str(port), "--upstream", upstream, "--transport", transport))
+        procs.append(
+            _spawn(
+                "picker",
+                "--port",
+                str(port),
+                "--upstream",
+                upstream,
+                "--transport",
+                transport,
+                "--responses",
+                responses,
+            )
+        )
         await _wait_port(port)
-        pickers[transport] = port
-    # Full processing (responses too: TTFT, usage, served header), request-only, and the grpcio picker.
-    for name, transport, responses in (
-        ("envoy-extproc", "h2", True),
-        ("envoy-extproc-req", "h2", False),
-        ("envoy-extproc-grpcio", "grpcio", True),
-    ):
         ep = EnvoyProcess(
             EnvoySettings(
                 pool=[upstream],
-                picker_port=pickers[transport],
+                picker_port=port,
                 failure_mode="FailClose",
                 concurrency=args.envoy_workers,
                 response_processing=responses,
@@ -306,7 +332,6 @@ async def _start_targets(
     procs.append(_spawn("builtin", "--port", str(bport), "--upstream", upstream))
     await _wait_port(bport)
     targets["builtin"] = f"http://127.0.0.1:{bport}"
-    only = [t for t in args.only.split(",") if t]
     return {k: v for k, v in targets.items() if k == "direct" or not only or k in only}
 
 
@@ -384,6 +409,7 @@ async def _main(args: argparse.Namespace) -> None:
                 "platform": platform.platform(),
                 "load_avg_at_end": os.getloadavg(),
             },
+            "commit": _commit(),
             "duration_s": args.duration,
             "stream_duration_s": args.stream_duration,
             "envoy_workers": args.envoy_workers,
@@ -412,6 +438,23 @@ async def _main(args: argparse.Namespace) -> None:
                 p.kill()
 
 
+def _commit() -> str:
+    """The checkout's commit (with "+dirty" when files differ from it), so results name their code."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src", "benchmarks/dataplane"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    return "unknown"
+
+
 def _cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -427,6 +470,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--upstream", default="")
     ap.add_argument("--transport", choices=TRANSPORTS, default="h2", help="picker role: ext_proc gRPC server")
+    ap.add_argument(
+        "--responses", choices=RESPONSE_MODES, default="observe", help="picker role: response mode"
+    )
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per tiny-request cell")
     ap.add_argument("--stream-duration", type=float, default=8.0, help="measured seconds per stream cell")
     ap.add_argument("--concurrency", default="1,32,256")
@@ -448,7 +494,7 @@ def main() -> None:
             _run_upstream(args.port, args.tokens, args.prefill_ms / 1000, args.token_interval_ms / 1000)
         )
     elif args.role == "picker":
-        asyncio.run(_run_picker(args.port, args.upstream, args.transport))
+        asyncio.run(_run_picker(args.port, args.upstream, args.transport, args.responses))
     elif args.role == "builtin":
         asyncio.run(_run_builtin(args.port, args.upstream))
     else:

@@ -18,6 +18,7 @@ import pytest
 from ingate.config import GatewayConfig
 from ingate.dataplane.envoy import HDR_UPSTREAM_DEBUG
 from ingate.gateway import Gateway
+from ingate.scheduling.framework import ResponseInfo
 from ingate.serve import make_dataplane
 from ingate.sim.fleet import SimFleetConfig, start_fleet
 from ingate.sim.profiles import get_profile
@@ -37,6 +38,43 @@ async def replicas() -> AsyncIterator[list[str]]:
     )
     async with start_fleet(cfg) as fleet:
         yield fleet.addresses
+
+
+@pytest.fixture
+async def slow_replica() -> AsyncIterator[list[str]]:
+    """One replica that streams a token every 20 ms (a 200-token answer takes about 4 s)."""
+    cfg = SimFleetConfig(
+        replicas=1,
+        profiles=["null"],
+        replica=ReplicaConfig(profile=get_profile("null"), model="m", stream_interval_ms=20),
+    )
+    async with start_fleet(cfg) as fleet:
+        yield fleet.addresses
+
+
+def _record_finishes(gw: Gateway) -> list[ResponseInfo]:
+    """Every call the data plane makes to `director.finish` (the director ignores repeats itself, so
+    counting calls is what shows the picker reports each request exactly once)."""
+    calls: list[ResponseInfo] = []
+    real = gw.director.finish
+
+    def finish(d: Any, info: ResponseInfo) -> None:
+        calls.append(info)
+        real(d, info)
+
+    gw.director.finish = finish  # type: ignore[method-assign]
+    return calls
+
+
+async def _calls(calls: list[ResponseInfo], n: int, quiet_s: float = 1.5) -> list[ResponseInfo]:
+    """Wait (bounded) for `n` reports, then `quiet_s` more, long enough for any late second report
+    (the picker's linger and Envoy's observer close are shorter)."""
+    for _ in range(250):
+        if len(calls) >= n:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(quiet_s)
+    return calls
 
 
 async def _gateway(
@@ -232,13 +270,75 @@ async def test_envoy_is_restarted_after_a_crash(replicas: list[str]) -> None:
 
 
 async def test_request_only_processing_still_routes_and_releases(replicas: list[str]) -> None:
-    dp, gw = await _gateway(replicas, "FailClose", responseProcessing=False)
+    dp, gw = await _gateway(replicas, "FailClose", responseProcessing="none")
+    calls = _record_finishes(gw)
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
             body = {"model": "m", "prompt": "hello", "stream": True, "max_tokens": 3}
             async with http.post(dp.url + "/v1/completions", json=body) as r:
                 assert r.status == 200
+                # Envoy adds the served header itself, so it is there without response processing too.
+                assert r.headers["x-gateway-destination-endpoint-served"] == r.headers[HDR_UPSTREAM_DEBUG]
                 assert (await r.read()).endswith(b"data: [DONE]\n\n")
         assert await _settled(gw)  # released when Envoy closes the ext_proc stream
+        assert len(await _calls(calls, 1)) == 1
+    finally:
+        await _stop(dp, gw)
+
+
+@pytest.mark.parametrize("responses", ["observe", "full"])
+async def test_feedback_from_the_response_once_per_request(replicas: list[str], responses: str) -> None:
+    """TTFT and usage reach the director from the streamed SSE response, once per request, in the
+    default mode (the response on an observability-mode filter) as in full processing."""
+    dp, gw = await _gateway(replicas, "FailClose", responseProcessing=responses)
+    calls = _record_finishes(gw)
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            body = {
+                "model": "m",
+                "prompt": "count to five",
+                "stream": True,
+                "max_tokens": 5,
+                "stream_options": {"include_usage": True},
+            }
+            async with http.post(dp.url + "/v1/completions", json=body) as r:
+                assert r.status == 200
+                assert r.headers["x-gateway-destination-endpoint-served"] == r.headers[HDR_UPSTREAM_DEBUG]
+                assert (await r.read()).endswith(b"data: [DONE]\n\n")
+            async with http.post(dp.url + "/v1/completions", json={"model": "m", "prompt": "one"}) as r:
+                assert r.status == 200
+                assert (await r.json())["usage"]["prompt_tokens"] > 0
+        got = await _calls(calls, 2)
+        assert len(got) == 2
+        streamed, plain = got
+        assert (streamed.status, streamed.completion_tokens) == (200, 5)
+        assert streamed.prompt_tokens is not None and streamed.prompt_tokens > 0
+        assert streamed.ttft_s is not None and streamed.e2e_s is not None
+        assert 0 < streamed.ttft_s <= streamed.e2e_s
+        assert plain.status == 200 and plain.prompt_tokens is not None and plain.prompt_tokens > 0
+        assert await _settled(gw)
+        assert dp.servicer.pending == 0
+    finally:
+        await _stop(dp, gw)
+
+
+async def test_client_gone_mid_stream_is_released_once_as_cut_off(slow_replica: list[str]) -> None:
+    """The client leaves after the first token: Envoy ends the HTTP stream, the request is released
+    exactly once, reported as cut off (499), and nothing is left pending in the picker."""
+    dp, gw = await _gateway(slow_replica, "FailClose")
+    calls = _record_finishes(gw)
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            body = {"model": "m", "prompt": "a long story", "stream": True, "max_tokens": 200}
+            r = await http.post(dp.url + "/v1/completions", json=body)
+            assert r.status == 200
+            assert (await r.content.readany()).startswith(b"data: ")
+            assert gw.datastore.endpoints()[0].in_flight == 1
+            r.close()  # drops the connection mid-stream
+        got = await _calls(calls, 1)
+        assert len(got) == 1
+        assert got[0].status == 499 and got[0].ttft_s is not None
+        assert await _settled(gw)
+        assert dp.servicer.pending == 0
     finally:
         await _stop(dp, gw)

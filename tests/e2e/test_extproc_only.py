@@ -22,8 +22,11 @@ async def test_external_envoy_routes_through_extproc_only_picker(
     assert isinstance(picker, ExtProcOnly)
     await picker.start()
     assert picker.url.startswith("grpc://127.0.0.1:")
-    # An Envoy configured the way a Gateway API implementation would: ext_proc filter -> our picker.
-    envoy = EnvoyProcess(EnvoySettings(picker_port=picker.server.port, pool=sim.addresses))
+    # An Envoy configured the way a Gateway API implementation would: one ext_proc filter, full
+    # processing (the picker answers the response's messages too) -> our picker.
+    envoy = EnvoyProcess(
+        EnvoySettings(picker_port=picker.server.port, pool=sim.addresses, response_processing="full")
+    )
     try:
         await envoy.start()
         system = " ".join(f"rule{i}" for i in range(600))

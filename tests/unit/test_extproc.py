@@ -431,6 +431,8 @@ async def test_observe_mode_request_answer_is_not_shared_between_requests() -> N
     g1, _s1, k1 = await _routed(svc)
     g2, _s2, k2 = await _routed(svc)
     assert k1 != k2 and svc.pending == 2
+    # The per-destination answer cache stays keyless: each key went into a copy.
+    assert svc._answers and all("ingate" not in a.dynamic_metadata.fields for a in svc._answers.values())
     for g in (g1, g2):
         await g.aclose()  # type: ignore[attr-defined]
 
