@@ -13,6 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 from ingate.datastore import Endpoint
 from ingate.request import InferenceRequest
 
+PREFIX_MATCH_KEY = "prefix.matched_chars"
+"""CycleState key: {endpoint: leading prompt characters the prefix index matched there} (nonzero only)."""
+
 
 class CycleState(dict[str, Any]):
     """Scratch space shared by the plugins of one scheduling cycle (one request).
@@ -83,6 +86,13 @@ class PostSchedule(Protocol):
     """Runs after the decision (e.g. the prefix index records where the prompt's blocks went)."""
 
     def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None: ...
+
+
+@runtime_checkable
+class FirstToken(Protocol):
+    """Runs when the request's first token reached the gateway (at most once per request)."""
+
+    def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None: ...
 
 
 @runtime_checkable

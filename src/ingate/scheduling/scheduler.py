@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from ingate.datastore import Datastore, Endpoint
@@ -13,6 +13,7 @@ from ingate.scheduling.config import PluginSpec, ProfileConfig, SchedulerConfig
 from ingate.scheduling.framework import (
     CycleState,
     Filter,
+    FirstToken,
     Picker,
     PostResponse,
     PostSchedule,
@@ -20,6 +21,7 @@ from ingate.scheduling.framework import (
     SchedulingResult,
     Scorer,
 )
+from ingate.scheduling.plugins.latency import PredictedLatencyScorer
 from ingate.scheduling.plugins.load import KVCacheScorer, LeastInFlightScorer, LoadGuardFilter, QueueScorer
 from ingate.scheduling.plugins.lora import LoraAffinityFilter, LoraAffinityScorer
 from ingate.scheduling.plugins.pickers import (
@@ -29,6 +31,7 @@ from ingate.scheduling.plugins.pickers import (
     WeightedRandomPicker,
 )
 from ingate.scheduling.plugins.prefix import PrefixCacheScorer
+from ingate.scheduling.plugins.sizeband import SizeBandScorer
 
 FILTERS: dict[str, type] = {"load-guard": LoadGuardFilter, "lora-affinity": LoraAffinityFilter}
 SCORERS: dict[str, type] = {
@@ -37,6 +40,8 @@ SCORERS: dict[str, type] = {
     "least-in-flight": LeastInFlightScorer,
     "prefix-cache": PrefixCacheScorer,
     "lora-affinity": LoraAffinityScorer,
+    "predicted-latency": PredictedLatencyScorer,
+    "size-band": SizeBandScorer,
 }
 PICKERS: dict[str, type] = {
     "max-score": MaxScorePicker,
@@ -77,6 +82,7 @@ class Profile:
     picker: Picker
     post_schedule: list[PostSchedule]
     post_response: list[PostResponse]
+    first_token: list[FirstToken] = field(default_factory=list)
 
 
 def build_profile(name: str, cfg: ProfileConfig, datastore: Datastore) -> Profile:
@@ -98,6 +104,7 @@ def build_profile(name: str, cfg: ProfileConfig, datastore: Datastore) -> Profil
         picker,
         [p for p in plugins if isinstance(p, PostSchedule)],
         [p for p in plugins if isinstance(p, PostResponse)],
+        [p for p in plugins if isinstance(p, FirstToken)],
     )
 
 
@@ -143,6 +150,12 @@ class Scheduler:
         for hook in prof.post_schedule:
             hook.post_schedule(ctx, request, result)
         return result, ctx
+
+    def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None:
+        """Tell the plugins that track outstanding prefill work that the request's first token came."""
+        for prof in self.profiles.values():
+            for hook in prof.first_token:
+                hook.on_first_token(ctx, request, endpoint)
 
     def post_response(
         self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo

@@ -20,7 +20,7 @@ import xxhash
 
 from ingate.datastore import Datastore, Endpoint
 from ingate.request import InferenceRequest
-from ingate.scheduling.framework import CycleState, SchedulingResult
+from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, SchedulingResult
 
 _CTX_KEY = "prefix.hashes"
 _h64 = xxhash.xxh64_intdigest
@@ -257,7 +257,10 @@ class PrefixCacheScorer:
         if not hashes:
             return dict.fromkeys(endpoints, 0.0)
         n = len(hashes)
-        return {ep: k / n for ep, k in self.index.match(hashes, endpoints).items()}
+        matched = self.index.match(hashes, endpoints)
+        bc = self.block_chars
+        ctx[PREFIX_MATCH_KEY] = {ep: k * bc for ep, k in matched.items() if k}
+        return {ep: k / n for ep, k in matched.items()}
 
     def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         hashes = self._hashes(ctx, request)
