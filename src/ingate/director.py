@@ -118,6 +118,7 @@ class Director:
         self._server_priority = config.pool.model_server_priority
         fc = config.flow_control
         self._by_priority = fc is not None and fc.enabled and fc.preemption
+        self._peak_running: dict[str, int] = {}  # address -> most running requests ever scraped
 
     def resolve(self, req: InferenceRequest) -> None:
         """Apply model rewrite / traffic split, adapter detection and the objective (priority, SLOs)."""
@@ -178,7 +179,7 @@ class Director:
         )
         d = Decision(req, result, ctx, body, now, ticket=ticket)
         if self._by_priority:
-            if getattr(ticket, "preempting", False):
+            if getattr(ticket, "preempting", False) or self._looks_full(result.endpoints[0], req.priority):
                 _prefer_preemptable(result, req.priority)
             _count(d.target, req.priority, 1)
         ep = d.target
@@ -196,6 +197,19 @@ class Director:
                 )
             )
         return d
+
+    def _looks_full(self, ep: Endpoint, priority: int) -> bool:
+        """Whether a request of ``priority`` would wait on ``ep`` behind work it cannot displace: the
+        replica queues requests, or this gateway's requests of at least this priority there already fill
+        as many batch slots as the replica has ever been seen running (its learned batch size)."""
+        m = ep.metrics
+        if m.waiting > 0:
+            return True
+        peak = self._peak_running.get(ep.address, 0)
+        if m.running > peak:
+            self._peak_running[ep.address] = peak = m.running
+        mine = sum(n for p, n in ep.in_flight_by_priority.items() if p >= priority)
+        return mine >= max(1, peak)
 
     def retarget(self, d: Decision) -> Endpoint | None:
         """Move the request to its next fallback (after a connection failure); None when none is left."""
@@ -273,8 +287,9 @@ def _lower(ep: Endpoint, priority: int) -> int:
 
 
 def _prefer_preemptable(result: SchedulingResult, priority: int) -> None:
-    """A request dispatched to preempt should land where lower-priority work runs: the scheduler's
-    first choice (target, then fallbacks, so its filters still hold) that has some goes first."""
+    """A request that would otherwise wait should land where lower-priority work runs (the model server
+    displaces it): the scheduler's first choice (target, then fallbacks, so its filters still hold)
+    that has some goes first; without one the order stays."""
     eps = result.endpoints
     for i, ep in enumerate(eps):
         if _lower(ep, priority) > 0:

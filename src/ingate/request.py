@@ -9,6 +9,7 @@ The raw bytes are kept so an unchanged body is forwarded without re-serialisatio
 from __future__ import annotations
 
 import hashlib
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ HDR_FAIRNESS_ID = "x-gateway-inference-fairness-id"
 HDR_MODEL_REWRITE = "x-gateway-model-name-rewrite"
 HDR_SLO_TTFT = "x-slo-ttft-ms"
 HDR_SLO_TPOT = "x-slo-tpot-ms"
+HDR_TIMEOUT = "x-gateway-request-timeout-ms"
+"""The request's own deadline, in ms from arrival: flow control answers 503 if it is still queued then."""
 HDR_REQUEST_ID = "x-request-id"
 HDR_DESTINATION = "x-gateway-destination-endpoint"
 HDR_DESTINATION_SERVED = "x-gateway-destination-endpoint-served"
@@ -58,6 +61,8 @@ class InferenceRequest:
     fairness_id: str = DEFAULT_FLOW
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    timeout_s: float | None = None
+    """From header x-gateway-request-timeout-ms: how long the client will wait (None = no deadline)."""
     arrival: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -177,6 +182,9 @@ def parse_request(
         slo_tpot_ms=_float_header(headers, HDR_SLO_TPOT),
         arrival=now,
     )
+    timeout_ms = _float_header(headers, HDR_TIMEOUT)
+    if timeout_ms is not None:
+        req.timeout_s = timeout_ms / 1000.0
     return req
 
 
@@ -201,6 +209,6 @@ def _float_header(headers: Mapping[str, str], name: str) -> float | None:
         f = float(v)
     except ValueError:
         raise GatewayError(400, f"header {name} must be a number of milliseconds", "invalid_header") from None
-    if f <= 0:
-        raise GatewayError(400, f"header {name} must be positive", "invalid_header")
+    if not f > 0 or f == math.inf:  # also rejects nan
+        raise GatewayError(400, f"header {name} must be a positive, finite number", "invalid_header")
     return f

@@ -317,3 +317,57 @@ async def test_queue_ttl_expiry_and_client_disconnect(
             # Only the two long requests ever reached the replica.
             assert await metric(s, replica, "vllm:request_success_total") == 2
             assert await metric(s, url, QUEUE) == 0
+
+
+async def test_critical_request_preempts_low_priority_work_on_the_model_server(
+    sim_fleet: Callable[..., SimProcess], tmp_path: Path
+) -> None:
+    # One replica with 2 batch slots, priority scheduling with preemption; the gateway sends priorities
+    # (vLLM semantics) and may dispatch past saturation to displace lower-priority work.
+    sim = sim_fleet(1, "--max-num-seqs", "2", "--scheduling-policy", "priority", "--priority-preemption")
+    objectives = [{"name": "critical", "priority": 10}, {"name": "batch", "priority": 0}]
+    fc = {"saturation": {"queueDepthThreshold": 1}, "pollIntervalS": 0.02, "preemption": True}
+    pool = {
+        "name": "fc-pool",
+        "endpoints": [{"address": a} for a in sim.addresses],
+        "modelServerPriority": "vllm",
+    }
+    with serve(tmp_path, sim.addresses, objectives=objectives, flowControl=fc, pool=pool) as url:
+        async with aiohttp.ClientSession() as s:
+            # ~3 s each at time scale 1: both slots busy with batch work, one waiting on the replica (it
+            # is saturated) and more at the gateway.
+            batch = [
+                asyncio.create_task(complete(s, url, objective="batch", flow="bulk", max_tokens=300))
+                for _ in range(5)
+            ]
+            sim_url = f"http://{sim.addresses[0]}"
+
+            async def replica_full() -> bool:
+                running = await metric(s, sim_url, "vllm:num_requests_running")
+                waiting = await metric(s, sim_url, "vllm:num_requests_waiting")
+                return running == 2 and waiting >= 1 and await metric(s, url, QUEUE, fairness_id="bulk") >= 1
+
+            await wait_for(
+                replica_full, "both batch slots, the replica's queue and the gateway's queue to fill"
+            )
+            t0 = time.perf_counter()
+            crit = await complete(s, url, objective="critical", flow="crit", max_tokens=5)
+            crit_latency = time.perf_counter() - t0
+            assert crit.status == 200, crit.body
+            preemptive = await metric(s, url, "ingate_flow_control_preemptive_dispatch_total", priority="10")
+            results = await asyncio.gather(*batch)
+        async with aiohttp.ClientSession() as s, s.get(f"http://{sim.addresses[0]}/metrics") as r:
+            sim_metrics = await r.text()
+    first_batch_done = min(r.latency for r in results)
+    print(
+        f"\ncritical {crit_latency * 1000:.0f} ms while batch requests took {first_batch_done:.2f} s and more"
+    )
+    assert preemptive == 1
+    assert any(
+        line.startswith("vllm:num_preemptions_total") and float(line.split()[-1]) >= 1
+        for line in sim_metrics.splitlines()
+    ), "the replica did not preempt"
+    # The critical request did not wait for a batch request to finish...
+    assert crit_latency < 0.3 * first_batch_done, (crit_latency, first_batch_done)
+    # ...and the displaced batch request resumed and completed in full.
+    assert all(r.status == 200 and r.body["usage"]["completion_tokens"] == 300 for r in results)

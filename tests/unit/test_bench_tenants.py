@@ -71,9 +71,19 @@ def test_tenant_rates_must_match_stages_and_sum_to_the_stage_rate() -> None:
         _wl(tenants=[{"name": "a", "rates": [20, 50]}])
     with pytest.raises(ValidationError, match="set by the harness"):
         _wl(gateway={"listen": {"port": 1}})
+    with pytest.raises(ValidationError, match=r"pool\.endpoints are set by the harness"):
+        _wl(gateway={"pool": {"endpoints": [{"address": "127.0.0.1:2"}]}})
     cfg = ingate_config(wl, ["127.0.0.1:1"], 9)
     assert cfg["objectives"] == [{"name": "critical", "priority": 10}]
     assert cfg["listen"] == {"host": "127.0.0.1", "port": 9}
+    # Pool settings merge into the harness's pool; the endpoints stay the fleet's.
+    cfg = ingate_config(_wl(gateway={"pool": {"modelServerPriority": "vllm"}}), ["127.0.0.1:1"], 9)
+    assert cfg["pool"] == {
+        "name": "bench",
+        "engine": "vllm",
+        "endpoints": [{"address": "127.0.0.1:1"}],
+        "modelServerPriority": "vllm",
+    }
 
 
 async def test_tenants_run_side_by_side_with_their_own_headers(server: str) -> None:

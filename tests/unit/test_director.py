@@ -238,3 +238,32 @@ async def test_preempting_request_goes_where_lower_priority_work_runs() -> None:
     assert busy.in_flight_by_priority == {-1: 1}
     d.finish(low, ResponseInfo(status=200))
     assert busy.in_flight_by_priority == {} and busy.in_flight == 0
+
+
+class _NoPreemptFlow(_Flow):
+    async def admit(self, request: InferenceRequest) -> Any:
+        from ingate.flowcontrol.controller import Ticket
+
+        return Ticket("f", request.priority, 1, 0.0, 0.0, False)
+
+
+async def test_request_avoids_a_replica_full_of_equal_priority_work() -> None:
+    cfg = _cfg(flowControl={"preemption": True})
+    ds = Datastore([Endpoint(name=f"e{i}", host="127.0.0.1", port=9001 + i) for i in range(2)])
+    d = Director(
+        cfg, ds, build_scheduler(cfg.scheduler, ds), Telemetry(ds, "p"), flow_control=_NoPreemptFlow()
+    )
+    crit = {"x-gateway-inference-objective": "critical"}
+    e0, e1 = ds.endpoints()
+    # e0 runs two critical requests of this gateway and its batch is 2 wide (as scraped); e1 runs one
+    # batch request. Without the rule the next critical request goes to the less loaded e1 only by
+    # chance of the scores; with it, it must never queue behind e0's.
+    e0.in_flight, e0.in_flight_by_priority, e0.metrics.running = 2, {10: 2}, 2
+    e1.in_flight, e1.in_flight_by_priority, e1.metrics.running = 1, {-1: 1}, 1
+    e1.metrics.waiting = 3  # e1 even looks worse to the load scorers
+    for _ in range(5):
+        dec = await d.handle("/v1/completions", crit, _body())
+        assert dec.target is e1
+        d.finish(dec, ResponseInfo(status=200))
+    e0.in_flight, e0.in_flight_by_priority = 1, {10: 1}  # a free slot on e0 again
+    assert d._looks_full(e1, 10) and not d._looks_full(e0, 10)

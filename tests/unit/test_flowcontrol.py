@@ -590,3 +590,28 @@ async def test_without_preemption_a_high_priority_request_waits_for_capacity() -
     assert not high.result().preempting
     fc.release(low)
     fc.release(high.result())
+
+
+async def test_request_timeout_header_is_its_queue_deadline() -> None:
+    from ingate.request import parse_request
+
+    clock = Clock()
+    fc = controller(clock, pool(clock, waiting=5), queue_ttl_s=30)
+    body = b'{"model": "m", "prompt": "hi"}'
+    r = parse_request("/v1/completions", {"x-gateway-request-timeout-ms": "1500"}, body)
+    assert r.timeout_s == 1.5
+    t = await enqueue(fc, r)
+    clock.t += 1.0
+    fc.pump()
+    await settle()
+    assert not t.done()
+    clock.t += 0.6
+    fc.pump()
+    await settle()
+    with pytest.raises(GatewayError) as e:
+        t.result()
+    assert e.value.status == 503 and "deadline" in e.value.message
+    for bad in ("soon", "0", "-5", "nan", "inf"):
+        with pytest.raises(GatewayError) as e:
+            parse_request("/v1/completions", {"x-gateway-request-timeout-ms": bad}, body)
+        assert e.value.status == 400 and "x-gateway-request-timeout-ms" in e.value.message

@@ -86,12 +86,20 @@ def ingate_config(
     models: dict[str, object] = {"served": [wl.model]}
     if wl.lora is not None:
         models["adapters"] = list(wl.lora.adapters)
+    pool: dict[str, object] = {
+        "name": "bench",
+        "engine": "vllm",
+        "endpoints": [{"address": a} for a in addresses],
+    }
+    extra = dict(wl.gateway)
+    pool.update(extra.pop("pool", None) or {})  # e.g. modelServerPriority; the endpoints are the fleet's
+    pool["endpoints"] = [{"address": a} for a in addresses]
     return {
         "listen": {"host": "127.0.0.1", "port": port},
-        "pool": {"name": "bench", "engine": "vllm", "endpoints": [{"address": a} for a in addresses]},
+        "pool": pool,
         "models": models,
         "dataplane": dataplane or {"type": "builtin"},
-        **wl.gateway,  # the workload's objectives, flowControl, ...
+        **extra,  # the workload's objectives, flowControl, ...
     }
 
 

@@ -125,7 +125,7 @@ class Tenant(_Strict):
 
 
 # Keys of the generated gateway config a workload may not override (the harness owns them).
-_HARNESS_KEYS = frozenset({"listen", "pool", "dataplane"})
+_HARNESS_KEYS = frozenset({"listen", "dataplane"})
 
 
 class Workload(_Strict):
@@ -145,11 +145,15 @@ class Workload(_Strict):
     tenants: list[Tenant] = Field(default_factory=list)
     """Poisson tenants sent side by side; then `load.rates[i]` must be the sum of `tenants[*].rates[i]`."""
     gateway: dict[str, Any] = Field(default_factory=dict)
-    """Extra top-level keys of the generated ingate config (e.g. `objectives`, `flowControl`)."""
+    """Extra top-level keys of the generated ingate config (e.g. `objectives`, `flowControl`, and `pool`
+    settings such as `modelServerPriority`; the pool's endpoints are the harness's fleet)."""
 
     @model_validator(mode="after")
     def _check_tenants(self) -> Workload:
         bad = _HARNESS_KEYS & set(self.gateway)
+        pool = self.gateway.get("pool")
+        if pool is not None and (not isinstance(pool, dict) or "endpoints" in pool):
+            bad = bad | {"pool.endpoints"}  # pool settings may be given; its endpoints are the fleet's
         if bad:
             raise ValueError(f"gateway: {', '.join(sorted(bad))} are set by the harness")
         if not self.tenants:

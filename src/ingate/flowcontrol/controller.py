@@ -111,9 +111,12 @@ class FlowController:
     ) -> Ticket:
         """Admit ``request`` now, or queue it until dispatched; raise GatewayError 429/503.
 
-        ``deadline`` is on this controller's clock. Cancelling the caller removes the queued item.
+        ``deadline`` is on this controller's clock; without it the request's own timeout (header
+        x-gateway-request-timeout-ms) counts from now. Cancelling the caller removes the queued item.
         """
         now = self.clock()
+        if deadline is None and request.timeout_s is not None:
+            deadline = now + request.timeout_s
         prio = request.priority
         flow = request.fairness_id
         size = len(request.raw_body) if size_bytes is None else size_bytes
