@@ -41,13 +41,34 @@ class ProfileConfig(BaseModel):
 def default_profiles() -> dict[str, ProfileConfig]:
     """The built-in profiles.
 
-    default: LoRA affinity and a load guard first ("sticky until saturated": prefix affinity never
-    piles onto a replica whose queue is well above the least-loaded one), then queue depth (2), KV
-    utilisation (2) and prefix-cache affinity (3) as upstream weighs them, plus the gateway's own
-    in-flight count (1) so a burst between two metric scrapes spreads out.
+    default: LoRA affinity first, then prefix-cache affinity (3), size bands (1: long and short prompts
+    on different endpoints when lengths are heavy-tailed), the predicted latency of this request on
+    each endpoint (2: prefill work this gateway has queued there plus the KV-cache shortfall, minus
+    the prefix hit), and small tie-breakers on scraped KV utilisation and the gateway's own in-flight
+    count (0.5 each), so requests spread out where the prediction is equal (e.g. new prefixes).
+    The load guard stays as a loose safety net against piling onto one prefix (queue margin 8, no KV
+    threshold): request counts and KV utilisation misjudge load when prompt lengths differ by 100x,
+    and the predicted-latency scorer accounts for load in tokens.
     """
     return {
         "default": ProfileConfig(
+            filters=[
+                PluginSpec(type="lora-affinity"),
+                PluginSpec(type="load-guard", parameters={"queueMargin": 8, "kvThreshold": 1.0}),
+            ],
+            scorers=[
+                PluginSpec(type="prefix-cache", weight=3),
+                PluginSpec(type="size-band", weight=1),
+                PluginSpec(type="predicted-latency", weight=2),
+                PluginSpec(type="kv-cache", weight=0.5),
+                PluginSpec(type="least-in-flight", weight=0.5),
+                PluginSpec(type="lora-affinity", weight=1),
+            ],
+            picker=PluginSpec(type="max-score"),
+        ),
+        # The default until 2026-12 (request-count load guard, queue/KV/in-flight scorers), kept for
+        # side-by-side comparison and for pools where prompt lengths are uniform.
+        "guarded-affinity": ProfileConfig(
             filters=[PluginSpec(type="lora-affinity"), PluginSpec(type="load-guard")],
             scorers=[
                 PluginSpec(type="queue", weight=2),

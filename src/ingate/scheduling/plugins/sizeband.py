@@ -38,7 +38,7 @@ class SizeBandScorer:
 
     long_fraction: float = 0.5
     """Fraction of the pool's endpoints that form the long band (rounded; at least 1, never all)."""
-    token_share: float = 0.6
+    token_share: float = 0.5
     """Share of recent prompt characters that the long requests carry (sets the cutoff)."""
     min_spread: float = 2.0
     """Banding applies only while cutoff >= min_spread x median size (lengths really spread out)."""

@@ -1,0 +1,278 @@
+"""Replay a bench workload in virtual time through ingate's Scheduler and the simulator's engine.
+
+Compares scheduler profiles on many request streams in seconds (not a test, and not a replacement for
+`ingate bench`, which measures the real gateway, HTTP and processes). Each replica is an
+`ingate.sim.engine.Engine` (the same step-time, batching and KV-cache model as `ingate sim`) driven by
+an event loop in virtual time: requests arrive as the bench's Poisson stream (`RequestStream` and the
+same arrival seeds; stream k > 0 shifts both seeds by 100 k), are scheduled by the real `Scheduler`
+(the director's bookkeeping: in-flight counts, first-token and post-response hooks), reach the engine
+2 ms later, and the scheduler sees metrics scraped from the engines every 50 ms. Stages run in order
+on the same fleet and scheduler (as `ingate bench` does), and the chosen stage is reported.
+
+    python benchmarks/scheduling/replay.py benchmarks/workloads/mixed.yaml --stage 2 --streams 20 \\
+        --profiles round-robin,guarded-affinity,default
+
+Profiles are built-in names or YAML files with a `scheduler:` section. Prints a table and writes JSON
+(default benchmarks/results/replay_<workload>_stage<k>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import platform
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+import ingate.sim.engine as sim_engine
+from ingate.bench.workload import BenchRequest, RequestStream, Workload, load_workload
+from ingate.datastore import Datastore, Endpoint
+from ingate.request import parse_request
+from ingate.scheduling.config import SchedulerConfig
+from ingate.scheduling.framework import ResponseInfo
+from ingate.scheduling.scheduler import Scheduler, build_scheduler
+from ingate.sim.engine import FINISHED, Engine, EngineConfig, SimRequest
+from ingate.sim.profiles import get_profile
+from ingate.sim.tokenizer import block_hashes, tokenize
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+NET_S = 0.002
+SCRAPE_S = 0.05
+
+
+class _VirtualClock:
+    """Stands in for the `time` module inside ingate.sim.engine (it stamps arrivals/admissions)."""
+
+    t = 0.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+CLOCK = _VirtualClock()
+
+
+def _fleet_args(wl: Workload) -> tuple[float, int | None, str]:
+    args = list(wl.fleet.args)
+    scale, blocks, profile = 1.0, None, "h100"
+    for i, a in enumerate(args[:-1]):
+        if a == "--time-scale":
+            scale = float(args[i + 1])
+        elif a == "--num-gpu-blocks":
+            blocks = int(args[i + 1])
+        elif a == "--profile":
+            profile = args[i + 1]
+    return scale, blocks, profile
+
+
+class Fleet:
+    """Replicas, their endpoints and one scheduler, kept across stages."""
+
+    def __init__(self, wl: Workload, cfg: SchedulerConfig, profile: str | None, seed: int) -> None:
+        scale, blocks, name = _fleet_args(wl)
+        self.prof = get_profile(name).with_overrides(num_gpu_blocks=blocks)
+        self.scale = scale
+        self.profile = profile
+        self.eps: list[Endpoint] = []
+        self.engines: list[Engine] = []
+        for i in range(wl.fleet.replicas):
+            ep = Endpoint(name=f"r{i}", host="127.0.0.1", port=9000 + i)
+            ep.metrics.block_size = self.prof.block_size
+            ep.metrics.num_gpu_blocks = self.prof.num_gpu_blocks
+            self.eps.append(ep)
+            self.engines.append(Engine(EngineConfig(self.prof, time_scale=scale)))
+        self.sched: Scheduler = build_scheduler(cfg, Datastore(self.eps))
+        rng = random.Random(seed)
+        for p in self.sched.profiles.values():
+            if hasattr(p.picker, "rng"):
+                p.picker.rng = rng  # deterministic tie-breaking
+        self.t0 = 0.0
+
+
+def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -> list[dict[str, Any]]:
+    """One Poisson stage; returns per-request records (virtual seconds)."""
+    stream = RequestStream(wl, seed_offset=stage + shift)
+    rng = random.Random(wl.seed * 7919 + stage + shift)
+    ev: list[tuple[float, int, str, Any]] = []
+    seq = 0
+
+    def push(t: float, kind: str, payload: Any) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(ev, (t, seq, kind, payload))
+
+    t, n = 0.0, 0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= wl.load.duration_s:
+            break
+        push(fleet.t0 + t, "arrive", stream.next())
+        n += 1
+    push(fleet.t0, "scrape", None)
+    eps, engines, prof, scale = fleet.eps, fleet.engines, fleet.prof, fleet.scale
+    busy = [False] * len(eps)
+    steps: list[Any] = [None] * len(eps)
+    live: dict[SimRequest, tuple[dict[str, Any], Any, Any, int]] = {}
+    recs: list[dict[str, Any]] = []
+    now = fleet.t0
+
+    def start_step(i: int) -> None:
+        e = engines[i]
+        prefill, decode, _loads = e._schedule()
+        if not prefill and not decode:
+            busy[i] = False
+            return
+        n_tok = sum(k for _, k, _ in prefill)
+        quad = sum(k * (k + 2 * c) for _, k, c in prefill)
+        ctx_tok = sum(r.prompt_len + r.generated for r in decode)
+        ms = prof.step_ms(n_tok, quad, len(decode), ctx_tok)
+        busy[i] = True
+        steps[i] = (prefill, decode)
+        push(now + ms / 1000.0 / scale, "step", i)
+
+    left = n
+    while ev and left > 0:
+        now, _, kind, payload = heapq.heappop(ev)
+        CLOCK.t = now
+        if kind == "scrape":
+            for ep, e in zip(eps, engines, strict=True):
+                ep.metrics.waiting = len(e.waiting)
+                ep.metrics.running = len(e.running)
+                ep.metrics.kv_usage = e.kv.usage
+                ep.metrics.updated_at = now
+            push(now + SCRAPE_S, "scrape", None)
+        elif kind == "arrive":
+            br: BenchRequest = payload
+            path = "/v1/chat/completions" if "messages" in br.body else "/v1/completions"
+            req = parse_request(path, {}, orjson.dumps(br.body), now=now)
+            result, ctx = fleet.sched.schedule(req, profile=fleet.profile)
+            i = eps.index(result.target)
+            eps[i].in_flight += 1
+            text = br.body.get("prompt") or br.body["messages"][0]["content"]
+            rec = {"send": now, "ep": i, "prompt_tokens": 0, "ttft": None, "e2e": None}
+            recs.append(rec)
+            push(now + NET_S, "submit", (i, text, br.body["max_tokens"], rec, req, ctx))
+        elif kind == "submit":
+            i, text, max_tokens, rec, req, ctx = payload
+            toks = tokenize(text)
+            rec["prompt_tokens"] = len(toks)
+            sr = engines[i].submit(
+                str(len(recs)), len(toks), block_hashes(toks, 16, wl.model), max_tokens, None
+            )
+            live[sr] = (rec, req, ctx, i)
+            if not busy[i]:
+                start_step(i)
+        else:  # step end
+            i = payload
+            prefill, decode = steps[i]
+            engines[i]._apply(prefill, decode, now)
+            for r, _, _ in prefill:
+                entry = live.get(r)
+                if entry is not None and r.first_token_at == now and entry[0]["ttft"] is None:
+                    rec, req, ctx, j = entry
+                    rec["ttft"] = now + NET_S - rec["send"]
+                    fleet.sched.on_first_token(ctx, req, eps[j])
+            for r in [r for r in live if r.state == FINISHED]:
+                rec, req, ctx, j = live.pop(r)
+                rec["e2e"] = now + NET_S - rec["send"]
+                eps[j].in_flight -= 1
+                info = ResponseInfo(
+                    status=200, prompt_tokens=rec["prompt_tokens"], completion_tokens=r.generated
+                )
+                fleet.sched.post_response(ctx, req, eps[j], info)
+                left -= 1
+            start_step(i)
+    fleet.t0 = now + 1.0
+    base = recs[0]["send"] if recs else 0.0
+    for r in recs:
+        r["send"] -= base
+    return recs
+
+
+def summarize(recs: list[dict[str, Any]], slo_s: float) -> dict[str, float]:
+    ttfts = sorted(r["ttft"] for r in recs)
+    good = sum(1 for t in ttfts if t <= slo_s)
+    span = max(r["send"] + r["e2e"] for r in recs)
+    return {
+        "sent": len(recs),
+        "good": good,
+        "goodput_rps": good / span,
+        "ttft_p50": ttfts[len(ttfts) // 2],
+        "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+    }
+
+
+def load_profile(arg: str) -> tuple[SchedulerConfig, str | None]:
+    if arg.endswith((".yaml", ".yml")):
+        data = yaml.safe_load(Path(arg).read_text())
+        return SchedulerConfig.model_validate(data.get("scheduler", data)), None
+    return SchedulerConfig(), arg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("workload", type=Path)
+    ap.add_argument("--stage", type=int, default=-1, help="index into load.rates (default: last)")
+    ap.add_argument("--streams", type=int, default=20)
+    ap.add_argument("--profiles", default="round-robin,guarded-affinity,default")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    wl = load_workload(args.workload)
+    stage = args.stage % len(wl.load.rates)
+    rate = float(wl.load.rates[stage])
+    sim_engine.time = CLOCK  # type: ignore[assignment]
+    rows: dict[str, list[dict[str, float]]] = {}
+    for name in args.profiles.split(","):
+        cfg, prof = load_profile(name)
+        rows[name] = []
+        for k in range(args.streams):
+            fleet = Fleet(wl, cfg, prof, seed=1234 + 100 * k)
+            for s in range(stage):
+                run_stage(fleet, wl, float(wl.load.rates[s]), s, 100 * k)
+            rows[name].append(summarize(run_stage(fleet, wl, rate, stage, 100 * k), wl.slo.ttft_s))
+    table = Table(title=f"{wl.name} @ {rate:g} req/s, {args.streams} streams (virtual-time replay)")
+    for col in ("profile", "good / sent", "goodput req/s (mean)", "TTFT p99 s (mean)", "p99 max", "stream 0"):
+        table.add_column(col, justify="right")
+    out: dict[str, Any] = {
+        "format": "ingate-replay/1",
+        "workload": wl.name,
+        "rate": rate,
+        "stage": stage,
+        "streams": args.streams,
+        "python": platform.python_version(),
+        "profiles": {},
+    }
+    for name, rs in rows.items():
+        agg = {
+            "good": sum(r["good"] for r in rs),
+            "sent": sum(r["sent"] for r in rs),
+            "goodput_rps_mean": statistics.mean(r["goodput_rps"] for r in rs),
+            "ttft_p99_mean": statistics.mean(r["ttft_p99"] for r in rs),
+            "ttft_p99_max": max(r["ttft_p99"] for r in rs),
+            "per_stream": rs,
+        }
+        out["profiles"][name] = agg
+        s0 = rs[0]
+        table.add_row(
+            name,
+            f"{agg['good']} / {agg['sent']}",
+            f"{agg['goodput_rps_mean']:.2f}",
+            f"{agg['ttft_p99_mean']:.2f}",
+            f"{agg['ttft_p99_max']:.2f}",
+            f"{s0['good']}/{s0['sent']}, {s0['goodput_rps']:.2f} req/s, p99 {s0['ttft_p99']:.2f} s",
+        )
+    Console(width=150).print(table)
+    path = args.out or RESULTS / f"replay_{wl.name}_stage{stage}.json"
+    path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
