@@ -212,14 +212,22 @@ def _wait_http(url: str, proc: Proc, timeout_s: float, ready: Callable[[bytes], 
 
 
 def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> RunningSystem:
-    """Start system `name` in front of `fleet`; raises SystemUnavailable with the reason if it cannot."""
+    """Start system `name` in front of `fleet`; raises SystemUnavailable with the reason if it cannot.
+
+    `ingate:PROFILE` is the built-in-proxy ingate with scheduler profile PROFILE as its default (a
+    built-in profile name, e.g. `ingate:guarded-affinity`), to compare profiles side by side."""
     port = free_port()
-    if name == "ingate":
-        cfg = workdir / "ingate.yaml"
-        cfg.write_text(yaml.safe_dump(ingate_config(wl, fleet.addresses, port), sort_keys=False))
+    if name == "ingate" or name.startswith("ingate:"):
+        gw = ingate_config(wl, fleet.addresses, port)
+        info = {"dataplane": "builtin"}
+        if name.startswith("ingate:"):
+            gw["scheduler"] = {"defaultProfile": name.split(":", 1)[1]}
+            info["profile"] = name.split(":", 1)[1]
+        cfg = workdir / f"{name.replace(':', '-')}.yaml"
+        cfg.write_text(yaml.safe_dump(gw, sort_keys=False))
         cmd = [sys.executable, "-m", "ingate", "serve", "--config", str(cfg), "--log-level", "warning"]
-        proc = spawn(cmd, workdir / "ingate.log")
-        sysm = RunningSystem(name, f"http://127.0.0.1:{port}", [proc], {"dataplane": "builtin"})
+        proc = spawn(cmd, workdir / f"{name.replace(':', '-')}.log")
+        sysm = RunningSystem(name, f"http://127.0.0.1:{port}", [proc], info)
         try:
             _wait_http(f"{sysm.url}/ready", proc, 60)
         except SystemUnavailable:
