@@ -1,8 +1,9 @@
 """Latency of one scheduling decision through the default profile (not a test).
 
-Each decision is the full per-request cost the gateway pays: the LoRA and load-guard filters, the queue,
-KV, in-flight, LoRA and prefix-cache scorers (including hashing the prompt's blocks once), the max-score
-picker, and the post-schedule hook that records the chosen endpoint's blocks in the prefix index.
+Each decision is the full per-request cost the gateway pays: the default profile's filters and scorers
+(including hashing the prompt's blocks once for the prefix-cache scorer), the max-score picker, and the
+post-schedule hooks (the prefix index records the chosen endpoint's blocks; the predicted-latency
+scorer charges its pending prefill).
 
 Prompts share a system prefix (half of the prompt) and differ after it, so the prefix index fills up and
 matching does real work. Endpoint metrics are randomised per endpoint, as a scraper would leave them.
