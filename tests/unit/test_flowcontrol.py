@@ -553,16 +553,19 @@ def test_build_from_yaml_mapping() -> None:
         build_flow_controller({"bogus": 1}, ds, CollectorRegistry())
 
 
-async def test_preemption_dispatches_past_saturation_one_per_lower_priority_request() -> None:
+async def test_preemption_dispatches_past_saturation_up_to_the_learned_batch_slots() -> None:
     clock = Clock()
     ds = pool(clock, waiting=0)
     fc = controller(clock, ds, preemption=True)
-    lows = [await fc.admit(req("std", prio=0)) for _ in range(2)]
-    set_metrics(ds.endpoints()[0], clock, waiting=5)  # saturated from now on
+    lows = [await fc.admit(req("std", prio=0)) for _ in range(3)]
+    ep = ds.endpoints()[0]
+    set_metrics(ep, clock, waiting=5)  # saturated from now on
+    ep.metrics.running = 2  # the replica runs 2 at a time (it was seen running 2)
     h1 = await fc.admit(req("crit", prio=10))
+    ep.metrics.running = 1  # the learned batch size is the peak, not the latest scrape
     h2 = await fc.admit(req("crit", prio=10))
-    assert h1.preempting and h2.preempting and not h1.queued  # two lower-priority requests to displace
-    h3 = await enqueue(fc, req("crit", prio=10))  # nothing left to displace
+    assert h1.preempting and h2.preempting and not h1.queued  # each displaces lower-priority work
+    h3 = await enqueue(fc, req("crit", prio=10))  # both slots hold critical work now
     same = await enqueue(fc, req("std", prio=0))  # equal priority never preempts
     assert fc.pump() == 0
     fc.release(h1)

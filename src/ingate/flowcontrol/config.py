@@ -67,9 +67,10 @@ class FlowControlConfig(_Model):
     """The model servers preempt lower-priority work for higher-priority requests (set
     `pool.modelServerPriority` and start them with priority preemption, e.g. SGLang's
     `--enable-priority-scheduling`, `ingate sim --scheduling-policy priority --priority-preemption`).
-    Then a request may be dispatched while the pool is saturated, up to one per lower-priority request
-    the gateway has in flight, and goes to an endpoint running such work: it takes that request's
-    place at once instead of waiting for a completion."""
+    Then, while lower-priority requests are in flight, a request may be dispatched although the pool is
+    saturated, as long as requests of its priority and above do not fill the pool's batch slots
+    (learned from the scraped running counts), and goes to an endpoint running lower-priority work: it
+    takes that request's place at once instead of waiting for a completion."""
 
     def band(self, priority: int) -> BandConfig:
         """The configured band for ``priority`` or one built from the defaults."""

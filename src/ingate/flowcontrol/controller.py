@@ -91,6 +91,7 @@ class FlowController:
         self._order: list[int] = []  # priorities with a band, highest first
         self._in_flight = 0
         self._preempting = 0  # tickets in flight that were dispatched by preemption
+        self._peak_running: dict[str, int] = {}  # address -> most requests it was seen running
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -336,17 +337,33 @@ class FlowController:
         return band.max_in_flight is None or band.in_flight < band.max_in_flight
 
     def _preempt_room(self, prio: int) -> int:
-        """How many more requests of ``prio`` may displace lower-priority work in flight (0 when off)."""
+        """How many more requests of ``prio`` would start at once on servers that preempt lower-priority
+        work (0 when preemption is off or nothing lower is in flight): the pool's batch slots, learned as
+        the most requests each endpoint has been seen running, minus this gateway's requests of at
+        least this priority in flight (those a request of ``prio`` cannot displace)."""
         if not self.config.preemption:
             return 0
-        lower = 0
-        for p in reversed(self._order):  # lowest first
+        lower = at_or_above = 0
+        for p in self._order:
             if p >= prio:
-                break
-            lower += self._bands[p].in_flight
+                at_or_above += self._bands[p].in_flight
+            else:
+                lower += self._bands[p].in_flight
+        if lower == 0:
+            return 0
+        peaks = self._peak_running
+        slots = 0
+        for ep in self.datastore.endpoints():
+            if not ep.healthy:
+                continue
+            peak = peaks.get(ep.address, 0)
+            if ep.metrics.running > peak:
+                peaks[ep.address] = peak = ep.metrics.running
+            slots += peak
+        room = slots - at_or_above
         if self.config.max_in_flight is not None:
-            lower = min(lower, self.config.max_in_flight - self._in_flight)
-        return lower - self._preempting
+            room = min(room, self.config.max_in_flight - self._in_flight)
+        return room
 
     def _dispatched(
         self,
