@@ -31,7 +31,11 @@ production), with uvloop. The picker and the built-in proxy run the real gateway
 scheduler, metrics scraper) over a one-endpoint pool, so each row is the data plane's cost plus the
 real per-request decision, not a stub.
 
-    python benchmarks/dataplane/overhead.py --duration 5 --concurrency 1,32,256
+    python benchmarks/dataplane/overhead.py --duration 5 --concurrency 1,32,256 [--rounds 4]
+
+With ``--rounds N`` each cell is measured in N turns of duration/N per data plane, taken in turn and
+pooled, so that background load that comes and goes on a shared machine affects every data plane alike
+(the comparison within the run stays fair even when the absolute numbers are inflated).
 
 Writes a table to stdout and benchmarks/results/dataplane_overhead.json (with the machine named).
 """
@@ -208,9 +212,40 @@ def _pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))] * 1000
 
 
-async def _load(
-    url: str, concurrency: int, duration: float, stream: bool = False, stagger_s: float = 0.0
-) -> dict[str, float]:
+class Samples:
+    """What one or more load runs against one data plane measured (pooled over rounds)."""
+
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.ttfts: list[float] = []
+        self.errors = 0
+        self.duration = 0.0
+        self.count = 0
+        """Requests sent, warm-up included."""
+
+    def summary(self, stream: bool) -> dict[str, float]:
+        lat = sorted(self.lat)
+        ttfts = sorted(self.ttfts)
+        n = len(lat)
+        if n == 0:
+            nan = float("nan")
+            return {"requests": 0, "errors": self.errors, "rps": 0.0, "p50_ms": nan, "p99_ms": nan}
+        out = {
+            "requests": n,
+            "errors": self.errors,
+            "rps": n / self.duration,
+            "p50_ms": _pct(lat, 0.5),
+            "p99_ms": _pct(lat, 0.99),
+        }
+        if stream:
+            out["ttft_p50_ms"] = _pct(ttfts, 0.5)
+            out["ttft_p99_ms"] = _pct(ttfts, 0.99)
+        return out
+
+
+async def _load_into(
+    acc: Samples, url: str, concurrency: int, duration: float, stream: bool = False, stagger_s: float = 0.0
+) -> None:
     """Closed loop: `concurrency` workers, each sending its next request when the last one ended.
 
     Non-streaming: latency = whole request. Streaming: TTFT = until the first body bytes (the first
@@ -220,9 +255,8 @@ async def _load(
     """
     rng = random.Random(concurrency)
     offsets = [rng.uniform(0, stagger_s) for _ in range(concurrency)]
-    lat: list[float] = []
-    ttfts: list[float] = []
-    errors = 0
+    lat = acc.lat
+    ttfts = acc.ttfts
     body = STREAM_BODY if stream else BODY
     conn = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     headers = {"content-type": "application/json"}
@@ -232,7 +266,6 @@ async def _load(
         stop = warm_end + duration
 
         async def worker(offset: float) -> None:
-            nonlocal errors
             await asyncio.sleep(offset)
             while True:
                 t0 = time.perf_counter()
@@ -254,42 +287,55 @@ async def _load(
                 except aiohttp.ClientError:
                     ok = False
                 dt = time.perf_counter() - t0
+                acc.count += 1
                 if now >= warm_end:
                     if ok:
                         lat.append(dt)
                         ttfts.append(ttft)
                     else:
-                        errors += 1
+                        acc.errors += 1
 
         await asyncio.gather(*(worker(o) for o in offsets))
-    lat.sort()
-    ttfts.sort()
-    n = len(lat)
-    if n == 0:
-        nan = float("nan")
-        return {"requests": 0, "errors": errors, "rps": 0.0, "p50_ms": nan, "p99_ms": nan}
-    out = {
-        "requests": n,
-        "errors": errors,
-        "rps": n / duration,
-        "p50_ms": _pct(lat, 0.5),
-        "p99_ms": _pct(lat, 0.99),
-    }
-    if stream:
-        out["ttft_p50_ms"] = _pct(ttfts, 0.5)
-        out["ttft_p99_ms"] = _pct(ttfts, 0.99)
-    return out
+    acc.duration += duration
+
+
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used so far; None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_total(pids: list[int]) -> float | None:
+    total = 0.0
+    for pid in pids:
+        c = _cpu_s(pid)
+        if c is None:
+            return None
+        total += c
+    return total
 
 
 async def _start_targets(
-    args: argparse.Namespace, upstream: str, procs: list[subprocess.Popen[bytes]], envoys: list[EnvoyProcess]
+    args: argparse.Namespace,
+    upstream: str,
+    procs: list[subprocess.Popen[bytes]],
+    envoys: list[EnvoyProcess],
+    pids: dict[str, list[int]] | None = None,
 ) -> dict[str, str]:
-    """Start every data plane in front of `upstream`; {name: base URL}."""
+    """Start every data plane in front of `upstream`; {name: base URL}. `pids` gets, per data plane,
+    the processes that are that data plane (Envoy, its picker, the built-in proxy) for CPU accounting."""
+    pids = {} if pids is None else pids
     targets = {"direct": f"http://{upstream}"}
+    pids["direct"] = []
     rr = EnvoyProcess(EnvoySettings(pool=[upstream], ext_proc=False, concurrency=args.envoy_workers))
     await rr.start()
     envoys.append(rr)
     targets["envoy-rr"] = rr.url
+    pids["envoy-rr"] = [rr.proc.pid] if rr.proc is not None else []
     # One picker process per Envoy: the picker's response mode must match its Envoy's.
     planes: tuple[tuple[str, Transport, ResponseMode], ...] = (
         ("envoy-extproc", "h2", "observe"),
@@ -328,10 +374,12 @@ async def _start_targets(
         await ep.start()
         envoys.append(ep)
         targets[name] = ep.url
+        pids[name] = [procs[-1].pid] + ([ep.proc.pid] if ep.proc is not None else [])
     bport = _free_port()
     procs.append(_spawn("builtin", "--port", str(bport), "--upstream", upstream))
     await _wait_port(bport)
     targets["builtin"] = f"http://127.0.0.1:{bport}"
+    pids["builtin"] = [procs[-1].pid]
     return {k: v for k, v in targets.items() if k == "direct" or not only or k in only}
 
 
@@ -347,6 +395,9 @@ def _row(rset: str, name: str, c: int, r: dict[str, float], base: dict[str, floa
 
 def _print_row(row: dict[str, Any]) -> None:
     head = f"{row['set']:<6} c={row['concurrency']:<4} {row['dataplane']:<21} rps={row['rps']:7.0f}"
+    cpu = row.get("dataplane_cpu_us_per_request")
+    if cpu is not None:
+        head += f" cpu/req={cpu:6.0f}us"
     if row["set"] == "stream":
         print(
             f"{head}  ttft p50={row['ttft_p50_ms']:7.2f} p99={row['ttft_p99_ms']:7.2f} ms  "
@@ -383,7 +434,8 @@ async def _main(args: argparse.Namespace) -> None:
     envoys: list[EnvoyProcess] = []
     try:
         await _wait_port(up_port)
-        targets = await _start_targets(args, upstream, procs, envoys)
+        pids: dict[str, list[int]] = {}
+        targets = await _start_targets(args, upstream, procs, envoys, pids)
         rows: list[dict[str, Any]] = []
         for rset in sets:
             stream = rset == "stream"
@@ -391,13 +443,28 @@ async def _main(args: argparse.Namespace) -> None:
             # Stream workers start spread over one generation (see `_load`).
             stagger = (args.prefill_ms + args.tokens * args.token_interval_ms) / 1000 if stream else 0.0
             for c in concurrencies:
-                base: dict[str, float] | None = None
-                for name, url in targets.items():
-                    r = await _load(url + "/v1/completions", c, duration, stream=stream, stagger_s=stagger)
-                    if name == "direct":
-                        base = r
-                    assert base is not None
-                    row = _row(rset, name, c, r, base)
+                # Rounds: every data plane runs duration/rounds at a time, in turn, samples pooled, so a
+                # change in the machine's background load hits all of them alike.
+                acc = {name: Samples() for name in targets}
+                cpu = dict.fromkeys(targets, 0.0)
+                for _ in range(args.rounds):
+                    for name, url in targets.items():
+                        before = _cpu_total(pids[name])
+                        await _load_into(
+                            acc[name], url + "/v1/completions", c, duration / args.rounds, stream, stagger
+                        )
+                        after = _cpu_total(pids[name])
+                        if before is not None and after is not None:
+                            cpu[name] += after - before
+                base = acc["direct"].summary(stream)
+                for name in targets:
+                    row = _row(rset, name, c, acc[name].summary(stream), base)
+                    row["rounds"] = args.rounds
+                    sent = acc[name].count
+                    if pids[name] and sent:
+                        # The data plane's own processes (Envoy + picker, or the built-in proxy), warm-up
+                        # included, per request sent: what one request costs the machine's CPUs.
+                        row["dataplane_cpu_us_per_request"] = cpu[name] / sent * 1e6
                     rows.append(row)
                     _print_row(row)
         out = {
@@ -482,6 +549,12 @@ def main() -> None:
     ap.add_argument("--prefill-ms", type=float, default=10.0, help="stream set: upstream time to first token")
     ap.add_argument("--token-interval-ms", type=float, default=20.0, help="stream set: time between tokens")
     ap.add_argument("--envoy-workers", type=int, default=2)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="split each cell into this many turns per data plane, interleaved (robust to load drift)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if not (args.role == "picker" and os.environ.get("INGATE_PICKER_LOOP") == "asyncio"):
