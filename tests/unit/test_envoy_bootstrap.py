@@ -76,10 +76,12 @@ def test_full_processing_modes_and_metadata_namespace() -> None:
 
 
 def test_observe_mode_streams_responses_to_an_observability_filter() -> None:
-    """Default: the request filter does not wait on responses (except trailers, which keep its stream
+    """Opt-in: the request filter does not wait on responses (except trailers, which keep its stream
     open to the end of the HTTP stream); a second filter in observability mode streams them to the
     picker with the request key's namespace, and never fails a response."""
-    b = render_bootstrap(EnvoySettings(picker_port=1, failure_mode="FailClose"))
+    b = render_bootstrap(
+        EnvoySettings(picker_port=1, failure_mode="FailClose", response_processing="observe")
+    )
     filters = _hcm(b)["http_filters"]
     assert [f["name"] for f in filters] == [
         "envoy.filters.http.ext_proc",
@@ -106,7 +108,7 @@ def test_observe_mode_streams_responses_to_an_observability_filter() -> None:
 
 
 def test_response_processing_accepts_the_old_booleans_and_refuses_unknown_modes() -> None:
-    assert EnvoySettings(response_processing=True).response_processing == "observe"  # type: ignore[arg-type]
+    assert EnvoySettings(response_processing=True).response_processing == "full"  # type: ignore[arg-type]
     assert EnvoySettings(response_processing=False).response_processing == "none"  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown mode"):
         EnvoySettings(response_processing="sometimes")  # type: ignore[arg-type]

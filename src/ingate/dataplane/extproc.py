@@ -14,14 +14,14 @@ request. The request filter runs with request headers `SEND`, body `FULL_DUPLEX_
    carrying the same destination, then the body as streamed body mutations of at most 62,000 bytes
    each, `end_of_stream` on the last.
 3. The response, in one of three `responses` modes:
-   - ``"observe"`` (`ingate serve --proxy envoy`): a second ext_proc filter in Envoy's observability
+   - ``"observe"`` (opt-in for `ingate serve --proxy envoy`): a second ext_proc filter in Envoy's observability
      mode streams the response headers, body chunks and trailers on a stream of their own and never
      waits for an answer (none is sent), so the picker is off the token's path. The request's answer
      also sets the `ingate` metadata namespace to a request key, which Envoy forwards on every observer
      message (`metadata_context`): that ties the two streams together. The request filter keeps its
      stream open to the end of the HTTP stream (response trailers `SEND`), so its end says the exchange
      is over;
-   - ``"full"`` (what a Gateway API implementation's Envoy sends): the same stream carries the response
+   - ``"full"`` (the default, and what a Gateway API implementation's Envoy sends): the same stream carries the response
      and every message is answered (each streamed chunk echoed as a streamed mutation);
    - ``"none"``: responses bypass the picker; the request is released when Envoy closes its stream.
 
@@ -256,7 +256,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     `responses` says how the Envoy in front shows the responses (see the module docstring):
     ``"full"`` (the request's own stream carries the response, the picker answers every message; what
     a Gateway API implementation's Envoy does), ``"observe"`` (a second, observability-mode filter
-    streams the response on its own stream; `ingate serve --proxy envoy`'s default) or ``"none"``
+    streams the response on its own stream; opt-in with `ingate serve --proxy envoy`) or ``"none"``
     (responses bypass the picker: released when Envoy closes the request's stream).
     """
 
