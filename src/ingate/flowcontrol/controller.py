@@ -393,7 +393,7 @@ class FlowController:
             if not band.count:
                 continue
             if preempting and self._preempt_room(p) <= 0:
-                return None  # lower bands have even less lower-priority work to displace
+                return None  # a lower band has no more room (more requests at or above it, less below)
             if band.max_in_flight is not None and band.in_flight >= band.max_in_flight:
                 continue  # at its own cap: lower bands may use the capacity (work-conserving)
             flow = band.policy.next()
