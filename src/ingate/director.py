@@ -115,7 +115,8 @@ class Director:
         self._objective_by_model = {mn: o for o in config.objectives for mn in o.models}
         self._default_objective = self._objectives.get(config.default_objective or "")
         self._max_body = config.proxy.max_body_bytes
-        self._server_priority = config.pool.model_server_priority
+        # The priority field the model servers read: vLLM serves lower values first, SGLang higher.
+        self._priority_sign = {"none": None, "vllm": -1, "sglang": 1}[config.pool.model_server_priority]
         fc = config.flow_control
         self._by_priority = fc is not None and fc.enabled and fc.preemption
         self._peak_running: dict[str, int] = {}  # address -> most running requests ever scraped
@@ -162,9 +163,18 @@ class Director:
             ticket = None
             if self.flow_control is not None:
                 ticket = await self.flow_control.admit(req)
+            adjust = None
+            if self._by_priority:
+                preempting = bool(getattr(ticket, "preempting", False))
+                prio = req.priority
+
+                def adjust(result: SchedulingResult) -> None:
+                    if preempting or self._looks_full(result.endpoints[0], prio):
+                        _prefer_preemptable(result, prio)
+
             t0 = time.perf_counter()
             try:
-                result, ctx = self.scheduler.schedule(req, profile=profile)
+                result, ctx = self.scheduler.schedule(req, profile=profile, adjust=adjust)
             except GatewayError:
                 if ticket is not None and self.flow_control is not None:
                     self.flow_control.release(ticket, ResponseInfo(status=503))
@@ -173,14 +183,10 @@ class Director:
         except GatewayError as e:
             tel.errors.labels(req.model, req.target_model, str(e.status)).inc()
             raise
-        sp = self._server_priority
-        body = req.body_for_upstream(
-            None if sp == "none" else -req.priority if sp == "vllm" else req.priority
-        )
+        sign = self._priority_sign
+        body = req.body_for_upstream(None if sign is None else sign * req.priority)
         d = Decision(req, result, ctx, body, now, ticket=ticket)
         if self._by_priority:
-            if getattr(ticket, "preempting", False) or self._looks_full(result.endpoints[0], req.priority):
-                _prefer_preemptable(result, req.priority)
             _count(d.target, req.priority, 1)
         ep = d.target
         ep.in_flight += 1

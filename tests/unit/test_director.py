@@ -231,9 +231,12 @@ async def test_preempting_request_goes_where_lower_priority_work_runs() -> None:
     # A batch (priority -1) request runs on one endpoint; critical ones follow it there (preempting).
     low = await d.handle("/v1/completions", {}, _body())
     busy = low.target
+    lat = next(s for s, _ in d.scheduler.default.scorers if s.name == "predicted-latency")
     for _ in range(3):
         dec = await d.handle("/v1/completions", crit, _body(prompt="x" * 50))
         assert dec.ticket.preempting and dec.target is busy
+        # The scheduler's own bookkeeping (post-schedule hooks) follows the moved target.
+        assert {ep.name: ld.requests for ep, ld in lat._loads.items() if ld.requests} == {busy.name: 2}
         d.finish(dec, ResponseInfo(status=200))
     assert busy.in_flight_by_priority == {-1: 1}
     d.finish(low, ResponseInfo(status=200))

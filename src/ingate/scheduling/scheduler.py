@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -120,9 +121,16 @@ class Scheduler:
         self.datastore = datastore
 
     def schedule(
-        self, request: InferenceRequest, endpoints: list[Endpoint] | None = None, profile: str | None = None
+        self,
+        request: InferenceRequest,
+        endpoints: list[Endpoint] | None = None,
+        profile: str | None = None,
+        adjust: Callable[[SchedulingResult], None] | None = None,
     ) -> tuple[SchedulingResult, CycleState]:
-        """Pick the target (and fallbacks) for `request`; GatewayError 503 when no endpoint qualifies."""
+        """Pick the target (and fallbacks) for `request`; GatewayError 503 when no endpoint qualifies.
+
+        `adjust` may reorder the picked endpoints (the director's preemption preference) before the
+        post-schedule hooks run, so what they record (prefix index, load) is where the request goes."""
         prof = self.default
         if profile is not None:
             p = self.profiles.get(profile)
@@ -147,6 +155,8 @@ class Scheduler:
                     totals[ep] += weight * s
         ordered = prof.picker.pick(ctx, request, list(totals.items()))
         result = SchedulingResult(ordered[: 1 + self.fallbacks], prof.name, totals)
+        if adjust is not None:
+            adjust(result)
         for hook in prof.post_schedule:
             hook.post_schedule(ctx, request, result)
         return result, ctx
