@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from aiohttp import web
-from loopback_http import start_app
+from loopback_http import completions_server
 
 from ingate.bench.loadgen import make_session, run_concurrent, run_poisson, send_one
 from ingate.bench.report import markdown_table, max_sustainable_rate, summarize
@@ -35,11 +35,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/completions", _completions)
-    runner, port = await start_app(app)
-    yield f"http://127.0.0.1:{port}/v1/completions"
-    await runner.cleanup()
+    async with completions_server(_completions) as url:
+        yield url
 
 
 def _wl(**kw: object) -> Workload:

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from loopback_http import start_app
+from loopback_http import completions_server
 from pydantic import ValidationError
 
 from ingate.bench.loadgen import make_session
@@ -38,11 +38,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/completions", _completions)
-    runner, port = await start_app(app)
-    yield f"http://127.0.0.1:{port}/v1/completions"
-    await runner.cleanup()
+    async with completions_server(_completions) as url:
+        yield url
 
 
 def _wl(**kw: Any) -> Workload:
