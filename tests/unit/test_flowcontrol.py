@@ -121,7 +121,22 @@ def test_requests_sent_since_scrape_count_as_waiting() -> None:
     assert det.saturation(ep, clock.t) == pytest.approx(1.0)
     clock.t += 0.01
     set_metrics(ep, clock, waiting=0)  # new scrape: they are in the server's own numbers now
+    ep.metrics.running = 5
     assert det.saturation(ep, clock.t) == 0.0
+
+
+def test_requests_in_transit_at_the_scrape_still_count_as_waiting() -> None:
+    clock = Clock()
+    det = SaturationDetector(SaturationConfig(queue_depth_threshold=1))
+    ep = Endpoint("e", "127.0.0.1", 1)
+    ep.in_flight = 2  # sent two; the scrape saw only the first (the second was still on its way)
+    set_metrics(ep, clock, waiting=0)
+    ep.metrics.running = 1
+    assert det.saturation(ep, clock.t) == pytest.approx(1.0)  # not 0: the second one counts
+    assert det.headroom(ep, clock.t) == 0
+    clock.t += 0.01
+    set_metrics(ep, clock, waiting=1)  # the next scrape shows it waiting
+    assert det.saturation(ep, clock.t) == pytest.approx(1.0)
 
 
 # ---- Jain's index -----------------------------------------------------------------------------------

@@ -19,13 +19,18 @@ class SaturationDetector:
         self._seen: dict[str, tuple[float, int]] = {}
 
     def recent(self, ep: Endpoint) -> int:
-        """Requests the gateway sent to ``ep`` since its last scrape."""
+        """Requests the gateway sent to ``ep`` that its last scrape does not show: those sent since the
+        scrape, or, if more, the gateway's in-flight requests beyond everything the scrape counted
+        (requests still on their way when it was taken)."""
         m = ep.metrics
         seen = self._seen.get(ep.address)
         if seen is None or seen[0] != m.updated_at:
             self._seen[ep.address] = (m.updated_at, ep.in_flight)
-            return 0
-        return max(0, ep.in_flight - seen[1])
+            since = 0
+        else:
+            since = ep.in_flight - seen[1]
+        unseen = ep.in_flight - m.running - m.waiting
+        return max(0, since, unseen)
 
     def saturation(self, ep: Endpoint, now: float) -> float:
         """0 = idle, >= 1 saturated, inf when unhealthy or metrics are stale."""
