@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -121,8 +122,24 @@ async def _settled(gw: Gateway) -> bool:
     return False
 
 
-async def test_routing_follows_the_picker_and_streams_through(replicas: list[str]) -> None:
-    dp, gw = await _gateway(replicas, "FailClose")
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines() if path.exists() else []
+
+
+async def _access_log(path: Path, n: int) -> list[dict[str, Any]]:
+    """Envoy's JSON access log once it has `n` lines (Envoy flushes it every second)."""
+    for _ in range(100):
+        lines = await asyncio.to_thread(_lines, path)
+        if len(lines) >= n:
+            return [orjson.loads(x) for x in lines]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path}: fewer than {n} lines after 5 s")
+
+
+async def test_routing_follows_the_picker_and_streams_through(replicas: list[str], tmp_path: Path) -> None:
+    log = tmp_path / "access.jsonl"
+    dp, gw = await _gateway(replicas, "FailClose", accessLog=str(log))
+    served_by: list[str] = []
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
             for prefix in ("You are a helpful travel agent. " * 30, "Answer in French, briefly. " * 30):
@@ -135,6 +152,7 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
                         assert r.headers[HDR_UPSTREAM_DEBUG] == dest  # Envoy went where the picker said
                         assert (await r.json())["usage"]["prompt_tokens"] > 20
                         served.add(dest)
+                        served_by.append(dest)
                 assert len(served) == 1  # same long prefix, same replica (prefix affinity through Envoy)
             body = {
                 "model": "m",
@@ -156,6 +174,16 @@ async def test_routing_follows_the_picker_and_streams_through(replicas: list[str
                 assert r.status == 200
         assert await _settled(gw)
         assert all(ep.in_flight == 0 for ep in gw.datastore.endpoints())
+        # The access log has one line per request, in order, naming the endpoint the picker chose and
+        # timing the picker's decision.
+        lines = await _access_log(log, 11)
+        routed = lines[:8]
+        assert [x["endpoint"] for x in routed] == served_by
+        assert all(x["status"] == 200 and x["upstream_host"] == x["endpoint"] for x in routed)
+        assert all(x["decision_us"] > 0 and float(x["picker_body_us"]) > 0 for x in routed)
+        assert lines[8]["path"] == "/v1/completions" and lines[8]["status"] == 200  # the stream
+        assert lines[9]["status"] == 404 and lines[9]["endpoint"] is None  # refused by the picker
+        assert lines[10]["path"] == "/v1/models"
     finally:
         await _stop(dp, gw)
 

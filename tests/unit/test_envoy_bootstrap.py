@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from ingate.dataplane.envoy import (
+    ACCESS_LOG_FORMAT,
     CLUSTER_PICKED,
     CLUSTER_POOL,
     OBSERVER_FILTER,
@@ -46,6 +47,29 @@ def test_envoy_validates_the_bootstrap(
         pool_file.parent.mkdir()
         pool_file.write_bytes(orjson.dumps(pool_assignment(settings.pool, 1)))
     b = render_bootstrap(settings, pool_file)
+    cfg = tmp_path / "envoy.json"
+    cfg.write_bytes(orjson.dumps(b))
+    r = subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(cfg), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_access_log_is_off_by_default_and_a_json_file_log_envoy_accepts(tmp_path: Path) -> None:
+    assert "access_log" not in _hcm(render_bootstrap(EnvoySettings(picker_port=9002)))
+    log = tmp_path / "access.jsonl"
+    b = render_bootstrap(EnvoySettings(picker_port=9002, pool=["127.0.0.1:8001"], access_log=str(log)))
+    (al,) = _hcm(b)["access_log"]
+    assert al["typed_config"]["path"] == str(log)
+    fmt = al["typed_config"]["log_format"]["json_format"]
+    assert fmt == ACCESS_LOG_FORMAT
+    # The picked endpoint comes from the picker's envoy.lb metadata; the decision phase is the time
+    # between the request's end and the upstream request's start.
+    assert fmt["endpoint"] == "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%"
+    assert fmt["decision_us"] == "%COMMON_DURATION(DS_RX_END:US_TX_BEG:us)%"
     cfg = tmp_path / "envoy.json"
     cfg.write_bytes(orjson.dumps(b))
     r = subprocess.run(

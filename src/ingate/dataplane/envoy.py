@@ -120,6 +120,10 @@ class EnvoySettings:
     streams them to the picker without waiting for it: TTFT and usage feedback off the token's path;
     opt-in while its measured ~200 ms p99 tail at 32 streams is unexplained, see docs/envoy.md), "none"
     (responses bypass the picker: no TTFT/usage feedback). From YAML, true = "full", false = "none"."""
+    access_log: str = ""
+    """Path of a JSON-lines access log Envoy writes (one object per HTTP request, fields in
+    `ACCESS_LOG_FORMAT`: status, picked endpoint, timing phases, the picker's gRPC latencies);
+    "" = none. `EnvoyProcess` has Envoy flush it every second."""
     ext_proc: bool = True
     """False renders plain Envoy round robin over `pool` (no picker): the benchmark baseline."""
     picker_health_interval_s: float = 0.5
@@ -139,6 +143,51 @@ class EnvoySettings:
                 f"response_processing: unknown mode {mode!r} (known: {', '.join(RESPONSE_MODES)})"
             )
         self.response_processing = mode
+
+
+def _phase(start: str, end: str) -> str:
+    return f"%COMMON_DURATION({start}:{end}:us)%"
+
+
+_EXT_PROC_STATE = "envoy.filters.http.ext_proc"
+ACCESS_LOG_FORMAT: dict[str, str] = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "status": "%RESPONSE_CODE%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "duration_ms": "%DURATION%",
+    "endpoint": f"%DYNAMIC_METADATA({LB_NAMESPACE}:{HDR_DESTINATION})%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    # Where the time goes, in microseconds (null when the phase did not happen):
+    "request_receive_us": _phase("DS_RX_BEG", "DS_RX_END"),
+    # The request's last byte to the upstream request's first: the picker's decision (flow-control
+    # queueing included) and Envoy's routing.
+    "decision_us": _phase("DS_RX_END", "US_TX_BEG"),
+    "upstream_first_byte_us": _phase("US_TX_BEG", "US_RX_BEG"),
+    # The request's first byte in to the response's first byte out.
+    "first_byte_us": _phase("DS_RX_BEG", "DS_TX_BEG"),
+    "total_us": _phase("DS_RX_BEG", "DS_TX_END"),
+    # The ext_proc filter's own view of the picker: request headers sent to their answer, and the
+    # request body's messages to theirs (summed).
+    "picker_headers_us": f"%FILTER_STATE({_EXT_PROC_STATE}:FIELD:request_header_latency_us)%",
+    "picker_body_us": f"%FILTER_STATE({_EXT_PROC_STATE}:FIELD:request_body_total_latency_us)%",
+}
+"""What `EnvoySettings.access_log` writes per request (Envoy command operators)."""
+
+
+def _access_log(path: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": {"json_format": ACCESS_LOG_FORMAT},
+        },
+    }
 
 
 def _socket(host: str, port: int) -> dict[str, Any]:
@@ -389,6 +438,7 @@ def render_bootstrap(s: EnvoySettings, pool_file: Path | None = None) -> dict[st
         "stream_idle_timeout": _duration(s.stream_idle_timeout_s),
         "route_config": {"name": "ingate", "virtual_hosts": [vhost]},
         "local_reply_config": {"mappers": [_picker_error_mapper()]},
+        **({"access_log": [_access_log(s.access_log)]} if s.access_log else {}),
         "http_filters": [
             *([ext_proc] if s.ext_proc else []),
             *([_observer_filter(s)] if s.ext_proc and observe else []),
@@ -530,6 +580,9 @@ class EnvoyProcess:
             str(concurrency),
             "--log-level",
             s.log_level,
+            # Access-log lines reach the file within a second (Envoy's default is 10 s).
+            "--file-flush-interval-msec",
+            "1000",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=log_file,
