@@ -190,8 +190,8 @@ class Director:
             _count(d.target, req.priority, 1)
         ep = d.target
         ep.in_flight += 1
-        tel.requests.labels(req.model, req.target_model).inc()
-        tel.decisions.labels(ep.address, result.profile).inc()
+        tel.series(req.model, req.target_model).requests.inc()
+        tel.decision(ep.address, result.profile).inc()
         if log.isEnabledFor(10):
             log.debug(
                 kv(
@@ -236,7 +236,7 @@ class Director:
         if d.first_token_at is None:
             d.first_token_at = time.monotonic()
             req = d.request
-            self.telemetry.ttft.labels(req.model, req.target_model).observe(d.first_token_at - d.started)
+            self.telemetry.series(req.model, req.target_model).ttft.observe(d.first_token_at - d.started)
             self.scheduler.on_first_token(d.ctx, req, d.target)
 
     def finish(self, d: Decision, info: ResponseInfo) -> None:
@@ -255,15 +255,15 @@ class Director:
             info.e2e_s = now - d.started
         if info.ttft_s is None and d.first_token_at is not None:
             info.ttft_s = d.first_token_at - d.started
-        labels = (req.model, req.target_model)
         if info.status >= 400 or info.status == 0:
-            tel.errors.labels(*labels, str(info.status)).inc()
+            tel.errors.labels(req.model, req.target_model, str(info.status)).inc()
         else:
-            tel.duration.labels(*labels).observe(info.e2e_s)
+            series = tel.series(req.model, req.target_model)
+            series.duration.observe(info.e2e_s)
             if info.prompt_tokens is not None:
-                tel.input_tokens.labels(*labels).observe(info.prompt_tokens)
+                series.input_tokens.observe(info.prompt_tokens)
             if info.completion_tokens is not None:
-                tel.output_tokens.labels(*labels).observe(info.completion_tokens)
+                series.output_tokens.observe(info.completion_tokens)
         if self.flow_control is not None and d.ticket is not None:
             self.flow_control.release(d.ticket, info)
         self.scheduler.post_response(d.ctx, req, ep, info)

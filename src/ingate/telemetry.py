@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -60,8 +62,28 @@ class _PoolCollector(Collector):
             yield g
 
 
+SERIES_CACHE = 4096
+"""Label sets whose metric children are kept per Telemetry (models x target models, endpoints)."""
+
+
+@dataclass(slots=True, frozen=True)
+class ModelSeries:
+    """The per-request metric children of one (model, target model) pair, looked up once."""
+
+    requests: Any
+    duration: Any
+    ttft: Any
+    input_tokens: Any
+    output_tokens: Any
+
+
 class Telemetry:
-    """Metric objects the director updates; one registry per gateway (tests run several)."""
+    """Metric objects the director updates; one registry per gateway (tests run several).
+
+    `series` and `decision` hand out cached label children: `labels()` takes a lock and builds a key on
+    every call, which is measurable on the per-request path. Children stay valid because no series is
+    ever removed from these metrics.
+    """
 
     def __init__(self, datastore: Datastore, pool: str) -> None:
         self.registry = r = CollectorRegistry()
@@ -110,6 +132,34 @@ class Telemetry:
             "ingate_upstream_retries", "Requests re-sent to a fallback endpoint.", registry=r
         )
         r.register(_PoolCollector(datastore, pool))
+        self._series: dict[tuple[str, str], ModelSeries] = {}
+        self._decisions: dict[tuple[str, str], Any] = {}
+
+    def series(self, model: str, target: str) -> ModelSeries:
+        """The metric children for requests of `model` served as `target`."""
+        key = (model, target)
+        s = self._series.get(key)
+        if s is None:
+            if len(self._series) >= SERIES_CACHE:
+                self._series.clear()
+            s = self._series[key] = ModelSeries(
+                self.requests.labels(model, target),
+                self.duration.labels(model, target),
+                self.ttft.labels(model, target),
+                self.input_tokens.labels(model, target),
+                self.output_tokens.labels(model, target),
+            )
+        return s
+
+    def decision(self, endpoint: str, profile: str) -> Any:
+        """The decisions counter child for `endpoint` under `profile`."""
+        key = (endpoint, profile)
+        c = self._decisions.get(key)
+        if c is None:
+            if len(self._decisions) >= SERIES_CACHE:
+                self._decisions.clear()
+            c = self._decisions[key] = self.decisions.labels(endpoint, profile)
+        return c
 
 
 def get_logger(name: str = "ingate") -> logging.Logger:
