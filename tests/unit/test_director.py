@@ -270,3 +270,40 @@ async def test_request_avoids_a_replica_full_of_equal_priority_work() -> None:
         d.finish(dec, ResponseInfo(status=200))
     e0.in_flight, e0.in_flight_by_priority = 1, {10: 1}  # a free slot on e0 again
     assert d._looks_full(e1, 10) and not d._looks_full(e0, 10)
+
+
+async def test_request_metrics_per_model_and_endpoint() -> None:
+    """The gateway's own Prometheus series: counts, latencies and tokens per (model, target model),
+    decisions per endpoint, errors by status."""
+    from prometheus_client import generate_latest
+
+    d, _ = _director()
+    for model in (BASE, BASE, "canary"):
+        dec = await d.handle("/v1/completions", {"x-gateway-model-name-rewrite": BASE}, _body(model))
+        d.on_first_token(dec)
+        d.finish(dec, ResponseInfo(status=200, prompt_tokens=7, completion_tokens=3))
+    bad = await d.handle("/v1/completions", {}, _body(BASE))
+    d.finish(bad, ResponseInfo(status=503))
+    reg = d.telemetry.registry
+
+    def value(name: str, **labels: str) -> float:
+        v = reg.get_sample_value(name, labels)
+        return 0.0 if v is None else v
+
+    base = {"model_name": BASE, "target_model_name": BASE}
+    canary = {"model_name": "canary", "target_model_name": BASE}
+    assert value("inference_objective_request_total", **base) == 3
+    assert value("inference_objective_request_total", **canary) == 1
+    assert value("inference_objective_request_duration_seconds_count", **base) == 2  # the 503 is an error
+    assert value("ingate_time_to_first_token_seconds_count", **base) == 2
+    assert value("inference_objective_input_tokens_sum", **base) == 14
+    assert value("inference_objective_output_tokens_sum", **canary) == 3
+    assert value("inference_objective_request_error_total", **base, error_code="503") == 1
+    profile = bad.result.profile
+    per_endpoint = {
+        ep.address: value("ingate_scheduler_decisions_total", endpoint=ep.address, profile=profile)
+        for ep in d.datastore.endpoints()
+    }
+    assert sum(per_endpoint.values()) == 4
+    assert per_endpoint[bad.target.address] >= 1
+    assert b"inference_objective_request_total" in generate_latest(reg)
