@@ -8,7 +8,9 @@ cover what a well-behaved client rarely sends (PING, CONTINUATION, padding, a ba
 from __future__ import annotations
 
 import asyncio
+import gc
 import struct
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,15 +27,22 @@ def _ident(b: bytes) -> bytes:
     return b
 
 
+class _State:
+    pass
+
+
 class _Handlers:
     """Handlers that record how their streams ended (the exactly-once property the picker relies on)."""
 
     def __init__(self) -> None:
         self.finished: list[str] = []
         self.started = asyncio.Event()
+        self.state: list[weakref.ref[_State]] = []
 
     async def echo(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         how = "completed"
+        state = _State()  # what a real handler keeps per stream (the picker: the request's decision)
+        self.state.append(weakref.ref(state))
         try:
             async for m in requests:
                 self.started.set()
@@ -113,6 +122,32 @@ async def test_client_cancel_ends_the_handler_once(server: tuple[g.GrpcH2Server,
         # The connection is still good for new streams.
         assert [m async for m in _chat(ch)([b"y"])] == [b"echo:y"]
     assert h.finished == ["cancelled", "completed"]
+
+
+async def test_a_reset_stream_is_freed_without_the_cyclic_gc(
+    server: tuple[g.GrpcH2Server, _Handlers],
+) -> None:
+    """Envoy resets every ext_proc stream at the end of its HTTP stream, so a reset must not leave a
+    reference cycle (stream -> task -> CancelledError -> traceback -> frames -> stream) holding the
+    handler's state until a GC pass: those passes paused the picker's loop for 10-20 ms."""
+    srv, h = server
+    gc.collect()
+    gc.disable()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            call = _chat(ch)()
+            await call.write(b"x")
+            assert await call.read() == b"echo:x"
+            call.cancel()
+            for _ in range(100):
+                if h.finished:
+                    break
+                await asyncio.sleep(0.01)
+            assert h.finished == ["cancelled"]
+            await asyncio.sleep(0.05)  # the finished task's callbacks
+            assert h.state[0]() is None, "the handler's state outlived its stream"
+    finally:
+        gc.enable()
 
 
 async def test_errors_are_grpc_statuses(server: tuple[g.GrpcH2Server, _Handlers]) -> None:

@@ -183,6 +183,14 @@ class _Stream:
         self.consumed = 0
         """Bytes handed to the handler and not yet credited back with WINDOW_UPDATE."""
 
+    def forget_task(self, _task: asyncio.Task[None]) -> None:
+        """Drop the finished task. A stream reset cancels its task, and the CancelledError's traceback
+        holds the frames, whose locals hold this stream: while the stream held the task too, every
+        reset request (most of them: Envoy resets each ext_proc stream at the end of its HTTP stream)
+        left a reference cycle of ~40 objects for the cyclic GC, whose collections then paused the
+        loop for 10-20 ms."""
+        self.task = None
+
     def wake(self) -> None:
         w = self.waiter
         if w is not None:
@@ -448,6 +456,7 @@ class _Connection(asyncio.Protocol):
         self.streams[sid] = st
         st.remote_closed = eos
         st.task = self.loop.create_task(self._run(st))
+        st.task.add_done_callback(st.forget_task)
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
         n = len(payload)
