@@ -37,6 +37,13 @@ With ``--rounds N`` each cell is measured in N turns of duration/N per data plan
 pooled, so that background load that comes and goes on a shared machine affects every data plane alike
 (the comparison within the run stays fair even when the absolute numbers are inflated).
 
+With ``--phases`` every Envoy writes its JSON access log (``EnvoySettings.access_log``) and each Envoy
+row also gets ``envoy_phases_us``: p50/p99 of Envoy's own timings over the measured requests (the
+picker's decision, its gRPC round trips, the upstream's first byte, the first byte to the client), so
+the added latency can be split into where it goes. With ``--pin LOAD:PLANE`` (e.g. ``0:1``) the load
+generator and the upstream run on CPUs LOAD and every data plane on CPUs PLANE, as if on separate
+machines.
+
 Writes a table to stdout and benchmarks/results/dataplane_overhead.json (with the machine named).
 """
 
@@ -52,7 +59,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +77,7 @@ from ingate.dataplane.extproc import (
     ResponseMode,
     Transport,
 )
+from ingate.serve import freeze_startup_heap
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "dataplane_overhead.json"
@@ -174,6 +184,7 @@ async def _run_picker(port: int, upstream: str, transport: Transport, responses:
     svc = ExtProcServicer(gw.director, report_served=False, responses=responses)
     server = ExtProcServer(svc, port=port, transport=transport)
     await server.start()
+    freeze_startup_heap()  # as `ingate serve` does
     await asyncio.Event().wait()
 
 
@@ -183,6 +194,7 @@ async def _run_builtin(port: int, upstream: str) -> None:
     gw = _gateway(upstream)
     await gw.start()
     await BuiltinProxy(gw, "127.0.0.1", port).start()
+    freeze_startup_heap()  # as `ingate serve` does
     await asyncio.Event().wait()
 
 
@@ -222,6 +234,8 @@ class Samples:
         self.duration = 0.0
         self.count = 0
         """Requests sent, warm-up included."""
+        self.windows: list[tuple[float, float]] = []
+        """Wall-clock (epoch seconds) spans measured, warm-up excluded: which access-log lines count."""
 
     def summary(self, stream: bool) -> dict[str, float]:
         lat = sorted(self.lat)
@@ -264,6 +278,8 @@ async def _load_into(
         # Warm-up: open the connections, let Envoy/gRPC settle.
         warm_end = time.monotonic() + min(1.0, duration / 3)
         stop = warm_end + duration
+        wall = time.time() + (warm_end - time.monotonic())
+        acc.windows.append((wall, wall + duration))
 
         async def worker(offset: float) -> None:
             await asyncio.sleep(offset)
@@ -331,7 +347,19 @@ async def _start_targets(
     pids = {} if pids is None else pids
     targets = {"direct": f"http://{upstream}"}
     pids["direct"] = []
-    rr = EnvoyProcess(EnvoySettings(pool=[upstream], ext_proc=False, concurrency=args.envoy_workers))
+    logs: dict[str, Path] = args.access_logs
+
+    def log_for(name: str) -> str:
+        if args.log_dir is None:
+            return ""
+        logs[name] = args.log_dir / f"{name}.jsonl"
+        return str(logs[name])
+
+    rr = EnvoyProcess(
+        EnvoySettings(
+            pool=[upstream], ext_proc=False, concurrency=args.envoy_workers, access_log=log_for("envoy-rr")
+        )
+    )
     await rr.start()
     envoys.append(rr)
     targets["envoy-rr"] = rr.url
@@ -369,6 +397,7 @@ async def _start_targets(
                 failure_mode="FailClose",
                 concurrency=args.envoy_workers,
                 response_processing=responses,
+                access_log=log_for(name),
             )
         )
         await ep.start()
@@ -413,9 +442,76 @@ def _print_row(row: dict[str, Any]) -> None:
         )
 
 
+PHASES = (
+    "request_receive_us",
+    "decision_us",
+    "picker_headers_us",
+    "picker_body_us",
+    "upstream_first_byte_us",
+    "first_byte_us",
+)
+"""Envoy access-log timings reported per row with `--phases` (see `ACCESS_LOG_FORMAT`)."""
+
+
+def _epoch(ts: str) -> float:
+    """Envoy's %START_TIME% (`2026-12-01T13:08:29.162Z`) as epoch seconds."""
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def _phases(log: Path, windows: list[tuple[float, float]]) -> dict[str, dict[str, float]]:
+    """p50/p99 of each Envoy timing over the access-log lines whose request started in `windows`."""
+    values: dict[str, list[float]] = {k: [] for k in PHASES}
+    with contextlib.suppress(OSError), log.open("rb") as f:
+        for line in f:
+            try:
+                rec = orjson.loads(line)
+                t = _epoch(rec["start_time"])
+            except (ValueError, KeyError):
+                continue
+            if not any(a <= t < b for a, b in windows):
+                continue
+            for k in PHASES:
+                v = rec.get(k)
+                if v is not None and v != "-":
+                    values[k].append(float(v))
+    out: dict[str, dict[str, float]] = {}
+    for k, vs in values.items():
+        if vs:
+            vs.sort()
+            out[k] = {"p50": vs[len(vs) // 2], "p99": vs[min(len(vs) - 1, int(len(vs) * 0.99))], "n": len(vs)}
+    return out
+
+
+def _print_phases(row: dict[str, Any]) -> None:
+    ph = row.get("envoy_phases_us")
+    if not ph:
+        return
+    cells = "  ".join(
+        f"{k.removesuffix('_us')}={ph[k]['p50']:.0f}/{ph[k]['p99']:.0f}" for k in PHASES if k in ph
+    )
+    print(f"  phases {row['set']:<6} c={row['concurrency']:<4} {row['dataplane']:<21} p50/p99 us: {cells}")
+
+
+def _cpus(spec: str) -> set[int]:
+    """CPU list `0,2-3` -> {0, 2, 3}."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 async def _main(args: argparse.Namespace) -> None:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     sets = [x for x in args.sets.split(",") if x]
+    load_cpus: set[int] | None = None
+    plane_cpus: set[int] | None = None
+    if args.pin:
+        load_spec, _, plane_spec = args.pin.partition(":")
+        load_cpus, plane_cpus = _cpus(load_spec), _cpus(plane_spec)
+        # Children inherit the affinity they are spawned with: the upstream gets the load generator's
+        # CPUs, every data plane (Envoy with its threads, pickers, built-in proxy) the others.
+        os.sched_setaffinity(0, load_cpus)
     up_port = _free_port()
     procs = [
         _spawn(
@@ -435,8 +531,13 @@ async def _main(args: argparse.Namespace) -> None:
     try:
         await _wait_port(up_port)
         pids: dict[str, list[int]] = {}
+        if plane_cpus is not None:
+            os.sched_setaffinity(0, plane_cpus)
         targets = await _start_targets(args, upstream, procs, envoys, pids)
+        if load_cpus is not None:
+            os.sched_setaffinity(0, load_cpus)
         rows: list[dict[str, Any]] = []
+        measured: list[tuple[dict[str, Any], Samples]] = []
         for rset in sets:
             stream = rset == "stream"
             duration = args.stream_duration if stream else args.duration
@@ -466,7 +567,16 @@ async def _main(args: argparse.Namespace) -> None:
                         # included, per request sent: what one request costs the machine's CPUs.
                         row["dataplane_cpu_us_per_request"] = cpu[name] / sent * 1e6
                     rows.append(row)
+                    measured.append((row, acc[name]))
                     _print_row(row)
+        if args.access_logs:
+            await asyncio.sleep(2.5)  # Envoy flushes its access logs about once a second
+            print("Envoy timing phases (access log; see docs/envoy.md):")
+            for row, samples in measured:
+                log = args.access_logs.get(row["dataplane"])
+                if log is not None:
+                    row["envoy_phases_us"] = _phases(log, samples.windows)
+                    _print_phases(row)
         out = {
             "benchmark": "dataplane_overhead",
             "machine": {
@@ -480,6 +590,8 @@ async def _main(args: argparse.Namespace) -> None:
             "duration_s": args.duration,
             "stream_duration_s": args.stream_duration,
             "envoy_workers": args.envoy_workers,
+            "pin": args.pin or None,
+            "phases": bool(args.access_logs),
             "request_bytes": len(BODY),
             "response_bytes": len(ANSWER),
             "stream": {
@@ -550,6 +662,19 @@ def main() -> None:
     ap.add_argument("--token-interval-ms", type=float, default=20.0, help="stream set: time between tokens")
     ap.add_argument("--envoy-workers", type=int, default=2)
     ap.add_argument(
+        "--phases",
+        action="store_true",
+        help="give every Envoy a JSON access log and report, per row, where Envoy's time went "
+        "(decision, picker round trips, upstream first byte) as p50/p99",
+    )
+    ap.add_argument(
+        "--pin",
+        default="",
+        metavar="LOAD:PLANE",
+        help="CPU affinity, e.g. 0:1: the load generator and the upstream on CPUs LOAD, every data plane "
+        "(Envoy, pickers, built-in proxy) on CPUs PLANE, as on separate machines in production",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -571,7 +696,10 @@ def main() -> None:
     elif args.role == "builtin":
         asyncio.run(_run_builtin(args.port, args.upstream))
     else:
-        asyncio.run(_main(args))
+        args.access_logs = {}
+        with tempfile.TemporaryDirectory(prefix="ingate-overhead-") as tmp:
+            args.log_dir = Path(tmp) if args.phases else None
+            asyncio.run(_main(args))
 
 
 if __name__ == "__main__":
