@@ -118,7 +118,8 @@ class EnvoySettings:
     """How the picker sees responses: "full" (default: the request's filter sends them and waits for
     the picker's answer to every message), "observe" (a second, observability-mode ext_proc filter
     streams them to the picker without waiting for it: TTFT and usage feedback off the token's path;
-    opt-in while its measured ~200 ms p99 tail at 32 streams is unexplained, see docs/envoy.md), "none"
+    opt-in: its ~140-200 ms p99 tail at 32 streams was probably the picker's GC pauses, gone in the
+    runs since, see docs/envoy.md), "none"
     (responses bypass the picker: no TTFT/usage feedback). From YAML, true = "full", false = "none"."""
     access_log: str = ""
     """Path of a JSON-lines access log Envoy writes (one object per HTTP request, fields in
