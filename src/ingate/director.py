@@ -30,7 +30,7 @@ from ingate.errors import GatewayError
 from ingate.request import InferenceRequest, parse_request
 from ingate.scheduling.framework import CycleState, ResponseInfo, SchedulingResult
 from ingate.scheduling.scheduler import Scheduler
-from ingate.telemetry import Telemetry, get_logger, kv
+from ingate.telemetry import ModelSeries, Telemetry, get_logger, kv
 
 log = get_logger("ingate.director")
 
@@ -52,6 +52,8 @@ class Decision:
     ctx: CycleState
     upstream_body: bytes
     started: float
+    series: ModelSeries
+    """The request's metric children, looked up once."""
     target_index: int = 0
     first_token_at: float | None = None
     ticket: Any = None
@@ -185,12 +187,13 @@ class Director:
             raise
         sign = self._priority_sign
         body = req.body_for_upstream(None if sign is None else sign * req.priority)
-        d = Decision(req, result, ctx, body, now, ticket=ticket)
+        series = tel.series(req.model, req.target_model)
+        d = Decision(req, result, ctx, body, now, series, ticket=ticket)
         if self._by_priority:
             _count(d.target, req.priority, 1)
         ep = d.target
         ep.in_flight += 1
-        tel.series(req.model, req.target_model).requests.inc()
+        series.requests.inc()
         tel.decision(ep.address, result.profile).inc()
         if log.isEnabledFor(10):
             log.debug(
@@ -236,7 +239,7 @@ class Director:
         if d.first_token_at is None:
             d.first_token_at = time.monotonic()
             req = d.request
-            self.telemetry.series(req.model, req.target_model).ttft.observe(d.first_token_at - d.started)
+            d.series.ttft.observe(d.first_token_at - d.started)
             self.scheduler.on_first_token(d.ctx, req, d.target)
 
     def finish(self, d: Decision, info: ResponseInfo) -> None:
@@ -258,7 +261,7 @@ class Director:
         if info.status >= 400 or info.status == 0:
             tel.errors.labels(req.model, req.target_model, str(info.status)).inc()
         else:
-            series = tel.series(req.model, req.target_model)
+            series = d.series
             series.duration.observe(info.e2e_s)
             if info.prompt_tokens is not None:
                 series.input_tokens.observe(info.prompt_tokens)

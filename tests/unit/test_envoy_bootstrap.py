@@ -25,6 +25,19 @@ def _hcm(b: dict[str, Any]) -> Any:
     return b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
 
 
+def _assert_envoy_accepts(tmp_path: Path, bootstrap: dict[str, Any]) -> None:
+    """Envoy's own `--mode validate` accepts the bootstrap."""
+    cfg = tmp_path / "envoy.json"
+    cfg.write_bytes(orjson.dumps(bootstrap))
+    r = subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(cfg), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def _ext_proc(b: dict[str, Any]) -> Any:
     return _hcm(b)["http_filters"][0]["typed_config"]
 
@@ -47,15 +60,7 @@ def test_envoy_validates_the_bootstrap(
         pool_file.parent.mkdir()
         pool_file.write_bytes(orjson.dumps(pool_assignment(settings.pool, 1)))
     b = render_bootstrap(settings, pool_file)
-    cfg = tmp_path / "envoy.json"
-    cfg.write_bytes(orjson.dumps(b))
-    r = subprocess.run(
-        [find_envoy(), "--mode", "validate", "-c", str(cfg), "--disable-hot-restart"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    _assert_envoy_accepts(tmp_path, b)
 
 
 def test_access_log_is_off_by_default_and_a_json_file_log_envoy_accepts(tmp_path: Path) -> None:
@@ -70,15 +75,7 @@ def test_access_log_is_off_by_default_and_a_json_file_log_envoy_accepts(tmp_path
     # between the request's end and the upstream request's start.
     assert fmt["endpoint"] == "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%"
     assert fmt["decision_us"] == "%COMMON_DURATION(DS_RX_END:US_TX_BEG:us)%"
-    cfg = tmp_path / "envoy.json"
-    cfg.write_bytes(orjson.dumps(b))
-    r = subprocess.run(
-        [find_envoy(), "--mode", "validate", "-c", str(cfg), "--disable-hot-restart"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    _assert_envoy_accepts(tmp_path, b)
 
 
 def test_full_processing_modes_and_metadata_namespace() -> None:
