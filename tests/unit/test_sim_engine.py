@@ -87,6 +87,24 @@ async def test_engine_prefix_hit_skips_prefill() -> None:
     assert ttft2 < ttft1 / 2
 
 
+async def test_a_prefix_hit_that_needs_eviction_keeps_its_matched_blocks() -> None:
+    # The second prompt shares the first 5 blocks of a finished one and needs 12 more, 2 more than are
+    # free: the cache must evict 2 unreferenced blocks, and in LRU order those are the very blocks it
+    # matched (the oldest of the first prompt). Admission must pin them first, not crash or lose them.
+    p = NULL_PROFILE.with_overrides(num_gpu_blocks=20, step_floor=0.2, decode_base=0.2)
+    e = Engine(EngineConfig(p, time_scale=1))
+    e.start()
+    a = [f"a{i}" for i in range(160)]
+    r1 = e.submit("1", len(a), block_hashes(a, 16, "m"), 1, None)
+    await _run(e, [r1])
+    b = a[:80] + [f"b{i}" for i in range(190)]
+    r2 = e.submit("2", len(b), block_hashes(b, 16, "m"), 1, None)
+    await _run(e, [r2])
+    await e.stop()
+    assert r2.state == "finished" and r2.num_cached == 80
+    assert e.kv.used_blocks == 0 and e.kv.match_prefix(block_hashes(b, 16, "m")) == 16
+
+
 async def test_engine_kv_exhaustion_queues_requests() -> None:
     p = NULL_PROFILE.with_overrides(num_gpu_blocks=20, step_floor=1.0, decode_base=1.0)
     e = Engine(EngineConfig(p, time_scale=1))
