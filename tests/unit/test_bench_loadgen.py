@@ -27,7 +27,9 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     for _ in range(n):
         await asyncio.sleep(0.002)
         await resp.write(b'data: {"choices":[{"index":0,"text":"the "}],"usage":null}\n\n')
-    usage = {"prompt_tokens": count_tokens(body["prompt"]), "completion_tokens": n}
+    usage: dict[str, object] = {"prompt_tokens": count_tokens(body["prompt"]), "completion_tokens": n}
+    if "cached" in body:  # a server that reports its prefix-cache hits, as vLLM does
+        usage["prompt_tokens_details"] = {"cached_tokens": body["cached"]}
     await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
     await resp.write(b"data: [DONE]\n\n")
     return resp
@@ -93,6 +95,11 @@ async def test_send_one_records_ttft_itl_and_usage(server: str) -> None:
         rec = await send_one(s, server, req, 0.0, 10)
     assert rec.ok and rec.status == 200
     assert rec.completion_tokens == 5 and rec.prompt_tokens == 62
+    assert rec.cached_tokens is None  # not reported by this server: unknown, not zero
+    req.body["cached"] = 48
+    async with make_session(2) as s:
+        rec = await send_one(s, server, req, 0.0, 10)
+    assert rec.ok and rec.cached_tokens == 48
     assert rec.chunks == 5
     assert rec.ttft is not None and rec.e2e is not None and rec.ttft <= rec.e2e
     assert rec.itl_mean is not None and rec.itl_mean > 0
@@ -144,6 +151,10 @@ def test_summary_goodput_and_max_rate() -> None:
     assert s["ok"] == 3 and s["errors"] == 1
     assert s["goodput_rps"] == pytest.approx(0.2)
     assert s["slo_attainment"] == pytest.approx(0.5)
+    assert s["cached_token_share"] is None
+    hits = [{**rec(0.1), "prompt_tokens": 100, "cached_tokens": c} for c in (80, 0, 40)]
+    s = summarize([*hits, {**rec(0.1), "prompt_tokens": 100}], 10.0, {"ttft_s": 1.0, "e2e_s": None})
+    assert s["cached_token_share"] == pytest.approx(0.4)  # the record without a report is left out
     stages = [
         {"rate": 1.0, "summary": {"slo_attainment": 0.95}},
         {"rate": 2.0, "summary": {"slo_attainment": 0.5}},

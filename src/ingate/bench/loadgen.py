@@ -35,6 +35,9 @@ class RequestRecord:
     itl_p99: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens the server served from its prefix cache (`usage.prompt_tokens_details.cached_tokens`,
+    # as vLLM and the simulator report it); None when the server does not report it.
+    cached_tokens: int | None = None
     chunks: int = 0
     tenant: str = ""
 
@@ -119,6 +122,9 @@ async def send_one(
         if usage:
             rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             rec.completion_tokens = int(usage.get("completion_tokens") or 0)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                rec.cached_tokens = int(details["cached_tokens"])
         elif rec.status == 200:
             rec.error = "no usage chunk"
     return rec

@@ -41,6 +41,13 @@ def summarize(records: list[dict[str, Any]], duration_s: float, slo: dict[str, A
         "goodput_rps": sum(1 for r in ok if good(r)) / span,
         "slo_attainment": (sum(1 for r in ok if good(r)) / len(records)) if records else 0.0,
     }
+    # Share of prompt tokens served from the replicas' prefix caches (how well routing kept prefixes
+    # where they are cached); None when the servers do not report cached tokens.
+    reported = [r for r in ok if r.get("cached_tokens") is not None]
+    prompt = sum(r["prompt_tokens"] for r in reported)
+    out["cached_token_share"] = (
+        sum(r["cached_tokens"] for r in reported) / prompt if reported and prompt else None
+    )
     for name, vals in (("ttft", ttft), ("e2e", e2e), ("itl", itl)):
         for q in (0.5, 0.9, 0.99):
             out[f"{name}_p{round(q * 100)}"] = _pct(vals, q)
