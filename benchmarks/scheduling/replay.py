@@ -12,7 +12,10 @@ on the same fleet and scheduler (as `ingate bench` does), and the chosen stage i
     python benchmarks/scheduling/replay.py benchmarks/workloads/mixed.yaml --stage 2 --streams 20 \\
         --profiles round-robin,guarded-affinity,default
 
-Profiles are built-in names or YAML files with a `scheduler:` section. Prints a table and writes JSON
+Profiles are built-in names, YAML files with a `scheduler:` section, or `emu:sglang-cache-aware`: a
+model of the peer sglang-router's cache_aware policy re-stated from its documentation (not its code),
+to compare routing policies on many streams where `ingate bench` runs the real peer on one. Prints a
+table (with the share of prompt tokens served from the replicas' prefix caches) and writes JSON
 (default benchmarks/results/replay_<workload>_stage<k>.json).
 """
 
@@ -72,6 +75,50 @@ def _fleet_args(wl: Workload) -> tuple[float, int | None, str]:
     return scale, blocks, profile
 
 
+class CacheAwareEmulation:
+    """sglang-router's documented `cache_aware` policy, re-stated over block hashes (a model of the peer).
+
+    The peer keeps an approximate prefix tree of the text it routed to each worker. If the loads (its
+    own in-flight counts) are imbalanced, `max - min > abs_threshold` and `max > min * rel_threshold`,
+    it picks the least-loaded worker; otherwise the worker with the longest cached prefix if the match
+    covers more than `cache_threshold` of the request, else the worker with the smallest tree. The tree
+    here is a set of prefix-chained block hashes per worker (no eviction: the peer's default tree limit
+    is far larger than these workloads). Defaults are the peer's CLI defaults (0.3, 64, 1.5).
+    """
+
+    def __init__(self, n: int, cache_threshold: float = 0.3, abs_thr: int = 64, rel_thr: float = 1.5):
+        self.trees: list[set[int]] = [set() for _ in range(n)]
+        self.sizes = [0] * n
+        self.cache_threshold, self.abs_thr, self.rel_thr = cache_threshold, abs_thr, rel_thr
+
+    def pick(self, hashes: list[int], loads: list[int]) -> int:
+        n = len(loads)
+        lo, hi = min(loads), max(loads)
+        if hi - lo > self.abs_thr and hi > lo * self.rel_thr:
+            i = loads.index(lo)
+        else:
+            best, i = -1, 0
+            for j in range(n):
+                tree, m = self.trees[j], 0
+                for h in hashes:
+                    if h not in tree:
+                        break
+                    m += 1
+                if m > best:
+                    best, i = m, j
+            if not hashes or best / len(hashes) <= self.cache_threshold:
+                i = self.sizes.index(min(self.sizes))
+        tree = self.trees[i]
+        for h in hashes:
+            if h not in tree:
+                tree.add(h)
+                self.sizes[i] += 1
+        return i
+
+
+EMULATIONS = {"emu:sglang-cache-aware": CacheAwareEmulation}
+
+
 class Fleet:
     """Replicas, their endpoints and one scheduler, kept across stages."""
 
@@ -89,6 +136,8 @@ class Fleet:
             self.eps.append(ep)
             self.engines.append(Engine(EngineConfig(self.prof, time_scale=scale)))
         self.sched: Scheduler = build_scheduler(cfg, Datastore(self.eps))
+        emu = EMULATIONS.get(profile or "")
+        self.emu = emu(len(self.eps)) if emu is not None else None
         rng = random.Random(seed)
         for p in self.sched.profiles.values():
             if hasattr(p.picker, "rng"):
@@ -152,11 +201,15 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
             br: BenchRequest = payload
             path = "/v1/chat/completions" if "messages" in br.body else "/v1/completions"
             req = parse_request(path, {}, orjson.dumps(br.body), now=now)
-            result, ctx = fleet.sched.schedule(req, profile=fleet.profile)
-            i = eps.index(result.target)
-            eps[i].in_flight += 1
             text = br.body.get("prompt") or br.body["messages"][0]["content"]
-            rec = {"send": now, "ep": i, "prompt_tokens": 0, "ttft": None, "e2e": None}
+            if fleet.emu is not None:
+                hashes = block_hashes(tokenize(text), 16, wl.model)
+                i, ctx = fleet.emu.pick(hashes, [ep.in_flight for ep in eps]), None
+            else:
+                result, ctx = fleet.sched.schedule(req, profile=fleet.profile)
+                i = eps.index(result.target)
+            eps[i].in_flight += 1
+            rec = {"send": now, "ep": i, "group": br.group, "prompt_tokens": 0, "ttft": None, "e2e": None}
             recs.append(rec)
             push(now + NET_S, "submit", (i, text, br.body["max_tokens"], rec, req, ctx))
         elif kind == "submit":
@@ -178,7 +231,9 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                 if entry is not None and r.first_token_at == now and entry[0]["ttft"] is None:
                     rec, req, ctx, j = entry
                     rec["ttft"] = now + NET_S - rec["send"]
-                    fleet.sched.on_first_token(ctx, req, eps[j])
+                    rec["cached_tokens"] = r.num_cached
+                    if ctx is not None:
+                        fleet.sched.on_first_token(ctx, req, eps[j])
             for r in [r for r in live if r.state == FINISHED]:
                 rec, req, ctx, j = live.pop(r)
                 rec["e2e"] = now + NET_S - rec["send"]
@@ -186,7 +241,8 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                 info = ResponseInfo(
                     status=200, prompt_tokens=rec["prompt_tokens"], completion_tokens=r.generated
                 )
-                fleet.sched.post_response(ctx, req, eps[j], info)
+                if ctx is not None:
+                    fleet.sched.post_response(ctx, req, eps[j], info)
                 left -= 1
             start_step(i)
     fleet.t0 = now + 1.0
@@ -200,9 +256,11 @@ def summarize(recs: list[dict[str, Any]], slo_s: float) -> dict[str, float]:
     ttfts = sorted(r["ttft"] for r in recs)
     good = sum(1 for t in ttfts if t <= slo_s)
     span = max(r["send"] + r["e2e"] for r in recs)
+    prompt = sum(r["prompt_tokens"] for r in recs)
     return {
         "sent": len(recs),
         "good": good,
+        "cached_token_share": sum(r["cached_tokens"] for r in recs) / prompt if prompt else 0.0,
         "goodput_rps": good / span,
         "ttft_p50": ttfts[len(ttfts) // 2],
         "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
@@ -210,6 +268,8 @@ def summarize(recs: list[dict[str, Any]], slo_s: float) -> dict[str, float]:
 
 
 def load_profile(arg: str) -> tuple[SchedulerConfig, str | None]:
+    if arg in EMULATIONS:
+        return SchedulerConfig(), arg
     if arg.endswith((".yaml", ".yml")):
         data = yaml.safe_load(Path(arg).read_text())
         return SchedulerConfig.model_validate(data.get("scheduler", data)), None
@@ -238,7 +298,16 @@ def main() -> None:
                 run_stage(fleet, wl, float(wl.load.rates[s]), s, 100 * k)
             rows[name].append(summarize(run_stage(fleet, wl, rate, stage, 100 * k), wl.slo.ttft_s))
     table = Table(title=f"{wl.name} @ {rate:g} req/s, {args.streams} streams (virtual-time replay)")
-    for col in ("profile", "good / sent", "goodput req/s (mean)", "TTFT p99 s (mean)", "p99 max", "stream 0"):
+    cols = (
+        "profile",
+        "good / sent",
+        "goodput req/s (mean)",
+        "TTFT p99 s (mean)",
+        "p99 max",
+        "cached",
+        "stream 0",
+    )
+    for col in cols:
         table.add_column(col, justify="right")
     out: dict[str, Any] = {
         "format": "ingate-replay/1",
@@ -256,6 +325,7 @@ def main() -> None:
             "goodput_rps_mean": statistics.mean(r["goodput_rps"] for r in rs),
             "ttft_p99_mean": statistics.mean(r["ttft_p99"] for r in rs),
             "ttft_p99_max": max(r["ttft_p99"] for r in rs),
+            "cached_token_share_mean": statistics.mean(r["cached_token_share"] for r in rs),
             "per_stream": rs,
         }
         out["profiles"][name] = agg
@@ -266,6 +336,7 @@ def main() -> None:
             f"{agg['goodput_rps_mean']:.2f}",
             f"{agg['ttft_p99_mean']:.2f}",
             f"{agg['ttft_p99_max']:.2f}",
+            f"{agg['cached_token_share_mean']:.0%}",
             f"{s0['good']}/{s0['sent']}, {s0['goodput_rps']:.2f} req/s, p99 {s0['ttft_p99']:.2f} s",
         )
     Console(width=150).print(table)
