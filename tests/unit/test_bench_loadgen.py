@@ -12,7 +12,7 @@ from aiohttp import web
 from loopback_http import completions_server
 
 from ingate.bench.loadgen import make_session, run_concurrent, run_poisson, send_one
-from ingate.bench.report import markdown_table, max_sustainable_rate, summarize
+from ingate.bench.report import HEADERS, markdown_table, max_sustainable_rate, rows, summarize
 from ingate.bench.workload import Load, RequestStream, Workload
 from ingate.sim.tokenizer import count_tokens
 
@@ -155,6 +155,9 @@ def test_summary_goodput_and_max_rate() -> None:
     hits = [{**rec(0.1), "prompt_tokens": 100, "cached_tokens": c} for c in (80, 0, 40)]
     s = summarize([*hits, {**rec(0.1), "prompt_tokens": 100}], 10.0, {"ttft_s": 1.0, "e2e_s": None})
     assert s["cached_token_share"] == pytest.approx(0.4)  # the record without a report is left out
+    res = {"workload": {"name": "w"}, "systems": [{"name": "x", "stages": [{"rate": 1.0, "summary": s}]}]}
+    (row,) = rows([res])
+    assert row[HEADERS.index("cached")] == "40%"
     stages = [
         {"rate": 1.0, "summary": {"slo_attainment": 0.95}},
         {"rate": 2.0, "summary": {"slo_attainment": 0.5}},

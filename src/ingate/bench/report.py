@@ -73,6 +73,10 @@ def _fmt(v: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "-" if v is None else f"{v * scale:.{digits}f}"
 
 
+def _pct_cell(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.0f}%"
+
+
 def rows(results: list[dict[str, Any]]) -> list[list[str]]:
     """Table rows: one per (workload, system, stage)."""
     out = []
@@ -104,6 +108,7 @@ def rows(results: list[dict[str, Any]]) -> list[list[str]]:
                         _fmt(s["e2e_p99"], 1, 2),
                         _fmt(s["goodput_rps"]),
                         f"{s['slo_attainment'] * 100:.0f}%",
+                        _pct_cell(s.get("cached_token_share")),
                         str(s["errors"]),
                         "-" if msr is None else f"{msr:g}",
                     ]
@@ -122,6 +127,7 @@ HEADERS = [
     "e2e p99 s",
     "goodput req/s",
     "SLO met",
+    "cached",
     "errors",
     "max rate",
 ]
