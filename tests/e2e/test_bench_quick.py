@@ -39,3 +39,23 @@ def test_quick_bench_writes_results_and_plot(tmp_path: Path) -> None:
             assert st["summary"]["ok"] == st["summary"]["sent"]
             assert all(r["completion_tokens"] == 8 for r in st["records"])
     assert files[0].with_suffix(".png").stat().st_size > 1000
+
+
+def test_streams_rerun_the_sweep_with_new_seeds_and_pool_it(tmp_path: Path) -> None:
+    # Two request streams of the quick config against ingate alone: each point pools both streams'
+    # requests (tagged with their stream), the second stream has its own arrivals, and the simulator's
+    # prefix-cache hits come back per request.
+    cmd = [sys.executable, "-m", "ingate", "bench", "run", str(ROOT / "benchmarks/configs/quick.yaml")]
+    cmd += ["--out", str(tmp_path), "--systems", "ingate", "--streams", "2", "--no-report"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (res,) = [json.loads(f.read_text()) for f in tmp_path.glob("quick_*.json")]
+    (system,) = res["systems"]
+    assert [st["rate"] for st in system["stages"]] == [4.0, 8.0]
+    for st in system["stages"]:
+        by_stream = {k: [r for r in st["records"] if r["stream"] == k] for k in (0, 1)}
+        assert all(by_stream.values()) and len(st["records"]) == sum(map(len, by_stream.values()))
+        assert [r["send"] for r in by_stream[0]] != [r["send"] for r in by_stream[1]]
+        assert st["summary"]["streams"] == 2 and st["summary"]["sent"] == len(st["records"])
+        assert all(r["cached_tokens"] is not None for r in st["records"])
+        assert st["summary"]["cached_token_share"] > 0  # 2 groups x 200-token prefixes: mostly hits

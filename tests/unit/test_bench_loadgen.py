@@ -167,6 +167,30 @@ def test_summary_goodput_and_max_rate() -> None:
     assert "unavailable: no wheel" in markdown_table(res)
 
 
+def test_pooled_streams_sum_their_spans() -> None:
+    # Two streams of one stage, each from its own start: goodput is good requests over both spans
+    # (13 s + 12 s), not over the longest one, and the tail is the pooled requests' tail.
+    def rec(stream: int, send: float, ttft: float, e2e: float) -> dict[str, object]:
+        return {
+            "send": send,
+            "status": 200,
+            "error": "",
+            "ttft": ttft,
+            "e2e": e2e,
+            "itl_mean": 0.01,
+            "completion_tokens": 4,
+            "stream": stream,
+        }
+
+    recs = [rec(0, 1.0, 0.5, 2.0), rec(0, 9.0, 3.0, 4.0), rec(1, 0.5, 0.2, 1.0), rec(1, 8.0, 0.4, 4.0)]
+    s = summarize(recs, 10.0, {"ttft_s": 1.0, "e2e_s": None})
+    assert s["streams"] == 2 and s["sent"] == 4
+    assert s["goodput_rps"] == pytest.approx(3 / (13.0 + 12.0))
+    assert s["ttft_p99"] == 3.0
+    one = summarize(recs[:2], 10.0, {"ttft_s": 1.0, "e2e_s": None})
+    assert one["streams"] == 1 and one["goodput_rps"] == pytest.approx(1 / 13.0)
+
+
 def test_committed_workloads_parse_and_generate() -> None:
     from pathlib import Path
 

@@ -28,12 +28,21 @@ def bench() -> None:
     "--out", "out_dir", type=click.Path(file_okay=False), default=str(RESULTS_DIR), show_default=True
 )
 @click.option("--systems", default=None, help="Comma list overriding the config's systems.")
+@click.option(
+    "--streams",
+    type=click.IntRange(1, 9),
+    default=None,
+    help="Request streams per system (overrides load.streams): each reruns the sweep with new seeds "
+    "on a fresh fleet, and each point pools them.",
+)
 @click.option("--no-report", is_flag=True, help="Skip the table and PNG.")
-def run_cmd(config: str, out_dir: str, systems: str | None, no_report: bool) -> None:
+def run_cmd(config: str, out_dir: str, systems: str | None, streams: int | None, no_report: bool) -> None:
     """Run the workload in CONFIG against each system; write JSON (and a PNG + table) under --out."""
     wl = load_workload(config)
     if systems:
         wl.systems = [s.strip() for s in systems.split(",") if s.strip()]
+    if streams is not None:
+        wl.load.streams = streams
     console = Console()
     path = run_workload(wl, Path(out_dir), console)
     console.print(f"results: {path}")

@@ -40,6 +40,7 @@ class RequestRecord:
     cached_tokens: int | None = None
     chunks: int = 0
     tenant: str = ""
+    stream: int = 0  # which request stream of the workload (`load.streams`) sent it
 
     @property
     def ok(self) -> bool:

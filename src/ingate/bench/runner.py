@@ -19,17 +19,24 @@ from ingate.bench.loadgen import RequestRecord, StageResult, make_session, run_c
 from ingate.bench.report import max_sustainable_rate, summarize, tenant_summaries
 from ingate.bench.workload import BenchRequest, RequestStream, Tenant, Workload
 
+STREAM_SHIFT = 100
+"""Seed shift per request stream (the same as the scheduler replay's, so stream k is its stream k)."""
 
-async def _sweep(wl: Workload, base_url: str, progress: Progress, label: str) -> list[StageResult]:
+
+async def _sweep(
+    wl: Workload, base_url: str, progress: Progress, label: str, stream_index: int = 0
+) -> list[StageResult]:
     path = "/v1/chat/completions" if wl.api == "chat" else "/v1/completions"
     url = base_url + path
     load = wl.load
+    shift = STREAM_SHIFT * stream_index
     stages: list[StageResult] = []
     points: list[float | int] = list(load.rates) if load.type == "poisson" else list(load.concurrency)
     async with make_session(load.max_inflight) as session:
         for i, point in enumerate(points):
-            stream = RequestStream(wl, seed_offset=i)  # same requests for every system at this point
-            rng = random.Random(wl.seed * 7919 + i)
+            # Same requests for every system at this point of this stream.
+            stream = RequestStream(wl, seed_offset=i + shift)
+            rng = random.Random(wl.seed * 7919 + i + shift)
             expected = int(point * load.duration_s) if load.type == "poisson" else None
             task_id = progress.add_task(f"{label} @ {point:g}", total=expected)
 
@@ -37,18 +44,25 @@ async def _sweep(wl: Workload, base_url: str, progress: Progress, label: str) ->
                 progress.advance(tid)
 
             if wl.tenants:
-                st = await _run_tenants(session, url, wl, i, done)
+                st = await _run_tenants(session, url, wl, i, done, shift)
             elif load.type == "poisson":
                 st = await run_poisson(session, url, stream.next, float(point), load, rng, done)
             else:
                 st = await run_concurrent(session, url, stream.next, int(point), load, done)
             progress.update(task_id, total=len(st.records), completed=len(st.records))
+            for r in st.records:
+                r.stream = stream_index
             stages.append(st)
     return stages
 
 
 async def _run_tenants(
-    session: Any, url: str, wl: Workload, stage: int, done: Callable[[RequestRecord], None]
+    session: Any,
+    url: str,
+    wl: Workload,
+    stage: int,
+    done: Callable[[RequestRecord], None],
+    shift: int = 0,
 ) -> StageResult:
     """Stage `stage` of a multi-tenant workload: one Poisson stream per tenant with a rate, side by side."""
     runs = []
@@ -58,8 +72,8 @@ async def _run_tenants(
         # Arrivals depend on the tenant only (the same pattern in every stage at the same rate, so a
         # tenant alone and under load is offered exactly the same); prompts differ per stage so no
         # prefix cache carries over between stages.
-        rng = random.Random(wl.seed * 7919 + 1000 * (j + 1))
-        nxt = _tagged(RequestStream(wl, seed_offset=stage + 1000 * (j + 1)), t)
+        rng = random.Random(wl.seed * 7919 + 1000 * (j + 1) + shift)
+        nxt = _tagged(RequestStream(wl, seed_offset=stage + 1000 * (j + 1) + shift), t)
         runs.append(run_poisson(session, url, nxt, t.rates[stage], wl.load, rng, done))
     parts = await asyncio.gather(*runs)
     out = StageResult(rate=wl.load.rates[stage], concurrency=None, duration_s=wl.load.duration_s)
@@ -104,21 +118,18 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
     ) as progress:
         for name in wl.systems:
             entry: dict[str, Any] = {"name": name}
-            fleet = sysmod.start_fleet(wl, workdir)  # fresh fleet: no cache carries over between systems
-            try:
+            stages: list[StageResult] = []
+            for k in range(wl.load.streams):
+                label = name if wl.load.streams == 1 else f"{name} [stream {k}]"
                 try:
-                    system = sysmod.start_system(name, wl, fleet, workdir)
+                    part = _run_stream(wl, name, workdir, progress, label, k, entry)
                 except sysmod.SystemUnavailable as e:
                     entry["unavailable"] = str(e)
-                    results["systems"].append(entry)
-                    continue
-                try:
-                    entry["info"] = system.info
-                    stages = asyncio.run(_sweep(wl, system.url, progress, name))
-                finally:
-                    system.stop()
-            finally:
-                fleet.proc.stop()
+                    break
+                stages = part if not stages else [_pool(a, b) for a, b in zip(stages, part, strict=True)]
+            if "unavailable" in entry:
+                results["systems"].append(entry)
+                continue
             entry["stages"] = [
                 {
                     "rate": st.rate,
@@ -143,6 +154,31 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
     path = out_dir / f"{wl.name}_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(started))}.json"
     path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     return path
+
+
+def _run_stream(
+    wl: Workload, name: str, workdir: Path, progress: Progress, label: str, k: int, entry: dict[str, Any]
+) -> list[StageResult]:
+    """One request stream's sweep against `name` on a fresh fleet (no cache carries over)."""
+    fleet = sysmod.start_fleet(wl, workdir)
+    try:
+        system = sysmod.start_system(name, wl, fleet, workdir)
+        try:
+            entry["info"] = system.info
+            return asyncio.run(_sweep(wl, system.url, progress, label, k))
+        finally:
+            system.stop()
+    finally:
+        fleet.proc.stop()
+
+
+def _pool(a: StageResult, b: StageResult) -> StageResult:
+    """One point's results over two request streams (records tagged with their stream)."""
+    out = StageResult(rate=a.rate, concurrency=a.concurrency, duration_s=a.duration_s)
+    out.records = a.records + b.records
+    out.max_inflight_hit = a.max_inflight_hit + b.max_inflight_hit
+    out.peak_inflight = max(a.peak_inflight, b.peak_inflight)
+    return out
 
 
 def _cpus() -> int:

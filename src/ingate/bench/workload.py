@@ -99,6 +99,10 @@ class Load(_Strict):
     timeout_s: float = 300.0
     burst_on_s: float = 0.0
     burst_off_s: float = 0.0
+    streams: int = Field(default=1, ge=1, le=9)
+    """Request streams per system: stream k runs the whole sweep again on a fresh fleet and system with
+    every seed shifted by 100 k (the replay's stream k), and each point pools the streams' requests.
+    One stream's p99 is one of its few slowest requests; several streams make it a statistic."""
 
 
 class Slo(_Strict):
