@@ -17,6 +17,7 @@ from ingate.bench.report import isolation, tenant_markdown, tenant_summaries
 from ingate.bench.runner import _run_tenants
 from ingate.bench.systems import ingate_config
 from ingate.bench.workload import Workload
+from ingate.config import parse_config
 
 SEEN: list[dict[str, str]] = []
 
@@ -81,6 +82,14 @@ def test_tenant_rates_must_match_stages_and_sum_to_the_stage_rate() -> None:
         "endpoints": [{"address": "127.0.0.1:1"}],
         "modelServerPriority": "vllm",
     }
+    # `ingate:PROFILE` sets the default profile and keeps the workload's own profiles, so PROFILE may
+    # be one of them (it used to replace the whole scheduler section).
+    mine = {"scorers": [{"type": "least-in-flight"}], "picker": {"type": "max-score"}}
+    wl = _wl(gateway={"scheduler": {"fallbacks": 1, "profiles": {"mine": mine}}})
+    cfg = ingate_config(wl, ["127.0.0.1:1"], 9, profile="mine")
+    assert cfg["scheduler"] == {"fallbacks": 1, "profiles": {"mine": mine}, "defaultProfile": "mine"}
+    assert parse_config(cfg).scheduler.default_profile == "mine"
+    assert wl.gateway["scheduler"] == {"fallbacks": 1, "profiles": {"mine": mine}}  # not mutated
 
 
 async def test_tenants_run_side_by_side_with_their_own_headers(server: str) -> None:

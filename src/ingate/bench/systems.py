@@ -79,10 +79,15 @@ class RunningSystem:
 
 
 def ingate_config(
-    wl: Workload, addresses: list[str], port: int, dataplane: dict[str, object] | None = None
+    wl: Workload,
+    addresses: list[str],
+    port: int,
+    dataplane: dict[str, object] | None = None,
+    profile: str | None = None,
 ) -> dict[str, object]:
-    """The gateway config the harness generates: the default scheduler profile, built-in proxy unless
-    `dataplane` says otherwise."""
+    """The gateway config the harness generates: the workload's scheduler section (else the built-in
+    profiles) with `profile` as the default profile when given, built-in proxy unless `dataplane` says
+    otherwise."""
     models: dict[str, object] = {"served": [wl.model]}
     if wl.lora is not None:
         models["adapters"] = list(wl.lora.adapters)
@@ -94,13 +99,19 @@ def ingate_config(
     extra = dict(wl.gateway)
     pool.update(extra.pop("pool", None) or {})  # e.g. modelServerPriority; the endpoints are the fleet's
     pool["endpoints"] = [{"address": a} for a in addresses]
-    return {
+    cfg: dict[str, object] = {
         "listen": {"host": "127.0.0.1", "port": port},
         "pool": pool,
         "models": models,
         "dataplane": dataplane or {"type": "builtin"},
-        **extra,  # the workload's objectives, flowControl, ...
+        **extra,  # the workload's objectives, flowControl, scheduler, ...
     }
+    if profile is not None:
+        # Keep the workload's own profiles (PROFILE may be one of them); only the default changes.
+        sched = dict(extra.get("scheduler") or {})
+        sched["defaultProfile"] = profile
+        cfg["scheduler"] = sched
+    return cfg
 
 
 def envoy_bootstrap(addresses: list[str], port: int, admin_port: int, lb_policy: str) -> dict[str, object]:
@@ -218,11 +229,11 @@ def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> Runnin
     built-in profile name, e.g. `ingate:guarded-affinity`), to compare profiles side by side."""
     port = free_port()
     if name == "ingate" or name.startswith("ingate:"):
-        gw = ingate_config(wl, fleet.addresses, port)
+        profile = name.split(":", 1)[1] if name.startswith("ingate:") else None
+        gw = ingate_config(wl, fleet.addresses, port, profile=profile)
         info = {"dataplane": "builtin"}
-        if name.startswith("ingate:"):
-            gw["scheduler"] = {"defaultProfile": name.split(":", 1)[1]}
-            info["profile"] = name.split(":", 1)[1]
+        if profile is not None:
+            info["profile"] = profile
         cfg = workdir / f"{name.replace(':', '-')}.yaml"
         cfg.write_text(yaml.safe_dump(gw, sort_keys=False))
         cmd = [sys.executable, "-m", "ingate", "serve", "--config", str(cfg), "--log-level", "warning"]
