@@ -140,14 +140,16 @@ class Telemetry:
         key = (model, target)
         s = self._series.get(key)
         if s is None:
-            if len(self._series) >= SERIES_CACHE:
-                self._series.clear()
-            s = self._series[key] = ModelSeries(
-                self.requests.labels(model, target),
-                self.duration.labels(model, target),
-                self.ttft.labels(model, target),
-                self.input_tokens.labels(model, target),
-                self.output_tokens.labels(model, target),
+            s = _keep(
+                self._series,
+                key,
+                ModelSeries(
+                    self.requests.labels(model, target),
+                    self.duration.labels(model, target),
+                    self.ttft.labels(model, target),
+                    self.input_tokens.labels(model, target),
+                    self.output_tokens.labels(model, target),
+                ),
             )
         return s
 
@@ -156,10 +158,17 @@ class Telemetry:
         key = (endpoint, profile)
         c = self._decisions.get(key)
         if c is None:
-            if len(self._decisions) >= SERIES_CACHE:
-                self._decisions.clear()
-            c = self._decisions[key] = self.decisions.labels(endpoint, profile)
+            c = _keep(self._decisions, key, self.decisions.labels(endpoint, profile))
         return c
+
+
+def _keep(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    """Store `value` in a label-children cache bounded at SERIES_CACHE entries (cleared when full:
+    the children stay valid, only the lookups are redone); returns it."""
+    if len(cache) >= SERIES_CACHE:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def get_logger(name: str = "ingate") -> logging.Logger:

@@ -122,7 +122,7 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
             for k in range(wl.load.streams):
                 label = name if wl.load.streams == 1 else f"{name} [stream {k}]"
                 try:
-                    part = _run_stream(wl, name, workdir, progress, label, k, entry)
+                    entry["info"], part = _run_stream(wl, name, workdir, progress, label, k)
                 except sysmod.SystemUnavailable as e:
                     entry["unavailable"] = str(e)
                     break
@@ -157,15 +157,15 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
 
 
 def _run_stream(
-    wl: Workload, name: str, workdir: Path, progress: Progress, label: str, k: int, entry: dict[str, Any]
-) -> list[StageResult]:
-    """One request stream's sweep against `name` on a fresh fleet (no cache carries over)."""
+    wl: Workload, name: str, workdir: Path, progress: Progress, label: str, k: int
+) -> tuple[dict[str, Any], list[StageResult]]:
+    """One request stream's sweep against `name` on a fresh fleet (no cache carries over): the
+    system's info and its stages."""
     fleet = sysmod.start_fleet(wl, workdir)
     try:
         system = sysmod.start_system(name, wl, fleet, workdir)
         try:
-            entry["info"] = system.info
-            return asyncio.run(_sweep(wl, system.url, progress, label, k))
+            return system.info, asyncio.run(_sweep(wl, system.url, progress, label, k))
         finally:
             system.stop()
     finally:

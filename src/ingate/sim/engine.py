@@ -352,20 +352,21 @@ class Engine:
         bs = self.profile.block_size
         total = -(-req.prefill_target // bs)
         hit = 0
+        cached: list[int] = []
         if req.preemptions == 0:
             # At least one prompt token must be computed to produce logits (as in vLLM).
             hit = min(self.kv.match_prefix(req.hashes), (req.prompt_len - 1) // bs)
             # Pin the hit blocks before allocating: allocation evicts unreferenced cached blocks in
             # LRU order, and the ones this request just matched may be among them.
-            self.kv.acquire_cached(req.hashes[:hit])
+            cached = req.hashes[:hit]
+            self.kv.acquire_cached(cached)
         if not self.kv.allocate(total - hit):
-            if hit:
-                self.kv.release(req.hashes[:hit], 0)
+            self.kv.release(cached, 0)
             return False
         if req.preemptions == 0:
             self.kv.record_lookup(req.prompt_len, hit * bs)
             req.num_cached = hit * bs
-        req.cached_refs = req.hashes[:hit]
+        req.cached_refs = cached
         req.hit_blocks = hit
         req.private_blocks = total - hit
         req.computed = hit * bs
