@@ -24,6 +24,10 @@ Data planes:
 - ``envoy-extproc-req``: request-only processing ``none`` (responses bypass the picker);
 - ``envoy-extproc-grpcio``: the default (``observe``) with the picker on grpcio
   (``picker_transport: grpcio``, the implementation before the in-loop server);
+- ``envoy-extproc-null``: request-only processing with the real ext_proc servicer and transport over
+  a null director that routes every request to the upstream without reading it (no parsing, flow
+  control or scheduling): the floor of an ext_proc picker in Python on this machine, so the rest of
+  ``envoy-extproc-req``'s added latency is ingate's own per-request work;
 - ``builtin``: client -> ingate's built-in asyncio proxy -> upstream.
 
 The upstream, the picker, the built-in proxy and the client each run in their own process (as in
@@ -63,6 +67,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -177,11 +182,34 @@ async def _run_upstream(port: int, tokens: int, prefill_s: float, interval_s: fl
     await asyncio.Event().wait()
 
 
-async def _run_picker(port: int, upstream: str, transport: Transport, responses: ResponseMode) -> None:
-    gw = _gateway(upstream)
-    await gw.start()
+class _NullDirector:
+    """Routes every request to one address, unread: what the ext_proc exchange costs by itself."""
+
+    def __init__(self, address: str) -> None:
+        self.target = SimpleNamespace(address=address)
+
+    async def handle(self, path: str, headers: Any, raw_body: bytes) -> Any:
+        return SimpleNamespace(target=self.target, upstream_body=raw_body)
+
+    def on_first_token(self, decision: Any) -> None:
+        pass
+
+    def finish(self, decision: Any, info: Any) -> None:
+        pass
+
+
+async def _run_picker(
+    port: int, upstream: str, transport: Transport, responses: ResponseMode, null: bool = False
+) -> None:
+    director: Any
+    if null:
+        director = _NullDirector(upstream)
+    else:
+        gw = _gateway(upstream)
+        await gw.start()
+        director = gw.director
     # As EnvoyDataPlane builds it: Envoy adds the served-endpoint header itself.
-    svc = ExtProcServicer(gw.director, report_served=False, responses=responses)
+    svc = ExtProcServicer(director, report_served=False, responses=responses)
     server = ExtProcServer(svc, port=port, transport=transport)
     await server.start()
     freeze_startup_heap()  # as `ingate serve` does
@@ -370,12 +398,14 @@ async def _start_targets(
         ("envoy-extproc-full", "h2", "full"),
         ("envoy-extproc-req", "h2", "none"),
         ("envoy-extproc-grpcio", "grpcio", "observe"),
+        ("envoy-extproc-null", "h2", "none"),
     )
     only = [t for t in args.only.split(",") if t]
     for name, transport, responses in planes:
         if only and name not in only:
             continue
         port = _free_port()
+        extra = ["--null-director"] if name == "envoy-extproc-null" else []
         procs.append(
             _spawn(
                 "picker",
@@ -387,6 +417,7 @@ async def _start_targets(
                 transport,
                 "--responses",
                 responses,
+                *extra,
             )
         )
         await _wait_port(port)
@@ -652,6 +683,9 @@ def main() -> None:
     ap.add_argument(
         "--responses", choices=RESPONSE_MODES, default="observe", help="picker role: response mode"
     )
+    ap.add_argument(
+        "--null-director", action="store_true", help="picker role: route unread (envoy-extproc-null)"
+    )
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per tiny-request cell")
     ap.add_argument("--stream-duration", type=float, default=8.0, help="measured seconds per stream cell")
     ap.add_argument("--concurrency", default="1,32,256")
@@ -692,7 +726,7 @@ def main() -> None:
             _run_upstream(args.port, args.tokens, args.prefill_ms / 1000, args.token_interval_ms / 1000)
         )
     elif args.role == "picker":
-        asyncio.run(_run_picker(args.port, args.upstream, args.transport, args.responses))
+        asyncio.run(_run_picker(args.port, args.upstream, args.transport, args.responses, args.null_director))
     elif args.role == "builtin":
         asyncio.run(_run_builtin(args.port, args.upstream))
     else:
