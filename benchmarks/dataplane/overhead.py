@@ -458,6 +458,9 @@ def _print_row(row: dict[str, Any]) -> None:
     cpu = row.get("dataplane_cpu_us_per_request")
     if cpu is not None:
         head += f" cpu/req={cpu:6.0f}us"
+    pcpu = row.get("picker_cpu_us_per_request")
+    if pcpu is not None:
+        head += f" (picker {pcpu:5.0f}us)"
     if row["set"] == "stream":
         print(
             f"{head}  ttft p50={row['ttft_p50_ms']:7.2f} p99={row['ttft_p99_ms']:7.2f} ms  "
@@ -579,15 +582,22 @@ async def _main(args: argparse.Namespace) -> None:
                 # change in the machine's background load hits all of them alike.
                 acc = {name: Samples() for name in targets}
                 cpu = dict.fromkeys(targets, 0.0)
+                picker_cpu = dict.fromkeys(targets, 0.0)
                 for _ in range(args.rounds):
                     for name, url in targets.items():
+                        # An ext_proc plane's first process is its picker (see `_start_targets`).
+                        picker = pids[name][:1] if name.startswith("envoy-extproc") else []
                         before = _cpu_total(pids[name])
+                        p_before = _cpu_total(picker)
                         await _load_into(
                             acc[name], url + "/v1/completions", c, duration / args.rounds, stream, stagger
                         )
                         after = _cpu_total(pids[name])
+                        p_after = _cpu_total(picker)
                         if before is not None and after is not None:
                             cpu[name] += after - before
+                        if picker and p_before is not None and p_after is not None:
+                            picker_cpu[name] += p_after - p_before
                 base = acc["direct"].summary(stream)
                 for name in targets:
                     row = _row(rset, name, c, acc[name].summary(stream), base)
@@ -597,6 +607,9 @@ async def _main(args: argparse.Namespace) -> None:
                         # The data plane's own processes (Envoy + picker, or the built-in proxy), warm-up
                         # included, per request sent: what one request costs the machine's CPUs.
                         row["dataplane_cpu_us_per_request"] = cpu[name] / sent * 1e6
+                        if picker_cpu[name]:
+                            # Of which the picker process (the rest is Envoy's).
+                            row["picker_cpu_us_per_request"] = picker_cpu[name] / sent * 1e6
                     rows.append(row)
                     measured.append((row, acc[name]))
                     _print_row(row)
