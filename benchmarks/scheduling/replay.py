@@ -239,7 +239,10 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                 rec["e2e"] = now + NET_S - rec["send"]
                 eps[j].in_flight -= 1
                 info = ResponseInfo(
-                    status=200, prompt_tokens=rec["prompt_tokens"], completion_tokens=r.generated
+                    status=200,
+                    prompt_tokens=rec["prompt_tokens"],
+                    completion_tokens=r.generated,
+                    cached_tokens=rec.get("cached_tokens"),
                 )
                 if ctx is not None:
                     fleet.sched.post_response(ctx, req, eps[j], info)

@@ -12,7 +12,7 @@ from ingate.datastore import Datastore, Endpoint, EndpointMetrics
 from ingate.errors import GatewayError
 from ingate.request import COMPLETIONS, InferenceRequest, parse_request
 from ingate.scheduling.config import PluginSpec, ProfileConfig, SchedulerConfig
-from ingate.scheduling.framework import CycleState, SchedulingResult
+from ingate.scheduling.framework import CycleState, ResponseInfo, SchedulingResult
 from ingate.scheduling.plugins.load import KVCacheScorer, LeastInFlightScorer, LoadGuardFilter, QueueScorer
 from ingate.scheduling.plugins.lora import LoraAffinityFilter, LoraAffinityScorer
 from ingate.scheduling.plugins.pickers import MaxScorePicker, RoundRobinPicker, WeightedRandomPicker
@@ -155,6 +155,101 @@ def test_prefix_index_shorter_record_keeps_head_matchable() -> None:
     assert idx.match([1, 2, 3, 4], [a])[a] == 0
     idx.record(a, [1, 2, 9], 10)
     assert idx.match([1, 2, 3, 4], [a])[a] == 2  # head held, tail forgotten: a prefix, never a gap
+
+
+def _served(sc: PrefixCacheScorer, prompt: str, eps: list[Endpoint], to: Endpoint, cached: int) -> None:
+    """One request through the scorer: matched, routed to `to`, answered with `cached` tokens cached
+    (at the scorer's 4 characters per token)."""
+    ctx, r = CycleState(), req(prompt)
+    sc.score(ctx, r, eps)
+    sc.post_schedule(ctx, r, SchedulingResult([to], "p"))
+    sc.post_response(
+        ctx, r, to, ResponseInfo(status=200, prompt_tokens=len(prompt) // 4, cached_tokens=cached)
+    )
+
+
+def test_prefix_memory_shrinks_where_the_server_had_evicted_what_it_promised() -> None:
+    a, b = ep(0, block_size=16, num_gpu_blocks=64), ep(1)  # a: 1024 tokens of KV, 64 blocks of 64 chars
+    sc = PrefixCacheScorer()
+    doc = "d" * 2048  # 32 blocks, 512 tokens
+    _served(sc, doc + "q1", [a, b], a, cached=0)  # first time: nothing promised, nothing cached
+    assert a not in sc.scale
+    _served(sc, doc + "q2", [a, b], a, cached=0)  # promised 512 tokens, the server had none
+    assert sc.scale[a] == pytest.approx(0.8)
+    for _ in range(20):
+        _served(sc, doc + "q3", [a, b], a, cached=0)
+    assert sc.scale[a] == pytest.approx(sc.min_scale)  # bounded
+    # The memory is what the scale says: a quarter of 64 blocks retires every 8 blocks recorded.
+    for k in range(3):
+        _served(sc, chr(ord("k") + k) * 640 + "x", [a, b], a, cached=0)
+    assert sc.index.match(sc.hasher.hashes(doc, "m"), [a])[a] == 0
+    assert b not in sc.scale  # other endpoints keep their own memory
+
+
+def test_prefix_memory_grows_where_the_server_kept_what_it_forgot_or_its_oldest_still_hold() -> None:
+    a, b = ep(0, block_size=16, num_gpu_blocks=64), ep(1, block_size=16, num_gpu_blocks=64)
+    sc = PrefixCacheScorer()
+    _served(sc, "e" * 2048, [a, b], a, cached=500)  # nothing promised, but the server had 500 tokens
+    assert sc.scale[a] == pytest.approx(1.1)
+    for k in range(20):  # new prompts each time, all of which the server turns out to hold
+        _served(sc, f"{k:04d}" * 512, [a, b], a, cached=500)
+    assert sc.scale[a] == pytest.approx(sc.max_scale)
+    # As promised: no evidence either way while the hit is recent ...
+    doc = "g" * 1024  # 16 blocks
+    _served(sc, doc + "1", [a, b], b, cached=0)
+    _served(sc, doc + "2", [a, b], b, cached=256)
+    assert b not in sc.scale
+    # ... but a hit from the far end of the memory (older than a quarter of it) probes a longer one.
+    # b remembers 64 blocks; its young generation retires at 32. Another 16-block prompt retires the
+    # doc's generation, the next one half fills the new young generation: the doc is now the oldest.
+    _served(sc, "p" * 1024 + "x", [a, b], b, cached=0)
+    _served(sc, "q" * 1024 + "x", [a, b], b, cached=0)
+    _served(sc, doc + "3", [a, b], b, cached=256)
+    assert sc.scale[b] == pytest.approx(1.05)
+
+
+def test_prefix_memory_is_fixed_when_not_adaptive_or_without_cached_tokens() -> None:
+    a = ep(0, block_size=16, num_gpu_blocks=64)
+    fixed = PrefixCacheScorer(adaptive=False)
+    learning = PrefixCacheScorer()
+    doc = "h" * 2048
+    for sc in (fixed, learning):
+        _served(sc, doc + "1", [a], a, cached=0)
+    _served(fixed, doc + "2", [a], a, cached=0)
+    ctx, r = CycleState(), req(doc + "3")  # a response without usage details
+    learning.score(ctx, r, [a])
+    learning.post_schedule(ctx, r, SchedulingResult([a], "p"))
+    learning.post_response(ctx, r, a, ResponseInfo(status=200, prompt_tokens=512))
+    learning.post_response(ctx, r, a, ResponseInfo(status=503, prompt_tokens=512, cached_tokens=0))
+    assert fixed.scale == {} and learning.scale == {}
+
+
+def test_prefix_memory_learns_only_from_its_own_decisions() -> None:
+    """Two profiles, each with a prefix scorer: the response is judged by the one that routed it."""
+    cfg = SchedulerConfig.model_validate(
+        {
+            "defaultProfile": "p",
+            "profiles": {
+                "p": {"scorers": [{"type": "prefix-cache", "weight": 1}]},
+                "q": {"scorers": [{"type": "prefix-cache", "weight": 1, "parameters": {"maxScale": 3}}]},
+            },
+        }
+    )
+    a = ep(0, block_size=16, num_gpu_blocks=64)
+    sched = build_scheduler(cfg, Datastore([a]))
+    mine = sched.profiles["p"].scorers[0][0]
+    other = sched.profiles["q"].scorers[0][0]
+    r = req("i" * 2048)
+    result, ctx = sched.schedule(r)
+    sched.post_response(ctx, r, result.target, ResponseInfo(status=200, prompt_tokens=512, cached_tokens=500))
+    assert mine.scale == {a: pytest.approx(1.1)} and other.scale == {}  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="maxScale"):
+        build_scheduler(
+            SchedulerConfig.model_validate(
+                {"profiles": {"p": {"scorers": [{"type": "prefix-cache", "parameters": {"maxScale": 0.5}}]}}}
+            ),
+            Datastore([a]),
+        )
 
 
 def test_max_score_picker_breaks_ties_randomly() -> None:

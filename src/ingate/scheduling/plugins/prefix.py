@@ -8,6 +8,19 @@ a match of block i implies the whole prefix up to it matches.
 
 Cost per request: hashing O(prompt blocks) (capped at `max_blocks`, and reusing the hashes of a
 recently seen prompt head), matching O(endpoints x log blocks) lookups, recording O(blocks) in C.
+
+How much to remember per endpoint is learned from the servers' own reports (`adaptive`, on by
+default). A response's `usage.prompt_tokens_details.cached_tokens` says how much of the prompt the
+server really had cached when it admitted the request, to compare with what the index promised there:
+
+- promised more: the server had evicted what the index still remembers, so the endpoint's memory
+  shrinks (x0.8);
+- the server had more: the index had forgotten too early, so it grows (x1.1);
+- as promised, from the far end of the memory (blocks not used for at least a quarter of it): the
+  oldest memories still hold, so it grows a little (x1.05), probing for a longer one.
+
+The memory stays within `minScale`..`maxScale` of the size derived from the endpoint's KV cache. Without
+such reports (a server that does not send them, streams without `include_usage`) nothing changes.
 """
 
 from __future__ import annotations
@@ -20,9 +33,15 @@ import xxhash
 
 from ingate.datastore import Datastore, Endpoint
 from ingate.request import InferenceRequest
-from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, SchedulingResult
+from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, ResponseInfo, SchedulingResult
 
 _CTX_KEY = "prefix.hashes"
+_OWNER_KEY = "prefix.scorer"
+"""Which scorer instance matched this cycle (several profiles may each have one)."""
+_OLD_KEY = "prefix.old"
+_GROW = 1.1
+_CONFIRM = 1.05
+_SHRINK = 0.8
 _h64 = xxhash.xxh64_intdigest
 
 
@@ -156,12 +175,12 @@ class PrefixIndex:
         self.default_capacity = capacity
         self._gens: dict[Endpoint, _Generations] = {}
 
-    def capacity_of(self, ep: Endpoint, block_chars: int) -> int:
+    def capacity_of(self, ep: Endpoint, block_chars: int, chars_per_token: float = 4.0) -> int:
         """Blocks to remember for `ep`: sized from its KV cache when it reports cache_config_info."""
         m = ep.metrics
         if m.block_size and m.num_gpu_blocks:
             tokens = m.block_size * m.num_gpu_blocks
-            return max(1, tokens * 4 // block_chars)
+            return max(1, int(tokens * chars_per_token) // block_chars)
         return self.default_capacity
 
     def match(self, hashes: list[int], candidates: list[Endpoint]) -> dict[Endpoint, int]:
@@ -214,6 +233,13 @@ class PrefixIndex:
             g.old = young
             g.young = set()
 
+    def far_end(self, ep: Endpoint, h: int, capacity: int) -> bool:
+        """Whether `h` is among the oldest blocks `ep` remembers: only in the old generation while the
+        young one is at least half full (so `h` was last used at least a quarter of the capacity ago,
+        not just before the latest retirement)."""
+        g = self._gens.get(ep)
+        return g is not None and 4 * len(g.young) >= capacity and h not in g.young and h in g.old
+
     def remove_endpoint(self, ep: Endpoint) -> None:
         self._gens.pop(ep, None)
 
@@ -230,18 +256,35 @@ class PrefixCacheScorer:
     block_chars: int = 64
     max_blocks: int = 256
     capacity: int = 31_250
+    chars_per_token: float = 4.0
+    """Prompt characters per server token, to size the memory from a KV cache counted in tokens (4 is
+    typical of English text with BPE tokenizers)."""
+    adaptive: bool = True
+    """Learn each endpoint's retention from the cached tokens its responses report (module docstring)."""
+    min_scale: float = 0.25
+    max_scale: float = 2.0
     name: str = "prefix-cache"
     index: PrefixIndex = field(init=False)
     hasher: PrefixHasher = field(init=False)
+    scale: dict[Endpoint, float] = field(init=False, default_factory=dict)
+    """adaptive: each endpoint's learned retention, as a multiple of its KV-sized capacity."""
 
     def __post_init__(self) -> None:
         if self.block_chars < 1 or self.max_blocks < 1 or self.capacity < 1:
             raise ValueError("blockChars, maxBlocks and capacity must be positive")
+        if not 0 < self.min_scale <= 1 <= self.max_scale:
+            raise ValueError("minScale must be in (0, 1] and maxScale at least 1")
+        if not 0.5 <= self.chars_per_token <= 32:
+            raise ValueError("charsPerToken must be between 0.5 and 32")
         self.index = PrefixIndex(self.capacity)
         self.hasher = PrefixHasher(self.block_chars, self.max_blocks)
 
     def attach(self, datastore: Datastore) -> None:
         datastore.on_remove(self.index.remove_endpoint)
+        datastore.on_remove(self._forget_scale)
+
+    def _forget_scale(self, ep: Endpoint) -> None:
+        self.scale.pop(ep, None)
 
     def _hashes(self, ctx: CycleState, request: InferenceRequest) -> list[int]:
         hashes: list[int] | None = ctx.get(_CTX_KEY)
@@ -260,10 +303,47 @@ class PrefixCacheScorer:
         matched = self.index.match(hashes, endpoints)
         bc = self.block_chars
         ctx[PREFIX_MATCH_KEY] = {ep: k * bc for ep, k in matched.items() if k}
+        ctx[_OWNER_KEY] = self
         return {ep: k / n for ep, k in matched.items()}
 
     def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         hashes = self._hashes(ctx, request)
         if hashes:
             ep = result.target
-            self.index.record(ep, hashes, self.index.capacity_of(ep, self.block_chars))
+            cap = self.index.capacity_of(ep, self.block_chars, self.chars_per_token)
+            sc = self.scale.get(ep)
+            if sc is not None:
+                cap = max(1, int(cap * sc))
+            if self.adaptive:
+                k = ctx.get(PREFIX_MATCH_KEY, {}).get(ep, 0) // self.block_chars
+                # A hit at the far end of the memory is what says whether the memory is long enough.
+                ctx[_OLD_KEY] = k > 0 and self.index.far_end(ep, hashes[k - 1], cap)
+            self.index.record(ep, hashes, cap)
+
+    def post_response(
+        self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo
+    ) -> None:
+        """adaptive: compare what the index promised on `endpoint` with what the server had cached."""
+        if not self.adaptive or ctx.get(_OWNER_KEY) is not self:
+            return
+        cached, prompt = info.cached_tokens, info.prompt_tokens
+        chars = len(request.prompt_text)
+        if cached is None or not prompt or not chars or info.status != 200:
+            return
+        per_char = prompt / chars  # the server's tokens per prompt character
+        promised = ctx.get(PREFIX_MATCH_KEY, {}).get(endpoint, 0) * per_char
+        # The index only covers the first maxBlocks blocks: what the server had beyond is not its to know.
+        cached = min(cached, len(ctx.get(_CTX_KEY) or ()) * self.block_chars * per_char)
+        # Both sides count whole blocks (the server's of ~16 tokens, ours of blockChars): differences
+        # within two blocks or 10% of the prompt are rounding, not evidence.
+        slack = max(32.0, 0.1 * prompt)
+        if promised > cached + slack:
+            step = _SHRINK  # the index promised blocks the server had evicted
+        elif cached > promised + slack:
+            step = _GROW  # the server had blocks the index had forgotten
+        elif promised and ctx.get(_OLD_KEY):
+            step = _CONFIRM  # the oldest memories still hold: probe a longer memory
+        else:
+            return
+        sc = self.scale.get(endpoint, 1.0) * step
+        self.scale[endpoint] = min(self.max_scale, max(self.min_scale, sc))
