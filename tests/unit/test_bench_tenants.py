@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 from loopback_http import completions_server
 from pydantic import ValidationError
@@ -90,6 +92,22 @@ def test_tenant_rates_must_match_stages_and_sum_to_the_stage_rate() -> None:
     assert cfg["scheduler"] == {"fallbacks": 1, "profiles": {"mine": mine}, "defaultProfile": "mine"}
     assert parse_config(cfg).scheduler.default_profile == "mine"
     assert wl.gateway["scheduler"] == {"fallbacks": 1, "profiles": {"mine": mine}}  # not mutated
+
+
+def test_ingate_profile_from_a_file_joins_the_workloads_profiles(tmp_path: Path) -> None:
+    # `ingate:PATH.yaml`: the profile files the scheduling replay takes work as bench systems too.
+    theirs = {"scorers": [{"type": "prefix-cache", "parameters": {"adaptive": False}}]}
+    f = tmp_path / "fixed.yaml"
+    f.write_text(yaml.safe_dump({"scheduler": {"defaultProfile": "fixed", "profiles": {"fixed": theirs}}}))
+    mine = {"scorers": [{"type": "least-in-flight"}], "picker": {"type": "max-score"}}
+    wl = _wl(gateway={"scheduler": {"profiles": {"mine": mine}}})
+    cfg = ingate_config(wl, ["127.0.0.1:1"], 9, profile=str(f))
+    assert cfg["scheduler"] == {"profiles": {"mine": mine, "fixed": theirs}, "defaultProfile": "fixed"}
+    parsed = parse_config(cfg).scheduler
+    assert parsed.default_profile == "fixed" and {"mine", "fixed", "default"} <= set(parsed.profiles)
+    f.write_text(yaml.safe_dump({"scheduler": {"profiles": {"fixed": theirs}}}))
+    with pytest.raises(ValueError, match="defaultProfile"):
+        ingate_config(wl, ["127.0.0.1:1"], 9, profile=str(f))
 
 
 async def test_tenants_run_side_by_side_with_their_own_headers(server: str) -> None:

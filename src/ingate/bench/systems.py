@@ -87,7 +87,9 @@ def ingate_config(
 ) -> dict[str, object]:
     """The gateway config the harness generates: the workload's scheduler section (else the built-in
     profiles) with `profile` as the default profile when given, built-in proxy unless `dataplane` says
-    otherwise."""
+    otherwise. A `profile` ending in .yaml/.yml is a file (relative to the working directory) whose
+    `scheduler` section's profiles join the workload's, its `defaultProfile` becoming the default: the
+    same profile files the scheduling replay takes."""
     models: dict[str, object] = {"served": [wl.model]}
     if wl.lora is not None:
         models["adapters"] = list(wl.lora.adapters)
@@ -109,6 +111,13 @@ def ingate_config(
     if profile is not None:
         # Keep the workload's own profiles (PROFILE may be one of them); only the default changes.
         sched = dict(extra.get("scheduler") or {})
+        if profile.endswith((".yaml", ".yml")):
+            doc = yaml.safe_load(Path(profile).read_text()) or {}
+            file_sched = doc.get("scheduler", doc)
+            if not isinstance(file_sched, dict) or not file_sched.get("defaultProfile"):
+                raise ValueError(f"{profile}: a scheduler section with a defaultProfile is needed")
+            sched["profiles"] = {**(sched.get("profiles") or {}), **(file_sched.get("profiles") or {})}
+            profile = str(file_sched["defaultProfile"])
         sched["defaultProfile"] = profile
         cfg["scheduler"] = sched
     return cfg
@@ -222,11 +231,16 @@ def _wait_http(url: str, proc: Proc, timeout_s: float, ready: Callable[[bytes], 
     asyncio.run(poll())
 
 
+def _file_safe(name: str) -> str:
+    return name.replace(":", "-").replace("/", "_")
+
+
 def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> RunningSystem:
     """Start system `name` in front of `fleet`; raises SystemUnavailable with the reason if it cannot.
 
     `ingate:PROFILE` is the built-in-proxy ingate with scheduler profile PROFILE as its default (a
-    built-in profile name, e.g. `ingate:guarded-affinity`), to compare profiles side by side."""
+    built-in or workload profile name, e.g. `ingate:guarded-affinity`, or a profile file, see
+    `ingate_config`), to compare profiles side by side."""
     port = free_port()
     if name == "ingate" or name.startswith("ingate:"):
         profile = name.split(":", 1)[1] if name.startswith("ingate:") else None
@@ -234,10 +248,10 @@ def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> Runnin
         info = {"dataplane": "builtin"}
         if profile is not None:
             info["profile"] = profile
-        cfg = workdir / f"{name.replace(':', '-')}.yaml"
+        cfg = workdir / f"{_file_safe(name)}.yaml"
         cfg.write_text(yaml.safe_dump(gw, sort_keys=False))
         cmd = [sys.executable, "-m", "ingate", "serve", "--config", str(cfg), "--log-level", "warning"]
-        proc = spawn(cmd, workdir / f"{name.replace(':', '-')}.log")
+        proc = spawn(cmd, workdir / f"{_file_safe(name)}.log")
         sysm = RunningSystem(name, f"http://127.0.0.1:{port}", [proc], info)
         try:
             _wait_http(f"{sysm.url}/ready", proc, 60)
@@ -299,7 +313,7 @@ def _start_peer(name: str, fleet: Fleet, workdir: Path, port: int) -> RunningSys
         raise SystemUnavailable(str(e)) from None
     metrics = free_port()
     cmd = peers.peer_command(spec, policy, exe, fleet.addresses, port, metrics)
-    proc = spawn(cmd, workdir / f"{name.replace(':', '-')}.log")
+    proc = spawn(cmd, workdir / f"{_file_safe(name)}.log")
     info = {"peer": spec.requirement, "policy": policy, "policy_note": spec.note(policy)}
     sysm = RunningSystem(name, f"http://127.0.0.1:{port}", [proc], info)
     n = len(fleet.addresses)
