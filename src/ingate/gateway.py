@@ -12,6 +12,7 @@ from ingate.discovery import endpoints_from_config
 from ingate.flowcontrol.controller import FlowController
 from ingate.flowcontrol.metrics import FlowControlMetrics
 from ingate.metrics.scraper import MetricsScraper
+from ingate.scheduling.plugins.prefix import PrefixCacheScorer, PrefixMemoryCollector
 from ingate.scheduling.scheduler import build_scheduler
 from ingate.telemetry import Telemetry
 
@@ -24,6 +25,14 @@ class Gateway:
         self.datastore = Datastore(endpoints_from_config(cfg))
         self.scheduler = build_scheduler(cfg.scheduler, self.datastore)
         self.telemetry = Telemetry(self.datastore, cfg.pool.name)
+        prefix = [
+            (name, sc)
+            for name, prof in self.scheduler.profiles.items()
+            for sc, _ in prof.scorers
+            if isinstance(sc, PrefixCacheScorer)
+        ]
+        if prefix:
+            self.telemetry.registry.register(PrefixMemoryCollector(prefix, self.datastore))
         m = cfg.metrics
         self.scraper = MetricsScraper(
             self.datastore,

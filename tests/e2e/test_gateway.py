@@ -15,6 +15,7 @@ from conftest import MODEL, SimProcess, gateway_config
 from ingate.config import GatewayConfig
 from ingate.dataplane.proxy import BuiltinProxy
 from ingate.gateway import Gateway
+from ingate.scheduling.plugins.prefix import PrefixCacheScorer
 
 GatewayCM = Callable[[GatewayConfig], AbstractAsyncContextManager[tuple[Gateway, BuiltinProxy]]]
 SERVED = "x-gateway-destination-endpoint-served"
@@ -179,3 +180,35 @@ async def test_client_disconnect_cancels_upstream(
             if ep.metrics.running == 0 and ep.in_flight == 0:
                 break
         assert ep.metrics.running == 0 and ep.in_flight == 0
+
+
+async def test_prefix_memory_grows_when_the_replica_kept_what_the_gateway_forgot(
+    sim_fleet: Callable[..., SimProcess], gateway: GatewayCM
+) -> None:
+    """The learned memory length end to end: the replica's cached-token report reaches the prefix
+    scorer through the data plane. One replica with 128 KV blocks (2048 tokens): the gateway sizes its
+    memory of it from `cache_config_info` at 4 characters per token (128 blocks of 64 characters), so
+    after about 8,000 characters of other prompts it has forgotten a document that the replica, at 5 to 7
+    characters per token here, still holds."""
+    sim = sim_fleet(1, "--time-scale", "20", "--num-gpu-blocks", "128")
+    async with gateway(gateway_config(sim.addresses)) as (gw, proxy), aiohttp.ClientSession() as s:
+        scorer = next(
+            sc
+            for sc, _ in gw.director.scheduler.profiles["default"].scorers
+            if isinstance(sc, PrefixCacheScorer)
+        )
+        doc = " ".join(f"clause{i} text" for i in range(46))  # 633 characters (9 blocks), 92 tokens
+        # 14 x 10 blocks: the young generation (half the memory, 64 blocks) retires twice, the replica
+        # (128 blocks of 16 tokens) still has room for all of them (about 8 blocks each).
+        fillers = [" ".join(f"filler{k}x{i} text" for i in range(45))[:640] for k in range(14)]
+        for prompt in [doc, *fillers]:
+            status, _, body = await _post(s, proxy.url, {"model": MODEL, "prompt": prompt, "max_tokens": 1})
+            assert status == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert scorer.scale == {}  # nothing promised, nothing cached: no evidence yet
+        ep = gw.datastore.endpoints()[0]
+        assert scorer.index.match(scorer.hasher.hashes(doc, MODEL), [ep])[ep] == 0  # forgotten here ...
+        status, _, body = await _post(s, proxy.url, {"model": MODEL, "prompt": doc, "max_tokens": 1})
+        assert (
+            status == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 48
+        )  # ... not there
+        assert scorer.scale == {ep: 1.1}

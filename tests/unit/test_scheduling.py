@@ -16,7 +16,13 @@ from ingate.scheduling.framework import CycleState, ResponseInfo, SchedulingResu
 from ingate.scheduling.plugins.load import KVCacheScorer, LeastInFlightScorer, LoadGuardFilter, QueueScorer
 from ingate.scheduling.plugins.lora import LoraAffinityFilter, LoraAffinityScorer
 from ingate.scheduling.plugins.pickers import MaxScorePicker, RoundRobinPicker, WeightedRandomPicker
-from ingate.scheduling.plugins.prefix import PrefixCacheScorer, PrefixHasher, PrefixIndex, prompt_block_hashes
+from ingate.scheduling.plugins.prefix import (
+    PrefixCacheScorer,
+    PrefixHasher,
+    PrefixIndex,
+    PrefixMemoryCollector,
+    prompt_block_hashes,
+)
 from ingate.scheduling.scheduler import build_scheduler
 
 
@@ -222,6 +228,23 @@ def test_prefix_memory_is_fixed_when_not_adaptive_or_without_cached_tokens() -> 
     learning.post_response(ctx, r, a, ResponseInfo(status=200, prompt_tokens=512))
     learning.post_response(ctx, r, a, ResponseInfo(status=503, prompt_tokens=512, cached_tokens=0))
     assert fixed.scale == {} and learning.scale == {}
+
+
+def test_prefix_memory_gauges_show_each_profiles_memory_per_endpoint() -> None:
+    a, b = ep(0, block_size=16, num_gpu_blocks=64), ep(1)
+    sc = PrefixCacheScorer()
+    _served(sc, "j" * 2048, [a, b], a, cached=500)  # 32 blocks remembered on a, which grows its memory
+    samples = {
+        (m.name, s.labels["profile"], s.labels["endpoint"]): s.value
+        for m in PrefixMemoryCollector([("p", sc)], Datastore([a, b])).collect()
+        for s in m.samples
+    }
+    assert samples == {
+        ("ingate_prefix_memory_blocks", "p", a.address): 32,
+        ("ingate_prefix_memory_blocks", "p", b.address): 0,
+        ("ingate_prefix_memory_scale", "p", a.address): pytest.approx(1.1),
+        ("ingate_prefix_memory_scale", "p", b.address): 1.0,
+    }
 
 
 def test_prefix_memory_learns_only_from_its_own_decisions() -> None:

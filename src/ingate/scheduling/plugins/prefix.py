@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from ingate.datastore import Datastore, Endpoint
 from ingate.request import InferenceRequest
@@ -347,3 +350,32 @@ class PrefixCacheScorer:
             return
         sc = self.scale.get(endpoint, 1.0) * step
         self.scale[endpoint] = min(self.max_scale, max(self.min_scale, sc))
+
+
+class PrefixMemoryCollector(Collector):
+    """Prometheus gauges of each prefix scorer's memory per endpoint, computed at scrape time: how many
+    blocks it remembers and the learned scale of its size (1 until learned, or when not adaptive)."""
+
+    def __init__(self, scorers: Sequence[tuple[str, PrefixCacheScorer]], datastore: Datastore) -> None:
+        self.scorers = scorers
+        self.ds = datastore
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["profile", "endpoint"]
+        blocks = GaugeMetricFamily(
+            "ingate_prefix_memory_blocks",
+            "Prompt blocks the prefix index remembers per endpoint.",
+            labels=labels,
+        )
+        scale = GaugeMetricFamily(
+            "ingate_prefix_memory_scale",
+            "Learned size of the prefix index's memory per endpoint, as a multiple of its KV-derived size.",
+            labels=labels,
+        )
+        eps = self.ds.endpoints()
+        for profile, sc in self.scorers:
+            for ep in eps:
+                blocks.add_metric([profile, ep.address], sc.index.size(ep))
+                scale.add_metric([profile, ep.address], sc.scale.get(ep, 1.0))
+        yield blocks
+        yield scale
