@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 import ingate.sim.engine as sim_engine
+from ingate.bench.runner import STREAM_SHIFT
 from ingate.bench.workload import BenchRequest, RequestStream, Workload, load_workload
 from ingate.datastore import Datastore, Endpoint
 from ingate.request import parse_request
@@ -298,8 +299,8 @@ def main() -> None:
         for k in range(args.streams):
             fleet = Fleet(wl, cfg, prof, seed=1234 + 100 * k)
             for s in range(stage):
-                run_stage(fleet, wl, float(wl.load.rates[s]), s, 100 * k)
-            rows[name].append(summarize(run_stage(fleet, wl, rate, stage, 100 * k), wl.slo.ttft_s))
+                run_stage(fleet, wl, float(wl.load.rates[s]), s, STREAM_SHIFT * k)
+            rows[name].append(summarize(run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k), wl.slo.ttft_s))
     table = Table(title=f"{wl.name} @ {rate:g} req/s, {args.streams} streams (virtual-time replay)")
     cols = (
         "profile",

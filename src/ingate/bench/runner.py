@@ -20,7 +20,7 @@ from ingate.bench.report import max_sustainable_rate, summarize, tenant_summarie
 from ingate.bench.workload import BenchRequest, RequestStream, Tenant, Workload
 
 STREAM_SHIFT = 100
-"""Seed shift per request stream (the same as the scheduler replay's, so stream k is its stream k)."""
+"""Seed shift per request stream (the scheduler replay uses it too, so stream k is its stream k)."""
 
 
 async def _sweep(
