@@ -38,9 +38,9 @@ import ingate.sim.engine as sim_engine
 from ingate.bench.runner import STREAM_SHIFT
 from ingate.bench.workload import BenchRequest, RequestStream, Workload, load_workload
 from ingate.datastore import Datastore, Endpoint
+from ingate.lifecycle import ResponseInfo
 from ingate.request import parse_request
 from ingate.scheduling.config import SchedulerConfig
-from ingate.scheduling.framework import ResponseInfo
 from ingate.scheduling.scheduler import Scheduler, build_scheduler
 from ingate.sim.engine import FINISHED, Engine, EngineConfig, SimRequest
 from ingate.sim.profiles import get_profile
@@ -207,7 +207,11 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                 hashes = block_hashes(tokenize(text), 16, wl.model)
                 i, ctx = fleet.emu.pick(hashes, [ep.in_flight for ep in eps]), None
             else:
-                result, ctx = fleet.sched.schedule(req, profile=fleet.profile)
+                result, cycle = fleet.sched.schedule(req, profile=fleet.profile)
+                # What the director does after a decision: the profile's post-schedule hooks.
+                hooks = fleet.sched.hooks(result.profile)
+                hooks.run_post_schedule(cycle, req, result)
+                ctx = (cycle, hooks)
                 i = eps.index(result.target)
             eps[i].in_flight += 1
             rec = {"send": now, "ep": i, "group": br.group, "prompt_tokens": 0, "ttft": None, "e2e": None}
@@ -234,7 +238,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                     rec["ttft"] = now + NET_S - rec["send"]
                     rec["cached_tokens"] = r.num_cached
                     if ctx is not None:
-                        fleet.sched.on_first_token(ctx, req, eps[j])
+                        ctx[1].run_first_token(ctx[0], req, eps[j])
             for r in [r for r in live if r.state == FINISHED]:
                 rec, req, ctx, j = live.pop(r)
                 rec["e2e"] = now + NET_S - rec["send"]
@@ -246,7 +250,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                     cached_tokens=rec.get("cached_tokens"),
                 )
                 if ctx is not None:
-                    fleet.sched.post_response(ctx, req, eps[j], info)
+                    ctx[1].run_post_response(ctx[0], req, eps[j], info)
                 left -= 1
             start_step(i)
     fleet.t0 = now + 1.0

@@ -12,8 +12,8 @@ from ingate.config import GatewayConfig, parse_config
 from ingate.datastore import Datastore, Endpoint
 from ingate.director import Director
 from ingate.errors import GatewayError
+from ingate.lifecycle import ResponseInfo
 from ingate.request import InferenceRequest
-from ingate.scheduling.framework import ResponseInfo
 from ingate.scheduling.scheduler import build_scheduler
 from ingate.telemetry import Telemetry
 
@@ -269,7 +269,8 @@ async def test_request_avoids_a_replica_full_of_equal_priority_work() -> None:
         assert dec.target is e1
         d.finish(dec, ResponseInfo(status=200))
     e0.in_flight, e0.in_flight_by_priority = 1, {10: 1}  # a free slot on e0 again
-    assert d._looks_full(e1, 10) and not d._looks_full(e0, 10)
+    assert d.placement is not None
+    assert d.placement.looks_full(e1, 10) and not d.placement.looks_full(e0, 10)
 
 
 async def test_request_metrics_per_model_and_endpoint() -> None:

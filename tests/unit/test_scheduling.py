@@ -10,9 +10,9 @@ import pytest
 
 from ingate.datastore import Datastore, Endpoint, EndpointMetrics
 from ingate.errors import GatewayError
+from ingate.lifecycle import CycleState, ResponseInfo, SchedulingResult
 from ingate.request import COMPLETIONS, InferenceRequest, parse_request
 from ingate.scheduling.config import PluginSpec, ProfileConfig, SchedulerConfig
-from ingate.scheduling.framework import CycleState, ResponseInfo, SchedulingResult
 from ingate.scheduling.plugins.load import KVCacheScorer, LeastInFlightScorer, LoadGuardFilter, QueueScorer
 from ingate.scheduling.plugins.lora import LoraAffinityFilter, LoraAffinityScorer
 from ingate.scheduling.plugins.pickers import MaxScorePicker, RoundRobinPicker, WeightedRandomPicker
@@ -20,16 +20,23 @@ from ingate.scheduling.plugins.prefix import (
     PrefixCacheScorer,
     PrefixHasher,
     PrefixIndex,
-    PrefixMemoryCollector,
     prompt_block_hashes,
 )
-from ingate.scheduling.scheduler import build_scheduler
+from ingate.scheduling.plugins.registry import PluginMetricsCollector
+from ingate.scheduling.scheduler import Scheduler, build_scheduler
 
 
 def ep(i: int, **m: object) -> Endpoint:
     e = Endpoint(name=f"e{i}", host="127.0.0.1", port=9000 + i)
     e.metrics = EndpointMetrics(**m)  # type: ignore[arg-type]
     return e
+
+
+def decide(sched: Scheduler, r: InferenceRequest) -> tuple[SchedulingResult, CycleState]:
+    """A decision as the director takes it: schedule, then the profile's post-schedule hooks."""
+    result, ctx = sched.schedule(r)
+    sched.hooks(result.profile).run_post_schedule(ctx, r, result)
+    return result, ctx
 
 
 def req(prompt: str = "hello", model: str = "m", adapter: str | None = None) -> InferenceRequest:
@@ -236,7 +243,7 @@ def test_prefix_memory_gauges_show_each_profiles_memory_per_endpoint() -> None:
     _served(sc, "j" * 2048, [a, b], a, cached=500)  # 32 blocks remembered on a, which grows its memory
     samples = {
         (m.name, s.labels["profile"], s.labels["endpoint"]): s.value
-        for m in PrefixMemoryCollector([("p", sc)], Datastore([a, b])).collect()
+        for m in PluginMetricsCollector([("p", sc)], Datastore([a, b])).collect()
         for s in m.samples
     }
     assert samples == {
@@ -263,8 +270,10 @@ def test_prefix_memory_learns_only_from_its_own_decisions() -> None:
     mine = sched.profiles["p"].scorers[0][0]
     other = sched.profiles["q"].scorers[0][0]
     r = req("i" * 2048)
-    result, ctx = sched.schedule(r)
-    sched.post_response(ctx, r, result.target, ResponseInfo(status=200, prompt_tokens=512, cached_tokens=500))
+    result, ctx = decide(sched, r)
+    sched.hooks(result.profile).run_post_response(
+        ctx, r, result.target, ResponseInfo(status=200, prompt_tokens=512, cached_tokens=500)
+    )
     assert mine.scale == {a: pytest.approx(1.1)} and other.scale == {}  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="maxScale"):
         build_scheduler(
@@ -297,14 +306,14 @@ def test_default_profile_sticks_to_prefix_until_loaded() -> None:
     ds = Datastore([ep(i) for i in range(4)])
     sched = build_scheduler(SchedulerConfig(), ds)
     shared = "system prompt " * 100
-    first, _ = sched.schedule(req(shared + "q0"))
+    first, _ = decide(sched, req(shared + "q0"))
     target = first.target
     for i in range(1, 5):
-        res, _ = sched.schedule(req(shared + f"q{i}"))
+        res, _ = decide(sched, req(shared + f"q{i}"))
         assert res.target is target
         target.in_flight += 1  # still within the load guard's margin for the first few
     target.metrics.waiting = 20  # now the affine replica is overloaded: spill over
-    res, _ = sched.schedule(req(shared + "q9"))
+    res, _ = decide(sched, req(shared + "q9"))
     assert res.target is not target
     assert len(res.endpoints) == 3  # target + 2 fallbacks
 

@@ -1,64 +1,28 @@
-"""Runs scheduling profiles: filters -> weighted scorers -> picker, then post-schedule hooks."""
+"""Composes scheduling profiles (filters -> weighted scorers -> picker) from the plugin registry and
+runs them. The director runs each profile's lifecycle hooks (`ingate.lifecycle`) around the decision."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from ingate.datastore import Datastore, Endpoint
 from ingate.errors import GatewayError
+from ingate.lifecycle import Hooks
+from ingate.naming import camel_to_snake
 from ingate.request import InferenceRequest
 from ingate.scheduling.config import PluginSpec, ProfileConfig, SchedulerConfig
-from ingate.scheduling.framework import (
-    CycleState,
-    Filter,
-    FirstToken,
-    Picker,
-    PostResponse,
-    PostSchedule,
-    ResponseInfo,
-    SchedulingResult,
-    Scorer,
-)
-from ingate.scheduling.plugins.latency import PredictedLatencyScorer
-from ingate.scheduling.plugins.load import KVCacheScorer, LeastInFlightScorer, LoadGuardFilter, QueueScorer
-from ingate.scheduling.plugins.lora import LoraAffinityFilter, LoraAffinityScorer
-from ingate.scheduling.plugins.pickers import (
-    MaxScorePicker,
-    RandomPicker,
-    RoundRobinPicker,
-    WeightedRandomPicker,
-)
-from ingate.scheduling.plugins.prefix import PrefixCacheScorer
-from ingate.scheduling.plugins.sizeband import SizeBandScorer
-
-FILTERS: dict[str, type] = {"load-guard": LoadGuardFilter, "lora-affinity": LoraAffinityFilter}
-SCORERS: dict[str, type] = {
-    "queue": QueueScorer,
-    "kv-cache": KVCacheScorer,
-    "least-in-flight": LeastInFlightScorer,
-    "prefix-cache": PrefixCacheScorer,
-    "lora-affinity": LoraAffinityScorer,
-    "predicted-latency": PredictedLatencyScorer,
-    "size-band": SizeBandScorer,
-}
-PICKERS: dict[str, type] = {
-    "max-score": MaxScorePicker,
-    "random": RandomPicker,
-    "weighted-random": WeightedRandomPicker,
-    "round-robin": RoundRobinPicker,
-}
-
-_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+from ingate.scheduling.framework import CycleState, Filter, Picker, SchedulingResult, Scorer
+from ingate.scheduling.plugins.registry import Kind, plugins
 
 
-def _make(kind: str, registry: dict[str, type], spec: PluginSpec, where: str) -> Any:
+def _make(kind: Kind, spec: PluginSpec, where: str) -> Any:
+    registry = plugins(kind)
     cls = registry.get(spec.type)
     if cls is None:
         raise ValueError(f"{where}: unknown {kind} type {spec.type!r} (known: {', '.join(sorted(registry))})")
-    params = {_CAMEL.sub("_", k).lower(): v for k, v in spec.parameters.items()}
+    params = {camel_to_snake(k): v for k, v in spec.parameters.items()}
     allowed = (
         {f.name for f in fields(cls) if f.init and f.name not in ("name", "rng")}
         if is_dataclass(cls)
@@ -81,32 +45,28 @@ class Profile:
     filters: list[Filter]
     scorers: list[tuple[Scorer, float]]
     picker: Picker
-    post_schedule: list[PostSchedule]
-    post_response: list[PostResponse]
-    first_token: list[FirstToken] = field(default_factory=list)
+    hooks: Hooks
+    """The lifecycle hooks its plugins implement (run by the director for requests it schedules)."""
+
+    def plugins(self) -> Iterator[object]:
+        """Every plugin instance of the profile, in order."""
+        yield from self.filters
+        for s, _ in self.scorers:
+            yield s
+        yield self.picker
 
 
 def build_profile(name: str, cfg: ProfileConfig, datastore: Datastore) -> Profile:
     where = f"scheduler.profiles.{name}"
-    filters = [_make("filter", FILTERS, s, f"{where}.filters[{i}]") for i, s in enumerate(cfg.filters)]
-    scorers = [
-        (_make("scorer", SCORERS, s, f"{where}.scorers[{i}]"), s.weight) for i, s in enumerate(cfg.scorers)
-    ]
-    picker = _make("picker", PICKERS, cfg.picker, f"{where}.picker")
+    filters = [_make("filter", s, f"{where}.filters[{i}]") for i, s in enumerate(cfg.filters)]
+    scorers = [(_make("scorer", s, f"{where}.scorers[{i}]"), s.weight) for i, s in enumerate(cfg.scorers)]
+    picker = _make("picker", cfg.picker, f"{where}.picker")
     plugins: list[Any] = [*filters, *(s for s, _ in scorers), picker]
     for p in plugins:
         attach = getattr(p, "attach", None)
         if attach is not None:
             attach(datastore)
-    return Profile(
-        name,
-        filters,
-        scorers,
-        picker,
-        [p for p in plugins if isinstance(p, PostSchedule)],
-        [p for p in plugins if isinstance(p, PostResponse)],
-        [p for p in plugins if isinstance(p, FirstToken)],
-    )
+    return Profile(name, filters, scorers, picker, Hooks.of(plugins))
 
 
 class Scheduler:
@@ -121,16 +81,13 @@ class Scheduler:
         self.datastore = datastore
 
     def schedule(
-        self,
-        request: InferenceRequest,
-        endpoints: list[Endpoint] | None = None,
-        profile: str | None = None,
-        adjust: Callable[[SchedulingResult], None] | None = None,
+        self, request: InferenceRequest, endpoints: list[Endpoint] | None = None, profile: str | None = None
     ) -> tuple[SchedulingResult, CycleState]:
         """Pick the target (and fallbacks) for `request`; GatewayError 503 when no endpoint qualifies.
 
-        `adjust` may reorder the picked endpoints (the director's preemption preference) before the
-        post-schedule hooks run, so what they record (prefix index, load) is where the request goes."""
+        Runs no lifecycle hook: the caller (the director) may still reorder the result (preemption
+        preference) and then runs `hooks(result.profile).post_schedule`, so what the hooks record
+        (prefix index, load) is where the request really goes."""
         prof = self.default
         if profile is not None:
             p = self.profiles.get(profile)
@@ -154,26 +111,17 @@ class Scheduler:
                 if ep in totals:
                     totals[ep] += weight * s
         ordered = prof.picker.pick(ctx, request, list(totals.items()))
-        result = SchedulingResult(ordered[: 1 + self.fallbacks], prof.name, totals)
-        if adjust is not None:
-            adjust(result)
-        for hook in prof.post_schedule:
-            hook.post_schedule(ctx, request, result)
-        return result, ctx
+        return SchedulingResult(ordered[: 1 + self.fallbacks], prof.name, totals), ctx
 
-    def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None:
-        """Tell the plugins that track outstanding prefill work that the request's first token came."""
-        for prof in self.profiles.values():
-            for hook in prof.first_token:
-                hook.on_first_token(ctx, request, endpoint)
+    def hooks(self, profile: str) -> Hooks:
+        """The lifecycle hooks of `profile` (a name a `SchedulingResult` carries)."""
+        return self.profiles[profile].hooks
 
-    def post_response(
-        self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo
-    ) -> None:
-        """Feed a finished response back to the learning plugins of every profile that has them."""
-        for prof in self.profiles.values():
-            for hook in prof.post_response:
-                hook.post_response(ctx, request, endpoint, info)
+    def plugins(self) -> Iterator[tuple[str, object]]:
+        """(profile name, plugin) for every plugin instance of every profile."""
+        for name, prof in self.profiles.items():
+            for p in prof.plugins():
+                yield name, p
 
 
 def build_scheduler(cfg: SchedulerConfig, datastore: Datastore) -> Scheduler:

@@ -33,8 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ingate.datastore import Datastore, Endpoint
+from ingate.lifecycle import ResponseInfo
 from ingate.request import InferenceRequest
-from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, ResponseInfo, SchedulingResult
+from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, SchedulingResult
+from ingate.scheduling.plugins.registry import register
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class _Load:
 _EMPTY = _Load()
 
 
+@register("scorer", "predicted-latency")
 @dataclass
 class PredictedLatencyScorer:
     """Scores endpoints by predicted prefill work ahead of the request plus its KV-cache shortfall."""

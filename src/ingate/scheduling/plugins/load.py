@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ingate.datastore import Endpoint
 from ingate.request import InferenceRequest
 from ingate.scheduling.framework import CycleState
+from ingate.scheduling.plugins.registry import register
 
 
 def effective_queue(ep: Endpoint) -> int:
@@ -30,6 +31,7 @@ def _inverse_scaled(values: dict[Endpoint, float], scale: float) -> dict[Endpoin
     return {ep: 1.0 - v / top for ep, v in values.items()}
 
 
+@register("scorer", "queue")
 @dataclass
 class QueueScorer:
     """Shorter effective queue scores higher: 1 - queue / max(scale, longest queue)."""
@@ -43,6 +45,7 @@ class QueueScorer:
         return _inverse_scaled({ep: float(effective_queue(ep)) for ep in endpoints}, self.scale)
 
 
+@register("scorer", "kv-cache")
 @dataclass
 class KVCacheScorer:
     """Free KV cache scores higher: 1 - utilisation (absolute, so a full cache is 0 everywhere)."""
@@ -55,6 +58,7 @@ class KVCacheScorer:
         return {ep: 1.0 - min(1.0, max(0.0, ep.metrics.kv_usage)) for ep in endpoints}
 
 
+@register("scorer", "least-in-flight")
 @dataclass
 class LeastInFlightScorer:
     """Fewer requests in flight from this gateway scores higher (least-request balancing)."""
@@ -68,6 +72,7 @@ class LeastInFlightScorer:
         return _inverse_scaled({ep: float(ep.in_flight) for ep in endpoints}, self.scale)
 
 
+@register("filter", "load-guard")
 @dataclass
 class LoadGuardFilter:
     """Keep only endpoints not far more loaded than the least-loaded candidate.
