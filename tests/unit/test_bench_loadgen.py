@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 from aiohttp import web
-from loopback_http import completions_server
+from loopback_http import completions_server, stream_completion
 
 from ingate.bench.loadgen import make_session, run_concurrent, run_poisson, send_one
-from ingate.bench.report import HEADERS, markdown_table, max_sustainable_rate, rows, summarize
+from ingate.bench.stats import max_sustainable_rate, summarize
+from ingate.bench.tables import HEADERS, markdown_table, rows
 from ingate.bench.workload import Load, RequestStream, Workload
 from ingate.sim.tokenizer import count_tokens
 
@@ -21,18 +21,11 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     if body.get("model") != "m":
         return web.json_response({"error": {"message": "unknown model"}}, status=404)
-    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await resp.prepare(request)
     n = int(body["max_tokens"])
-    for _ in range(n):
-        await asyncio.sleep(0.002)
-        await resp.write(b'data: {"choices":[{"index":0,"text":"the "}],"usage":null}\n\n')
     usage: dict[str, object] = {"prompt_tokens": count_tokens(body["prompt"]), "completion_tokens": n}
     if "cached" in body:  # a server that reports its prefix-cache hits, as vLLM does
         usage["prompt_tokens_details"] = {"cached_tokens": body["cached"]}
-    await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
-    return resp
+    return await stream_completion(request, n, usage, 0.002)
 
 
 @pytest.fixture
@@ -209,7 +202,8 @@ def test_committed_workloads_parse_and_generate() -> None:
 
 
 def test_headline_compares_at_round_robin_saturation() -> None:
-    from ingate.bench.report import headline, headline_markdown
+    from ingate.bench.stats import headline
+    from ingate.bench.tables import headline_markdown
 
     def stage(rate: float, att: float, p99: float, good: float) -> dict[str, object]:
         summary = {"slo_attainment": att, "ttft_p99": p99, "goodput_rps": good, "sent": 10}

@@ -9,8 +9,9 @@ import click
 import orjson
 from rich.console import Console
 
-from ingate.bench.report import headline_markdown, markdown_table, plot, print_table
+from ingate.bench.plots import plot
 from ingate.bench.runner import run_workload
+from ingate.bench.tables import headline_markdown, markdown_table, print_table
 from ingate.bench.workload import load_workload
 
 RESULTS_DIR = Path("benchmarks/results")
