@@ -29,8 +29,8 @@ def freeze_startup_heap() -> None:
 async def run_gateway(cfg: GatewayConfig, kind: str, port: int | None, stop: asyncio.Event) -> None:
     """Run until `stop` is set."""
     gw = Gateway(cfg)
+    dp = make_dataplane(gw, kind, port)  # config errors surface before anything starts
     await gw.start()
-    dp = make_dataplane(gw, kind, port)
     try:
         await dp.start()
         freeze_startup_heap()

@@ -352,3 +352,38 @@ def test_yaml_parameters_reach_plugins() -> None:
     sched = build_scheduler(cfg, Datastore([ep(0)]))
     scorer, weight = sched.profiles["p"].scorers[0]
     assert weight == 3 and scorer.block_chars == 32  # type: ignore[attr-defined]
+
+
+def test_registry_lists_builtin_plugins_and_rejects_duplicates() -> None:
+    from ingate.scheduling.plugins.registry import plugins, register
+
+    assert {"queue", "kv-cache", "prefix-cache", "predicted-latency", "size-band"} <= set(plugins("scorer"))
+    assert {"load-guard", "lora-affinity"} <= set(plugins("filter"))
+    assert {"max-score", "random", "round-robin", "weighted-random"} <= set(plugins("picker"))
+    assert plugins("scorer")["prefix-cache"] is PrefixCacheScorer
+
+    class Other:
+        pass
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register("scorer", "prefix-cache")(Other)
+    with pytest.raises(ValueError, match="unknown scorer type 'nope'"):
+        build_scheduler(
+            SchedulerConfig.model_validate({"profiles": {"p": {"scorers": [{"type": "nope"}]}}}),
+            Datastore([]),
+        )
+
+
+def test_plugin_metrics_of_several_profiles_share_one_family() -> None:
+    """Two profiles with a prefix scorer each: one family per metric name, a sample per profile."""
+    a = ep(0, block_size=16, num_gpu_blocks=64)
+    cfg = SchedulerConfig.model_validate(
+        {"profiles": {p: {"scorers": [{"type": "prefix-cache"}]} for p in ("p", "q")}}
+    )
+    sched = build_scheduler(cfg, Datastore([a]))
+    fams = list(PluginMetricsCollector(sched.plugins(), Datastore([a])).collect())
+    names = [f.name for f in fams]
+    assert sorted(names) == ["ingate_prefix_memory_blocks", "ingate_prefix_memory_scale"]
+    blocks = next(f for f in fams if f.name == "ingate_prefix_memory_blocks")
+    profiles = {s.labels["profile"] for s in blocks.samples}
+    assert {"p", "q", "default"} <= profiles  # the built-in default profile has one too
