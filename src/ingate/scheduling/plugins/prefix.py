@@ -41,7 +41,7 @@ from ingate.scheduling.plugins.registry import register
 
 _CTX_KEY = "prefix.hashes"
 _OWNER_KEY = "prefix.scorer"
-"""Which scorer instance matched this cycle (several profiles may each have one)."""
+"""Which scorer instance matched this cycle (a scorer of weight 0 is not asked to score)."""
 _OLD_KEY = "prefix.old"
 _GROW = 1.1
 _CONFIRM = 1.05
