@@ -140,6 +140,26 @@ class DataplaneConfig(_Model):
     """Data-plane specific settings (see docs/envoy.md)."""
 
 
+class ServingConfig(_Model):
+    """The picker's production ports, in every data-plane mode (all off by default for standalone use;
+    `ingate epp` turns them on with the upstream endpoint picker's defaults: 9003, 9090, TLS)."""
+
+    host: str = "127.0.0.1"
+    """Address the health and metrics ports bind (a pod binds 0.0.0.0)."""
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """`grpc.health.v1.Health` (upstream `--grpc-health-port`, 9003); None = off."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """HTTP `/metrics`, `/health`, `/ready` (upstream `--metrics-port`, 9090); None = off."""
+    metrics_auth_token_file: str | None = None
+    """A file with the bearer token scrapes must present; None = no auth."""
+    secure_serving: bool = False
+    """TLS on the ext_proc port (upstream `--secure-serving`, on by default there)."""
+    cert_path: str | None = None
+    """Directory with tls.crt / tls.key; None with secure serving = a self-signed certificate."""
+    enable_cert_reload: bool = False
+    """Re-read the certificate files when they change (upstream `--enable-cert-reload`)."""
+
+
 class GatewayConfig(_Model):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     pool: PoolConfig
@@ -150,6 +170,7 @@ class GatewayConfig(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     dataplane: DataplaneConfig = Field(default_factory=DataplaneConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     flow_control: FlowControlConfig | None = None
     """Fair queuing, priority bands and shedding (docs/flow-control.md); absent = no flow control."""
 

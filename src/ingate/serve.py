@@ -14,6 +14,7 @@ import click
 
 from ingate.config import ConfigError, GatewayConfig, load_config
 from ingate.dataplane.factory import make_dataplane
+from ingate.dataplane.services import PickerServices
 from ingate.gateway import Gateway
 
 
@@ -30,18 +31,24 @@ async def run_gateway(cfg: GatewayConfig, kind: str, port: int | None, stop: asy
     """Run until `stop` is set."""
     gw = Gateway(cfg)
     dp = make_dataplane(gw, kind, port)  # config errors surface before anything starts
+    services = PickerServices(gw, cfg.serving)
     await gw.start()
     try:
+        await services.start()
         await dp.start()
         freeze_startup_heap()
+        extra = services.describe()
         click.echo(
-            f"ingate: {kind} data plane listening on {dp.url} for pool {cfg.pool.name!r} ({len(cfg.pool.endpoints)} endpoints)",
+            f"ingate: {kind} data plane listening on {dp.url} for pool {cfg.pool.name!r} "
+            f"({len(cfg.pool.endpoints)} endpoints){'; ' + extra if extra else ''}",
             err=True,
         )
         await stop.wait()
     finally:
         with contextlib.suppress(Exception):
             await dp.stop()
+        with contextlib.suppress(Exception):
+            await services.stop()
         await gw.stop()
 
 

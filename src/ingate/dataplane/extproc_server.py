@@ -12,6 +12,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from ingate.dataplane.extproc import ExtProcServicer
 from ingate.dataplane.grpc_h2 import GrpcH2Server, StreamMethod
+from ingate.dataplane.tls import ServerTLS
 from ingate.lifecycle import DirectorLike
 
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -30,7 +31,12 @@ class ExtProcServer:
     """
 
     def __init__(
-        self, servicer: ExtProcServicer, host: str = "127.0.0.1", port: int = 0, transport: Transport = "h2"
+        self,
+        servicer: ExtProcServicer,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        transport: Transport = "h2",
+        tls: ServerTLS | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown ext_proc transport {transport!r} (known: {', '.join(TRANSPORTS)})")
@@ -38,6 +44,9 @@ class ExtProcServer:
         self.host = host
         self.port = port
         self.transport = transport
+        self.tls = tls
+        """TLS (`--secure-serving`): the h2 transport serves the context's certificate as reloaded;
+        grpcio reads the files once at start."""
         self._server: grpc.aio.Server | None = None
         self._h2: GrpcH2Server | None = None
 
@@ -55,7 +64,8 @@ class ExtProcServer:
                 }
             )
             try:
-                self.port = await h2.start(self.host, self.port)
+                ctx = self.tls.context if self.tls is not None else None
+                self.port = await h2.start(self.host, self.port, ssl=ctx)
             except OSError as e:
                 raise OSError(f"ext_proc server could not bind {self.host}:{self.port}: {e}") from e
             self._h2 = h2
@@ -69,7 +79,14 @@ class ExtProcServer:
             ]
         )
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        addr = f"{self.host}:{self.port}"
+        if self.tls is not None:
+            creds = grpc.ssl_server_credentials(
+                [(self.tls.key_file.read_bytes(), self.tls.cert_file.read_bytes())]
+            )
+            bound = server.add_secure_port(addr, creds)
+        else:
+            bound = server.add_insecure_port(addr)
         if bound == 0:
             raise OSError(f"ext_proc server could not bind {self.host}:{self.port}")
         await server.start()
@@ -116,16 +133,23 @@ class ExtProcOnly:
         *,
         max_body_bytes: int,
         pool_addresses: Callable[[], Sequence[str]],
+        tls: ServerTLS | None = None,
     ) -> None:
         svc = ExtProcServicer(director, max_body_bytes=max_body_bytes, any_endpoint=first_of(pool_addresses))
-        self.server = ExtProcServer(svc, host=host, port=port)
+        self.server = ExtProcServer(svc, host=host, port=port, tls=tls)
+        self.tls = tls
 
     @property
     def url(self) -> str:
-        return f"grpc://{self.server.host}:{self.server.port}"
+        scheme = "grpcs" if self.tls is not None else "grpc"
+        return f"{scheme}://{self.server.host}:{self.server.port}"
 
     async def start(self) -> None:
+        if self.tls is not None:
+            self.tls.start()
         await self.server.start()
 
     async def stop(self) -> None:
         await self.server.stop(1.0)
+        if self.tls is not None:
+            await self.tls.stop()

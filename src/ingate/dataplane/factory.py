@@ -28,12 +28,22 @@ def make_dataplane(core: PickerCore, kind: str, port: int | None = None) -> Data
     if kind == "extproc":
         from ingate.dataplane.extproc_server import ExtProcOnly
 
+        tls = None
+        if cfg.serving.secure_serving:
+            from ingate.dataplane.tls import ServerTLS
+
+            tls = ServerTLS(
+                cfg.serving.cert_path,
+                reload=cfg.serving.enable_cert_reload,
+                hosts=["localhost", cfg.listen.host],
+            )
         return ExtProcOnly(
             core.director,
             cfg.listen.host,
             listen_port,
             max_body_bytes=cfg.proxy.max_body_bytes,
             pool_addresses=pool,
+            tls=tls,
         )
     if kind != "envoy":
         raise ConfigError(f"unknown data plane {kind!r} (known: {', '.join(KINDS)})")
