@@ -29,6 +29,15 @@ class _LazyGroup(click.Group):
         cmd: Any = getattr(importlib.import_module(module), attr)
         return cmd
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # An upstream picker Deployment runs the image with its flags and no subcommand
+        # (`ingate --pool-name P ...`): that is `ingate serve` with those flags.
+        from ingate.epp_flags import looks_like_epp_args
+
+        if looks_like_epp_args(args):
+            args = ["serve", *args]
+        return super().parse_args(ctx, args)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Show help lines without importing every subcommand's module.
         with formatter.section("Commands"):

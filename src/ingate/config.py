@@ -50,7 +50,9 @@ class EndpointConfig(_Model):
 class PoolConfig(_Model):
     name: str = "default-pool"
     engine: Literal["vllm", "sglang", "tgi", "trtllm", "triton-trtllm"] = "vllm"
-    endpoints: list[EndpointConfig] = Field(min_length=1)
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
+    """The static pool; empty when endpoints are discovered (Kubernetes mode). `ingate serve` without
+    discovery needs at least one."""
     model_server_priority: Literal["none", "vllm", "sglang"] = "none"
     """Send the objective's priority to the model servers in the body's `priority` field: `vllm`
     (servers started with `--scheduling-policy priority`; lower value first, so the value is the
@@ -162,7 +164,7 @@ class ServingConfig(_Model):
 
 class GatewayConfig(_Model):
     listen: ListenConfig = Field(default_factory=ListenConfig)
-    pool: PoolConfig
+    pool: PoolConfig = Field(default_factory=PoolConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     objectives: list[ObjectiveConfig] = Field(default_factory=list)
     default_objective: str | None = None
@@ -206,13 +208,17 @@ def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
         raise ConfigError(f"{source}: invalid configuration:\n{_format(e)}") from None
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read and validate a gateway YAML file."""
+def read_yaml(path: str | Path) -> Any:
+    """One YAML document from a file (ConfigError when unreadable or not YAML)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_config(data, str(p))
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway YAML file."""
+    return parse_config(read_yaml(path), str(path))

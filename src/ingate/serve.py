@@ -9,12 +9,16 @@ import contextlib
 import gc
 import logging
 import signal
+from typing import Any
 
 import click
+import yaml
 
-from ingate.config import ConfigError, GatewayConfig, load_config
+from ingate.config import ConfigError, GatewayConfig, parse_config, read_yaml
 from ingate.dataplane.factory import make_dataplane
 from ingate.dataplane.services import PickerServices
+from ingate.epp_config import is_endpoint_picker_config, scheduler_from_epp
+from ingate.epp_flags import EppOptions, FlagError, deep_merge
 from ingate.gateway import Gateway
 
 
@@ -52,31 +56,99 @@ async def run_gateway(cfg: GatewayConfig, kind: str, port: int | None, stop: asy
         await gw.stop()
 
 
-@click.command("serve")
+def build_config(config_path: str | None, epp: EppOptions | None) -> GatewayConfig:
+    """The gateway config from `--config` (ingate YAML or an upstream EndpointPickerConfig) and the
+    upstream picker flags (which override the file: ports, TLS, scraping)."""
+    path = config_path or (epp.get("config-file") if epp is not None else "") or None
+    doc: Any = {}
+    source = "<flags>"
+    if path:
+        doc, source = read_yaml(path), str(path)
+    elif epp is not None and epp.get("config-text"):
+        try:
+            doc, source = yaml.safe_load(epp.get("config-text")), "--config-text"
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config-text: not valid YAML: {e}") from None
+    if doc is None:
+        doc = {}
+    if is_endpoint_picker_config(doc):
+        doc = {"scheduler": scheduler_from_epp(doc, source)}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    if epp is not None:
+        doc = deep_merge(doc, epp.overrides())
+        if epp.get("pool-name"):
+            doc = deep_merge(doc, {"pool": {"name": epp.get("pool-name")}})
+    cfg = parse_config(doc, source)
+    kube = epp is not None and epp.kubernetes
+    if not cfg.pool.endpoints and not kube:
+        raise ConfigError(
+            f"{source}: pool.endpoints: list at least one endpoint "
+            "(or run in Kubernetes mode with --pool-name / --endpoint-selector)"
+        )
+    return cfg
+
+
+@click.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": False})
 @click.option(
     "--config",
     "config_path",
-    required=True,
+    required=False,
     type=click.Path(exists=True, dir_okay=False),
-    help="Gateway YAML file.",
+    help="Gateway YAML file (ingate's format, or an upstream EndpointPickerConfig).",
 )
 @click.option(
     "--proxy",
     type=click.Choice(["envoy", "builtin", "extproc"]),
     default=None,
-    help="Data plane (default: the config's dataplane.type, envoy).",
+    help="Data plane (default: the config's dataplane.type, envoy; extproc with upstream flags).",
 )
 @click.option("--port", type=int, default=None, help="Override listen.port.")
 @click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+    "--log-level",
+    default=None,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Default: info.",
 )
-def serve(config_path: str, proxy: str | None, port: int | None, log_level: str) -> None:
-    """Run the gateway: endpoint picker + data plane in front of the pool in CONFIG."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+@click.argument("upstream_flags", nargs=-1, type=click.UNPROCESSED)
+def serve(
+    config_path: str | None,
+    proxy: str | None,
+    port: int | None,
+    log_level: str | None,
+    upstream_flags: tuple[str, ...],
+) -> None:
+    """Run the gateway: endpoint picker + data plane in front of the pool in CONFIG.
+
+    Also accepts the upstream endpoint picker's flags (UPSTREAM_FLAGS: `--pool-name`, `--grpc-port`,
+    `--config-file`, `-poolName`, ...; docs/kubernetes.md), so an upstream Deployment's arguments run
+    ingate unchanged: the picker-only ext_proc server with gRPC health, metrics and TLS."""
     try:
-        cfg = load_config(config_path)
+        epp = EppOptions.from_args(upstream_flags) if upstream_flags else None
+    except FlagError as e:
+        raise click.ClickException(str(e)) from None
+    level = log_level or (epp.log_level if epp is not None else "info")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if epp is not None and epp.noops():
+        logging.getLogger("ingate.serve").info(
+            "accepted without effect (upstream-only features): %s", ", ".join("--" + n for n in epp.noops())
+        )
+    if config_path is None and epp is None:
+        raise click.UsageError("give --config FILE (or the upstream picker flags, e.g. --pool-name)")
+    try:
+        cfg = build_config(config_path, epp)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    if epp is not None and epp.kubernetes:
+        raise click.ClickException(
+            "Kubernetes mode (--pool-name / --endpoint-selector) needs the pool controller, which this "
+            "build does not include yet; run with --config FILE listing pool.endpoints"
+        )
+    if epp is not None and epp.get("metrics-endpoint-auth"):
+        raise click.ClickException(
+            "--metrics-endpoint-auth=true authenticates scrapes against the Kubernetes API; outside "
+            "Kubernetes pass --metrics-endpoint-auth=false (or serving.metricsAuthTokenFile in the config)"
+        )
     kind = proxy or cfg.dataplane.type
     with contextlib.suppress(ImportError):
         import uvloop

@@ -30,6 +30,8 @@ RANKS: list[tuple[str, int]] = [
     ("ingate.gateway", 6),
     ("ingate.dataplane", 7),
     ("ingate.sim", 7),
+    ("ingate.epp_flags", 0),
+    ("ingate.epp_config", 4),
     ("ingate.serve", 8),
     ("ingate.quickstart", 9),
     ("ingate.bench", 9),

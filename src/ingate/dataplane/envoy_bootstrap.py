@@ -113,6 +113,13 @@ class EnvoySettings:
     """How often `EnvoyDataPlane` compares the pool with Envoy's FailOpen pool and rewrites it
     (0 = never: the pool stays as rendered at start)."""
     picker_transport: Transport = "h2"
+    picker_tls: bool = False
+    """Connect to the picker over TLS (ALPN h2, certificate not verified: what Gateway API
+    implementations do with the upstream picker's self-signed certificate)."""
+    picker_health_port: int = 0
+    """Check the picker with gRPC health (`grpc.health.v1`, service
+    `envoy.service.ext_proc.v3.ExternalProcessor`, plaintext) on this port, as upstream deployments
+    do; 0 = TCP checks (FailOpen only)."""
     """gRPC server the picker's ext_proc runs on: "h2" (in-loop HTTP/2, default) or "grpcio"."""
 
     def __post_init__(self) -> None:
@@ -203,6 +210,41 @@ def _static_cluster(name: str, addresses: Sequence[str], connect_timeout: str, h
 
 def _picker_cluster(s: EnvoySettings, connect_timeout: str) -> dict[str, Any]:
     c = _static_cluster(CLUSTER_EXTPROC, [f"{s.picker_host}:{s.picker_port}"], connect_timeout, http2=True)
+    if s.picker_tls:
+        c["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {"alpn_protocols": ["h2"]},
+            },
+        }
+    if s.picker_health_port:
+        # The health port is plaintext while ext_proc may be TLS: the check picks the plaintext
+        # transport socket through a match on its criteria.
+        ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        ep["health_check_config"] = {"port_value": s.picker_health_port}
+        c["transport_socket_matches"] = [
+            {"name": "health-plaintext", "match": {"health": "plaintext"}, "transport_socket": _RAW_BUFFER},
+            *(
+                [{"name": "default", "match": {}, "transport_socket": c.pop("transport_socket")}]
+                if "transport_socket" in c
+                else []
+            ),
+        ]
+        interval = _duration(s.picker_health_interval_s)
+        c["health_checks"] = [
+            {
+                "timeout": interval,
+                "interval": interval,
+                "no_traffic_interval": interval,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
+                "transport_socket_match_criteria": {"health": "plaintext"},
+            }
+        ]
+        c["common_lb_config"] = {"healthy_panic_threshold": {"value": 0.0}}
+        return c
     if s.failure_mode == "FailOpen":
         # With FULL_DUPLEX_STREAMED bodies Envoy hands the body to the picker as it arrives, so a picker
         # failing mid-request cannot be "allowed" (the body is gone): Envoy answers 503. Failing open
@@ -223,6 +265,14 @@ def _picker_cluster(s: EnvoySettings, connect_timeout: str) -> dict[str, Any]:
         ]
         c["common_lb_config"] = {"healthy_panic_threshold": {"value": 0.0}}
     return c
+
+
+_RAW_BUFFER = {
+    "name": "envoy.transport_sockets.raw_buffer",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+    },
+}
 
 
 def _picker_error_mapper() -> dict[str, Any]:
