@@ -16,6 +16,10 @@ from ingate.scheduling.config import PluginSpec, ProfileConfig, SchedulerConfig
 from ingate.scheduling.framework import CycleState, Filter, Picker, SchedulingResult, Scorer
 from ingate.scheduling.plugins.registry import Kind, plugins
 
+NO_ENDPOINT_RETRY_S = 1.0
+"""Retry-After of a 503 for a pool with no healthy endpoint (without flow control, which would hold
+the request until one is ready: `flowControl.noEndpointTtlS`)."""
+
 
 def _make(kind: Kind, spec: PluginSpec, where: str) -> Any:
     registry = plugins(kind)
@@ -97,7 +101,12 @@ class Scheduler:
         eps = self.datastore.endpoints() if endpoints is None else endpoints
         candidates = [ep for ep in eps if ep.healthy]
         if not candidates:
-            raise GatewayError(503, "no healthy model-server endpoint is available", "no_endpoint")
+            raise GatewayError(
+                503,
+                "no healthy model-server endpoint is available",
+                "no_endpoint",
+                retry_after=NO_ENDPOINT_RETRY_S,
+            )
         ctx = CycleState()
         for f in prof.filters:
             candidates = f.filter(ctx, request, candidates)
