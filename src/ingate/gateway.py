@@ -31,6 +31,7 @@ class Gateway:
         plugin_metrics = PluginMetricsCollector(self.scheduler.plugins(), self.datastore)
         if plugin_metrics.plugins:
             self.telemetry.registry.register(plugin_metrics)
+        self.telemetry.registry.register(self.scheduler.timings())
         m = cfg.metrics
         self.scraper = MetricsScraper(
             self.datastore,

@@ -73,6 +73,7 @@ LLM_D_NAMES: dict[str, str] = {
     "inference_pool_average_queue_size": "llm_d_epp_average_queue_size",
     "inference_pool_ready_pods": "llm_d_epp_ready_endpoints",
     "inference_extension_scheduler_e2e_duration_seconds": "llm_d_epp_scheduler_e2e_duration_seconds",
+    "inference_extension_plugin_duration_seconds": "llm_d_epp_plugin_duration_seconds",
     "inference_extension_flow_control_queue_size": "llm_d_epp_flow_control_queue_size",
     "inference_extension_flow_control_queue_bytes": "llm_d_epp_flow_control_queue_bytes",
     "inference_extension_flow_control_request_queue_duration_seconds": (

@@ -387,3 +387,30 @@ def test_plugin_metrics_of_several_profiles_share_one_family() -> None:
     blocks = next(f for f in fams if f.name == "ingate_prefix_memory_blocks")
     profiles = {s.labels["profile"] for s in blocks.samples}
     assert {"p", "q", "default"} <= profiles  # the built-in default profile has one too
+
+
+def test_plugin_durations_are_exported_per_extension_point_and_plugin() -> None:
+    """inference_extension_plugin_duration_seconds: one series per plugin that ran, cumulative buckets."""
+    from ingate.scheduling.timing import BUCKETS, NAME
+
+    ds = Datastore([ep(0), ep(1)])
+    sched = build_scheduler(SchedulerConfig(), ds)
+    for i in range(3):
+        decide(sched, req(f"prompt {i}"))
+    (fam,) = list(sched.timings().collect())
+    assert fam.name == NAME
+    counts = {
+        (s.labels["extension_point"], s.labels["plugin_name"]): s.value
+        for s in fam.samples
+        if s.name.endswith("_count")
+    }
+    assert counts[("Filter", "default/load-guard")] == 3
+    assert counts[("Scorer", "default/prefix-cache")] == 3
+    assert counts[("Picker", "default/max-score")] == 3
+    assert not any(name.startswith("round-robin/") for _, name in counts)  # never ran: no series
+    buckets = [
+        s.value
+        for s in fam.samples
+        if s.name.endswith("_bucket") and s.labels["plugin_name"] == "default/max-score"
+    ]
+    assert len(buckets) == len(BUCKETS) + 1 and buckets == sorted(buckets) and buckets[-1] == 3

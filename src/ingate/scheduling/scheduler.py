@@ -4,7 +4,8 @@ runs them. The director runs each profile's lifecycle hooks (`ingate.lifecycle`)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
+from time import perf_counter
 from typing import Any
 
 from ingate.datastore import Datastore, Endpoint
@@ -15,6 +16,7 @@ from ingate.request import InferenceRequest
 from ingate.scheduling.config import PluginSpec, ProfileConfig, SchedulerConfig
 from ingate.scheduling.framework import CycleState, Filter, Picker, SchedulingResult, Scorer
 from ingate.scheduling.plugins.registry import Kind, plugins
+from ingate.scheduling.timing import PluginTiming, PluginTimings
 
 NO_ENDPOINT_RETRY_S = 1.0
 """Retry-After of a 503 for a pool with no healthy endpoint (without flow control, which would hold
@@ -51,6 +53,19 @@ class Profile:
     picker: Picker
     hooks: Hooks
     """The lifecycle hooks its plugins implement (run by the director for requests it schedules)."""
+    timings: PluginTimings = field(default_factory=PluginTimings)
+    _timed_filters: list[tuple[Filter, PluginTiming]] = field(init=False, default_factory=list)
+    _timed_scorers: list[tuple[Scorer, float, PluginTiming]] = field(init=False, default_factory=list)
+    _picker_timing: PluginTiming | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        t = self.timings
+        self._timed_filters = [(f, t.timing("Filter", f.name, f"{self.name}/{f.name}")) for f in self.filters]
+        # A scorer of weight 0 is skipped, so it is neither run nor timed.
+        self._timed_scorers = [
+            (s, w, t.timing("Scorer", s.name, f"{self.name}/{s.name}")) for s, w in self.scorers if w != 0.0
+        ]
+        self._picker_timing = t.timing("Picker", self.picker.name, f"{self.name}/{self.picker.name}")
 
     def plugins(self) -> Iterator[object]:
         """Every plugin instance of the profile, in order."""
@@ -60,7 +75,9 @@ class Profile:
         yield self.picker
 
 
-def build_profile(name: str, cfg: ProfileConfig, datastore: Datastore) -> Profile:
+def build_profile(
+    name: str, cfg: ProfileConfig, datastore: Datastore, timings: PluginTimings | None = None
+) -> Profile:
     where = f"scheduler.profiles.{name}"
     filters = [_make("filter", s, f"{where}.filters[{i}]") for i, s in enumerate(cfg.filters)]
     scorers = [(_make("scorer", s, f"{where}.scorers[{i}]"), s.weight) for i, s in enumerate(cfg.scorers)]
@@ -70,7 +87,7 @@ def build_profile(name: str, cfg: ProfileConfig, datastore: Datastore) -> Profil
         attach = getattr(p, "attach", None)
         if attach is not None:
             attach(datastore)
-    return Profile(name, filters, scorers, picker, Hooks.of(plugins))
+    return Profile(name, filters, scorers, picker, Hooks.of(plugins), timings or PluginTimings())
 
 
 class Scheduler:
@@ -108,23 +125,33 @@ class Scheduler:
                 retry_after=NO_ENDPOINT_RETRY_S,
             )
         ctx = CycleState()
-        for f in prof.filters:
+        clock = perf_counter
+        for f, timing in prof._timed_filters:
+            t0 = clock()
             candidates = f.filter(ctx, request, candidates)
+            timing.observe(clock() - t0)
             if not candidates:
                 raise GatewayError(503, f"no endpoint passed filter {f.name!r}", "no_endpoint")
         totals = dict.fromkeys(candidates, 0.0)
-        for scorer, weight in prof.scorers:
-            if weight == 0.0:
-                continue
-            for ep, s in scorer.score(ctx, request, candidates).items():
+        for scorer, weight, timing in prof._timed_scorers:
+            t0 = clock()
+            scores = scorer.score(ctx, request, candidates)
+            timing.observe(clock() - t0)
+            for ep, s in scores.items():
                 if ep in totals:
                     totals[ep] += weight * s
+        t0 = clock()
         ordered = prof.picker.pick(ctx, request, list(totals.items()))
+        prof._picker_timing.observe(clock() - t0)  # type: ignore[union-attr]
         return SchedulingResult(ordered[: 1 + self.fallbacks], prof.name, totals), ctx
 
     def hooks(self, profile: str) -> Hooks:
         """The lifecycle hooks of `profile` (a name a `SchedulingResult` carries)."""
         return self.profiles[profile].hooks
+
+    def timings(self) -> PluginTimings:
+        """The plugin timings of every profile (a gateway exports them as Prometheus histograms)."""
+        return self.default.timings
 
     def plugins(self) -> Iterator[tuple[str, object]]:
         """(profile name, plugin) for every plugin instance of every profile."""
@@ -135,5 +162,6 @@ class Scheduler:
 
 def build_scheduler(cfg: SchedulerConfig, datastore: Datastore) -> Scheduler:
     """Instantiate every profile of `cfg` (raises ValueError naming the bad field)."""
-    profiles = {name: build_profile(name, p, datastore) for name, p in cfg.profiles.items()}
+    timings = PluginTimings()
+    profiles = {name: build_profile(name, p, datastore, timings) for name, p in cfg.profiles.items()}
     return Scheduler(profiles, cfg.default_profile, cfg.fallbacks, datastore)
