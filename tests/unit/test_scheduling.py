@@ -414,3 +414,49 @@ def test_plugin_durations_are_exported_per_extension_point_and_plugin() -> None:
         if s.name.endswith("_bucket") and s.labels["plugin_name"] == "default/max-score"
     ]
     assert len(buckets) == len(BUCKETS) + 1 and buckets == sorted(buckets) and buckets[-1] == 3
+
+
+def test_endpoint_weight_is_a_capacity_hint_for_load_scorers() -> None:
+    """Weight 2 = twice the capacity: the same load counts half (queue, in-flight, predicted latency)."""
+    from ingate.scheduling.plugins.latency import PredictedLatencyScorer
+
+    small, big = ep(0, waiting=4), ep(1, waiting=4)
+    big.weight = 2.0
+    small.in_flight = big.in_flight = 6
+    q = QueueScorer(scale=1).score(CycleState(), req(), [small, big])
+    assert q[big] > q[small]
+    lif = LeastInFlightScorer(scale=1).score(CycleState(), req(), [small, big])
+    assert lif[big] > lif[small]
+    lat = PredictedLatencyScorer()
+    assert lat.cost(big, 1000, 0, 10) == pytest.approx(lat.cost(small, 1000, 0, 10) / 2)
+    equal = ep(2, waiting=4)
+    equal.in_flight = 6
+    assert QueueScorer(scale=1).score(CycleState(), req(), [small, equal]) == {small: 0.0, equal: 0.0}
+
+
+def test_label_selector_filter_serves_a_profile_from_part_of_the_pool() -> None:
+    a, b, c = ep(0), ep(1), ep(2)
+    a.labels, b.labels, c.labels = {"accelerator": "h100"}, {"accelerator": "l4"}, {}
+    cfg = SchedulerConfig.model_validate(
+        {
+            "defaultProfile": "fast",
+            "profiles": {
+                "fast": {
+                    "filters": [
+                        {"type": "label-selector", "parameters": {"matchLabels": {"accelerator": "h100"}}}
+                    ],
+                    "scorers": [{"type": "least-in-flight"}],
+                }
+            },
+        }
+    )
+    sched = build_scheduler(cfg, Datastore([a, b, c]))
+    assert {decide(sched, req(f"q{i}"))[0].target for i in range(10)} == {a}
+    a.healthy = False
+    with pytest.raises(GatewayError, match="label-selector"):
+        sched.schedule(req())
+    with pytest.raises(ValueError, match="matchLabels"):
+        build_scheduler(
+            SchedulerConfig.model_validate({"profiles": {"p": {"filters": [{"type": "label-selector"}]}}}),
+            Datastore([a]),
+        )

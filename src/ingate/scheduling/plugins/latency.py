@@ -121,7 +121,8 @@ class PredictedLatencyScorer:
             shortfall = demand + new + output_tokens - capacity
             if shortfall > 0:
                 cost += self.kv_weight * shortfall
-        return cost
+        # weight: relative capacity (pool.endpoints[].weight); a faster replica works its queue faster.
+        return cost if ep.weight == 1.0 else cost / ep.weight
 
     # -- plugin hooks -------------------------------------------------------------------------------
     def _request_tokens(self, request: InferenceRequest) -> tuple[int, int]:

@@ -1,5 +1,8 @@
 """Load-based plugins: queue depth, KV-cache utilisation, the gateway's in-flight count, load guard.
 
+An endpoint's `weight` (`pool.endpoints[].weight`, default 1) is its relative capacity: queue and
+in-flight counts are divided by it, so a replica of weight 2 scores like one with half its load.
+
 Between two metric scrapes (50 ms by default) a burst can arrive that the model servers' gauges don't
 show yet. The gateway counts what it has in flight per endpoint; requests in flight beyond what the
 server reports as waiting + running were dispatched since the last scrape and are counted as queued.
@@ -42,7 +45,7 @@ class QueueScorer:
     def score(
         self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
     ) -> dict[Endpoint, float]:
-        return _inverse_scaled({ep: float(effective_queue(ep)) for ep in endpoints}, self.scale)
+        return _inverse_scaled({ep: effective_queue(ep) / ep.weight for ep in endpoints}, self.scale)
 
 
 @register("scorer", "kv-cache")
@@ -69,7 +72,7 @@ class LeastInFlightScorer:
     def score(
         self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
     ) -> dict[Endpoint, float]:
-        return _inverse_scaled({ep: float(ep.in_flight) for ep in endpoints}, self.scale)
+        return _inverse_scaled({ep: ep.in_flight / ep.weight for ep in endpoints}, self.scale)
 
 
 @register("filter", "load-guard")
@@ -95,3 +98,25 @@ class LoadGuardFilter:
         out = [ep for ep, q in zip(endpoints, queues, strict=True) if q <= limit]
         cool = [ep for ep in out if ep.metrics.kv_usage <= self.kv_threshold]
         return cool or out
+
+
+@register("filter", "label-selector")
+@dataclass
+class LabelSelectorFilter:
+    """Keep endpoints whose labels include every `match_labels` pair (`matchLabels` in YAML): a profile
+    can serve from part of the pool (e.g. `{accelerator: h100}`). Labels come from the static config
+    (`pool.endpoints[].labels`) or the pods' labels in Kubernetes."""
+
+    match_labels: dict[str, str] | None = None
+    name: str = "label-selector"
+
+    def __post_init__(self) -> None:
+        if not self.match_labels or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.match_labels.items()
+        ):
+            raise ValueError("matchLabels: a non-empty mapping of label names to string values")
+        self._items = tuple(self.match_labels.items())
+
+    def filter(self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+        items = self._items
+        return [ep for ep in endpoints if all(ep.labels.get(k) == v for k, v in items)]
