@@ -36,7 +36,8 @@ from rich.table import Table
 
 import ingate.sim.engine as sim_engine
 from ingate.bench.runner import STREAM_SHIFT
-from ingate.bench.workload import BenchRequest, RequestStream, Workload, load_workload
+from ingate.bench.stats import percentile
+from ingate.bench.workload import EVAL_WORKLOADS_DIR, BenchRequest, RequestStream, Workload, load_workload
 from ingate.datastore import Datastore, Endpoint
 from ingate.lifecycle import ResponseInfo
 from ingate.request import parse_request
@@ -260,18 +261,19 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
     return recs
 
 
-def summarize(recs: list[dict[str, Any]], slo_s: float) -> dict[str, float]:
-    ttfts = sorted(r["ttft"] for r in recs)
+def summarize(recs: list[dict[str, Any]], slo_s: float, duration_s: float) -> dict[str, float]:
+    """The live report's definitions (`ingate.bench.stats`): goodput = requests within the SLO per
+    offered second, nearest-rank percentiles."""
+    ttfts = [r["ttft"] for r in recs]
     good = sum(1 for t in ttfts if t <= slo_s)
-    span = max(r["send"] + r["e2e"] for r in recs)
     prompt = sum(r["prompt_tokens"] for r in recs)
     return {
         "sent": len(recs),
         "good": good,
         "cached_token_share": sum(r["cached_tokens"] for r in recs) / prompt if prompt else 0.0,
-        "goodput_rps": good / span,
-        "ttft_p50": ttfts[len(ttfts) // 2],
-        "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+        "goodput_rps": good / duration_s,
+        "ttft_p50": percentile(ttfts, 0.5) or 0.0,
+        "ttft_p99": percentile(ttfts, 0.99) or 0.0,
     }
 
 
@@ -292,7 +294,12 @@ def main() -> None:
     ap.add_argument("--profiles", default="round-robin,guarded-affinity,default")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    # The replay tunes and selects profiles: it reads tuning seeds only, never the held-out ones.
+    if EVAL_WORKLOADS_DIR in args.workload.resolve().as_posix():
+        ap.error(f"{args.workload} is a held-out evaluation workload: no tuning step may read it")
     wl = load_workload(args.workload)
+    if wl.seed_set != "tuning":
+        ap.error("the replay reads tuning seeds only (seed_set: tuning)")
     stage = args.stage % len(wl.load.rates)
     rate = float(wl.load.rates[stage])
     sim_engine.time = CLOCK  # type: ignore[assignment]
@@ -304,7 +311,8 @@ def main() -> None:
             fleet = Fleet(wl, cfg, prof, seed=1234 + 100 * k)
             for s in range(stage):
                 run_stage(fleet, wl, float(wl.load.rates[s]), s, STREAM_SHIFT * k)
-            rows[name].append(summarize(run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k), wl.slo.ttft_s))
+            recs = run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k)
+            rows[name].append(summarize(recs, wl.slo.ttft_s, wl.load.duration_s))
     table = Table(title=f"{wl.name} @ {rate:g} req/s, {args.streams} streams (virtual-time replay)")
     cols = (
         "profile",

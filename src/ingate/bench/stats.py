@@ -1,5 +1,13 @@
 """Statistics of benchmark results: per-stage summaries (percentiles, throughput, goodput), the
-sustainable rate, the knee comparison against round robin, and per-tenant isolation."""
+sustainable rate, the knee comparison against round robin, and per-tenant isolation.
+
+Definitions used everywhere (the live report, the scheduler replay, the headline tables):
+
+- **goodput**: requests that met the SLO, *counted* (`good`), and per offered second (`goodput_rps =
+  good / offered_s`, `offered_s` = the stage's duration times the request streams pooled in it: the
+  time load was offered, never a span that includes draining the queue afterwards);
+- **percentiles**: `percentile(values, q)`, the nearest rank `round(q * (n - 1))` of the sorted values.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ from typing import Any
 
 
 def percentile(vals: list[float], q: float) -> float | None:
+    """The nearest-rank q-quantile of `vals` (None when empty): the one definition of ingate's reports."""
     if not vals:
         return None
     s = sorted(vals)
@@ -35,15 +44,21 @@ def summarize(records: list[dict[str, Any]], duration_s: float, slo: dict[str, A
         if end > ends[k]:
             ends[k] = end
     span = max(sum(ends.values()) if ends else duration_s, 1e-9)
+    streams = max(1, len(ends))
+    offered_s = max(duration_s * streams, 1e-9)
+    n_good = sum(1 for r in ok if good(r))
     out: dict[str, Any] = {
-        "streams": max(1, len(ends)),
+        "streams": streams,
         "sent": len(records),
         "ok": len(ok),
         "errors": len(records) - len(ok),
+        "good": n_good,
+        "offered_s": duration_s * streams,
+        # Achieved throughput: completions over the span from the first send to the last completion.
         "throughput_rps": len(ok) / span,
         "output_tok_s": sum(r["completion_tokens"] for r in ok) / span,
-        "goodput_rps": sum(1 for r in ok if good(r)) / span,
-        "slo_attainment": (sum(1 for r in ok if good(r)) / len(records)) if records else 0.0,
+        "goodput_rps": n_good / offered_s,
+        "slo_attainment": (n_good / len(records)) if records else 0.0,
     }
     # Share of prompt tokens served from the replicas' prefix caches (how well routing kept prefixes
     # where they are cached); None when the servers do not report cached tokens.
@@ -56,6 +71,19 @@ def summarize(records: list[dict[str, Any]], duration_s: float, slo: dict[str, A
         for q in (0.5, 0.9, 0.99):
             out[f"{name}_p{round(q * 100)}"] = percentile(vals, q)
     return out
+
+
+def resummarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Recompute every stage's summary from its stored records with the current definitions (so
+    tables rendered from older result files agree with new ones); returns `result`, updated."""
+    slo = result["workload"]["slo"]
+    for sysres in result.get("systems", []):
+        for st in sysres.get("stages") or []:
+            if st.get("records") is not None:
+                st["summary"] = summarize(st["records"], st["duration_s"], slo)
+        if sysres.get("stages"):
+            sysres["max_sustainable_rate"] = max_sustainable_rate(sysres["stages"])
+    return result
 
 
 def max_sustainable_rate(stages: list[dict[str, Any]], slo_attainment: float = 0.9) -> float | None:
