@@ -106,6 +106,24 @@ def all_cmd() -> None:
     _report(paths, RESULTS_DIR / "bench_all.png", RESULTS_DIR / "bench_table.md", console)
 
 
+@bench.command("archive")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--index",
+    type=click.Path(dir_okay=False),
+    default=str(RESULTS_DIR / "archive.json"),
+    show_default=True,
+    help="The archive index the summaries are appended to.",
+)
+def archive_cmd(results: tuple[str, ...], index: str) -> None:
+    """Replace superseded RESULTS files (and their PNGs) by compact summaries in the archive index;
+    the full files stay in git history (the index names the commit)."""
+    from ingate.bench.archive import archive
+
+    added = archive([Path(p) for p in results], Path(index), Path.cwd())
+    click.echo(f"archived {len(added)} result file(s) into {index}")
+
+
 @bench.command("install-peers")
 def install_peers_cmd() -> None:
     """Install the peer routers (sglang-router, vllm-router; exact pins) into their own venv."""
