@@ -234,7 +234,8 @@ def test_cli_subprocess_ready_file(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ingate", "sim", "--replicas", "2", "--base-port", "0", "--time-scale", "10",
-         "--profile", "h100,l4", "--ready-file", str(ready)],
+         "--profile", "h100,l4", "--kv-events-port", "0", "--kv-events-replay-port", "0",
+         "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
@@ -245,6 +246,10 @@ def test_cli_subprocess_ready_file(tmp_path: Path) -> None:
             time.sleep(0.05)
         info = json.loads(ready.read_text())
         assert [r["profile"] for r in info["replicas"]] == ["h100-llama3-8b", "l4-llama3-8b"]
+        kv = [r["kv_events"] for r in info["replicas"]]
+        assert [k["topic"] for k in kv] == [f"kv@{r['address']}@{MODEL}" for r in info["replicas"]]
+        assert all(k["endpoint"].startswith("tcp://127.0.0.1:") and k["replay_endpoint"] for k in kv)
+        assert len({k["endpoint"] for k in kv} | {k["replay_endpoint"] for k in kv}) == 4
         import urllib.request
 
         for r in info["replicas"]:

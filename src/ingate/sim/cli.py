@@ -13,7 +13,7 @@ import click
 
 from ingate.sim.fleet import SimFleet, SimFleetConfig
 from ingate.sim.profiles import PROFILES, get_profile
-from ingate.sim.server import ReplicaConfig
+from ingate.sim.server import Replica, ReplicaConfig
 
 
 def _csv(value: str) -> list[str]:
@@ -74,6 +74,38 @@ def _csv(value: str) -> list[str]:
     help="With --scheduling-policy priority: a waiting request that finds no batch slot or KV room "
     "preempts the lowest-priority running request (as SGLang's priority scheduling; vLLM V1 does not).",
 )
+@click.option(
+    "--kv-events-port",
+    type=int,
+    default=None,
+    help="Publish vLLM-format KV-cache events (ZMQ PUB, msgpack) on this port; replica i uses port + i; "
+    "0 = ephemeral ports (see --ready-file). Off by default.",
+)
+@click.option(
+    "--kv-events-replay-port",
+    type=int,
+    default=None,
+    help="With --kv-events-port: a ROUTER socket replaying missed batches on this port (+ i per replica).",
+)
+@click.option(
+    "--kv-events-topic",
+    default="kv@{host}:{port}@{model}",
+    show_default=True,
+    help="Topic of the event messages; {host}, {port} (the replica's HTTP port) and {model} are filled in.",
+)
+@click.option(
+    "--kv-events-buffer-steps",
+    default=10_000,
+    show_default=True,
+    help="Batches each replica keeps for replay (vLLM's buffer_steps).",
+)
+@click.option(
+    "--kv-hash-seed",
+    default="0",
+    show_default=True,
+    help="Root of the block-hash chains, as vLLM's PYTHONHASHSEED (hashes are sha256_cbor, as vLLM's "
+    "--prefix-caching-hash-algo sha256_cbor).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--ready-file",
@@ -102,6 +134,11 @@ def sim(
     stream_interval_ms: float,
     scheduling_policy: str,
     priority_preemption: bool,
+    kv_events_port: int | None,
+    kv_events_replay_port: int | None,
+    kv_events_topic: str,
+    kv_events_buffer_steps: int,
+    kv_hash_seed: str,
     seed: int,
     ready_file: str | None,
 ) -> None:
@@ -114,6 +151,10 @@ def sim(
         raise click.BadParameter(str(e), param_hint="--profile") from None
     if time_scale <= 0:
         raise click.BadParameter("must be positive", param_hint="--time-scale")
+    if kv_events_replay_port is not None and kv_events_port is None:
+        raise click.BadParameter("needs --kv-events-port", param_hint="--kv-events-replay-port")
+    if kv_events_buffer_steps < 1:
+        raise click.BadParameter("must be positive", param_hint="--kv-events-buffer-steps")
     template = ReplicaConfig(
         profile=get_profile(profiles[0]),
         model=model,
@@ -130,6 +171,11 @@ def sim(
         seed=seed,
         scheduling_policy=scheduling_policy,
         priority_preemption=priority_preemption,
+        kv_hash_seed=kv_hash_seed,
+        kv_events_port=kv_events_port,
+        kv_events_replay_port=kv_events_replay_port,
+        kv_events_topic=kv_events_topic,
+        kv_events_buffer_steps=kv_events_buffer_steps,
     )
     cfg = SimFleetConfig(
         replicas=replicas,
@@ -163,6 +209,17 @@ def _write_ready(path: str, info: Mapping[str, object]) -> None:
     os.replace(tmp, path)  # atomic: readers never see a half-written file
 
 
+def _replica_info(r: Replica) -> dict[str, object]:
+    out: dict[str, object] = {"index": r.cfg.index, "address": r.address, "profile": r.cfg.profile.name}
+    if r.kv_publisher is not None:
+        out["kv_events"] = {
+            "endpoint": r.kv_publisher.endpoint,
+            "replay_endpoint": r.kv_publisher.replay_endpoint,
+            "topic": r.kv_publisher.topic.decode(),
+        }
+    return out
+
+
 async def _main(cfg: SimFleetConfig, ready_file: str | None) -> None:
     fleet = SimFleet(cfg)
     await fleet.start()
@@ -170,12 +227,7 @@ async def _main(cfg: SimFleetConfig, ready_file: str | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    info = {
-        "replicas": [
-            {"index": r.cfg.index, "address": r.address, "profile": r.cfg.profile.name}
-            for r in fleet.replicas
-        ]
-    }
+    info = {"replicas": [_replica_info(r) for r in fleet.replicas]}
     if ready_file:
         _write_ready(ready_file, info)
     click.echo(f"ingate sim: {len(fleet.replicas)} replicas ready: {' '.join(fleet.addresses)}", err=True)

@@ -35,9 +35,22 @@ class SimFleetConfig:
             )
             port = self.base_port + i if self.base_port else 0
             out.append(
-                replace(base, profile=prof, index=i, port=port, lora_adapters=list(base.lora_adapters))
+                replace(
+                    base,
+                    profile=prof,
+                    index=i,
+                    port=port,
+                    lora_adapters=list(base.lora_adapters),
+                    # Like the HTTP port: replica i takes the given port + i (0 stays ephemeral).
+                    kv_events_port=_nth_port(base.kv_events_port, i),
+                    kv_events_replay_port=_nth_port(base.kv_events_replay_port, i),
+                )
             )
         return out
+
+
+def _nth_port(port: int | None, i: int) -> int | None:
+    return port + i if port else port
 
 
 class SimFleet:

@@ -14,10 +14,12 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ingate.metrics.kvevents import block_hashes, none_hash
 from ingate.sim.engine import Engine, EngineConfig, SimRequest
+from ingate.sim.kvpublisher import KVEventPublisher
 from ingate.sim.metrics import SimMetrics
 from ingate.sim.profiles import SimProfile
-from ingate.sim.tokenizer import block_hashes, chat_prompt, output_text, tokenize
+from ingate.sim.tokenizer import chat_prompt, output_text, token_ids, tokenize
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -43,6 +45,16 @@ class ReplicaConfig:
     seed: int = 0
     scheduling_policy: str = "fcfs"
     priority_preemption: bool = False
+    kv_hash_seed: str = "0"
+    """Plays vLLM's PYTHONHASHSEED: the root of every block-hash chain (`ingate.metrics.kvevents`)."""
+    kv_events_port: int | None = None
+    """Publish vLLM KV-cache events on this ZMQ PUB port (0 = ephemeral); None = off."""
+    kv_events_replay_port: int | None = None
+    """ROUTER port answering replay requests (0 = ephemeral); None = no replay socket."""
+    kv_events_topic: str = "kv@{host}:{port}@{model}"
+    """Topic template ({host}, {port} = the HTTP port, {model}); llm-d's convention is kv@<pod>@<model>."""
+    kv_events_buffer_steps: int = 10_000
+    """Batches kept for replay (vLLM's buffer_steps)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -62,7 +74,9 @@ class _Stream:
 
 
 def _error(status: int, message: str, code: str) -> web.Response:
-    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "internal_error")
+    kind = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error"}.get(
+        status, "internal_error"
+    )
     body = orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
     return web.Response(status=status, body=body, content_type="application/json")
 
@@ -87,6 +101,10 @@ class Replica:
         self.metrics = SimMetrics(self.engine, cfg.model, cfg.max_loras)
         self.engine.on_finish = self.metrics.on_finish
         self._adapters = frozenset(cfg.lora_adapters)
+        # vLLM numbers --lora-modules adapters from 1 (lora_int_id); BlockStored carries it as lora_id.
+        self._lora_ids = {name: i + 1 for i, name in enumerate(dict.fromkeys(cfg.lora_adapters))}
+        self._hash_root = none_hash(cfg.kv_hash_seed)
+        self.kv_publisher: KVEventPublisher | None = None
         self._rng = random.Random(cfg.seed * 1_000_003 + cfg.index)
         self.requests_seen = 0
         self.crashed = False
@@ -113,6 +131,7 @@ class Replica:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
         return app
 
     async def start(self) -> None:
@@ -128,12 +147,32 @@ class Replica:
         sockets = getattr(server, "sockets", None)  # asyncio and uvloop servers both expose .sockets
         assert sockets, "replica failed to listen"
         self.port = sockets[0].getsockname()[1]
+        if self.cfg.kv_events_port is not None:
+            await self._start_kv_events()
+
+    async def _start_kv_events(self) -> None:
+        cfg = self.cfg
+        assert cfg.kv_events_port is not None
+        topic = cfg.kv_events_topic.format(host=cfg.host, port=self.port, model=cfg.model)
+        try:
+            pub = KVEventPublisher(
+                cfg.host, cfg.kv_events_port, cfg.kv_events_replay_port, topic, cfg.kv_events_buffer_steps
+            )
+        except BaseException:
+            await self.stop()
+            raise
+        self.kv_publisher = pub
+        pub.start()
+        self.engine.enable_kv_events(pub.publish)
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         await self.engine.stop()
+        if self.kv_publisher is not None:
+            await self.kv_publisher.aclose()
+            self.kv_publisher = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -221,6 +260,12 @@ class Replica:
             body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
+    async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
+        # vLLM's (dev-mode) endpoint; like vLLM's block pool it refuses while blocks are in use.
+        if not self.engine.reset_prefix_cache():
+            return _error(409, "prefix cache is in use by running requests; retry when idle", "cache_in_use")
+        return web.Response(text="")
+
     async def _models(self, request: web.Request) -> web.Response:
         created = int(time.time())
         data = [
@@ -270,7 +315,10 @@ class Replica:
         parsed = self._parse(body, chat)
         if isinstance(parsed, web.Response):
             return parsed
-        model, tokens, max_tokens = parsed
+        model, ids, max_tokens = parsed
+        salt = body.get("cache_salt")
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            return _error(400, "'cache_salt' must be a non-empty string if provided", "invalid_cache_salt")
         priority = body.get("priority", 0)
         if not isinstance(priority, int) or isinstance(priority, bool):
             return _error(400, "'priority' must be an integer", "invalid_priority")
@@ -286,10 +334,11 @@ class Replica:
         if cfg.hang_rate > 0 and self._rng.random() < cfg.hang_rate:
             await self._hang.wait()
         adapter = model if model != cfg.model else None
-        hashes = block_hashes(tokens, cfg.profile.block_size, model)
+        hashes = block_hashes(ids, cfg.profile.block_size, self._hash_root, adapter, salt)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        lora_id = self._lora_ids.get(adapter) if adapter is not None else None
         try:
-            req = self.engine.submit(rid, len(tokens), hashes, max_tokens, adapter, priority)
+            req = self.engine.submit(rid, len(ids), hashes, max_tokens, adapter, priority, ids, lora_id)
         except ValueError as e:
             return _error(400, str(e), "context_length_exceeded")
         try:
@@ -299,7 +348,7 @@ class Replica:
         finally:
             self.engine.abort(req)  # no-op when finished; frees KV when the client went away
 
-    def _parse(self, body: dict[str, Any], chat: bool) -> tuple[str, list[str], int] | web.Response:
+    def _parse(self, body: dict[str, Any], chat: bool) -> tuple[str, list[int], int] | web.Response:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return _error(400, "'model' is required", "missing_model")
@@ -320,22 +369,26 @@ class Replica:
                 or not all(isinstance(m, dict) for m in messages)
             ):
                 return _error(400, "'messages' must be a non-empty list of objects", "invalid_messages")
-            tokens = tokenize(chat_prompt(messages))
+            ids = token_ids(tokenize(chat_prompt(messages)))
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if isinstance(prompt, str) and prompt:
-                tokens = tokenize(prompt)
-            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-                tokens = [str(t) for t in prompt]
+                ids = token_ids(tokenize(prompt))
+            elif (
+                isinstance(prompt, list)
+                and prompt
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+            ):
+                ids = prompt
             else:
                 return _error(
                     400, "'prompt' must be a non-empty string or list of token ids", "invalid_prompt"
                 )
-            if not tokens:
+            if not ids:
                 return _error(400, "'prompt' has no tokens", "invalid_prompt")
-        return model, tokens, max_tokens
+        return model, ids, max_tokens
 
     @staticmethod
     def _usage(req: SimRequest) -> dict[str, Any]:

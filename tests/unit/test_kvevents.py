@@ -1,0 +1,141 @@
+"""vLLM KV-cache events: block hashes, wire format, the block index, and the sim's KV cache as a source."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgpack
+import pytest
+
+from ingate.metrics.kvevents import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    KVEventDecodeError,
+    block_digests,
+    block_hashes,
+    decode_batch,
+    encode_batch,
+    external_hash,
+    none_hash,
+)
+from ingate.metrics.kvsubscriber import BlockIndex
+from ingate.sim.kvcache import KVCache
+
+
+def _cbor_uint(n: int) -> bytes:
+    # RFC 8949 major type 0, shortest form (what canonical CBOR requires)
+    if n < 24:
+        return bytes([n])
+    if n < 256:
+        return bytes([0x18, n])
+    if n < 65536:
+        return b"\x19" + n.to_bytes(2, "big")
+    return b"\x1a" + n.to_bytes(4, "big")
+
+
+def _cbor_text(s: str) -> bytes:
+    b = s.encode()
+    assert len(b) < 24
+    return bytes([0x60 + len(b)]) + b
+
+
+def _hand_hash(parent: bytes, tokens: list[int], extra: list[str] | None) -> bytes:
+    """vLLM's sha256_cbor((parent, tuple(tokens), extra)) with the CBOR bytes written out by hand."""
+    body = b"\x83" + b"\x58\x20" + parent + bytes([0x80 + len(tokens)]) + b"".join(map(_cbor_uint, tokens))
+    body += b"\xf6" if extra is None else bytes([0x80 + len(extra)]) + b"".join(map(_cbor_text, extra))
+    return hashlib.sha256(body).digest()
+
+
+def test_block_hashes_chain_as_vllm_sha256_cbor() -> None:
+    root = none_hash("0")
+    assert root == hashlib.sha256(b"\x61\x30").digest()  # sha256_cbor("0"): CBOR text of length 1
+    tokens = [*range(1, 17), 200, 65535, 65536, 100000, *range(12), 7, 7, 7]  # 35 tokens
+    d = block_digests(tokens, 16, root)
+    assert len(d) == 2  # the partial third block is not hashed
+    assert d[0] == _hand_hash(root, tokens[:16], None)
+    assert d[1] == _hand_hash(d[0], tokens[16:32], None)  # the parent is the full 32-byte digest
+    assert block_hashes(tokens, 16, root) == [int.from_bytes(x[-8:], "big") for x in d]
+    assert external_hash(d[0]) < 2**64
+    # A LoRA adapter's name is an extra key on every block, a cache salt on the first block only.
+    ds = block_digests(tokens, 16, root, lora_name="my-lora", cache_salt="s1")
+    assert ds[0] == _hand_hash(root, tokens[:16], ["my-lora", "s1"])
+    assert ds[1] == _hand_hash(ds[0], tokens[16:32], ["my-lora"])
+    assert block_digests(tokens, 16, root, cache_salt="s1")[1] == _hand_hash(
+        _hand_hash(root, tokens[:16], ["s1"]), tokens[16:32], None
+    )
+    assert block_digests(tokens, 16, none_hash("1")) != d  # another seed, other hashes
+
+
+def test_batch_layout_is_vllm_array_like_msgpack() -> None:
+    stored = BlockStored([2**64 - 1, 5], None, list(range(32)), 16, lora_id=1, lora_name="a")
+    payload = encode_batch(EventBatch(1.5, [stored, BlockRemoved([5]), AllBlocksCleared()], 0))
+    raw = msgpack.unpackb(payload)
+    assert raw == [
+        1.5,
+        [
+            ["BlockStored", [2**64 - 1, 5], None, list(range(32)), 16, 1, "GPU", "a"],
+            ["BlockRemoved", [5], "GPU"],
+            ["AllBlocksCleared"],
+        ],
+        0,
+    ]
+    back = decode_batch(payload)
+    assert back.events == [stored, BlockRemoved([5]), AllBlocksCleared()] and back.ts == 1.5
+
+
+def test_decode_accepts_older_and_newer_vllm_layouts_and_byte_hashes() -> None:
+    digest = bytes(range(32))
+    old = msgpack.packb([2.0, [["BlockStored", [7], 3, [1, 2], 2, None], ["BlockRemoved", [7]]]])
+    b = decode_batch(old)
+    assert b.events[0] == BlockStored([7], 3, [1, 2], 2, None, None)
+    assert b.events[1] == BlockRemoved([7], None) and b.data_parallel_rank is None
+    newer = msgpack.packb(
+        [2.0, [["BlockStored", [digest], None, [1], 1, None, "GPU", None, None, 0, "full", None]], 1]
+    )
+    ev = decode_batch(newer).events[0]
+    assert isinstance(ev, BlockStored) and ev.block_hashes == [int.from_bytes(digest[-8:], "big")]
+    for bad in (b"\xc1", msgpack.packb({"ts": 1}), msgpack.packb([1.0, [["Nope"]]])):
+        with pytest.raises(KVEventDecodeError):
+            decode_batch(bad)
+
+
+def test_block_index_counts_copies_ignores_other_tiers_and_trims() -> None:
+    idx = BlockIndex(max_blocks_per_endpoint=3)
+    idx.apply("a", EventBatch(0, [BlockStored([1, 2], None, [], 16), BlockStored([1], None, [], 16)]))
+    idx.apply("a", EventBatch(0, [BlockStored([9], None, [], 16, medium="CPU")]))
+    assert idx.hashes("a") == {1, 2} and idx.prefix_blocks("a", [1, 2, 3]) == 2
+    idx.apply("a", EventBatch(0, [BlockRemoved([1])]))  # vLLM held two copies of block 1
+    assert idx.contains("a", 1)
+    idx.apply("a", EventBatch(0, [BlockRemoved([1]), BlockRemoved([42])]))
+    assert not idx.contains("a", 1) and idx.prefix_blocks("a", [1, 2]) == 0 and idx.unknown_removals == 1
+    idx.apply("a", EventBatch(0, [BlockStored([3, 4, 5], 2, [], 16)]))
+    assert idx.hashes("a") == {3, 4, 5} and idx.trimmed == 1  # oldest (2) dropped at the bound
+    idx.apply("a", EventBatch(0, [AllBlocksCleared()]))
+    assert idx.size("a") == 0 and idx.size("b") == 0
+
+
+def test_kvcache_records_vllm_events() -> None:
+    kv = KVCache(num_blocks=4, block_size=2)
+    kv.events = []
+    toks = [10, 11, 12, 13, 14, 15]
+    assert kv.allocate(3)
+    kv.register([1, 2, 3], None, toks, lora_id=2, lora_name="x")
+    assert kv.events == [BlockStored([1, 2, 3], None, toks, 2, 2, "GPU", "x")]
+    kv.events.clear()
+    kv.release([1, 2, 3], 0)
+    kv.acquire_cached([1])
+    assert kv.allocate(3)  # evicts the unreferenced blocks in LRU order: 2, then 3
+    assert kv.events == [BlockRemoved([2]), BlockRemoved([3])]
+    kv.events.clear()
+    # Block 1 is already cached: the new blocks on each side of it are stored as two runs.
+    kv.register([7, 1, 8], 6, [20, 21, 10, 11, 22, 23])
+    assert kv.events == [
+        BlockStored([7], 6, [20, 21], 2, None, "GPU", None),
+        BlockStored([8], 1, [22, 23], 2, None, "GPU", None),
+    ]
+    kv.events.clear()
+    assert not kv.reset_prefix_cache()  # blocks in use
+    kv.release([7, 1, 8, 1], 0)
+    assert kv.reset_prefix_cache() and kv.events == [AllBlocksCleared()] and not kv.cached_hashes()
