@@ -63,10 +63,11 @@ def _prompt(tag: str, n: int) -> str:
     return " ".join(f"{tag}{i}" for i in range(n))
 
 
+@pytest.mark.parametrize("layout", ["map", "array"])
 async def test_index_matches_each_replicas_cache_through_stores_and_evictions(
-    session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession, layout: str
 ) -> None:
-    async with start_fleet(_cfg(replicas=2)) as fleet:
+    async with start_fleet(_cfg(replicas=2, kv_events_layout=layout)) as fleet:
         r0, r1 = fleet.replicas
         assert r0.kv_publisher and r1.kv_publisher
         assert r0.kv_publisher.topic == f"kv@{r0.address}@{MODEL}".encode()

@@ -68,9 +68,32 @@ def test_block_hashes_chain_as_vllm_sha256_cbor() -> None:
     assert block_digests(tokens, 16, none_hash("1")) != d  # another seed, other hashes
 
 
-def test_batch_layout_is_vllm_array_like_msgpack() -> None:
+def test_batch_layouts_are_vllms_msgpack() -> None:
     stored = BlockStored([2**64 - 1, 5], None, list(range(32)), 16, lora_id=1, lora_name="a")
-    payload = encode_batch(EventBatch(1.5, [stored, BlockRemoved([5]), AllBlocksCleared()], 0))
+    batch = EventBatch(1.5, [stored, BlockRemoved([5]), AllBlocksCleared()], 0)
+    # Current vLLM: the batch is array_like, its events maps tagged by "type".
+    payload = encode_batch(batch)
+    raw = msgpack.unpackb(payload)
+    assert raw[0] == 1.5 and raw[2] == 0
+    assert raw[1][0] == {
+        "type": "BlockStored",
+        "block_hashes": [2**64 - 1, 5],
+        "parent_block_hash": None,
+        "token_ids": list(range(32)),
+        "block_size": 16,
+        "lora_id": 1,
+        "medium": "GPU",
+        "lora_name": "a",
+        "group_idx": 0,
+        "kv_cache_spec_kind": "full_attention",
+    }
+    assert raw[1][1:] == [
+        {"type": "BlockRemoved", "block_hashes": [5], "medium": "GPU", "group_idx": 0},
+        {"type": "AllBlocksCleared"},
+    ]
+    assert decode_batch(payload) == batch
+    # Earlier vLLM: events array_like too, tag first.
+    payload = encode_batch(batch, layout="array")
     raw = msgpack.unpackb(payload)
     assert raw == [
         1.5,
@@ -81,8 +104,7 @@ def test_batch_layout_is_vllm_array_like_msgpack() -> None:
         ],
         0,
     ]
-    back = decode_batch(payload)
-    assert back.events == [stored, BlockRemoved([5]), AllBlocksCleared()] and back.ts == 1.5
+    assert decode_batch(payload) == batch
 
 
 def test_decode_accepts_older_and_newer_vllm_layouts_and_byte_hashes() -> None:
@@ -96,7 +118,8 @@ def test_decode_accepts_older_and_newer_vllm_layouts_and_byte_hashes() -> None:
     )
     ev = decode_batch(newer).events[0]
     assert isinstance(ev, BlockStored) and ev.block_hashes == [int.from_bytes(digest[-8:], "big")]
-    for bad in (b"\xc1", msgpack.packb({"ts": 1}), msgpack.packb([1.0, [["Nope"]]])):
+    bad_map = msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": "x", "token_ids": []}]])
+    for bad in (b"\xc1", msgpack.packb({"ts": 1}), msgpack.packb([1.0, [["Nope"]]]), bad_map):
         with pytest.raises(KVEventDecodeError):
             decode_batch(bad)
 

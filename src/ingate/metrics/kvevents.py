@@ -14,11 +14,14 @@ Shared by the simulator's publisher (`ingate.sim.kvpublisher`) and the gateway's
   digest read big-endian (an unsigned int); with the variable at 0 they are the raw 32-byte digests.
   Decoding accepts both and keys the index by the 64-bit int (as llm-d does).
 - **Messages.** Multipart ``[topic, seq, payload]``: ``seq`` is an 8-byte big-endian counter starting at
-  0, one per batch; ``payload`` is a msgpack array ``[ts, events, data_parallel_rank]``. Each event is an
-  array whose first element is its class name: ``["BlockStored", block_hashes, parent_block_hash,
-  token_ids, block_size, lora_id, medium, lora_name(, extra_keys)]``, ``["BlockRemoved", block_hashes,
-  medium]``, ``["AllBlocksCleared"]`` (msgspec ``array_like``, ``tag=True``, ``omit_defaults``: trailing
-  fields at their default are left out, so decoders accept shorter and longer arrays).
+  0, one per batch; ``payload`` is a msgpack array ``[ts, events, data_parallel_rank]`` (msgspec
+  ``array_like``). Events are msgspec tagged structs with ``omit_defaults`` (fields without a default
+  are always present, nil or not). Current vLLM encodes each as a map tagged by ``"type"``:
+  ``{"type": "BlockStored", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
+  "medium", "lora_name", ...}``, ``{"type": "BlockRemoved", "block_hashes", "medium", ...}``,
+  ``{"type": "AllBlocksCleared"}``. Earlier vLLM (and llm-d's decoder) used the ``array_like`` layout:
+  ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name]``
+  etc. `encode_batch` writes either (``layout``); `decode_batch` reads both.
 - **Replay.** A ROUTER socket answers a request frame holding an 8-byte big-endian start sequence with
   one ``[seq, payload]`` reply per buffered batch whose seq >= start, then ``[-1 as 8 signed bytes, b""]``.
 - **Topic.** vLLM's default topic is ``""``; llm-d deploys ``kv@<pod>@<model>``.
@@ -36,6 +39,8 @@ import cbor2
 import msgpack
 
 MEDIUM_GPU = "GPU"
+LAYOUTS = ("map", "array")
+"""Event encodings: current vLLM's tagged maps, or the earlier array_like layout."""
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 """Sequence frame that ends a replay answer."""
 _U64 = (1 << 64) - 1
@@ -134,6 +139,30 @@ class KVEventDecodeError(ValueError):
     """A payload that is not a vLLM KV-event batch."""
 
 
+def _event_map(ev: KVEvent) -> dict[str, Any]:
+    # Key order follows the struct's field order, as msgspec writes it.
+    if isinstance(ev, BlockStored):
+        m: dict[str, Any] = {
+            "type": "BlockStored",
+            "block_hashes": ev.block_hashes,
+            "parent_block_hash": ev.parent_block_hash,
+            "token_ids": ev.token_ids,
+            "block_size": ev.block_size,
+            "lora_id": ev.lora_id,
+            "medium": ev.medium,
+            "lora_name": ev.lora_name,
+        }
+        if ev.extra_keys is not None:
+            m["extra_keys"] = ev.extra_keys
+        # vLLM fills the KV-cache group of every event (one full-attention group here).
+        m["group_idx"] = 0
+        m["kv_cache_spec_kind"] = "full_attention"
+        return m
+    if isinstance(ev, BlockRemoved):
+        return {"type": "BlockRemoved", "block_hashes": ev.block_hashes, "medium": ev.medium, "group_idx": 0}
+    return {"type": "AllBlocksCleared"}
+
+
 def _event_fields(ev: KVEvent) -> list[Any]:
     if isinstance(ev, BlockStored):
         f: list[Any] = [
@@ -154,9 +183,15 @@ def _event_fields(ev: KVEvent) -> list[Any]:
     return ["AllBlocksCleared"]
 
 
-def encode_batch(batch: EventBatch) -> bytes:
-    """msgpack payload of one batch, laid out as vLLM's msgspec encoder lays it out."""
-    fields: list[Any] = [batch.ts, [_event_fields(e) for e in batch.events]]
+def encode_batch(batch: EventBatch, layout: str = "map") -> bytes:
+    """msgpack payload of one batch, laid out as vLLM's msgspec encoder lays it out (see `LAYOUTS`)."""
+    if layout == "map":
+        events: list[Any] = [_event_map(e) for e in batch.events]
+    elif layout == "array":
+        events = [_event_fields(e) for e in batch.events]
+    else:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+    fields: list[Any] = [batch.ts, events]
     if batch.data_parallel_rank is not None:
         fields.append(batch.data_parallel_rank)
     return msgpack.packb(fields, use_bin_type=True)
@@ -176,9 +211,31 @@ def _at(f: list[Any], i: int) -> Any:
     return f[i] if i < len(f) else None
 
 
+_MAP_FIELDS = {
+    "BlockStored": (
+        "block_hashes",
+        "parent_block_hash",
+        "token_ids",
+        "block_size",
+        "lora_id",
+        "medium",
+        "lora_name",
+        "extra_keys",
+    ),
+    "BlockRemoved": ("block_hashes", "medium"),
+    "AllBlocksCleared": (),
+}
+
+
 def _decode_event(f: Any) -> KVEvent:
+    if isinstance(f, dict):
+        # Current layout: a map tagged by "type"; rebuilt as the array layout (missing fields nil).
+        tag = f.get("type")
+        if tag not in _MAP_FIELDS:
+            raise KVEventDecodeError(f"unknown event type {tag!r}")
+        f = [tag, *(f.get(k) for k in _MAP_FIELDS[tag])]
     if not isinstance(f, list) or not f or not isinstance(f[0], str):
-        raise KVEventDecodeError("event is not a tagged array")
+        raise KVEventDecodeError("event is neither a tagged map nor a tagged array")
     tag = f[0]
     try:
         if tag == "BlockStored":

@@ -100,6 +100,14 @@ def _csv(value: str) -> list[str]:
     help="Batches each replica keeps for replay (vLLM's buffer_steps).",
 )
 @click.option(
+    "--kv-events-layout",
+    type=click.Choice(["map", "array"]),
+    default="map",
+    show_default=True,
+    help="Event encoding: 'map' (current vLLM: events are maps tagged by 'type') or 'array' "
+    "(earlier vLLM's array_like events, which llm-d's kv-cache decoder reads).",
+)
+@click.option(
     "--kv-hash-seed",
     default="0",
     show_default=True,
@@ -138,6 +146,7 @@ def sim(
     kv_events_replay_port: int | None,
     kv_events_topic: str,
     kv_events_buffer_steps: int,
+    kv_events_layout: str,
     kv_hash_seed: str,
     seed: int,
     ready_file: str | None,
@@ -176,6 +185,7 @@ def sim(
         kv_events_replay_port=kv_events_replay_port,
         kv_events_topic=kv_events_topic,
         kv_events_buffer_steps=kv_events_buffer_steps,
+        kv_events_layout=kv_events_layout,
     )
     cfg = SimFleetConfig(
         replicas=replicas,

@@ -17,7 +17,7 @@ from collections import deque
 import zmq
 import zmq.asyncio
 
-from ingate.metrics.kvevents import END_SEQ, KVEvent, encode_batch, new_batch, seq_bytes
+from ingate.metrics.kvevents import END_SEQ, LAYOUTS, KVEvent, encode_batch, new_batch, seq_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,13 @@ class KVEventPublisher:
         topic: str,
         buffer_steps: int = 10_000,
         hwm: int = 100_000,
+        layout: str = "map",
     ) -> None:
         if buffer_steps < 1:
             raise ValueError("buffer_steps must be positive")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+        self.layout = layout
         self.topic = topic.encode()
         # PUB is a plain socket (the engine sends from synchronous code); only the replay socket awaits.
         self._pub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUB)
@@ -79,7 +83,7 @@ class KVEventPublisher:
         """Send one batch now; returns its sequence number."""
         seq = self._seq
         self._seq += 1
-        payload = encode_batch(new_batch(events))
+        payload = encode_batch(new_batch(events), self.layout)
         self._buffer.append((seq, payload))
         try:
             # PUB never waits: past the high-water mark it drops (the batch stays replayable).

@@ -55,6 +55,8 @@ class ReplicaConfig:
     """Topic template ({host}, {port} = the HTTP port, {model}); llm-d's convention is kv@<pod>@<model>."""
     kv_events_buffer_steps: int = 10_000
     """Batches kept for replay (vLLM's buffer_steps)."""
+    kv_events_layout: str = "map"
+    """Event encoding: "map" (current vLLM) or "array" (earlier vLLM's array_like; llm-d reads it)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -156,7 +158,12 @@ class Replica:
         topic = cfg.kv_events_topic.format(host=cfg.host, port=self.port, model=cfg.model)
         try:
             pub = KVEventPublisher(
-                cfg.host, cfg.kv_events_port, cfg.kv_events_replay_port, topic, cfg.kv_events_buffer_steps
+                cfg.host,
+                cfg.kv_events_port,
+                cfg.kv_events_replay_port,
+                topic,
+                cfg.kv_events_buffer_steps,
+                layout=cfg.kv_events_layout,
             )
         except BaseException:
             await self.stop()
