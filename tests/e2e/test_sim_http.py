@@ -258,3 +258,50 @@ def test_cli_subprocess_ready_file(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_render_returns_the_token_ids_the_replica_caches_by(session: aiohttp.ClientSession) -> None:
+    from ingate.sim.tokenizer import chat_prompt, token_ids, tokenize
+
+    async with start_fleet(_cfg(time_scale=20.0)) as fleet:
+        addr = fleet.addresses[0]
+        text = " ".join(f"doc{i}" for i in range(100))
+        async with session.post(
+            f"http://{addr}/v1/completions/render", json={"model": MODEL, "prompt": text, "max_tokens": 7}
+        ) as r:
+            assert r.status == 200
+            rendered = await r.json()
+        # vLLM's shape: a list of GenerateRequest, one per prompt.
+        assert isinstance(rendered, list) and len(rendered) == 1
+        g = rendered[0]
+        assert g["token_ids"] == token_ids(tokenize(text)) and len(g["token_ids"]) == 100
+        assert g["request_id"].startswith("cmpl-") and g["model"] == MODEL
+        assert g["sampling_params"]["max_tokens"] == 7
+        # The ids are the ones the replica hashes: text first, then the rendered ids hit its cache.
+        _, u1 = await _ttft(session, addr, {"model": MODEL, "prompt": text, "max_tokens": 1})
+        _, u2 = await _ttft(session, addr, {"model": MODEL, "prompt": g["token_ids"], "max_tokens": 1})
+        assert u1["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert u2["prompt_tokens_details"] == {"cached_tokens": 96}  # 6 full blocks of 16
+        async with session.post(
+            f"http://{addr}/v1/completions/render", json={"model": MODEL, "prompt": ["a b", [5, 6, 7]]}
+        ) as r:
+            batch = await r.json()
+        assert [b["token_ids"] for b in batch] == [token_ids(["a", "b"]), [5, 6, 7]]
+        assert batch[0]["request_id"] != batch[1]["request_id"]
+        messages = [{"role": "user", "content": "hello there"}]
+        async with session.post(
+            f"http://{addr}/v1/chat/completions/render", json={"model": MODEL, "messages": messages}
+        ) as r:
+            chat = await r.json()
+        assert chat["token_ids"] == token_ids(tokenize(chat_prompt(messages)))
+        assert chat["request_id"].startswith("chatcmpl-")
+        async with session.post(f"http://{addr}/tokenize", json={"model": MODEL, "prompt": text}) as r:
+            tok = await r.json()
+        assert tok["count"] == 100 and tok["tokens"] == g["token_ids"]
+        for path, body, status in (
+            ("/v1/completions/render", {"model": "nope", "prompt": "x"}, 404),
+            ("/v1/completions/render", {"model": MODEL, "prompt": []}, 400),
+            ("/v1/chat/completions/render", {"model": MODEL, "messages": []}, 400),
+        ):
+            async with session.post(f"http://{addr}{path}", json=body) as r:
+                assert r.status == status and "error" in await r.json()
