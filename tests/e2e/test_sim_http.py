@@ -164,6 +164,30 @@ async def test_streaming_chat_is_well_formed_sse(session: aiohttp.ClientSession)
         assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
+async def test_streaming_chat_role_chunk_comes_with_the_first_token_after_prefill(
+    session: aiohttp.ClientSession,
+) -> None:
+    # vLLM sends the role chunk on the request's first engine output (with the first token, after
+    # prefill), so a client timing its first chunk measures TTFT, not the time to accept the request.
+    scale = 2.0
+    async with start_fleet(_cfg(time_scale=scale)) as fleet:
+        words = " ".join(f"w{i}" for i in range(4000))
+        body = {"model": MODEL, "messages": [{"role": "user", "content": words}], "max_tokens": 3,
+                "stream": True}  # fmt: skip
+        prefill_s = get_profile("h100").step_ms(4003, 4003.0**2, 0, 0) / 1000 / scale  # ~65 ms
+        arrivals: list[tuple[float, dict[str, object]]] = []
+        t0 = time.perf_counter()
+        async with session.post(f"http://{fleet.addresses[0]}/v1/chat/completions", json=body) as r:
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    arrivals.append((time.perf_counter() - t0, json.loads(line[6:])))
+        (t_role, role), (t_tok, tok) = arrivals[0], arrivals[1]
+        assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # type: ignore[index]
+        assert tok["choices"][0]["delta"]["content"]  # type: ignore[index]
+        assert t_role >= 0.8 * prefill_s, (t_role, prefill_s)
+        assert t_tok - t_role < 0.01
+
+
 async def test_metrics_parse_and_carry_every_vllm_name(session: aiohttp.ClientSession) -> None:
     async with start_fleet(_cfg(time_scale=10.0, max_loras=1, lora_adapters=["a1"])) as fleet:
         addr = fleet.addresses[0]

@@ -71,6 +71,8 @@ class _Stream:
     mid_last: bytes
     include_usage: bool
     done: asyncio.Future[None]
+    first: bytes = b""
+    """Written just before the first tokens (chat: the role chunk, which vLLM sends with the first token)."""
     sent: int = 0
     queued: bool = False
 
@@ -251,8 +253,10 @@ class Replica:
         last = req.state == "finished"
         if n > 0 or last:
             # Tokens produced since the last write go out in one chunk (coalesced when we fall behind).
+            first, st.first = st.first, b""
             await st.resp.write(
-                b"data: "
+                first
+                + b"data: "
                 + st.pre
                 + orjson.dumps(output_text(st.sent, n))
                 + (st.mid_last if last else st.mid_open)
@@ -557,7 +561,9 @@ class Replica:
             )[:-1]
             pre = head + b',"choices":[{"index":0,"delta":{"content":'
             mid_open, mid_last = b'},"finish_reason":null}]}\n\n', b'},"finish_reason":"length"}]}\n\n'
-            await resp.write(
+            # vLLM sends the role chunk on the first engine output of the request, i.e. together with the
+            # first generated token, after prefill (serving_chat's first_iteration), not at stream start.
+            first = (
                 b"data: "
                 + head
                 + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
@@ -571,6 +577,7 @@ class Replica:
                 b',"logprobs":null,"finish_reason":null}]}\n\n',
                 b',"logprobs":null,"finish_reason":"length"}]}\n\n',
             )
+            first = b""
         st = _Stream(
             req,
             resp,
@@ -580,6 +587,7 @@ class Replica:
             mid_last,
             include_usage,
             asyncio.get_running_loop().create_future(),
+            first,
         )
         req.notify = lambda: self._mark(st)
         self._mark(st)  # tokens may already exist
