@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -170,3 +171,39 @@ async def test_lora_and_cache_salt_blocks_are_keyed_apart(session: aiohttp.Clien
             assert index.hashes(r.address) == r.engine.kv.cached_hashes()
         finally:
             await sub.stop()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_replicas_on_their_own_addresses_share_port_numbers(session: aiohttp.ClientSession) -> None:
+    # Like pods on their own IPs: 127.0.0.2 and 127.0.0.3 both serve HTTP and KV events on one port each.
+    http_port, kv_port = _free_port("127.0.0.2"), _free_port("127.0.0.2")
+    cfg = _cfg(replicas=2)
+    cfg.base_port = http_port
+    cfg.hosts = ["127.0.0.2", "127.0.0.3"]
+    assert cfg.replica is not None
+    cfg.replica.kv_events_port, cfg.replica.kv_events_replay_port = kv_port, None
+    async with start_fleet(cfg) as fleet:
+        assert fleet.addresses == [f"127.0.0.2:{http_port}", f"127.0.0.3:{http_port}"]
+        index = BlockIndex()
+        subs = []
+        for r in fleet.replicas:
+            assert r.kv_publisher is not None and r.kv_publisher.endpoint.endswith(f":{kv_port}")
+            sub = KVEventSubscriber(r.address, r.kv_publisher.endpoint, index)
+            sub.start()
+            subs.append(sub)
+        try:
+            await asyncio.sleep(0.3)  # no replay socket here: let the SUB connections settle first
+            for r, tag in zip(fleet.replicas, ("p", "q"), strict=True):
+                await _complete(session, r.address, _prompt(tag, 64))
+            for sub, r in zip(subs, fleet.replicas, strict=True):
+                await _synced(sub, r)
+                assert index.hashes(r.address) == r.engine.kv.cached_hashes() != set()
+        finally:
+            for sub in subs:
+                await sub.stop()

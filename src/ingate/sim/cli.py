@@ -25,7 +25,13 @@ def _csv(value: str) -> list[str]:
 @click.option(
     "--base-port", default=8100, show_default=True, help="Replica i listens on base-port + i; 0 = ephemeral."
 )
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Bind address, or a comma list cycled over replicas; replicas on different addresses share "
+    "port numbers (--host 127.0.0.2,127.0.0.3 --replicas 2: both on --base-port, like two pods).",
+)
 @click.option(
     "--model", default="meta-llama/Llama-3.1-8B-Instruct", show_default=True, help="Base model name."
 )
@@ -164,10 +170,13 @@ def sim(
         raise click.BadParameter("needs --kv-events-port", param_hint="--kv-events-replay-port")
     if kv_events_buffer_steps < 1:
         raise click.BadParameter("must be positive", param_hint="--kv-events-buffer-steps")
+    hosts = _csv(host)
+    if not hosts:
+        raise click.BadParameter("needs an address", param_hint="--host")
     template = ReplicaConfig(
         profile=get_profile(profiles[0]),
         model=model,
-        host=host,
+        host=hosts[0],
         time_scale=time_scale,
         max_loras=max_loras,
         lora_adapters=_csv(lora_adapters),
@@ -198,6 +207,7 @@ def sim(
             "block_size": block_size,
         },
         replica=template,
+        hosts=hosts,
     )
     _run(cfg, ready_file)
 
