@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import msgpack
 import pytest
@@ -162,3 +163,70 @@ def test_kvcache_records_vllm_events() -> None:
     assert not kv.reset_prefix_cache()  # blocks in use
     kv.release([7, 1, 8, 1], 0)
     assert kv.reset_prefix_cache() and kv.events == [AllBlocksCleared()] and not kv.cached_hashes()
+
+
+def _vllm_types(array_like: bool) -> tuple[Any, Any, Any, Any]:
+    """vLLM's event structs as vllm/distributed/kv_events.py declares them (msgspec is what vLLM encodes
+    with): the batch array_like; events tagged by class name, as maps (current) or arrays (earlier).
+    Built with defstruct because this module's annotations are strings."""
+    msgspec = pytest.importorskip("msgspec")
+    h = int | bytes
+    opts = {"array_like": array_like, "omit_defaults": True}
+    stored = msgspec.defstruct(
+        "BlockStored",
+        [("block_hashes", list[h]), ("parent_block_hash", h | None), ("token_ids", list[int]),
+         ("block_size", int), ("lora_id", int | None), ("medium", str | None), ("lora_name", str | None),
+         ("extra_keys", list[Any] | None, None), ("group_idx", int | None, None),
+         ("kv_cache_spec_kind", str | None, None), ("kv_cache_spec_sliding_window", int | None, None)],
+        tag=True, **opts,
+    )  # fmt: skip
+    removed = msgspec.defstruct(
+        "BlockRemoved",
+        [("block_hashes", list[h]), ("medium", str | None), ("group_idx", int | None, None)],
+        tag=True,
+        **opts,
+    )
+    cleared = msgspec.defstruct("AllBlocksCleared", [], tag=True, **opts)
+    batch = msgspec.defstruct(
+        "EventBatch",
+        [
+            ("ts", float),
+            ("events", list[stored | removed | cleared]),
+            ("data_parallel_rank", int | None, None),
+        ],
+        array_like=True,
+        omit_defaults=True,
+    )
+    return batch, stored, removed, cleared
+
+
+@pytest.mark.parametrize("layout", ["map", "array"])
+def test_vllms_own_msgspec_types_read_our_batches_and_we_read_theirs(layout: str) -> None:
+    msgspec = pytest.importorskip("msgspec")
+    Batch, VStored, VRemoved, VCleared = _vllm_types(array_like=layout == "array")
+    ours = EventBatch(
+        2.5,
+        [
+            BlockStored([2**64 - 1, 7], 3, list(range(32)), 16, 1, lora_name="a"),
+            BlockRemoved([7]),
+            AllBlocksCleared(),
+        ],
+        0,
+    )
+    theirs = msgspec.msgpack.Decoder(Batch).decode(encode_batch(ours, layout))
+    stored, removed, cleared = theirs.events
+    assert isinstance(stored, VStored) and stored.block_hashes == [2**64 - 1, 7]
+    assert (stored.parent_block_hash, stored.token_ids, stored.block_size) == (3, list(range(32)), 16)
+    assert (stored.lora_id, stored.medium, stored.lora_name) == (1, "GPU", "a")
+    assert isinstance(removed, VRemoved) and removed.block_hashes == [7] and isinstance(cleared, VCleared)
+    assert theirs.data_parallel_rank == 0
+    # And a batch vLLM's encoder wrote (raw digests, VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0) decodes here.
+    digest = bytes(range(32))
+    vllm_payload = msgspec.msgpack.encode(
+        Batch(1.0, [VStored([digest], None, list(range(16)), 16, None, "GPU", None), VCleared()], 0)
+    )
+    back = decode_batch(vllm_payload)
+    assert back.events == [
+        BlockStored([int.from_bytes(digest[-8:], "big")], None, list(range(16)), 16, None, "GPU", None),
+        AllBlocksCleared(),
+    ]
