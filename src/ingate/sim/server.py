@@ -15,13 +15,20 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingate.metrics.kvevents import block_hashes, none_hash
+from ingate.sim.api import (
+    DEFAULT_MAX_TOKENS,
+    RenderAPI,
+    chat_token_ids,
+    check_model,
+    prompt_token_ids,
+    read_json,
+)
+from ingate.sim.api import error as _error
 from ingate.sim.engine import Engine, EngineConfig, SimRequest
 from ingate.sim.kvpublisher import KVEventPublisher
 from ingate.sim.metrics import SimMetrics
 from ingate.sim.profiles import SimProfile
-from ingate.sim.tokenizer import chat_prompt, output_text, token_ids, tokenize
-
-DEFAULT_MAX_TOKENS = 16
+from ingate.sim.tokenizer import output_text
 
 
 @dataclass(slots=True)
@@ -77,28 +84,6 @@ class _Stream:
     queued: bool = False
 
 
-def _error(status: int, message: str, code: str) -> web.Response:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 409: "invalid_request_error"}.get(
-        status, "internal_error"
-    )
-    body = orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
-    return web.Response(status=status, body=body, content_type="application/json")
-
-
-def _prompt_ids(prompt: object) -> list[int] | None:
-    """Token ids of one completion prompt (text, or token ids as given); None if it is not one."""
-    if isinstance(prompt, str):
-        ids = token_ids(tokenize(prompt))
-        return ids or None
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
-    ):
-        return prompt
-    return None
-
-
 class Replica:
     """One simulated model server: engine + metrics + HTTP server on its own port."""
 
@@ -150,10 +135,7 @@ class Replica:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
-        # vLLM's renderer API (`vllm serve --enable-scale-out`): prompt -> token ids, no inference.
-        app.router.add_post("/v1/completions/render", self._render_completions)
-        app.router.add_post("/v1/chat/completions/render", self._render_chat)
-        app.router.add_post("/tokenize", self._tokenize)
+        RenderAPI(self._check_model, self.cfg.profile).add_routes(app)
         return app
 
     async def start(self) -> None:
@@ -289,104 +271,6 @@ class Replica:
             body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
-    async def _json_body(self, request: web.Request) -> dict[str, Any] | web.Response:
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            return _error(400, "request body is not valid JSON", "invalid_json")
-        if not isinstance(body, dict):
-            return _error(400, "request body must be a JSON object", "invalid_json")
-        return body
-
-    def _generate_request(self, rid: str, ids: list[int], model: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One vLLM `GenerateRequest` as the render endpoints return it (what /inference/v1/generate takes)."""
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-        return {
-            "request_id": rid,
-            "token_ids": ids,
-            "features": None,
-            # The sampling fields the simulator honours or accepts (vLLM sends its whole SamplingParams).
-            "sampling_params": {
-                "n": 1,
-                "temperature": body.get("temperature", 1.0),
-                "top_p": body.get("top_p", 1.0),
-                "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-                "ignore_eos": bool(body.get("ignore_eos", False)),
-            },
-            "model": model,
-            "stream": bool(body.get("stream", False)),
-            "stream_options": body.get("stream_options"),
-            "cache_salt": body.get("cache_salt"),
-            "priority": body.get("priority", 0),
-            "kv_transfer_params": body.get("kv_transfer_params"),
-        }
-
-    async def _render_completions(self, request: web.Request) -> web.Response:
-        # vLLM answers a list of GenerateRequest, one per prompt of the (possibly batched) request.
-        body = await self._json_body(request)
-        if isinstance(body, web.Response):
-            return body
-        model = self._check_model(body)
-        if isinstance(model, web.Response):
-            return model
-        prompt = body.get("prompt")
-        batch = (
-            prompt
-            if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt)
-            else [prompt]
-        )
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        out = []
-        for i, p in enumerate(batch):
-            ids = _prompt_ids(p)
-            if ids is None:
-                return _error(
-                    400,
-                    "'prompt' must be a non-empty string, a list of token ids, or a list of those",
-                    "invalid_prompt",
-                )
-            out.append(self._generate_request(f"{rid}-{i}" if len(batch) > 1 else rid, ids, model, body))
-        return web.Response(body=orjson.dumps(out), content_type="application/json")
-
-    async def _render_chat(self, request: web.Request) -> web.Response:
-        body = await self._json_body(request)
-        if isinstance(body, web.Response):
-            return body
-        model = self._check_model(body)
-        if isinstance(model, web.Response):
-            return model
-        ids = self._chat_ids(body)
-        if isinstance(ids, web.Response):
-            return ids
-        out = self._generate_request(f"chatcmpl-{uuid.uuid4().hex}", ids, model, body)
-        return web.Response(body=orjson.dumps(out), content_type="application/json")
-
-    async def _tokenize(self, request: web.Request) -> web.Response:
-        # vLLM's /tokenize: a completion `prompt` or chat `messages` -> count, token ids, max_model_len.
-        body = await self._json_body(request)
-        if isinstance(body, web.Response):
-            return body
-        if body.get("model") is not None:
-            model = self._check_model(body)
-            if isinstance(model, web.Response):
-                return model
-        if "messages" in body:
-            ids = self._chat_ids(body)
-            if isinstance(ids, web.Response):
-                return ids
-        else:
-            maybe = _prompt_ids(body.get("prompt"))
-            if maybe is None:
-                return _error(
-                    400, "'prompt' must be a non-empty string or list of token ids", "invalid_prompt"
-                )
-            ids = maybe
-        p = self.cfg.profile
-        # The longest request the simulator admits: its whole KV cache (it has no separate context limit).
-        return web.json_response(
-            {"count": len(ids), "max_model_len": p.num_gpu_blocks * p.block_size, "tokens": ids}
-        )
-
     async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
         # vLLM's (dev-mode) endpoint; like vLLM's block pool it refuses while blocks are in use.
         if not self.engine.reset_prefix_cache():
@@ -433,7 +317,7 @@ class Replica:
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError  # the connection is gone; nothing to answer
-        body = await self._json_body(request)
+        body = await read_json(request)
         if isinstance(body, web.Response):
             return body
         parsed = self._parse(body, chat)
@@ -484,32 +368,20 @@ class Replica:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "'max_tokens' must be a positive integer", "invalid_max_tokens")
         if chat:
-            chat_ids = self._chat_ids(body)
+            chat_ids = chat_token_ids(body)
             if isinstance(chat_ids, web.Response):
                 return chat_ids
             return model, chat_ids, max_tokens
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        ids = _prompt_ids(prompt)
+        ids = prompt_token_ids(prompt)
         if ids is None:
             return _error(400, "'prompt' must be a non-empty string or list of token ids", "invalid_prompt")
         return model, ids, max_tokens
 
     def _check_model(self, body: dict[str, Any]) -> str | web.Response:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return _error(400, "'model' is required", "missing_model")
-        if model != self.cfg.model and model not in self._adapters:
-            return _error(404, f"The model `{model}` does not exist.", "model_not_found")
-        return model
-
-    @staticmethod
-    def _chat_ids(body: dict[str, Any]) -> list[int] | web.Response:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            return _error(400, "'messages' must be a non-empty list of objects", "invalid_messages")
-        return token_ids(tokenize(chat_prompt(messages)))
+        return check_model(body, self.cfg.model, self._adapters)
 
     @staticmethod
     def _usage(req: SimRequest) -> dict[str, Any]:
