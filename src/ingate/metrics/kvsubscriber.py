@@ -275,7 +275,7 @@ class KVEventSubscriber:
                         break
                     if seq < until:
                         out.append((seq, decode_batch(frames[2])))
-        except (TimeoutError, KVEventDecodeError) as e:
+        except (TimeoutError, KVEventDecodeError, zmq.ZMQError) as e:
             # Drop the socket so a late answer to this request cannot be read as the next one's.
             log.warning("KV event replay from %s failed: %s", self.name, e or "timeout")
             dealer.close(linger=0)
