@@ -230,3 +230,29 @@ def test_vllms_own_msgspec_types_read_our_batches_and_we_read_theirs(layout: str
         BlockStored([int.from_bytes(digest[-8:], "big")], None, list(range(16)), 16, None, "GPU", None),
         AllBlocksCleared(),
     ]
+
+
+def test_every_vllm_hash_algorithm_chains_from_its_own_root() -> None:
+    import pickle
+
+    import cbor2
+    import xxhash
+
+    ser = {
+        "sha256": lambda o: hashlib.sha256(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)).digest(),
+        "sha256_cbor": lambda o: hashlib.sha256(cbor2.dumps(o, canonical=True)).digest(),
+        "xxhash": lambda o: xxhash.xxh3_128_digest(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)),
+        "xxhash_cbor": lambda o: xxhash.xxh3_128_digest(cbor2.dumps(o, canonical=True)),
+    }
+    tokens = list(range(100, 132))
+    seen = set()
+    for algo, h in ser.items():
+        root = none_hash("0", algo)
+        assert root == h("0")
+        d = block_digests(tokens, 16, root, lora_name="x", algo=algo)
+        assert d[0] == h((root, tuple(tokens[:16]), ("x",))) and d[1] == h((d[0], tuple(tokens[16:]), ("x",)))
+        assert block_hashes(tokens, 16, root, lora_name="x", algo=algo) == [external_hash(x) for x in d]
+        seen.add(d[1])
+    assert len(seen) == 4
+    with pytest.raises(ValueError, match="sha256_cbor"):
+        none_hash("0", "md5")

@@ -5,9 +5,11 @@ Shared by the simulator's publisher (`ingate.sim.kvpublisher`) and the gateway's
 `vllm/v1/core/kv_cache_utils.py`, `vllm/config/kv_events.py`) and llm-d-kv-cache (its vLLM adapter):
 
 - **Block hashes.** A full block of ``block_size`` token ids is hashed as
-  ``sha256(cbor2.dumps((parent, tuple(token_ids), extra_keys), canonical=True))`` (vLLM's
-  ``--prefix-caching-hash-algo sha256_cbor``). ``parent`` is the previous block's 32-byte digest, or for the
-  first block ``NONE_HASH = sha256_cbor(PYTHONHASHSEED)`` (random when the variable is unset, so a router can
+  ``H(serialize((parent, tuple(token_ids), extra_keys)))`` with vLLM's ``--prefix-caching-hash-algo``:
+  ``sha256`` (vLLM's default: SHA-256 of ``pickle.dumps(obj, protocol=HIGHEST_PROTOCOL)``),
+  ``sha256_cbor`` (SHA-256 of ``cbor2.dumps(obj, canonical=True)``, the cross-language one precise-prefix
+  routers such as llm-d require), ``xxhash`` / ``xxhash_cbor`` (xxh3_128 of the same serializations). ``parent`` is the previous block's 32-byte digest, or for the
+  first block ``NONE_HASH = H(PYTHONHASHSEED)`` (random when the variable is unset, so a router can
   only reproduce hashes of servers started with a fixed seed). ``extra_keys`` is ``None``, or a tuple of the
   LoRA adapter name (every block) followed by the request's ``cache_salt`` (first block only).
 - **Hashes in events** are, by default (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1``), the low 64 bits of the
@@ -31,13 +33,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 import msgpack
+import xxhash
 
 MEDIUM_GPU = "GPU"
 LAYOUTS = ("map", "array")
@@ -53,16 +57,44 @@ def sha256_cbor(obj: object) -> bytes:
     return hashlib.sha256(cbor2.dumps(obj, canonical=True)).digest()
 
 
+def _sha256_pickle(obj: object) -> bytes:
+    return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+
+
+def _xxhash_pickle(obj: object) -> bytes:
+    return xxhash.xxh3_128_digest(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _xxhash_cbor(obj: object) -> bytes:
+    return xxhash.xxh3_128_digest(cbor2.dumps(obj, canonical=True))
+
+
+HASH_ALGOS = {
+    "sha256": _sha256_pickle,
+    "sha256_cbor": sha256_cbor,
+    "xxhash": _xxhash_pickle,
+    "xxhash_cbor": _xxhash_cbor,
+}
+"""vLLM's ``--prefix-caching-hash-algo`` choices."""
+
+
+def _hash_fn(algo: str) -> Callable[[object], bytes]:
+    try:
+        return HASH_ALGOS[algo]
+    except KeyError:
+        raise ValueError(f"unknown hash algorithm {algo!r}; known: {', '.join(HASH_ALGOS)}") from None
+
+
 @functools.lru_cache(maxsize=1 << 14)  # ~16k blocks (~256k tokens of prompts), a few MB
-def _block_digest(parent: bytes, tokens: tuple[int, ...], extra: tuple[str, ...] | None) -> bytes:
+def _block_digest(algo: str, parent: bytes, tokens: tuple[int, ...], extra: tuple[str, ...] | None) -> bytes:
     # Memoised as vLLM's hash_block_tokens once was: shared prefixes are hashed once, not per request
-    # (a cache hit costs a tuple hash, a miss CBOR + SHA-256, about 5 us per block).
-    return sha256_cbor((parent, tokens, extra))
+    # (a cache hit costs a tuple hash, a miss serialization + hash, about 5 us per block).
+    return HASH_ALGOS[algo]((parent, tokens, extra))
 
 
-def none_hash(hash_seed: str) -> bytes:
+def none_hash(hash_seed: str, algo: str = "sha256_cbor") -> bytes:
     """The parent digest of a chain's first block for a server started with ``PYTHONHASHSEED=hash_seed``."""
-    return sha256_cbor(hash_seed)
+    return _hash_fn(algo)(hash_seed)
 
 
 def external_hash(digest: bytes) -> int:
@@ -76,18 +108,20 @@ def block_digests(
     root: bytes,
     lora_name: str | None = None,
     cache_salt: str | None = None,
+    algo: str = "sha256_cbor",
 ) -> list[bytes]:
     """The chained 32-byte digests of the full blocks of ``token_ids`` (partial last block not hashed).
 
-    ``root`` is ``none_hash(seed)``; ``lora_name`` and ``cache_salt`` become the blocks' extra keys as vLLM
-    builds them (the adapter name on every block, the salt on the first).
+    ``root`` is ``none_hash(seed, algo)``; ``lora_name`` and ``cache_salt`` become the blocks' extra keys as
+    vLLM builds them (the adapter name on every block, the salt on the first).
     """
+    _hash_fn(algo)
     out: list[bytes] = []
     parent = root
     lora = (lora_name,) if lora_name is not None else ()
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         extra: tuple[str, ...] | None = lora + ((cache_salt,) if start == 0 and cache_salt else ())
-        parent = _block_digest(parent, tuple(token_ids[start : start + block_size]), extra or None)
+        parent = _block_digest(algo, parent, tuple(token_ids[start : start + block_size]), extra or None)
         out.append(parent)
     return out
 
@@ -98,9 +132,10 @@ def block_hashes(
     root: bytes,
     lora_name: str | None = None,
     cache_salt: str | None = None,
+    algo: str = "sha256_cbor",
 ) -> list[int]:
     """`block_digests` in their event form (64-bit ints): what BlockStored carries and the index keys on."""
-    return [external_hash(d) for d in block_digests(token_ids, block_size, root, lora_name, cache_salt)]
+    return [external_hash(d) for d in block_digests(token_ids, block_size, root, lora_name, cache_salt, algo)]
 
 
 # -- events ----------------------------------------------------------------------------------------

@@ -117,8 +117,16 @@ def _csv(value: str) -> list[str]:
     "--kv-hash-seed",
     default="0",
     show_default=True,
-    help="Root of the block-hash chains, as vLLM's PYTHONHASHSEED (hashes are sha256_cbor, as vLLM's "
-    "--prefix-caching-hash-algo sha256_cbor).",
+    help="Root of the block-hash chains, as vLLM's PYTHONHASHSEED.",
+)
+@click.option(
+    "--prefix-caching-hash-algo",
+    "kv_hash_algo",
+    type=click.Choice(["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]),
+    default="sha256_cbor",
+    show_default=True,
+    help="Block hash function, as vLLM's flag (vLLM defaults to sha256, i.e. pickle + SHA-256; "
+    "precise-prefix routers such as llm-d need sha256_cbor).",
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option(
@@ -154,6 +162,7 @@ def sim(
     kv_events_buffer_steps: int,
     kv_events_layout: str,
     kv_hash_seed: str,
+    kv_hash_algo: str,
     seed: int,
     ready_file: str | None,
 ) -> None:
@@ -190,6 +199,7 @@ def sim(
         scheduling_policy=scheduling_policy,
         priority_preemption=priority_preemption,
         kv_hash_seed=kv_hash_seed,
+        kv_hash_algo=kv_hash_algo,
         kv_events_port=kv_events_port,
         kv_events_replay_port=kv_events_replay_port,
         kv_events_topic=kv_events_topic,

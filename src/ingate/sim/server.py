@@ -54,6 +54,8 @@ class ReplicaConfig:
     priority_preemption: bool = False
     kv_hash_seed: str = "0"
     """Plays vLLM's PYTHONHASHSEED: the root of every block-hash chain (`ingate.metrics.kvevents`)."""
+    kv_hash_algo: str = "sha256_cbor"
+    """vLLM's --prefix-caching-hash-algo: sha256 (vLLM's default), sha256_cbor, xxhash, xxhash_cbor."""
     kv_events_port: int | None = None
     """Publish vLLM KV-cache events on this ZMQ PUB port (0 = ephemeral); None = off."""
     kv_events_replay_port: int | None = None
@@ -106,7 +108,7 @@ class Replica:
         self._adapters = frozenset(cfg.lora_adapters)
         # vLLM numbers --lora-modules adapters from 1 (lora_int_id); BlockStored carries it as lora_id.
         self._lora_ids = {name: i + 1 for i, name in enumerate(dict.fromkeys(cfg.lora_adapters))}
-        self._hash_root = none_hash(cfg.kv_hash_seed)
+        self._hash_root = none_hash(cfg.kv_hash_seed, cfg.kv_hash_algo)
         self.kv_publisher: KVEventPublisher | None = None
         self._rng = random.Random(cfg.seed * 1_000_003 + cfg.index)
         self.requests_seen = 0
@@ -342,7 +344,7 @@ class Replica:
         if cfg.hang_rate > 0 and self._rng.random() < cfg.hang_rate:
             await self._hang.wait()
         adapter = model if model != cfg.model else None
-        hashes = block_hashes(ids, cfg.profile.block_size, self._hash_root, adapter, salt)
+        hashes = block_hashes(ids, cfg.profile.block_size, self._hash_root, adapter, salt, cfg.kv_hash_algo)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         lora_id = self._lora_ids.get(adapter) if adapter is not None else None
         try:
