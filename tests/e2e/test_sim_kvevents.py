@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from ingate.metrics.kvevents import block_hashes, none_hash
-from ingate.metrics.kvsubscriber import BlockIndex, KVEventSubscriber
+from ingate.metrics.kvsubscriber import BlockIndex, EventSource, KVEventSubscriber, KVEventSubscriptions
 from ingate.sim import SimFleetConfig, start_fleet
 from ingate.sim.profiles import get_profile
 from ingate.sim.server import Replica, ReplicaConfig
@@ -207,3 +207,26 @@ async def test_replicas_on_their_own_addresses_share_port_numbers(session: aioht
         finally:
             for sub in subs:
                 await sub.stop()
+
+
+async def test_subscriptions_follow_the_pool(session: aiohttp.ClientSession) -> None:
+    async with start_fleet(_cfg(replicas=2)) as fleet:
+        index = BlockIndex()
+        subs = KVEventSubscriptions(index)
+        sources = {
+            r.address: EventSource(r.kv_publisher.endpoint, r.kv_publisher.replay_endpoint)  # type: ignore[union-attr]
+            for r in fleet.replicas
+        }
+        try:
+            await subs.sync(sources)
+            for r, tag in zip(fleet.replicas, ("a", "b"), strict=True):
+                await _complete(session, r.address, _prompt(tag, 64))
+            for r in fleet.replicas:
+                await _synced(subs.subscribers[r.address], r)
+                assert index.hashes(r.address) == r.engine.kv.cached_hashes() != set()
+            gone = fleet.replicas[1].address
+            await subs.sync({k: v for k, v in sources.items() if k != gone})
+            assert list(subs.subscribers) == [fleet.replicas[0].address] and index.size(gone) == 0
+        finally:
+            await subs.close()
+        assert not subs.subscribers and index.endpoints == []

@@ -281,3 +281,48 @@ class KVEventSubscriber:
             dealer.close(linger=0)
             self._dealer = None
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class EventSource:
+    """Where one server publishes its KV events."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = ""
+
+
+class KVEventSubscriptions:
+    """One `KVEventSubscriber` per server, kept in step with the pool (call `sync` when it changes).
+
+    A server that leaves the pool is unsubscribed and its index entries dropped; one whose source
+    changes (a restarted pod on a new address) is resubscribed from scratch.
+    """
+
+    def __init__(self, index: BlockIndex, replay_timeout_s: float = 1.0) -> None:
+        self.index = index
+        self.replay_timeout_s = replay_timeout_s
+        self._subs: dict[str, tuple[EventSource, KVEventSubscriber]] = {}
+
+    @property
+    def subscribers(self) -> dict[str, KVEventSubscriber]:
+        return {name: sub for name, (_, sub) in self._subs.items()}
+
+    async def sync(self, sources: dict[str, EventSource]) -> None:
+        """Subscribe to every server in `sources` (name -> source) and to no other."""
+        for name in list(self._subs):
+            src, sub = self._subs[name]
+            if sources.get(name) != src:
+                del self._subs[name]
+                await sub.stop()
+                self.index.clear(name)
+        for name, src in sources.items():
+            if name not in self._subs:
+                sub = KVEventSubscriber(
+                    name, src.endpoint, self.index, src.replay_endpoint, src.topic, self.replay_timeout_s
+                )
+                sub.start()
+                self._subs[name] = (src, sub)
+
+    async def close(self) -> None:
+        await self.sync({})
