@@ -40,16 +40,18 @@ from ingate.bench.stats import percentile
 from ingate.bench.workload import EVAL_WORKLOADS_DIR, BenchRequest, RequestStream, Workload, load_workload
 from ingate.datastore import Datastore, Endpoint
 from ingate.lifecycle import ResponseInfo
+from ingate.metrics.kvevents import block_hashes, none_hash
 from ingate.request import parse_request
 from ingate.scheduling.config import SchedulerConfig
 from ingate.scheduling.scheduler import Scheduler, build_scheduler
 from ingate.sim.engine import FINISHED, Engine, EngineConfig, SimRequest
 from ingate.sim.profiles import get_profile
-from ingate.sim.tokenizer import block_hashes, tokenize
+from ingate.sim.tokenizer import token_ids, tokenize
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 NET_S = 0.002
 SCRAPE_S = 0.05
+HASH_ROOT = none_hash("0")  # as `ingate sim`'s default --kv-hash-seed
 
 
 class _VirtualClock:
@@ -205,7 +207,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
             req = parse_request(path, {}, orjson.dumps(br.body), now=now)
             text = br.body.get("prompt") or br.body["messages"][0]["content"]
             if fleet.emu is not None:
-                hashes = block_hashes(tokenize(text), 16, wl.model)
+                hashes = block_hashes(token_ids(tokenize(text)), 16, HASH_ROOT)
                 i, ctx = fleet.emu.pick(hashes, [ep.in_flight for ep in eps]), None
             else:
                 result, cycle = fleet.sched.schedule(req, profile=fleet.profile)
@@ -223,7 +225,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
             toks = tokenize(text)
             rec["prompt_tokens"] = len(toks)
             sr = engines[i].submit(
-                str(len(recs)), len(toks), block_hashes(toks, 16, wl.model), max_tokens, None
+                str(len(recs)), len(toks), block_hashes(token_ids(toks), 16, HASH_ROOT), max_tokens, None
             )
             live[sr] = (rec, req, ctx, i)
             if not busy[i]:
