@@ -278,7 +278,12 @@ def render(
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}, *epp["volumeMounts"]],
+        # The root filesystem is read-only: /tmp (self-signed certificates, temp files) is an emptyDir.
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            *epp["volumeMounts"],
+        ],
     }
     if epp.get("resources"):
         container["resources"] = epp["resources"]
@@ -296,7 +301,11 @@ def render(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [{"name": "config", "configMap": {"name": name}}, *epp["volumes"]],
+        "volumes": [
+            {"name": "config", "configMap": {"name": name}},
+            {"name": "tmp", "emptyDir": {}},
+            *epp["volumes"],
+        ],
     }
     if epp.get("affinity"):
         pod["affinity"] = epp["affinity"]
