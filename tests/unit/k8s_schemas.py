@@ -21,7 +21,7 @@ CRDS = ROOT / "deploy" / "crds" / "upstream"
 # Oldest and newest Kubernetes minors checked: gRPC probes and policy/v1 need >= 1.27.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 # Kinds whose CRD is not published in a form we can vendor (GKE's controller CRDs): checked by shape.
-NO_SCHEMA = {("networking.gke.io/v1", "HealthCheckPolicy")}
+NO_SCHEMA = {("networking.gke.io/v1", "HealthCheckPolicy"), ("networking.gke.io/v1", "GCPBackendPolicy")}
 
 
 def _strict(schema: Any) -> Any:

@@ -281,6 +281,8 @@ def test_providers() -> None:
         "name": "p",
     }
     assert hc["spec"]["default"]["config"]["httpHealthCheck"] == {"requestPath": "/health", "port": 8000}
+    (bp,) = gke["GCPBackendPolicy"]
+    assert bp["spec"]["default"]["timeoutSec"] == 300 and bp["spec"]["targetRef"] == hc["spec"]["targetRef"]
     (route,) = gke["HTTPRoute"]
     assert "timeouts" not in route["spec"]["rules"][0]
     assert route["spec"]["parentRefs"][0]["namespace"] == "gateways"

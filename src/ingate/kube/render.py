@@ -485,6 +485,20 @@ def render(
                 },
             }
         )
+        docs.append(
+            {
+                "apiVersion": "networking.gke.io/v1",
+                "kind": "GCPBackendPolicy",
+                "metadata": meta(release),
+                "spec": {
+                    "targetRef": {"group": POOL_GROUP, "kind": "InferencePool", "name": release},
+                    "default": {
+                        "timeoutSec": int(v["provider"]["gke"]["timeoutSec"]),
+                        "logging": {"enabled": True},
+                    },
+                },
+            }
+        )
     elif provider not in ("none", "istio"):
         raise RenderError(f"provider.name {provider!r} is not one of none, istio, gke")
     return docs
