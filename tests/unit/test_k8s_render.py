@@ -336,6 +336,16 @@ def test_bad_values_fail_naming_the_value() -> None:
         render({"router": {"modelServers": {"matchLabels": {"a": "b"}, "type": "llamacpp"}}}, "p", "ns")
 
 
+def test_names_must_be_valid_kubernetes_names() -> None:
+    for bad in ("Pool", "pool_a", "-pool", "p" * 54):
+        with pytest.raises(RenderError, match="name"):
+            render(POOL, bad, "ns")
+    with pytest.raises(RenderError, match="namespace"):
+        render(POOL, "pool", "Bad_NS")
+    long = render(POOL, "p" * 53, "ns")
+    assert all(len(d["metadata"]["name"]) <= 63 for d in long)
+
+
 def test_set_and_values_files_merge_like_helm(tmp_path: Path) -> None:
     assert parse_set("a.b=true") == {"a": {"b": True}}
     assert parse_set("a.n=3") == {"a": {"n": 3}}
@@ -378,6 +388,8 @@ def test_cli_prints_the_same_manifests(tmp_path: Path) -> None:
     assert yaml.safe_load_all(to_yaml(expected))
     bad = CliRunner().invoke(main, ["k8s", "render"])
     assert bad.exit_code != 0 and "matchLabels" in bad.output
+    top = CliRunner().invoke(main, ["--help"])
+    assert "k8s" in top.output
     vals = CliRunner().invoke(main, ["k8s", "values"])
     assert yaml.safe_load(vals.output) == default_values()
 

@@ -65,6 +65,7 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def parse_set(expr: str) -> dict[str, Any]:
@@ -109,6 +110,12 @@ def render(
     overrides: dict[str, Any] | None = None, release: str = "default-pool", namespace: str = "default"
 ) -> list[dict[str, Any]]:
     """The picker's manifests for `release` (the InferencePool's name) in `namespace`."""
+    if not _DNS_LABEL.match(release) or len(release) > 53:
+        raise RenderError(
+            f"name {release!r}: must be a lowercase DNS label of at most 53 characters (the InferencePool's name)"
+        )
+    if not _DNS_LABEL.match(namespace) or len(namespace) > 63:
+        raise RenderError(f"namespace {namespace!r}: must be a lowercase DNS label")
     v = merge(default_values(), overrides or {})
     r = v["router"]
     epp, ms, mon = r["epp"], r["modelServers"], r["monitoring"]
