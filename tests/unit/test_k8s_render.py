@@ -86,10 +86,26 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
+# The documented example values files (deploy/helm/examples) are cases too, used as they are.
+EXAMPLES = sorted((ROOT / "deploy" / "helm" / "examples").glob("values-*.yaml"))
+for _f in EXAMPLES:
+    CASES[f"example:{_f.stem}"] = yaml.safe_load(_f.read_text())
+
+
 def case_values(name: str) -> dict[str, Any]:
     from ingate.kube.render import merge
 
+    if name.startswith("example:"):
+        return CASES[name]
     return merge(POOL, CASES[name])
+
+
+def test_example_values_cover_the_four_gateways() -> None:
+    classes = {CASES[f"example:{f.stem}"]["gateway"]["className"] for f in EXAMPLES}
+    assert classes == {"eg", "istio", "kgateway", "gke-l7-regional-external-managed"}
+    for f in EXAMPLES:
+        k = by_kind(render(case_values(f"example:{f.stem}"), "vllm-llama3-8b", "default"))
+        assert {"Gateway", "HTTPRoute", "InferencePool", "Deployment"} <= set(k), f.name
 
 
 def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
