@@ -183,6 +183,13 @@ def test_defaults_give_the_upstream_ports_probes_and_objects() -> None:
     assert dep["strategy"] == {"type": "Recreate"}
     assert dep["template"]["spec"]["terminationGracePeriodSeconds"] == 130
     assert dep["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # writable scratch space
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     (svc,) = kinds["Service"]
     assert {p["name"]: (p["port"], p.get("appProtocol")) for p in svc["spec"]["ports"]} == {
         "grpc-ext-proc": (9002, "kubernetes.io/h2c"),
