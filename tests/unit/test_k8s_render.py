@@ -172,7 +172,7 @@ def test_defaults_give_the_upstream_ports_probes_and_objects() -> None:
     assert c["livenessProbe"]["grpc"] == {"port": 9003, "service": "inference-extension"}
     assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": "inference-extension"}
     a = c["args"]
-    assert a[0] == "serve"
+    assert a[0] == "epp"  # the picker command with upstream flags
     assert a[a.index("--pool-name") + 1] == "vllm-llama3-8b"
     assert a[a.index("--pool-namespace") + 1] == "default"
     assert a[a.index("--config-file") + 1] == "/config/config.yaml"

@@ -233,7 +233,7 @@ def render(
     )
 
     args = [
-        "serve",
+        "epp",
         "--pool-name",
         release,
         "--pool-namespace",
