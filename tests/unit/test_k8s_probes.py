@@ -70,3 +70,31 @@ async def test_active_active_probes_behave_like_single() -> None:
     }
     c = picker(values)
     assert await probe_answers(c, synced=True, leader=False) == (SERVING, SERVING)
+
+
+async def test_service_monitor_scrapes_the_admin_port_with_its_token() -> None:
+    """The ServiceMonitor's path and bearer credentials against ingate's real metrics server."""
+    import aiohttp
+
+    from ingate.config import parse_config
+    from ingate.dataplane.admin import AdminServer
+    from ingate.gateway import Gateway
+
+    values = {**POOL, "router": {**POOL["router"], "monitoring": {"prometheus": {"enabled": True}}}}
+    sm = next(d for d in render(values, "p", "ns") if d["kind"] == "ServiceMonitor")
+    endpoint = sm["spec"]["endpoints"][0]
+    assert endpoint["authorization"]["credentials"]["key"] == "token"
+    gw = Gateway(parse_config({"pool": {"name": "p", "endpoints": [{"address": "127.0.0.1:9"}]}}))
+    admin = AdminServer(gw.telemetry.registry, gw.ready, "127.0.0.1", 0, bearer_token="s3cret")
+    port = await admin.start()
+    try:
+        url = f"http://127.0.0.1:{port}{endpoint['path']}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            async with http.get(url) as r:
+                assert r.status == 401  # no token: refused
+            async with http.get(url, headers={"Authorization": "Bearer s3cret"}) as r:
+                assert r.status == 200
+                text = await r.text()
+    finally:
+        await admin.stop()
+    assert 'inference_pool_ready_pods{name="p"}' in text and "llm_d_epp_ready_endpoints" in text
