@@ -5,6 +5,7 @@ binary is installable from the registries reachable here)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import yaml
 from k8s_schemas import validation_errors
 from test_k8s_render import CASES, POOL, case_values
 
-from ingate.kube.render import app_version, render
+from ingate.kube.render import RenderError, app_version, render, values_schema
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "ingate"
 
@@ -70,17 +71,30 @@ def test_helm_lint_is_clean(case: str) -> None:
     assert [m for m in res["messages"] if m["severity"] >= 2] == []  # no warnings or errors
 
 
-@pytest.mark.parametrize(
-    ("values", "message"),
-    [
-        ({}, "router.modelServers.matchLabels is required"),
-        ({**POOL, "provider": {"name": "aws"}}, "provider.name"),
-        (
-            {"router": {"modelServers": {"matchLabels": {"a": "b"}, "type": "llamacpp"}}},
-            "router.modelServers.type",
-        ),
-    ],
-)
-def test_helm_fails_with_the_same_message(values: dict[str, Any], message: str) -> None:
-    with pytest.raises(helm.HelmError, match=message.replace(".", r"\.")):
+BAD_VALUES = [
+    ({}, "router.modelServers.matchLabels"),
+    ({**POOL, "provider": {"name": "aws"}}, "provider.name"),
+    (
+        {"router": {"modelServers": {"matchLabels": {"a": "b"}, "type": "llamacpp"}}},
+        "router.modelServers.type",
+    ),
+    ({"router": {**POOL["router"], "epp": {"replica": 2}}}, "replica"),  # a typo
+    ({"router": {**POOL["router"], "inferencePool": {"failureMode": "Sometimes"}}}, "failureMode"),
+    ({"router": {**POOL["router"], "epp": {"replicas": "two"}}}, "replicas"),
+]
+
+
+@pytest.mark.parametrize(("values", "where"), BAD_VALUES)
+def test_bad_values_fail_in_helm_and_in_render_naming_the_value(values: dict[str, Any], where: str) -> None:
+    pattern = where.replace(".", "[./]")  # Helm's schema errors spell paths /a/b
+    with pytest.raises(helm.HelmError, match=pattern):
         helm_template(values, "p", "ns")
+    with pytest.raises(RenderError, match=pattern):
+        render(values, "p", "ns")
+
+
+def test_chart_schema_is_derived_from_the_values() -> None:
+    committed = json.loads((CHART / "values.schema.json").read_text())
+    assert committed == values_schema()  # regenerate: ingate k8s values --schema > .../values.schema.json
+    epp = committed["properties"]["router"]["properties"]["epp"]
+    assert epp["additionalProperties"] is False and epp["properties"]["flags"] == {"type": "object"}

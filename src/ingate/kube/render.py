@@ -13,6 +13,7 @@ Go runtime in Python. The equality test keeps them one behaviour.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -49,6 +50,86 @@ def app_version() -> str:
 def default_values() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load(VALUES_FILE.read_text())
     return data
+
+
+# Maps whose keys are the user's (labels, flags, ingate config, Kubernetes objects passed through).
+FREE_FORM = {
+    "router.epp.flags",
+    "router.epp.config",
+    "router.epp.resources",
+    "router.epp.affinity",
+    "router.epp.podAnnotations",
+    "router.modelServers.matchLabels",
+    "router.monitoring.prometheus.extraLabels",
+}
+ENUMS: dict[str, list[Any]] = {
+    "router.modelServers.type": sorted(ENGINES),
+    "router.modelServers.protocol": ["http", "grpc"],
+    "router.inferencePool.failureMode": ["FailOpen", "FailClose"],
+    "router.inferenceObjectivesApiVersion": ["llm-d.ai/v1alpha2", "inference.networking.x-k8s.io/v1alpha2"],
+    "router.epp.image.pullPolicy": ["Always", "IfNotPresent", "Never"],
+    "provider.name": ["none", "istio", "gke"],
+}
+INT_OR_STRING = {"router.epp.pdb.maxUnavailable"}
+
+
+def values_schema() -> dict[str, Any]:
+    """JSON schema of the values, derived from the defaults: every key the defaults name (typos fail),
+    their types, and the enums above. The chart's values.schema.json is this, checked by the tests."""
+
+    def node(value: Any, path: str) -> dict[str, Any]:
+        if path in ENUMS:
+            return {"enum": ENUMS[path]}
+        if path in INT_OR_STRING:
+            return {"type": ["integer", "string"]}
+        if isinstance(value, dict):
+            if path in FREE_FORM:
+                return {"type": "object"}
+            props = {k: node(v, f"{path}.{k}" if path else k) for k, v in value.items()}
+            return {"type": "object", "properties": props, "additionalProperties": False}
+        if isinstance(value, bool):
+            return {"type": "boolean"}
+        if isinstance(value, int):
+            return {"type": "integer"}
+        if isinstance(value, list):
+            return {"type": "array"}
+        return {"type": "string"}
+
+    schema = node(default_values(), "")
+    return {"$schema": "https://json-schema.org/draft-07/schema#", **schema}
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "object": (dict,),
+    "array": (list,),
+    "string": (str,),
+    "boolean": (bool,),
+    "integer": (int,),
+}
+
+
+def check_values(values: Any, schema: dict[str, Any], path: str = "") -> list[str]:
+    """What Helm's schema check would report for `values` (the subset values_schema uses)."""
+    where = path or "values"
+    if "enum" in schema:
+        return [] if values in schema["enum"] else [f"{where}: {values!r} is not one of {schema['enum']}"]
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    ok = any(
+        isinstance(values, _JSON_TYPES[t]) and not (t == "integer" and isinstance(values, bool))
+        for t in types
+    )
+    if types and not ok:
+        return [f"{where}: expected {' or '.join(types)}, got {values!r}"]
+    errs: list[str] = []
+    if isinstance(values, dict) and "properties" in schema:
+        for k, v in values.items():
+            sub = f"{path}.{k}" if path else k
+            if k in schema["properties"]:
+                errs += check_values(v, schema["properties"][k], sub)
+            elif schema.get("additionalProperties") is False:
+                errs.append(f"{sub}: unknown value (a typo?)")
+    return errs
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +198,9 @@ def render(
     if not _DNS_LABEL.match(namespace) or len(namespace) > 63:
         raise RenderError(f"namespace {namespace!r}: must be a lowercase DNS label")
     v = merge(default_values(), overrides or {})
+    problems = check_values(v, values_schema())
+    if problems:
+        raise RenderError("; ".join(problems))
     r = v["router"]
     epp, ms, mon = r["epp"], r["modelServers"], r["monitoring"]
     name = picker_name(release)
@@ -578,6 +662,12 @@ def render_cmd(release: str, namespace: str, files: tuple[str, ...], sets: tuple
 
 
 @k8s.command("values")
-def values_cmd() -> None:
+@click.option(
+    "--schema", is_flag=True, help="Print the values' JSON schema (the chart's values.schema.json)."
+)
+def values_cmd(schema: bool) -> None:
     """Print the default values (the chart's values.yaml)."""
-    click.echo(VALUES_FILE.read_text(), nl=False)
+    if schema:
+        click.echo(json.dumps(values_schema(), indent=2))
+    else:
+        click.echo(VALUES_FILE.read_text(), nl=False)
