@@ -83,6 +83,19 @@ CASES: dict[str, dict[str, Any]] = {
         }
     },
     "no-pool": {"router": {"inferencePool": {"create": False}}},
+    "upstream-plugins-config": {
+        "router": {
+            "epp": {
+                "pluginsConfigFile": "default-plugins.yaml",
+                "pluginsCustomConfig": {
+                    "default-plugins.yaml": "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
+                    "plugins:\n- type: queue-scorer\n- type: max-score-picker\n"
+                    "schedulingProfiles:\n- name: default\n  plugins:\n  - pluginRef: queue-scorer\n"
+                    "  - pluginRef: max-score-picker\n"
+                },
+            }
+        }
+    },
 }
 
 
@@ -331,6 +344,17 @@ def test_configmap_carries_a_valid_ingate_config() -> None:
         by_kind(render(case_values("sglang-grpc-ports"), "p", "ns"))["ConfigMap"][0]["data"]["config.yaml"]
     )
     assert sg["pool"]["engine"] == "sglang"
+
+
+def test_upstream_plugins_config_is_mounted_and_read() -> None:
+    docs = render(case_values("upstream-plugins-config"), "p", "ns")
+    (cm,) = by_kind(docs)["ConfigMap"]
+    epc = yaml.safe_load(cm["data"]["default-plugins.yaml"])
+    assert epc["kind"] == "EndpointPickerConfig"
+    a = picker(docs)["args"]
+    assert a[a.index("--config-file") + 1] == "/config/default-plugins.yaml"
+    with pytest.raises(RenderError, match="pluginsConfigFile"):
+        render({"router": {**POOL["router"], "epp": {"pluginsConfigFile": "missing.yaml"}}}, "p", "ns")
 
 
 def test_flags_render_like_helm() -> None:

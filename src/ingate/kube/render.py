@@ -56,6 +56,7 @@ def default_values() -> dict[str, Any]:
 FREE_FORM = {
     "router.epp.flags",
     "router.epp.config",
+    "router.epp.pluginsCustomConfig",
     "router.epp.resources",
     "router.epp.affinity",
     "router.epp.podAnnotations",
@@ -299,6 +300,13 @@ def render(
         )
         docs.append(_binding("ClusterRoleBinding", meta(cr, None), cr, name, namespace))
 
+    custom = {str(k): str(t) for k, t in (epp.get("pluginsCustomConfig") or {}).items()}
+    config_file = str(epp["pluginsConfigFile"])
+    if config_file != CONFIG_KEY and config_file not in custom:
+        raise RenderError(
+            f"router.epp.pluginsConfigFile {config_file!r} is neither {CONFIG_KEY!r} nor a key of "
+            "router.epp.pluginsCustomConfig"
+        )
     config = merge(
         {
             "listen": {"host": "0.0.0.0", "port": ext},
@@ -312,7 +320,7 @@ def render(
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": meta(name),
-            "data": {CONFIG_KEY: yaml.safe_dump(config, sort_keys=True)},
+            "data": {CONFIG_KEY: yaml.safe_dump(config, sort_keys=True), **custom},
         }
     )
 
@@ -327,7 +335,7 @@ def render(
         "--zap-encoder",
         "json",
         "--config-file",
-        f"{CONFIG_DIR}/{CONFIG_KEY}",
+        f"{CONFIG_DIR}/{config_file}",
         "--grpc-port",
         str(ext),
         "--grpc-health-port",

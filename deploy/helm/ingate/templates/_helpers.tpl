@@ -55,6 +55,10 @@ inferencepool: {{ include "ingate.name" . }}
 {{- if not (has $p (list "none" "istio" "gke")) -}}
 {{- fail (printf "provider.name %q is not one of none, istio, gke" $p) -}}
 {{- end -}}
+{{- $file := .Values.router.epp.pluginsConfigFile -}}
+{{- if and (ne $file "config.yaml") (not (hasKey (.Values.router.epp.pluginsCustomConfig | default dict) $file)) -}}
+{{- fail (printf "router.epp.pluginsConfigFile %q is neither \"config.yaml\" nor a key of router.epp.pluginsCustomConfig" $file) -}}
+{{- end -}}
 {{- if and (not .Values.router.inferencePool.create) .Values.router.inferenceObjectives -}}
 {{- fail "router.inferenceObjectives needs router.inferencePool.create=true" -}}
 {{- end -}}
