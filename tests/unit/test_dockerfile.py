@@ -12,7 +12,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from ingate.kube.render import VALUES_FILE, render
+from ingate.kube.render import render
+from ingate.kube.values import VALUES_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,8 @@ import yaml
 from k8s_schemas import validation_errors
 from test_k8s_render import CASES, POOL, case_values
 
-from ingate.kube.render import RenderError, app_version, render, values_schema
+from ingate.kube.render import app_version, render
+from ingate.kube.values import RenderError, values_schema
 
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "ingate"
 

@@ -14,7 +14,8 @@ from k8s_schemas import CRD_SCHEMAS, validation_errors
 
 from ingate.cli import main
 from ingate.config import parse_config
-from ingate.kube.render import RenderError, default_values, load_overrides, parse_set, render, to_yaml
+from ingate.kube.render import render, to_yaml
+from ingate.kube.values import RenderError, default_values, load_overrides, merge, parse_set
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL = {"router": {"modelServers": {"matchLabels": {"app": "vllm-llama3-8b"}}}}
@@ -106,8 +107,6 @@ for _f in EXAMPLES:
 
 
 def case_values(name: str) -> dict[str, Any]:
-    from ingate.kube.render import merge
-
     if name.startswith("example:"):
         return CASES[name]
     return merge(POOL, CASES[name])
