@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -60,6 +61,48 @@ def _truthy_flag(flags: dict[str, Any], key: str, default: bool) -> bool:
     return str(flags[key]).lower() != "false"
 
 
+@dataclass
+class _Release:
+    """One rendering: the merged values and what every object derives from them."""
+
+    v: dict[str, Any]
+    release: str
+    namespace: str
+
+    def __post_init__(self) -> None:
+        self.r: dict[str, Any] = self.v["router"]
+        self.epp: dict[str, Any] = self.r["epp"]
+        self.ms: dict[str, Any] = self.r["modelServers"]
+        self.mon: dict[str, Any] = self.r["monitoring"]
+        self.name = picker_name(self.release)
+        self.flags: dict[str, Any] = dict(self.epp.get("flags") or {})
+        self.replicas = int(self.epp["replicas"])
+        self.leader = self.replicas > 1 and _truthy_flag(self.flags, "ha-enable-leader-election", True)
+        self.secure = _truthy_flag(self.flags, "secure-serving", True)
+        self.auth = bool(self.mon["prometheus"]["auth"]["enabled"])
+        self.prom = bool(self.mon["prometheus"]["enabled"])
+        self.ext = int(self.epp["extProcPort"])
+        self.health = int(self.epp["grpcHealthPort"])
+        self.metrics = int(self.epp["metricsPort"])
+        self.provider = str(self.v["provider"]["name"]).lower()
+        self.labels = {
+            "app.kubernetes.io/name": self.name,
+            "app.kubernetes.io/instance": self.release,
+            "app.kubernetes.io/part-of": "ingate",
+            "app.kubernetes.io/version": app_version(),
+        }
+        self.selector = {"inferencepool": self.name}
+        self.pool_ref = {"group": POOL_GROUP, "kind": "InferencePool", "name": self.release}
+
+    def meta(self, name: str, ns: str | None = "", extra: dict[str, str] | None = None) -> dict[str, Any]:
+        """Object metadata: in the release namespace unless `ns` names another (None: cluster-wide)."""
+        m: dict[str, Any] = {"name": name}
+        if ns is not None:
+            m["namespace"] = ns or self.namespace
+        m["labels"] = {**self.labels, **(extra or {})}
+        return m
+
+
 def render(
     overrides: dict[str, Any] | None = None, release: str = "default-pool", namespace: str = "default"
 ) -> list[dict[str, Any]]:
@@ -74,69 +117,53 @@ def render(
     problems = check_values(v, values_schema())
     if problems:
         raise RenderError("; ".join(problems))
-    r = v["router"]
-    epp, ms, mon = r["epp"], r["modelServers"], r["monitoring"]
-    name = picker_name(release)
-    flags: dict[str, Any] = dict(epp.get("flags") or {})
-    replicas = int(epp["replicas"])
-    leader = replicas > 1 and _truthy_flag(flags, "ha-enable-leader-election", True)
-    secure = _truthy_flag(flags, "secure-serving", True)
-    auth = bool(mon["prometheus"]["auth"]["enabled"])
-    prom = bool(mon["prometheus"]["enabled"])
-    ext, health, metrics = int(epp["extProcPort"]), int(epp["grpcHealthPort"]), int(epp["metricsPort"])
+    ms = v["router"]["modelServers"]
     if not ms.get("matchLabels"):
         raise RenderError("router.modelServers.matchLabels is required (the model-server pods' labels)")
     if not ms.get("targetPorts") or len(ms["targetPorts"]) > 8:
         raise RenderError("router.modelServers.targetPorts needs 1 to 8 ports")
-    if ms["type"] not in ENGINES:
-        raise RenderError(f"router.modelServers.type {ms['type']!r} is not one of {sorted(ENGINES)}")
-    labels = {
-        "app.kubernetes.io/name": name,
-        "app.kubernetes.io/instance": release,
-        "app.kubernetes.io/part-of": "ingate",
-        "app.kubernetes.io/version": app_version(),
-    }
-    selector = {"inferencepool": name}
+    c = _Release(v, release, namespace)
+    configmap, config_file = _configmap(c)
+    return [
+        *_rbac(c),
+        configmap,
+        _deployment(c, config_file),
+        _service(c),
+        *_disruption_budget(c),
+        *_service_monitor(c),
+        *_pool(c),
+        *_routing(c),
+        *_provider(c),
+    ]
 
-    def meta(
-        obj_name: str, ns: str | None = namespace, extra: dict[str, str] | None = None
-    ) -> dict[str, Any]:
-        m: dict[str, Any] = {"name": obj_name}
-        if ns is not None:
-            m["namespace"] = ns
-        m["labels"] = {**labels, **(extra or {})}
-        return m
 
-    docs: list[dict[str, Any]] = []
-    docs.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(name)})
-    docs.append(
+def _rbac(c: _Release) -> list[dict[str, Any]]:
+    read = ["get", "list", "watch"]
+    docs: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": c.meta(c.name)},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
-            "metadata": meta(name),
+            "metadata": c.meta(c.name),
             "rules": [
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                {
-                    "apiGroups": [POOL_GROUP],
-                    "resources": ["inferencepools"],
-                    "verbs": ["get", "list", "watch"],
-                },
+                {"apiGroups": [""], "resources": ["pods"], "verbs": read},
+                {"apiGroups": [POOL_GROUP], "resources": ["inferencepools"], "verbs": read},
                 {
                     "apiGroups": ["llm-d.ai", "inference.networking.x-k8s.io"],
                     "resources": ["inferenceobjectives", "inferencemodelrewrites"],
-                    "verbs": ["get", "list", "watch"],
+                    "verbs": read,
                 },
             ],
-        }
-    )
-    docs.append(_binding("RoleBinding", meta(name), name, name, namespace))
-    if leader:
-        le = f"{name}-leader-election"
+        },
+        _binding("RoleBinding", c.meta(c.name), c.name, c.name, c.namespace),
+    ]
+    if c.leader:
+        le = f"{c.name}-leader-election"
         docs.append(
             {
                 "apiVersion": "rbac.authorization.k8s.io/v1",
                 "kind": "Role",
-                "metadata": meta(le),
+                "metadata": c.meta(le),
                 "rules": [
                     {
                         "apiGroups": ["coordination.k8s.io"],
@@ -147,14 +174,15 @@ def render(
                 ],
             }
         )
-        docs.append(_binding("RoleBinding", meta(le), le, name, namespace))
-    if prom and auth:
-        cr = f"{release}-{namespace}-epp"[:63]
+        docs.append(_binding("RoleBinding", c.meta(le), le, c.name, c.namespace))
+    if c.prom and c.auth:
+        # The picker checks scrapers' tokens (TokenReview) and their right to GET /metrics.
+        cr = f"{c.release}-{c.namespace}-epp"[:63]
         docs.append(
             {
                 "apiVersion": "rbac.authorization.k8s.io/v1",
                 "kind": "ClusterRole",
-                "metadata": meta(cr, None),
+                "metadata": c.meta(cr, None),
                 "rules": [
                     {
                         "apiGroups": ["authentication.k8s.io"],
@@ -170,10 +198,14 @@ def render(
                 ],
             }
         )
-        docs.append(_binding("ClusterRoleBinding", meta(cr, None), cr, name, namespace))
+        docs.append(_binding("ClusterRoleBinding", c.meta(cr, None), cr, c.name, c.namespace))
+    return docs
 
-    custom = {str(k): str(t) for k, t in (epp.get("pluginsCustomConfig") or {}).items()}
-    config_file = str(epp["pluginsConfigFile"])
+
+def _configmap(c: _Release) -> tuple[dict[str, Any], str]:
+    """The ConfigMap (ingate's config.yaml plus any upstream plugin files) and the file to read."""
+    custom = {str(k): str(t) for k, t in (c.epp.get("pluginsCustomConfig") or {}).items()}
+    config_file = str(c.epp["pluginsConfigFile"])
     if config_file != CONFIG_KEY and config_file not in custom:
         raise RenderError(
             f"router.epp.pluginsConfigFile {config_file!r} is neither {CONFIG_KEY!r} nor a key of "
@@ -181,27 +213,29 @@ def render(
         )
     config = merge(
         {
-            "listen": {"host": "0.0.0.0", "port": ext},
-            "pool": {"name": release, "engine": ENGINES[ms["type"]]},
-            "dataplane": {"type": "extproc", "failureMode": r["inferencePool"]["failureMode"]},
+            "listen": {"host": "0.0.0.0", "port": c.ext},
+            "pool": {"name": c.release, "engine": ENGINES[c.ms["type"]]},
+            "dataplane": {"type": "extproc", "failureMode": c.r["inferencePool"]["failureMode"]},
         },
-        epp.get("config") or {},
+        c.epp.get("config") or {},
     )
-    docs.append(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": meta(name),
-            "data": {CONFIG_KEY: yaml.safe_dump(config, sort_keys=True), **custom},
-        }
-    )
+    cm = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": c.meta(c.name),
+        "data": {CONFIG_KEY: yaml.safe_dump(config, sort_keys=True), **custom},
+    }
+    return cm, config_file
 
+
+def _args(c: _Release, config_file: str) -> list[str]:
+    """`ingate epp` with the upstream picker's flags (docs/kubernetes.md, "Picker flags")."""
     args = [
         "epp",
         "--pool-name",
-        release,
+        c.release,
         "--pool-namespace",
-        namespace,
+        c.namespace,
         "--pool-group",
         POOL_GROUP,
         "--zap-encoder",
@@ -209,36 +243,41 @@ def render(
         "--config-file",
         f"{CONFIG_DIR}/{config_file}",
         "--grpc-port",
-        str(ext),
+        str(c.ext),
         "--grpc-health-port",
-        str(health),
+        str(c.health),
         "--metrics-port",
-        str(metrics),
+        str(c.metrics),
     ]
-    if leader and "ha-enable-leader-election" not in flags:
+    if c.leader and "ha-enable-leader-election" not in c.flags:
         args.append("--ha-enable-leader-election")
-    args += [_flag(k, flags[k]) for k in sorted(flags)]
-    args.append(_flag("tracing", bool(r["tracing"]["enabled"])))
-    if not auth:
+    args += [_flag(k, c.flags[k]) for k in sorted(c.flags)]
+    args.append(_flag("tracing", bool(c.r["tracing"]["enabled"])))
+    if not c.auth:
         args.append("--metrics-endpoint-auth=false")
-    live, ready = ("liveness", "readiness") if leader else ("inference-extension", "inference-extension")
+    return args
+
+
+def _deployment(c: _Release, config_file: str) -> dict[str, Any]:
+    epp = c.epp
+    live, ready = ("liveness", "readiness") if c.leader else ("inference-extension", "inference-extension")
     container: dict[str, Any] = {
         "name": "epp",
         "image": f"{epp['image']['registry']}/{epp['image']['repository']}:{epp['image']['tag']}",
         "imagePullPolicy": epp["image"]["pullPolicy"],
-        "args": args,
+        "args": _args(c, config_file),
         "ports": [
-            {"name": "grpc", "containerPort": ext},
-            {"name": "grpc-health", "containerPort": health},
-            {"name": "metrics", "containerPort": metrics},
+            {"name": "grpc", "containerPort": c.ext},
+            {"name": "grpc-health", "containerPort": c.health},
+            {"name": "metrics", "containerPort": c.metrics},
             *epp["extraContainerPorts"],
         ],
         "livenessProbe": {
-            "grpc": {"port": health, "service": live},
+            "grpc": {"port": c.health, "service": live},
             "initialDelaySeconds": 5,
             "periodSeconds": 10,
         },
-        "readinessProbe": {"grpc": {"port": health, "service": ready}, "periodSeconds": 2},
+        "readinessProbe": {"grpc": {"port": c.health, "service": ready}, "periodSeconds": 2},
         "env": [
             {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -258,11 +297,11 @@ def render(
     }
     if epp.get("resources"):
         container["resources"] = epp["resources"]
-    template_meta: dict[str, Any] = {"labels": {**selector, "app.kubernetes.io/part-of": "ingate"}}
+    template_meta: dict[str, Any] = {"labels": {**c.selector, "app.kubernetes.io/part-of": "ingate"}}
     if epp.get("podAnnotations"):
         template_meta["annotations"] = epp["podAnnotations"]
     pod: dict[str, Any] = {
-        "serviceAccountName": name,
+        "serviceAccountName": c.name,
         # As upstream: at least the longest grace period of the model servers the picker routes to.
         "terminationGracePeriodSeconds": 130,
         "securityContext": {
@@ -273,7 +312,7 @@ def render(
         },
         "containers": [container],
         "volumes": [
-            {"name": "config", "configMap": {"name": name}},
+            {"name": "config", "configMap": {"name": c.name}},
             {"name": "tmp", "emptyDir": {}},
             *epp["volumes"],
         ],
@@ -282,117 +321,127 @@ def render(
         pod["affinity"] = epp["affinity"]
     if epp.get("tolerations"):
         pod["tolerations"] = epp["tolerations"]
-    docs.append(
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": meta(name),
-            "spec": {
-                "replicas": replicas,
-                # Recreate, as upstream: a rolling update would keep the old leader (the only ready
-                # pod under leader election) alive and stall.
-                "strategy": {"type": "Recreate"},
-                "selector": {"matchLabels": selector},
-                "template": {"metadata": template_meta, "spec": pod},
-            },
-        }
-    )
-    docs.append(
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": meta(name),
-            "spec": {
-                "type": "ClusterIP",
-                "selector": selector,
-                "ports": [
-                    {
-                        "name": "grpc-ext-proc",
-                        "protocol": "TCP",
-                        "port": ext,
-                        "targetPort": "grpc",
-                        "appProtocol": "kubernetes.io/h2c",
-                    },
-                    {"name": "http-metrics", "protocol": "TCP", "port": metrics, "targetPort": "metrics"},
-                ],
-            },
-        }
-    )
-    if replicas > 1 and not leader:
-        docs.append(
-            {
-                "apiVersion": "policy/v1",
-                "kind": "PodDisruptionBudget",
-                "metadata": meta(name),
-                "spec": {
-                    "maxUnavailable": epp["pdb"]["maxUnavailable"],
-                    "selector": {"matchLabels": selector},
-                },
-            }
-        )
-    if prom:
-        endpoint: dict[str, Any] = {"port": "http-metrics", "path": "/metrics", "interval": mon["interval"]}
-        if auth:
-            endpoint["authorization"] = {
-                "credentials": {"name": mon["prometheus"]["auth"]["secretName"], "key": "token"}
-            }
-        docs.append(
-            {
-                "apiVersion": "monitoring.coreos.com/v1",
-                "kind": "ServiceMonitor",
-                "metadata": meta(f"{name}-monitor", extra=mon["prometheus"].get("extraLabels") or {}),
-                "spec": {
-                    "endpoints": [endpoint],
-                    "namespaceSelector": {"matchNames": [namespace]},
-                    "selector": {"matchLabels": labels},
-                },
-            }
-        )
-    pool_ref = {"group": POOL_GROUP, "kind": "InferencePool", "name": release}
-    if r["inferencePool"]["create"]:
-        pool_spec: dict[str, Any] = {
-            "selector": {"matchLabels": {str(k): str(val) for k, val in ms["matchLabels"].items()}},
-            "targetPorts": [{"number": int(p["number"])} for p in ms["targetPorts"]],
-            "endpointPickerRef": {
-                "name": name,
-                "port": {"number": ext},
-                "failureMode": r["inferencePool"]["failureMode"],
-            },
-        }
-        if ms.get("protocol") == "grpc":
-            pool_spec["appProtocol"] = "kubernetes.io/h2c"
-        elif ms.get("protocol") == "http":
-            pool_spec["appProtocol"] = "http"
-        docs.append(
-            {
-                "apiVersion": f"{POOL_GROUP}/v1",
-                "kind": "InferencePool",
-                "metadata": meta(release),
-                "spec": pool_spec,
-            }
-        )
-        for obj in r["inferenceObjectives"]:
-            if "name" not in obj:
-                raise RenderError("router.inferenceObjectives[]: every objective needs a name")
-            docs.append(
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": c.meta(c.name),
+        "spec": {
+            "replicas": c.replicas,
+            # Recreate, as upstream: a rolling update would keep the old leader (the only ready pod
+            # under leader election) alive and stall.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": c.selector},
+            "template": {"metadata": template_meta, "spec": pod},
+        },
+    }
+
+
+def _service(c: _Release) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": c.meta(c.name),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": c.selector,
+            "ports": [
                 {
-                    "apiVersion": r["inferenceObjectivesApiVersion"],
-                    "kind": "InferenceObjective",
-                    "metadata": meta(obj["name"]),
-                    "spec": {"priority": int(obj.get("priority", 0)), "poolRef": pool_ref},
-                }
-            )
-    elif r["inferenceObjectives"]:
-        raise RenderError("router.inferenceObjectives needs router.inferencePool.create=true")
-    route, gw = v["httpRoute"], v["gateway"]
-    gw_ns = route["inferenceGatewayNamespace"] or namespace
-    provider = str(v["provider"]["name"]).lower()
+                    "name": "grpc-ext-proc",
+                    "protocol": "TCP",
+                    "port": c.ext,
+                    "targetPort": "grpc",
+                    "appProtocol": "kubernetes.io/h2c",
+                },
+                {"name": "http-metrics", "protocol": "TCP", "port": c.metrics, "targetPort": "metrics"},
+            ],
+        },
+    }
+
+
+def _disruption_budget(c: _Release) -> list[dict[str, Any]]:
+    # Active-active only: under leader election only the leader is ready, and a budget would count
+    # just that pod and block every drain.
+    if c.replicas <= 1 or c.leader:
+        return []
+    spec = {"maxUnavailable": c.epp["pdb"]["maxUnavailable"], "selector": {"matchLabels": c.selector}}
+    return [
+        {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": c.meta(c.name), "spec": spec}
+    ]
+
+
+def _service_monitor(c: _Release) -> list[dict[str, Any]]:
+    if not c.prom:
+        return []
+    prom = c.mon["prometheus"]
+    endpoint: dict[str, Any] = {"port": "http-metrics", "path": "/metrics", "interval": c.mon["interval"]}
+    if c.auth:
+        endpoint["authorization"] = {"credentials": {"name": prom["auth"]["secretName"], "key": "token"}}
+    return [
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": c.meta(f"{c.name}-monitor", extra=prom.get("extraLabels") or {}),
+            "spec": {
+                "endpoints": [endpoint],
+                "namespaceSelector": {"matchNames": [c.namespace]},
+                "selector": {"matchLabels": c.labels},
+            },
+        }
+    ]
+
+
+def _pool(c: _Release) -> list[dict[str, Any]]:
+    """The InferencePool and its InferenceObjectives."""
+    objectives = c.r["inferenceObjectives"]
+    if not c.r["inferencePool"]["create"]:
+        if objectives:
+            raise RenderError("router.inferenceObjectives needs router.inferencePool.create=true")
+        return []
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": {str(k): str(val) for k, val in c.ms["matchLabels"].items()}},
+        "targetPorts": [{"number": int(p["number"])} for p in c.ms["targetPorts"]],
+        "endpointPickerRef": {
+            "name": c.name,
+            "port": {"number": c.ext},
+            "failureMode": c.r["inferencePool"]["failureMode"],
+        },
+    }
+    if c.ms.get("protocol") == "grpc":
+        spec["appProtocol"] = "kubernetes.io/h2c"
+    elif c.ms.get("protocol") == "http":
+        spec["appProtocol"] = "http"
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": f"{POOL_GROUP}/v1",
+            "kind": "InferencePool",
+            "metadata": c.meta(c.release),
+            "spec": spec,
+        }
+    ]
+    for obj in objectives:
+        if "name" not in obj:
+            raise RenderError("router.inferenceObjectives[]: every objective needs a name")
+        docs.append(
+            {
+                "apiVersion": c.r["inferenceObjectivesApiVersion"],
+                "kind": "InferenceObjective",
+                "metadata": c.meta(obj["name"]),
+                "spec": {"priority": int(obj.get("priority", 0)), "poolRef": c.pool_ref},
+            }
+        )
+    return docs
+
+
+def _routing(c: _Release) -> list[dict[str, Any]]:
+    """The Gateway (optional) and the HTTPRoute from it to the pool."""
+    route, gw = c.v["httpRoute"], c.v["gateway"]
+    docs: list[dict[str, Any]] = []
     if gw["create"]:
         docs.append(
             {
                 "apiVersion": "gateway.networking.k8s.io/v1",
                 "kind": "Gateway",
-                "metadata": meta(route["inferenceGatewayName"], gw_ns),
+                "metadata": c.meta(route["inferenceGatewayName"], route["inferenceGatewayNamespace"]),
                 "spec": {
                     "gatewayClassName": gw["className"],
                     "listeners": [{"name": "http", "protocol": "HTTP", "port": int(gw["port"])}],
@@ -408,71 +457,70 @@ def render(
         if route["inferenceGatewayNamespace"]:
             parent["namespace"] = route["inferenceGatewayNamespace"]
         rule: dict[str, Any] = {
-            "backendRefs": [{**pool_ref}],
+            "backendRefs": [{**c.pool_ref}],
             "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
         }
-        if provider != "gke":  # the GKE controller rejects HTTPRoute timeouts, as upstream notes
+        if c.provider != "gke":  # the GKE controller rejects HTTPRoute timeouts, as upstream notes
             rule["timeouts"] = {"request": route["requestTimeout"]}
         docs.append(
             {
                 "apiVersion": "gateway.networking.k8s.io/v1",
                 "kind": "HTTPRoute",
-                "metadata": meta(release),
+                "metadata": c.meta(c.release),
                 "spec": {"parentRefs": [parent], "rules": [rule]},
             }
         )
-    if provider == "istio" and secure:
-        host = v["provider"]["istio"]["destinationRule"]["host"] or f"{name}.{namespace}.svc.cluster.local"
-        docs.append(
+    return docs
+
+
+def _provider(c: _Release) -> list[dict[str, Any]]:
+    """Istio: a DestinationRule so its gateway speaks TLS to the self-signed picker. GKE: health checks
+    of the model servers and a backend timeout long enough for generations."""
+    if c.provider == "istio":
+        if not c.secure:
+            return []
+        host = c.v["provider"]["istio"]["destinationRule"]["host"]
+        spec = {
+            "host": host or f"{c.name}.{c.namespace}.svc.cluster.local",
+            "trafficPolicy": {"tls": {"mode": "SIMPLE", "insecureSkipVerify": True}},
+        }
+        return [
             {
                 "apiVersion": "networking.istio.io/v1",
                 "kind": "DestinationRule",
-                "metadata": meta(name),
-                "spec": {
-                    "host": host,
-                    "trafficPolicy": {"tls": {"mode": "SIMPLE", "insecureSkipVerify": True}},
-                },
+                "metadata": c.meta(c.name),
+                "spec": spec,
             }
-        )
-    elif provider == "gke":
-        docs.append(
+        ]
+    if c.provider == "gke":
+        target = {"group": POOL_GROUP, "kind": "InferencePool", "name": c.release}
+        check = {"requestPath": "/health", "port": int(c.ms["targetPorts"][0]["number"])}
+        timeout = int(c.v["provider"]["gke"]["timeoutSec"])
+        return [
             {
                 "apiVersion": "networking.gke.io/v1",
                 "kind": "HealthCheckPolicy",
-                "metadata": meta(release),
+                "metadata": c.meta(c.release),
                 "spec": {
-                    "targetRef": {"group": POOL_GROUP, "kind": "InferencePool", "name": release},
+                    "targetRef": target,
                     "default": {
                         "timeoutSec": 2,
                         "checkIntervalSec": 2,
-                        "config": {
-                            "type": "HTTP",
-                            "httpHealthCheck": {
-                                "requestPath": "/health",
-                                "port": int(ms["targetPorts"][0]["number"]),
-                            },
-                        },
+                        "config": {"type": "HTTP", "httpHealthCheck": check},
                     },
                 },
-            }
-        )
-        docs.append(
+            },
             {
                 "apiVersion": "networking.gke.io/v1",
                 "kind": "GCPBackendPolicy",
-                "metadata": meta(release),
+                "metadata": c.meta(c.release),
                 "spec": {
-                    "targetRef": {"group": POOL_GROUP, "kind": "InferencePool", "name": release},
-                    "default": {
-                        "timeoutSec": int(v["provider"]["gke"]["timeoutSec"]),
-                        "logging": {"enabled": True},
-                    },
+                    "targetRef": target,
+                    "default": {"timeoutSec": timeout, "logging": {"enabled": True}},
                 },
-            }
-        )
-    elif provider not in ("none", "istio"):
-        raise RenderError(f"provider.name {provider!r} is not one of none, istio, gke")
-    return docs
+            },
+        ]
+    return []
 
 
 def _binding(kind: str, metadata: dict[str, Any], role: str, sa: str, namespace: str) -> dict[str, Any]:
