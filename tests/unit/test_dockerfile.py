@@ -90,7 +90,9 @@ def test_entrypoint_and_ports() -> None:
     )
     ports = {p["containerPort"] for p in c["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert ports == exposed
-    assert c["spec"]["template"]["spec"]["containers"][0]["args"][0] == "epp"  # ingate epp <upstream flags>
+    assert (
+        c["spec"]["template"]["spec"]["containers"][0]["args"][0] == "serve"
+    )  # ingate serve <upstream flags>
 
 
 def test_build_context_has_what_copy_needs() -> None:

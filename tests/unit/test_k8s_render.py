@@ -184,7 +184,7 @@ def test_defaults_give_the_upstream_ports_probes_and_objects() -> None:
     assert c["livenessProbe"]["grpc"] == {"port": 9003, "service": "inference-extension"}
     assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": "inference-extension"}
     a = c["args"]
-    assert a[0] == "epp"  # the picker command with upstream flags
+    assert a[0] == "serve"  # ingate serve with the upstream flags
     assert a[a.index("--pool-name") + 1] == "vllm-llama3-8b"
     assert a[a.index("--pool-namespace") + 1] == "default"
     assert a[a.index("--config-file") + 1] == "/config/config.yaml"
@@ -330,9 +330,8 @@ def test_configmap_carries_a_valid_ingate_config() -> None:
         (cm,) = by_kind(docs)["ConfigMap"]
         cfg = yaml.safe_load(cm["data"]["config.yaml"])
         assert cfg["pool"]["name"] == "p" and cfg["dataplane"]["type"] == "extproc"
-        # In Kubernetes mode the controller supplies the endpoints (docs/kubernetes.md, "The config
-        # file"); until config.py makes pool.endpoints optional there, validate with one added.
-        cfg["pool"]["endpoints"] = [{"address": "10.0.0.1:8000"}]
+        # No pool.endpoints: in Kubernetes mode the controller supplies them.
+        assert "endpoints" not in cfg["pool"]
         parsed = parse_config(cfg, f"{case} ConfigMap")
         assert parsed.listen.port == 9002
     custom = yaml.safe_load(
@@ -443,3 +442,33 @@ def test_cli_prints_the_same_manifests(tmp_path: Path) -> None:
 def test_chart_values_are_the_render_defaults() -> None:
     chart = (ROOT / "deploy/helm/ingate/values.yaml").read_bytes()
     assert chart == (ROOT / "src/ingate/kube/values.yaml").read_bytes()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rendered_picker_starts_with_ingates_own_flag_parser(case: str, tmp_path: Path) -> None:
+    """What the picker container will run, checked with ingate's real code: the args parse as
+    upstream picker flags, the drop-in dispatch recognises them, and the ConfigMap's file builds a
+    gateway config with the ports, TLS and data plane the manifests promise."""
+    from ingate.epp_flags import EppOptions, looks_like_epp_args
+    from ingate.serve import build_config
+
+    docs = render(case_values(case), "vllm-llama3-8b", "inference")
+    (cm,) = by_kind(docs)["ConfigMap"]
+    for file, text in cm["data"].items():  # the ConfigMap mounted at /config, here under tmp_path
+        (tmp_path / file).write_text(text)
+    c = picker(docs)
+    assert c["args"][0] == "serve"
+    flags = [a.replace("/config/", f"{tmp_path}/") for a in c["args"][1:]]
+    assert looks_like_epp_args(flags)  # the same args without "serve" also run (image swap)
+    epp = EppOptions.from_args(flags)
+    assert epp.kubernetes and epp.get("pool-name") == "vllm-llama3-8b" and epp.namespace == "inference"
+    cfg = build_config(None, epp)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert cfg.listen.port == ports["grpc"] and cfg.dataplane.type == "extproc"
+    assert cfg.serving.health_port == ports["grpc-health"] == c["readinessProbe"]["grpc"]["port"]
+    assert cfg.serving.metrics_port == ports["metrics"]
+    assert cfg.serving.host == "0.0.0.0" and cfg.listen.host == "0.0.0.0"
+    assert cfg.serving.secure_serving is (
+        case_values(case)["router"].get("epp", {}).get("flags", {}).get("secure-serving", True)
+    )
+    assert cfg.pool.name == "vllm-llama3-8b"

@@ -229,9 +229,9 @@ def _configmap(c: _Release) -> tuple[dict[str, Any], str]:
 
 
 def _args(c: _Release, config_file: str) -> list[str]:
-    """`ingate epp` with the upstream picker's flags (docs/kubernetes.md, "Picker flags")."""
+    """`ingate serve` with the upstream picker's flags (docs/kubernetes.md, "Picker flags")."""
     args = [
-        "epp",
+        "serve",
         "--pool-name",
         c.release,
         "--pool-namespace",
