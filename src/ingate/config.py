@@ -144,7 +144,7 @@ class DataplaneConfig(_Model):
 
 class ServingConfig(_Model):
     """The picker's production ports, in every data-plane mode (all off by default for standalone use;
-    `ingate epp` turns them on with the upstream endpoint picker's defaults: 9003, 9090, TLS)."""
+    `ingate serve` with the upstream picker flags turns them on with upstream's defaults: 9003, 9090, TLS)."""
 
     host: str = "127.0.0.1"
     """Address the health and metrics ports bind (a pod binds 0.0.0.0)."""
