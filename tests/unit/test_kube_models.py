@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from kubefixtures import objective_obj, pool_obj
+from test_deploy_manifests import SCHEMAS, validate
 
 from ingate.kube.endpoints import ENGINE_LABEL, pod_endpoints, pod_is_ready
 from ingate.kube.models import (
@@ -223,3 +225,70 @@ def test_engine_from_pod_label_else_default() -> None:
     assert pod_endpoints(sg, POOL)[0].engine == "sglang"
     assert pod_endpoints(pod(), POOL, default_engine="tgi")[0].engine == "tgi"
     assert pod_endpoints(sg, POOL)[0].labels[ENGINE_LABEL] == "SGLang"
+
+
+# ---- agreement with the published CRD schemas (deploy/crds/upstream) -----------------------------
+
+
+V1ALPHA2_POOL = {
+    "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
+    "kind": "InferencePool",
+    "metadata": {"name": "pool", "namespace": "ns"},
+    "spec": {"selector": {"app": "vllm"}, "targetPortNumber": 8000, "extensionRef": {"name": "epp"}},
+}
+
+
+def rewrite_obj(api_version: str) -> dict[str, Any]:
+    return {
+        "apiVersion": api_version,
+        "kind": "InferenceModelRewrite",
+        "metadata": {"name": "r", "namespace": "ns"},
+        "spec": {
+            "poolRef": {"name": "pool"},
+            "rules": [
+                {"matches": [{"model": {"value": "a"}}], "targets": [{"modelRewrite": "b", "weight": 1}]}
+            ],
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        pool_v1(),
+        pool_obj([8000, 8001]),
+        V1ALPHA2_POOL,
+        objective_obj("o", 3),
+        objective_obj("o", -1, group="inference.networking.x-k8s.io"),
+        rewrite_obj("llm-d.ai/v1alpha2"),
+        rewrite_obj("inference.networking.x-k8s.io/v1alpha2"),
+    ],
+    ids=["pool-v1", "pool-v1-2ports", "pool-v1alpha2", "obj-llmd", "obj-x", "rw-llmd", "rw-x"],
+)
+def test_objects_the_tests_use_are_valid_for_the_real_crds(obj: dict[str, Any]) -> None:
+    schema = SCHEMAS[(obj["apiVersion"], obj["kind"])]
+    body = {k: v for k, v in obj.items() if k != "metadata"}
+    assert validate(body, schema) == []
+    parse = {"InferencePool": parse_pool, "InferenceObjective": parse_objective}.get(
+        obj["kind"], parse_rewrite
+    )
+    parse(obj)  # and the controller accepts them
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"targetPorts": [{"number": 70000}]},
+        {"targetPorts": []},
+        {"targetPorts": [{"number": p} for p in range(8000, 8009)]},
+        {"appProtocol": "grpc"},
+        {"endpointPickerRef": {"name": "e", "failureMode": "Maybe"}},
+    ],
+)
+def test_what_the_crd_rejects_the_controller_rejects(spec: dict[str, Any]) -> None:
+    obj = pool_v1(**spec)
+    assert validate(
+        {k: v for k, v in obj.items() if k != "metadata"}, SCHEMAS[(obj["apiVersion"], obj["kind"])]
+    )
+    with pytest.raises(InvalidObject):
+        parse_pool(obj)
