@@ -299,3 +299,21 @@ async def test_role_missing_a_verb_fails_loudly(
         await d.wait_synced(1.5)
     assert e.value.status == 403 and f"cannot {drop_verb}" in str(e.value) and resource in str(e.value)
     assert any(rec.levelname == "ERROR" and resource in rec.getMessage() for rec in caplog.records)
+
+
+async def test_scale_from_zero_first_ready_pod_is_announced_once(cluster: Cluster) -> None:
+    s = cluster.server
+    s.apply(pool_obj())
+    s.apply(pod_obj("a", "127.0.0.2", ready=False))  # scaled to zero / still loading the model
+    d, ds, _ = await cluster.discovery()
+    await d.wait_synced(5)
+    assert ds.endpoints() == []
+    added: list[str] = []
+    ds.on_add(lambda ep: added.append(ep.address))  # what flow control's dispatcher will wake on
+    s.apply(pod_obj("a", "127.0.0.2"))
+    await until(lambda: cluster.caught_up(d), what="the pod event")
+    assert added == ["127.0.0.2:8000"]
+    s.apply(pod_obj("a", "127.0.0.2", labels={"app": "llm", "rev": "2"}))  # a label change: no churn
+    await until(lambda: cluster.caught_up(d), what="the pod event")
+    assert added == ["127.0.0.2:8000"]
+    assert ds.get("127.0.0.2:8000").labels["rev"] == "2"  # type: ignore[union-attr]
