@@ -317,3 +317,18 @@ async def test_scale_from_zero_first_ready_pod_is_announced_once(cluster: Cluste
     await until(lambda: cluster.caught_up(d), what="the pod event")
     assert added == ["127.0.0.2:8000"]
     assert ds.get("127.0.0.2:8000").labels["rev"] == "2"  # type: ignore[union-attr]
+
+
+async def test_malformed_object_does_not_stop_the_watch(cluster: Cluster) -> None:
+    s = cluster.server
+    s.apply(pool_obj())
+    d, ds, store = await cluster.discovery()
+    await d.wait_synced(5)
+    broken = objective_obj("broken", 1)
+    broken["spec"]["poolRef"] = "pool"  # not an object: the controller must shrug it off
+    s.apply(broken)
+    s.apply(objective_obj("fine", 2))
+    await until(lambda: store.get("fine") is not None, what="the next objective")
+    s.apply(pod_obj("a", "127.0.0.2"))
+    await until(lambda: cluster.caught_up(d), what="the pod event")
+    assert addrs(ds) == {"127.0.0.2:8000"}

@@ -54,6 +54,8 @@ class EventRecorder:
         now = time.monotonic()
         if now - self._recent.get(key, -1e18) < self._dedupe_s:
             return
+        if len(self._recent) > 1000:  # forget what is past the dedupe window
+            self._recent = {k: t for k, t in self._recent.items() if now - t < self._dedupe_s}
         self._recent[key] = now
         t = asyncio.get_running_loop().create_task(self._post(involved, type_, reason, message))
         self._tasks.add(t)

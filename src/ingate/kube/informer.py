@@ -123,7 +123,10 @@ class Informer:
         body = orjson.loads(await resp.read())
         resp.release()
         self.lists += 1
-        self._on_list(body.get("items") or [])
+        try:
+            self._on_list(body.get("items") or [])
+        except Exception:  # a consumer bug on one object must not stop the watch
+            log.exception("kube %s: handling the list failed", self.what)
         self.resource_version = str(body["metadata"]["resourceVersion"])
         self.error, self.absent = None, False
 
@@ -163,7 +166,10 @@ class Informer:
                     )
                 rv = (obj.get("metadata") or {}).get("resourceVersion")
                 if typ != "BOOKMARK":
-                    self._on_event(typ, obj)
+                    try:
+                        self._on_event(typ, obj)
+                    except Exception:  # a consumer bug on one object must not stop the watch
+                        log.exception("kube %s: handling a %s event failed", self.what, typ)
                 if rv:
                     self.resource_version = str(rv)
         finally:
