@@ -332,3 +332,31 @@ async def test_malformed_object_does_not_stop_the_watch(cluster: Cluster) -> Non
     s.apply(pod_obj("a", "127.0.0.2"))
     await until(lambda: cluster.caught_up(d), what="the pod event")
     assert addrs(ds) == {"127.0.0.2:8000"}
+
+
+async def test_standalone_endpoint_selector_mode(cluster: Cluster) -> None:
+    s = cluster.server
+    s.rules = required_rules(standalone=True)  # pods only: no CRDs, no Events
+    s.apply(pod_obj("a", "127.0.0.2", labels={"app": "vllm"}))
+    s.apply(pod_obj("b", "127.0.0.3", labels={"app": "sglang", ENGINE_LABEL: "sglang"}))
+    s.apply(pod_obj("c", "127.0.0.4", labels={"app": "tgi"}))
+    ds, store = Datastore(), ObjectiveStore.create()
+    d = KubeDiscovery(
+        ds,
+        store,
+        None,
+        NS,
+        endpoint_selector="app in (vllm,sglang)",
+        target_ports=[8000],
+        kubeconfig=str(cluster.kubeconfig),
+    )
+    cluster.discoveries.append(d)
+    await d.start()
+    await d.wait_synced(5)
+    assert addrs(ds) == {"127.0.0.2:8000", "127.0.0.3:8000"}
+    s.apply(pod_obj("c", "127.0.0.4", labels={"app": "vllm"}))
+    await until(lambda: "127.0.0.4:8000" in addrs(ds), what="the pod joining the selector")
+    assert {(r.verb, r.resource) for r in s.requests} == {("list", "pods"), ("watch", "pods")}
+    assert all(r.allowed for r in s.requests)
+    with pytest.raises(ValueError, match="either a pool name or an endpoint selector"):
+        KubeDiscovery(ds, store, "pool", NS, endpoint_selector="app=x", target_ports=[1])

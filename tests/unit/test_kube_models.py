@@ -8,14 +8,16 @@ import pytest
 from kubefixtures import objective_obj, pool_obj
 from test_deploy_manifests import SCHEMAS, validate
 
-from ingate.kube.endpoints import ENGINE_LABEL, pod_endpoints, pod_is_ready
+from ingate.kube.endpoints import ENGINE_LABEL, LEGACY_ENGINE_LABEL, pod_endpoints, pod_is_ready
 from ingate.kube.models import (
     InvalidObject,
     Pool,
     parse_objective,
     parse_pool,
     parse_rewrite,
+    standalone_pool,
 )
+from ingate.kube.selectors import parse_selector, selector_matches
 
 
 def pool_v1(**spec: Any) -> dict[str, Any]:
@@ -292,3 +294,42 @@ def test_what_the_crd_rejects_the_controller_rejects(spec: dict[str, Any]) -> No
     )
     with pytest.raises(InvalidObject):
         parse_pool(obj)
+
+
+# ---- label selectors and standalone mode ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "ok"),
+    [
+        ("app=vllm", {"app": "vllm"}, True),
+        ("app==vllm,tier!=gpu-a", {"app": "vllm", "tier": "gpu-b"}, True),
+        ("app=vllm,tier!=gpu-a", {"app": "vllm", "tier": "gpu-a"}, False),
+        ("env in (prod, staging),!canary", {"env": "staging"}, True),
+        ("env in (prod,staging),!canary", {"env": "staging", "canary": "1"}, False),
+        ("env notin (dev)", {}, True),
+        ("gpu", {"gpu": ""}, True),
+        ("gpu", {}, False),
+    ],
+)
+def test_label_selector_syntax(selector: str, labels: dict[str, str], ok: bool) -> None:
+    assert selector_matches(selector, labels) is ok
+
+
+def test_bad_selector_and_ports_are_rejected() -> None:
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_selector("app in vllm")
+    with pytest.raises(ValueError, match="target ports"):
+        standalone_pool("ns", "app=vllm", [])
+    p = standalone_pool("ns", "app in (vllm,sglang)", [8000, 8001])
+    assert p.label_selector() == "app in (vllm,sglang)"
+    assert [e.address for e in pod_endpoints(pod(labels={"app": "sglang"}), p)] == [
+        "10.0.0.1:8000",
+        "10.0.0.1:8001",
+    ]
+    assert pod_endpoints(pod(labels={"app": "tgi"}), p) == []
+
+
+def test_legacy_engine_label() -> None:
+    p = pod(labels={"app": "vllm", LEGACY_ENGINE_LABEL: "sglang"})
+    assert pod_endpoints(p, POOL)[0].engine == "sglang"

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -53,6 +53,7 @@ from ingate.kube.models import (
     parse_objective,
     parse_pool,
     parse_rewrite,
+    standalone_pool,
 )
 from ingate.objectives import ObjectiveSpec, ObjectiveStore, RewriteRuleSpec, RewriteSpec
 
@@ -63,19 +64,23 @@ OBJECTIVE_KINDS = (OBJECTIVE_X, OBJECTIVE_LLMD)
 REWRITE_KINDS = (REWRITE_X, REWRITE_LLMD)
 
 
-def required_rules(pool_group: str = POOL_GROUP, leader_election: bool = False) -> list[dict[str, list[str]]]:
-    """The namespaced Role rules the controller uses, exactly (Helm chart / `ingate k8s render`)."""
-    pool = POOL_KINDS[pool_group]
-    rules = [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-        {"apiGroups": [pool.group], "resources": [pool.plural], "verbs": ["list", "watch"]},
-        {
-            "apiGroups": sorted({LLMD_GROUP, X_GROUP}),
-            "resources": ["inferenceobjectives", "inferencemodelrewrites"],
-            "verbs": ["list", "watch"],
-        },
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    ]
+def required_rules(
+    pool_group: str = POOL_GROUP, leader_election: bool = False, standalone: bool = False
+) -> list[dict[str, list[str]]]:
+    """The namespaced Role rules the controller uses, exactly (Helm chart / `ingate k8s render`).
+    `standalone`: an endpoint selector instead of an InferencePool (pods only, no CRDs, no Events)."""
+    rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
+    if not standalone:
+        pool = POOL_KINDS[pool_group]
+        rules += [
+            {"apiGroups": [pool.group], "resources": [pool.plural], "verbs": ["list", "watch"]},
+            {
+                "apiGroups": sorted({LLMD_GROUP, X_GROUP}),
+                "resources": ["inferenceobjectives", "inferencemodelrewrites"],
+                "verbs": ["list", "watch"],
+            },
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        ]
     if leader_election:
         rules.append(
             {
@@ -95,15 +100,20 @@ class _Key:
 
 class KubeDiscovery:
     """See the module docstring. `start()` returns at once; await `synced` (or `wait_synced`) for
-    readiness; `stop()` cancels the watches (endpoints stay as they are)."""
+    readiness; `stop()` cancels the watches (endpoints stay as they are).
+
+    Standalone mode (upstream `--endpoint-selector` + `--endpoint-target-ports`): `pool_name=None`
+    with `endpoint_selector` and `target_ports`: pods only, no InferencePool and no objectives."""
 
     def __init__(
         self,
         datastore: Datastore,
         objectives: ObjectiveStore,
-        pool_name: str,
+        pool_name: str | None,
         namespace: str,
         *,
+        endpoint_selector: str | None = None,
+        target_ports: Sequence[int] = (),
         pool_group: str = POOL_GROUP,
         kubeconfig: str | None = None,
         default_engine: str = "vllm",
@@ -115,9 +125,14 @@ class KubeDiscovery:
     ) -> None:
         if pool_group not in POOL_KINDS:
             raise ValueError(f"pool group {pool_group!r}: expected one of {sorted(POOL_KINDS)}")
+        if (pool_name is None) == (endpoint_selector is None):
+            raise ValueError("give either a pool name or an endpoint selector (with target ports)")
+        self._standalone = (
+            standalone_pool(namespace, endpoint_selector, tuple(target_ports)) if endpoint_selector else None
+        )
         self.datastore = datastore
         self.objectives = objectives
-        self.pool_name, self.namespace = pool_name, namespace
+        self.pool_name, self.namespace = pool_name or "", namespace
         self.pool_kind = POOL_KINDS[pool_group]
         self.kubeconfig = kubeconfig
         self.default_engine = default_engine
@@ -150,6 +165,11 @@ class KubeDiscovery:
             self._api = await api_client(self.kubeconfig)
         api = self._api
         self.events = EventRecorder(api, self.namespace)
+        if self._standalone is not None:
+            self.pool = self._standalone
+            self._start_pod_informer(self.pool)
+            log.info("kube: watching pods %r in %s (no InferencePool)", self.pool.expression, self.namespace)
+            return
         custom = client.CustomObjectsApi(api)
         pk = self.pool_kind
         self.pool_informer = Informer(

@@ -17,6 +17,8 @@ from ingate.datastore import Endpoint
 from ingate.kube.models import Pool
 
 ENGINE_LABEL = "llm-d.ai/engine-type"
+LEGACY_ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
+"""The older Gateway API Inference Extension label, still honoured upstream (deprecated)."""
 
 
 def _condition_true(conditions: list[dict[str, Any]], ctype: str) -> bool:
@@ -50,8 +52,9 @@ def pod_ip(pod: dict[str, Any]) -> str | None:
 
 
 def pod_engine(labels: dict[str, str], default: str) -> str:
-    """The pod's engine from its `llm-d.ai/engine-type` label (lower-cased), else the pool default."""
-    v = labels.get(ENGINE_LABEL, "").strip().lower()
+    """The pod's engine from its `llm-d.ai/engine-type` label (or the legacy
+    `inference.networking.k8s.io/engine-type`), lower-cased, else the pool default."""
+    v = (labels.get(ENGINE_LABEL) or labels.get(LEGACY_ENGINE_LABEL) or "").strip().lower()
     return v or default
 
 

@@ -7,7 +7,7 @@ generations), driven through the real client library (kubernetes_asyncio) and a 
 also useful for users' own tests of code that talks to the picker's resources.
 
 What it implements, as the API server does:
-- list (`GET .../{plural}`) with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`), `fieldSelector`
+- list (`GET .../{plural}`) with `labelSelector` (equality, set-based `in`/`notin`, existence), `fieldSelector`
   `metadata.name=`, `metadata.resourceVersion` on the list; `resourceVersion` older than the compacted
   revision -> 410 Gone (Status reason Expired);
 - watch (`?watch=true&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=S`): a chunked stream
@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from ingate.kube.selectors import parse_selector, selector_matches
 
 # (group, version, plural) -> kind. "" is the core group.
 DEFAULT_RESOURCES: dict[tuple[str, str, str], str] = {
@@ -81,24 +83,6 @@ def _parse_bool(v: str) -> bool:
     return v in ("1", "t", "T", "true", "TRUE", "True")
 
 
-def _selector_matches(selector: str, labels: dict[str, str]) -> bool:
-    for term in filter(None, (t.strip() for t in selector.split(","))):
-        if "!=" in term:
-            k, v = term.split("!=", 1)
-            if labels.get(k.strip()) == v.strip():
-                return False
-        elif "=" in term:
-            k, v = term.replace("==", "=").split("=", 1)
-            if labels.get(k.strip()) != v.strip():
-                return False
-        elif term.startswith("!"):
-            if term[1:] in labels:
-                return False
-        elif term not in labels:
-            return False
-    return True
-
-
 @dataclass
 class _Filter:
     namespace: str
@@ -113,7 +97,7 @@ class _Filter:
             return False
         if self.name is not None and meta.get("name") != self.name:
             return False
-        return _selector_matches(self.labels, meta.get("labels") or {})
+        return selector_matches(self.labels, meta.get("labels") or {})
 
 
 @dataclass
@@ -392,6 +376,10 @@ class FakeApiServer:
         if verb == "deletecollection":
             return self._json(status_body(405, "MethodNotAllowed", "deletecollection not supported"), 405)
         flt = _Filter(ns, req.query.get("labelSelector", ""))
+        try:
+            parse_selector(flt.labels)
+        except ValueError as e:
+            return self._json(status_body(400, "BadRequest", f"unable to parse requirement: {e}"), 400)
         fsel = req.query.get("fieldSelector", "")
         if fsel:
             k, _, v = fsel.partition("=")

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ingate.kube.selectors import parse_selector, selector_matches
+
 POOL_GROUP = "inference.networking.k8s.io"
 X_GROUP = "inference.networking.x-k8s.io"
 LLMD_GROUP = "llm-d.ai"
@@ -123,12 +125,18 @@ class Pool:
     app_protocol: str = "http"
     picker_name: str | None = None
     failure_mode: str = "FailClose"
+    expression: str = ""
+    """A label selector string instead of `selector` (upstream's `--endpoint-selector`, no pool)."""
 
     def label_selector(self) -> str:
         """The selector as a Kubernetes labelSelector query string (`k=v,k2=v2`)."""
+        if self.expression:
+            return self.expression
         return ",".join(f"{k}={v}" for k, v in sorted(self.selector.items()))
 
     def matches(self, labels: dict[str, str]) -> bool:
+        if self.expression:
+            return selector_matches(self.expression, labels)
         return all(labels.get(k) == v for k, v in self.selector.items())
 
 
@@ -315,3 +323,15 @@ def parse_rewrite(obj: dict[str, Any]) -> ModelRewrite:
     )
     created = str((obj.get("metadata") or {}).get("creationTimestamp", ""))
     return ModelRewrite(ns, name, s.pool_ref.name, rules, created, group)
+
+
+def standalone_pool(namespace: str, selector: str, target_ports: list[int] | tuple[int, ...]) -> Pool:
+    """A pool from a label selector and ports, without an InferencePool (upstream `--endpoint-selector`
+    and `--endpoint-target-ports`); raises ValueError naming the bad flag value."""
+    if not selector.strip():
+        raise ValueError("endpoint selector: empty")
+    parse_selector(selector)
+    ports = tuple(target_ports)
+    if not 1 <= len(ports) <= 8 or any(not 1 <= p <= 65535 for p in ports) or len(set(ports)) != len(ports):
+        raise ValueError(f"endpoint target ports: 1 to 8 distinct ports in 1-65535, got {list(ports)}")
+    return Pool(namespace, "", "", {}, ports, expression=selector)
