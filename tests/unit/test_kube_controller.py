@@ -7,14 +7,17 @@ the controller calls only granted verbs.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from kubefixtures import NS, POOL, objective_obj, pod_obj, pool_obj, until
 
 from ingate.datastore import Datastore, Endpoint
+from ingate.kube.client import api_client
 from ingate.kube.controller import KubeAccessDenied, KubeDiscovery, required_rules
 from ingate.kube.endpoints import ENGINE_LABEL
 from ingate.kube.fakeapi import FakeApiServer
@@ -360,3 +363,30 @@ async def test_standalone_endpoint_selector_mode(cluster: Cluster) -> None:
     assert all(r.allowed for r in s.requests)
     with pytest.raises(ValueError, match="either a pool name or an endpoint selector"):
         KubeDiscovery(ds, store, "pool", NS, endpoint_selector="app=x", target_ports=[1])
+
+
+async def test_in_cluster_service_account_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a pod: https to KUBERNETES_SERVICE_HOST:PORT, the service account token and CA from files."""
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text("sa-token")
+    ca.cert_pem.write_to_path(str(sa / "ca.crt"))
+    async with FakeApiServer(required_rules(), token="sa-token", ssl_context=ctx) as server:
+        server.apply(pool_obj())
+        server.apply(pod_obj("a", "127.0.0.2"))
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
+        api = await api_client(service_account_dir=str(sa))
+        ds = Datastore()
+        d = KubeDiscovery(ds, ObjectiveStore.create(), POOL, NS, api=api)
+        await d.start()
+        try:
+            await d.wait_synced(5)
+            assert addrs(ds) == {"127.0.0.2:8000"}
+        finally:
+            await d.stop()
+            await api.close()
+        assert server.url.startswith("https://")

@@ -43,12 +43,22 @@ async def error_from(resp: ClientResponse, what: str) -> KubeApiError:
     return cls(resp.status, str(st.get("reason", resp.reason or "")), str(st.get("message", "")), what)
 
 
-async def api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+async def api_client(
+    kubeconfig: str | None = None, context: str | None = None, service_account_dir: str = SERVICE_ACCOUNT_DIR
+) -> client.ApiClient:
     """A client from `kubeconfig` when given; else the in-cluster service account when running in a pod
-    (KUBERNETES_SERVICE_HOST set); else $KUBECONFIG or ~/.kube/config."""
+    (KUBERNETES_SERVICE_HOST set: https to the API server, its `token` re-read as kubelet rotates it,
+    `ca.crt` verifying the server); else $KUBECONFIG or ~/.kube/config."""
     cfg = client.Configuration()
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=cfg)
+        config.load_incluster_config(
+            client_configuration=cfg,
+            token_filename=os.path.join(service_account_dir, "token"),
+            cert_filename=os.path.join(service_account_dir, "ca.crt"),
+        )
     else:
         await config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=cfg)
     return client.ApiClient(cfg)

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import ssl
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -139,11 +140,13 @@ class FakeApiServer:
         user: str = "system:serviceaccount:default:ingate",
         bookmark_interval: float = 1.0,
         resources: dict[tuple[str, str, str], str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.rules = rules
         self.host, self.port = host, port
         self.token, self.user = token, user
         self.bookmark_interval = bookmark_interval
+        self.ssl_context = ssl_context
         self.resources = dict(resources or DEFAULT_RESOURCES)
         self.objects: dict[tuple[tuple[str, str, str], str, str], dict[str, Any]] = {}
         self.rv = 1
@@ -157,7 +160,7 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         """Serve (again) on `port`; the first start picks a free port when port is 0."""
@@ -168,7 +171,9 @@ class FakeApiServer:
         app.router.add_route("*", "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}", self._item)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context
+        )
         await site.start()
         if self.port == 0:
             sock = site._server.sockets[0]  # type: ignore[union-attr]
