@@ -390,3 +390,33 @@ async def test_in_cluster_service_account_over_tls(tmp_path: Path, monkeypatch: 
             await d.stop()
             await api.close()
         assert server.url.startswith("https://")
+
+
+async def test_bookmarks_keep_a_quiet_watch_resumable_after_compaction(cluster: Cluster) -> None:
+    """Pods stay quiet while other objects change; bookmarks move the pod watch's resourceVersion
+    along, so after compaction and an API server restart it resumes without a 410 relist."""
+    s = cluster.server
+    s.apply(pool_obj())
+    s.apply(pod_obj("a", "127.0.0.2"))
+    d, ds, _ = await cluster.discovery()
+    await d.wait_synced(5)
+    for i in range(5):
+        s.apply(objective_obj(f"o{i}", i))
+    await until(lambda: cluster.caught_up(d), what="a bookmark at the newest revision")
+    s.compact()
+    await s.stop()
+    await s.start()
+    s.apply(pod_obj("b", "127.0.0.3"))
+    await until(lambda: "127.0.0.3:8000" in addrs(ds), within_s=10, what="the pod after the restart")
+    assert d.pod_informer is not None and d.pod_informer.lists == 1
+
+
+async def test_server_side_watch_timeout_resumes_without_relist(cluster: Cluster) -> None:
+    s = cluster.server
+    s.apply(pool_obj())
+    d, ds, _ = await cluster.discovery(watch_timeout_s=1)
+    await d.wait_synced(5)
+    await until(lambda: d.pod_informer is not None and d.pod_informer.watches >= 2, what="a second watch")
+    s.apply(pod_obj("a", "127.0.0.2"))
+    await until(lambda: addrs(ds) == {"127.0.0.2:8000"}, what="the pod")
+    assert d.pod_informer is not None and d.pod_informer.lists == 1
