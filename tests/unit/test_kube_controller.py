@@ -420,3 +420,18 @@ async def test_server_side_watch_timeout_resumes_without_relist(cluster: Cluster
     s.apply(pod_obj("a", "127.0.0.2"))
     await until(lambda: addrs(ds) == {"127.0.0.2:8000"}, what="the pod")
     assert d.pod_informer is not None and d.pod_informer.lists == 1
+
+
+async def test_pool_selector_change_moves_the_endpoints(cluster: Cluster) -> None:
+    s = cluster.server
+    s.apply(pool_obj(selector={"app": "llm", "track": "blue"}))
+    s.apply(pod_obj("blue", "127.0.0.2", labels={"app": "llm", "track": "blue"}))
+    s.apply(pod_obj("green", "127.0.0.3", labels={"app": "llm", "track": "green"}))
+    s.apply(pod_obj("both", "127.0.0.4", labels={"app": "llm"}))
+    d, ds, _ = await cluster.discovery()
+    await d.wait_synced(5)
+    assert addrs(ds) == {"127.0.0.2:8000"}
+    s.apply(pool_obj(selector={"app": "llm", "track": "green"}))
+    await until(lambda: addrs(ds) == {"127.0.0.3:8000"}, what="the green pods")
+    s.apply(pool_obj(selector={"app": "llm"}))
+    await until(lambda: addrs(ds) == {"127.0.0.2:8000", "127.0.0.3:8000", "127.0.0.4:8000"}, what="all pods")
