@@ -83,6 +83,9 @@ class ObjectiveStore:
     _dynamic: dict[str, ObjectiveSpec] = field(default_factory=dict)
     _static_rewrites: list[RewriteSpec] = field(default_factory=list)
     _dynamic_rewrites: dict[str, RewriteSpec] = field(default_factory=dict)
+    default_name: str | None = None
+    """The objective of requests that name none and whose model no objective lists (config
+    `defaultObjective`)."""
     version: int = 0
     _listeners: list[Callable[[], None]] = field(default_factory=list)
     _merged: dict[str, ObjectiveSpec] = field(default_factory=dict)
@@ -112,7 +115,9 @@ class ObjectiveStore:
             )
             for r in cfg.models.rewrites
         )
-        return cls.create(objs, [RewriteSpec("config", rules)] if rules else [])
+        store = cls.create(objs, [RewriteSpec("config", rules)] if rules else [])
+        store.default_name = cfg.default_objective
+        return store
 
     # ---- readers ---------------------------------------------------------------------------------
 
@@ -122,6 +127,18 @@ class ObjectiveStore:
     def for_model(self, model: str) -> ObjectiveSpec | None:
         """The objective whose `models` list names `model` (static config only)."""
         return self._by_model.get(model)
+
+    def resolve(self, name: str | None, model: str) -> ObjectiveSpec | None:
+        """The objective of a request: the one it names (header) when known, else the one listing its
+        model, else the default; None = priority 0 and no SLOs (what the director does today)."""
+        if name is not None:
+            named = self._merged.get(name)
+            if named is not None:
+                return named
+        by_model = self._by_model.get(model)
+        if by_model is not None:
+            return by_model
+        return self._merged.get(self.default_name) if self.default_name else None
 
     def objectives(self) -> Mapping[str, ObjectiveSpec]:
         return MappingProxyType(self._merged)

@@ -67,3 +67,19 @@ def test_weighted_split_follows_weights() -> None:
     )
     picks = Counter(s.rewrite("m", i / 1000) for i in range(1000))
     assert picks == {"v1": 900, "v2": 100}
+
+
+def test_resolve_named_then_model_then_default() -> None:
+    cfg = GatewayConfig.model_validate(
+        {
+            "pool": {"endpoints": [{"address": "127.0.0.1:8000"}]},
+            "objectives": [{"name": "std", "priority": 0}, {"name": "chat", "priority": 2, "models": ["m"]}],
+            "defaultObjective": "std",
+        }
+    )
+    s = ObjectiveStore.from_config(cfg)
+    s.put(ObjectiveSpec("critical", 10))  # e.g. from an InferenceObjective
+    assert s.resolve("critical", "m") == ObjectiveSpec("critical", 10)
+    assert s.resolve("unknown", "m") is s.get("chat")
+    assert s.resolve(None, "other") is s.get("std")
+    assert ObjectiveStore.create().resolve(None, "m") is None
