@@ -20,7 +20,7 @@ from ingate.datastore import Datastore, Endpoint
 from ingate.kube.client import api_client
 from ingate.kube.controller import KubeAccessDenied, KubeDiscovery, required_rules
 from ingate.kube.endpoints import ENGINE_LABEL
-from ingate.kube.fakeapi import FakeApiServer
+from ingate.kube.fakeapi import DEFAULT_RESOURCES, FakeApiServer
 from ingate.kube.models import X_GROUP
 from ingate.objectives import ObjectiveStore
 
@@ -435,3 +435,22 @@ async def test_pool_selector_change_moves_the_endpoints(cluster: Cluster) -> Non
     await until(lambda: addrs(ds) == {"127.0.0.3:8000"}, what="the green pods")
     s.apply(pool_obj(selector={"app": "llm"}))
     await until(lambda: addrs(ds) == {"127.0.0.2:8000", "127.0.0.3:8000", "127.0.0.4:8000"}, what="all pods")
+
+
+async def test_cluster_with_only_the_older_crds(tmp_path: Path) -> None:
+    """A cluster that has no llm-d.ai CRDs: those watches are skipped, the x-k8s objectives work."""
+    resources = {k: v for k, v in DEFAULT_RESOURCES.items() if k[0] != "llm-d.ai"}
+    async with FakeApiServer(required_rules(), resources=resources) as server:
+        server.apply(pool_obj())
+        server.apply(objective_obj("critical", 4, group=X_GROUP))
+        c = Cluster(server, server.write_kubeconfig(tmp_path / "kubeconfig", NS))
+        d, _, store = await c.discovery()
+        try:
+            await d.wait_synced(5)
+            assert store.get("critical") is not None and store.get("critical").priority == 4  # type: ignore[union-attr]
+            assert sorted(i.what for i in d.crd_informers if i.absent) == [
+                "inferencemodelrewrites.llm-d.ai",
+                "inferenceobjectives.llm-d.ai",
+            ]
+        finally:
+            await d.stop()
