@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ingate.datastore import Datastore
+from ingate.epp_flags import EppOptions
 from ingate.kube.leader import AlwaysLeader, LeaseElector
 from ingate.kube.options import KubeOptions, lease_name
 from ingate.objectives import ObjectiveStore
@@ -45,3 +46,24 @@ def test_builds_discovery_elector_and_rules() -> None:
     e1, e2 = s1.elector(), s2.elector()
     assert isinstance(e1, LeaseElector) and isinstance(e2, LeaseElector) and e1.name == e2.name
     assert [r["resources"] for r in s1.rules()] == [["pods"], ["leases"]]
+
+
+def test_from_the_upstream_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NAMESPACE", "llm")
+    o = KubeOptions.from_epp(EppOptions.from_args(["--pool-name", "qwen", "--ha-enable-leader-election"]))
+    assert (o.pool_name, o.pool_namespace, o.pool_group, o.leader_election) == (
+        "qwen",
+        "llm",
+        "inference.networking.k8s.io",
+        True,
+    )
+    o.validate()
+    o = KubeOptions.from_epp(
+        EppOptions.from_args(["-endpointSelector", "app in (a,b)", "-endpointTargetPorts", "8000,8001"])
+    )
+    assert (o.pool_name, o.endpoint_selector, tuple(o.endpoint_target_ports)) == (
+        None,
+        "app in (a,b)",
+        (8000, 8001),
+    )
+    o.validate()

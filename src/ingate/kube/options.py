@@ -1,8 +1,9 @@
 """What the serving side passes to the Kubernetes adapter: upstream's flags, in one value.
 
 The picker process maps its command line (upstream names: `--pool-name`, `--pool-namespace`,
-`--pool-group`, `--endpoint-selector`, `--endpoint-target-ports`, `--ha-enable-leader-election`) to a
-`KubeOptions`, then builds the controller and the elector from it. The pool namespace defaults to the
+`--pool-group`, `--endpoint-selector`, `--endpoint-target-ports`, `--ha-enable-leader-election`, as
+parsed by `ingate.epp_flags`) to a `KubeOptions` (`from_epp`), then builds the controller and the
+elector from it. The pool namespace defaults to the
 `NAMESPACE` environment variable (the upstream chart sets it from the downward API), then `default`.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ingate.datastore import Datastore
+from ingate.epp_flags import EppOptions
 from ingate.kube.controller import KubeDiscovery, required_rules
 from ingate.kube.leader import AlwaysLeader, Elector, LeaseElector
 from ingate.kube.models import POOL_GROUP, POOL_KINDS, standalone_pool
@@ -38,6 +40,20 @@ class KubeOptions:
     kubeconfig: str | None = None
     """None: in-cluster service account, else $KUBECONFIG / ~/.kube/config."""
     default_engine: str = "vllm"
+
+    @classmethod
+    def from_epp(cls, epp: EppOptions, kubeconfig: str | None = None) -> KubeOptions:
+        """From the upstream picker flags `ingate serve` parsed (`--pool-name`, `--pool-namespace`,
+        `--pool-group`, `--endpoint-selector`, `--endpoint-target-ports`, `--ha-enable-leader-election`)."""
+        return cls(
+            pool_name=str(epp.get("pool-name")) or None,
+            pool_namespace=epp.namespace,
+            pool_group=str(epp.get("pool-group")),
+            endpoint_selector=str(epp.get("endpoint-selector")) or None,
+            endpoint_target_ports=tuple(epp.target_ports()),
+            leader_election=bool(epp.get("ha-enable-leader-election")),
+            kubeconfig=kubeconfig,
+        )
 
     def validate(self) -> None:
         """Raise ValueError naming the flag that is wrong."""
