@@ -281,7 +281,7 @@ async def test_controller_uses_exactly_the_granted_verbs(cluster: Cluster) -> No
 
 @pytest.mark.parametrize(
     ("drop_verb", "resource"),
-    [("watch", "pods"), ("list", "inferencepools"), ("watch", "inferenceobjectives")],
+    [("watch", "pods"), ("list", "pods"), ("list", "inferencepools"), ("watch", "inferencepools")],
 )
 async def test_role_missing_a_verb_fails_loudly(
     cluster: Cluster, drop_verb: str, resource: str, caplog: pytest.LogCaptureFixture
@@ -454,3 +454,59 @@ async def test_cluster_with_only_the_older_crds(tmp_path: Path) -> None:
             ]
         finally:
             await d.stop()
+
+
+# The namespaced Roles the upstream charts grant (facts from their rbac templates): the picker must
+# run under them unchanged. Neither grants Events without leader election; the older GIE chart does
+# not know the llm-d.ai group.
+READ = ["get", "watch", "list"]
+LLMD_ROUTER_CHART_ROLE = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
+    {
+        "apiGroups": ["inference.networking.x-k8s.io"],
+        "resources": ["inferenceobjectives", "inferencemodelrewrites"],
+        "verbs": READ,
+    },
+    {
+        "apiGroups": ["llm-d.ai"],
+        "resources": ["inferenceobjectives", "inferencemodelrewrites"],
+        "verbs": READ,
+    },
+    {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": READ},
+]
+GIE_CHART_ROLE = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": READ},
+    {
+        "apiGroups": ["inference.networking.x-k8s.io"],
+        "resources": ["inferenceobjectives", "inferencemodelrewrites"],
+        "verbs": READ,
+    },
+    {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": READ},
+]
+
+
+@pytest.mark.parametrize("role", [LLMD_ROUTER_CHART_ROLE, GIE_CHART_ROLE], ids=["llm-d-router", "gie"])
+async def test_runs_under_the_upstream_charts_roles(
+    cluster: Cluster, role: list[dict[str, list[str]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    s = cluster.server
+    s.rules = role
+    s.apply(pool_obj())
+    s.apply(pod_obj("a", "127.0.0.2"))
+    s.apply(objective_obj("critical", 7, group=X_GROUP))
+    d, ds, store = await cluster.discovery()
+    await d.wait_synced(5)
+    assert addrs(ds) == {"127.0.0.2:8000"}
+    assert store.get("critical") is not None and store.get("critical").priority == 7  # type: ignore[union-attr]
+    s.apply(objective_obj("critical", "high", group=X_GROUP))  # invalid: an Event it may not create
+    s.apply(objective_obj("other", "bad", group=X_GROUP))
+    await until(lambda: d.events is not None and d.events.disabled, what="events disabled")
+    assert store.get("critical").priority == 7  # type: ignore[union-attr]
+    assert sum("not recording Kubernetes Events" in r.getMessage() for r in caplog.records) == 1
+    assert not any(r.verb == "create" and r.resource == "events" and r.allowed for r in s.requests)
+    if role is GIE_CHART_ROLE:
+        assert sorted(i.what for i in d.crd_informers if i.absent) == [
+            "inferencemodelrewrites.llm-d.ai",
+            "inferenceobjectives.llm-d.ai",
+        ]
+        assert any("going on without inferenceobjectives.llm-d.ai" in r.getMessage() for r in caplog.records)

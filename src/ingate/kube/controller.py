@@ -68,7 +68,9 @@ def required_rules(
     pool_group: str = POOL_GROUP, leader_election: bool = False, standalone: bool = False
 ) -> list[dict[str, list[str]]]:
     """The namespaced Role rules the controller uses, exactly (Helm chart / `ingate k8s render`).
-    `standalone`: an endpoint selector instead of an InferencePool (pods only, no CRDs, no Events)."""
+    Pods and the pool are required; objectives, rewrites and Events are used when granted (the
+    upstream charts' Roles lack some of them). `standalone`: an endpoint selector instead of an
+    InferencePool (pods only, no CRDs, no Events)."""
     rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
     if not standalone:
         pool = POOL_KINDS[pool_group]
@@ -203,6 +205,7 @@ class KubeDiscovery:
             ),
             on_list,
             on_event,
+            optional=True,
             **self._informer_opts,
         )
         self.crd_informers.append(inf)
@@ -249,9 +252,9 @@ class KubeDiscovery:
             raise err
 
     def access_error(self) -> KubeAccessDenied | None:
-        """The first RBAC/auth error any watch currently has (None when all is allowed)."""
+        """The first RBAC/auth error a required watch (pool, pods) currently has (None when allowed)."""
         for inf in self._informers():
-            if isinstance(inf.error, KubeAccessDenied):
+            if not inf.optional and isinstance(inf.error, KubeAccessDenied):
                 return inf.error
         return None
 

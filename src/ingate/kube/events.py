@@ -16,7 +16,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from ingate.kube.client import error_from
+from ingate.kube.client import KubeAccessDenied, error_from
 
 log = logging.getLogger("ingate.kube")
 
@@ -47,9 +47,13 @@ class EventRecorder:
         self._recent: dict[tuple[str, str, str], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.recorded = 0
+        self.disabled = False
+        """Set after a 403: the upstream charts grant `events: create` only with leader election."""
 
     def record(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Fire and forget (the controller's event handlers are synchronous)."""
+        if self.disabled:
+            return
         key = (str(involved.get("uid") or involved.get("name")), reason, message)
         now = time.monotonic()
         if now - self._recent.get(key, -1e18) < self._dedupe_s:
@@ -88,6 +92,10 @@ class EventRecorder:
                 raise await error_from(resp, "create event")
             resp.release()
             self.recorded += 1
+        except KubeAccessDenied as e:
+            if not self.disabled:
+                log.warning("kube: %s; not recording Kubernetes Events (log lines only)", e)
+            self.disabled = True
         except Exception as e:  # best effort: never let an Event break the controller
             log.warning("kube: could not record event %s %s: %s", reason, involved.get("name"), e)
 

@@ -48,8 +48,12 @@ class Informer:
         backoff_max_s: float = 10.0,
         watch_timeout_s: int = 300,
         rng: random.Random | None = None,
+        optional: bool = False,
     ) -> None:
         self.what = what
+        self.optional = optional
+        """A resource the picker can do without (objectives, rewrites): not served (404) or not
+        permitted (403) marks it `absent` with one log line instead of blocking readiness."""
         self._list_fn = list_fn
         self._on_list, self._on_event = on_list, on_event
         self._selectors: dict[str, str] = {}
@@ -64,6 +68,7 @@ class Informer:
         """Set once listed and the watch is open (from then on no change is missed), or when the
         resource turned out absent (not served)."""
         self.absent = False
+        """Not tracked: not served (its CRD is not installed) or, when optional, not permitted."""
         self.error: KubeApiError | None = None
         """The last API error (cleared by the next success); KubeAccessDenied for RBAC problems."""
         self.resource_version: str | None = None
@@ -91,12 +96,20 @@ class Informer:
                 self.resource_version = None
             except KubeApiError as e:
                 self.error = e
-                if e.status == 404 and self.resource_version is None:
+                denied = isinstance(e, KubeAccessDenied)
+                if (e.status == 404 and self.resource_version is None) or (self.optional and denied):
                     if not self.absent:
-                        log.info(
-                            "%s is not served by the API server (CRD not installed?); will retry", self.what
-                        )
+                        if denied:
+                            log.warning(
+                                "kube: %s; going on without %s (grant it in the Role to use it)", e, self.what
+                            )
+                        else:
+                            log.info(
+                                "%s is not served by the API server (CRD not installed?); will retry",
+                                self.what,
+                            )
                     self.absent = True
+                    self.resource_version = None
                     self.synced.set()
                     await asyncio.sleep(self._max)
                     continue
