@@ -179,3 +179,81 @@ async def test_requests_never_fail_through_pod_churn_api_restart_and_410(tmp_pat
     print(f"{len(statuses)} requests through the churn, statuses {sorted(set(statuses))}")
     assert len(statuses) > 50
     assert set(statuses) == {200}, {c: statuses.count(c) for c in set(statuses)}
+
+
+@pytest.mark.e2e
+async def test_scale_from_zero_request_waits_for_the_first_ready_pod(tmp_path: Path) -> None:
+    port = free_port_on_all(IPS[:1])
+    sim = await asyncio.to_thread(
+        launch_sim,
+        1,
+        ("--time-scale", "20", "--base-port", str(port), "--host", IPS[0]),
+        tmp_path,
+        timeout_s=60,
+        log=tmp_path / "sim.log",
+    )
+    server = FakeApiServer(required_rules(), bookmark_interval=0.2)
+    await server.start()
+    server.apply(
+        {
+            "apiVersion": "inference.networking.k8s.io/v1",
+            "kind": "InferencePool",
+            "metadata": {"name": "pool", "namespace": "ns"},
+            "spec": {"selector": {"matchLabels": {"app": "llm"}}, "targetPorts": [{"number": port}]},
+        }
+    )
+    server.apply(pod("a", IPS[0], ready=False))  # scaled to zero: the pod is still loading
+    ttl = 1.5
+    gw = Gateway(
+        gateway_config([f"{IPS[0]}:{port}"], metrics={"intervalMs": 20}, flowControl={"noEndpointTtlS": ttl})
+    )
+    gw.datastore.remove(f"{IPS[0]}:{port}")
+    disc = KubeDiscovery(
+        gw.datastore,
+        ObjectiveStore.create(),
+        "pool",
+        "ns",
+        kubeconfig=str(server.write_kubeconfig(tmp_path / "kubeconfig", "ns")),
+    )
+    await gw.start()
+    await disc.start()
+    proxy = BuiltinProxy.serving(gw)
+    await proxy.start()
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 3}
+    try:
+        await disc.wait_synced(10)
+        assert gw.datastore.endpoints() == []
+        async with aiohttp.ClientSession() as s:
+
+            async def post() -> tuple[int, dict[str, str]]:
+                async with s.post(f"{proxy.url}/v1/completions", json=body) as r:
+                    await r.read()
+                    return r.status, dict(r.headers)
+
+            waiting = asyncio.create_task(post())
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # held while no pod is ready
+            server.apply(pod("a", IPS[0]))  # the pod turns ready
+            ready_at = time.monotonic()
+            status, _ = await asyncio.wait_for(waiting, 10)
+            took = time.monotonic() - ready_at
+            print(f"held request answered {took:.3f}s after the pod turned ready")
+            assert status == 200
+            # one watch event, the new endpoint's first scrape, one flow-control poll, a short request
+            assert took < 0.4, took
+
+            server.apply(pod("a", IPS[0], ready=False))  # back to zero
+            deadline = time.monotonic() + 5
+            while gw.datastore.endpoints():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            status, headers = await post()  # nobody turns ready: 503 after the TTL
+            assert status == 503 and time.monotonic() - t0 >= ttl - 0.1
+            assert headers.get("x-llm-d-request-dropped-reason") and headers.get("Retry-After")
+    finally:
+        await proxy.stop()
+        await disc.stop()
+        await gw.stop()
+        await server.stop()
+        sim.stop()
