@@ -13,7 +13,7 @@ from kubefixtures import NS, until
 
 from ingate.kube.controller import required_rules
 from ingate.kube.fakeapi import FakeApiServer
-from ingate.kube.leader import AlwaysLeader, LeaseElector, make_elector
+from ingate.kube.leader import AlwaysLeader, LeaseElector, default_identity, make_elector
 
 FAST: dict[str, Any] = {"lease_duration_s": 1.0, "renew_deadline_s": 0.6, "retry_period_s": 0.1}
 
@@ -104,3 +104,12 @@ async def test_active_active_mode_is_always_leader() -> None:
 def test_timings_must_be_ordered() -> None:
     with pytest.raises(ValueError, match="renew deadline"):
         LeaseElector(NS, "x", "a", lease_duration_s=1, renew_deadline_s=2, retry_period_s=0.1)
+
+
+def test_identity_is_the_pod_name_when_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POD_NAME", "epp-7d9c-abcde")
+    assert default_identity() == "epp-7d9c-abcde"
+    monkeypatch.delenv("POD_NAME")
+    monkeypatch.setenv("HOSTNAME", "host")
+    a, b = default_identity(), default_identity()
+    assert a.startswith("host_") and a != b

@@ -55,7 +55,11 @@ def _micro_time(ts: float | None = None) -> str:
 
 
 def default_identity() -> str:
-    """Pod name (HOSTNAME in a pod) plus a random suffix, like client-go's `hostname_uuid`."""
+    """The pod name (`POD_NAME` from the downward API, as the chart sets it), else client-go's
+    `hostname_<random>` (two processes on one host never share an identity)."""
+    pod = os.environ.get("POD_NAME")
+    if pod:
+        return pod
     return f"{os.environ.get('HOSTNAME') or socket.gethostname()}_{random.getrandbits(32):08x}"
 
 
