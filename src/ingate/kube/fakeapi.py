@@ -155,6 +155,10 @@ class FakeApiServer:
         self.requests: list[RecordedRequest] = []
         self._watchers: set[_Watcher] = set()
         self._runner: web.AppRunner | None = None
+        self.users: dict[str, dict[str, Any]] = {}
+        """Bearer tokens TokenReview knows: token -> {"username", "uid", "groups"} (`add_user`)."""
+        self.nonresource_grants: set[tuple[str, str, str]] = set()
+        """(user or group, path, verb) SubjectAccessReview allows (`grant_nonresource`)."""
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -169,6 +173,8 @@ class FakeApiServer:
         app.router.add_route("*", "/api/{version}/namespaces/{ns}/{plural}/{name}", self._item)
         app.router.add_route("*", "/apis/{group}/{version}/namespaces/{ns}/{plural}", self._collection)
         app.router.add_route("*", "/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}", self._item)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self._access_review)
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(
@@ -256,6 +262,14 @@ class FakeApiServer:
         self.compact()
         for w in list(self._watchers):
             w.queue.put_nowait("expire")
+
+    def add_user(self, token: str, username: str, groups: Iterable[str] = ()) -> None:
+        """A token TokenReview authenticates as `username` (e.g. Prometheus' service account)."""
+        self.users[token] = {"username": username, "uid": str(uuid.uuid4()), "groups": [*groups]}
+
+    def grant_nonresource(self, subject: str, path: str = "/metrics", verb: str = "get") -> None:
+        """Let a user or group `verb` a non-resource URL (a ClusterRole `nonResourceURLs` rule)."""
+        self.nonresource_grants.add((subject, path, verb))
 
     def watch_count(self) -> int:
         return len(self._watchers)
@@ -486,6 +500,31 @@ class FakeApiServer:
         with contextlib.suppress(ConnectionResetError):
             await resp.write_eof()
         return resp
+
+    async def _token_review(self, req: web.Request) -> web.StreamResponse:
+        denied = self._authorize(req, "create", "authentication.k8s.io", "tokenreviews", "", "")
+        if denied is not None:
+            return denied
+        body = await req.json()
+        user = self.users.get(str((body.get("spec") or {}).get("token", "")))
+        body["status"] = (
+            {"authenticated": True, "user": user, "audiences": []} if user else {"authenticated": False}
+        )
+        return self._json(body, 201)
+
+    async def _access_review(self, req: web.Request) -> web.StreamResponse:
+        denied = self._authorize(req, "create", "authorization.k8s.io", "subjectaccessreviews", "", "")
+        if denied is not None:
+            return denied
+        body = await req.json()
+        spec = body.get("spec") or {}
+        nra = spec.get("nonResourceAttributes") or {}
+        subjects = [spec.get("user", ""), *(spec.get("groups") or [])]
+        allowed = any((s, nra.get("path"), nra.get("verb")) in self.nonresource_grants for s in subjects)
+        body["status"] = (
+            {"allowed": allowed} if allowed else {"allowed": False, "reason": "no RBAC rule allows it"}
+        )
+        return self._json(body, 201)
 
     async def _item(self, req: web.Request) -> web.StreamResponse:
         res = self._resource(req)
