@@ -510,3 +510,46 @@ async def test_runs_under_the_upstream_charts_roles(
             "inferenceobjectives.llm-d.ai",
         ]
         assert any("going on without inferenceobjectives.llm-d.ai" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_ip_taken_over_by_another_pod_stays(cluster: Cluster) -> None:
+    s = cluster.server
+    s.apply(pool_obj())
+    s.apply(pod_obj("old", "127.0.0.2"))
+    d, ds, _ = await cluster.discovery()
+    await d.wait_synced(5)
+    s.apply(pod_obj("new", "127.0.0.2"))  # the IP is reused before the old pod's deletion is seen
+    await until(lambda: cluster.caught_up(d), what="the new pod")
+    ep = ds.get("127.0.0.2:8000")
+    assert ep is not None and ep.name == "new"
+    s.delete("v1", "Pod", NS, "old")
+    await until(lambda: cluster.caught_up(d), what="the deletion")
+    assert ds.get("127.0.0.2:8000") is ep  # still served: the new pod owns it
+
+
+async def test_stop_does_not_hang_on_an_unresponsive_api_server(cluster: Cluster) -> None:
+    s = cluster.server
+    s.apply(pool_obj())
+    d, _, _ = await cluster.discovery()
+    await d.wait_synced(5)
+    await s.stop()
+    conns: list[asyncio.StreamWriter] = []
+
+    async def black_hole(_: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)  # accept, never answer (a hung API server)
+
+    hole = await asyncio.start_server(black_hole, s.host, s.port)
+    try:
+        bad = pool_obj()
+        bad["spec"]["targetPorts"] = []
+        d._pool_event("MODIFIED", bad)  # an Event to post to the hung server
+        await until(lambda: bool(conns), what="the Event request to arrive")
+        t0 = asyncio.get_running_loop().time()
+        await d.stop()
+        assert asyncio.get_running_loop().time() - t0 < 3
+        cluster.discoveries.remove(d)
+    finally:
+        for w in conns:
+            w.close()
+        hole.close()
+        await hole.wait_closed()

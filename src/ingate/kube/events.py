@@ -99,7 +99,13 @@ class EventRecorder:
         except Exception as e:  # best effort: never let an Event break the controller
             log.warning("kube: could not record event %s %s: %s", reason, involved.get("name"), e)
 
-    async def flush(self) -> None:
-        """Wait for events in flight (tests, shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def flush(self, within_s: float = 1.0) -> None:
+        """Wait up to `within_s` for events in flight, then drop the rest (shutdown must not hang on an
+        API server that is away)."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(list(self._tasks), timeout=within_s)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
