@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from kubefixtures import NS, POOL, pod_obj, pool_obj, until
 
 from ingate.datastore import Datastore
 from ingate.epp_flags import EppOptions
+from ingate.kube.controller import required_rules
+from ingate.kube.fakeapi import FakeApiServer
 from ingate.kube.leader import AlwaysLeader, LeaseElector
 from ingate.kube.options import KubeOptions, lease_name
 from ingate.objectives import ObjectiveStore
@@ -67,3 +72,33 @@ def test_from_the_upstream_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         (8000, 8001),
     )
     o.validate()
+
+
+async def test_one_shared_client_for_controller_and_elector(tmp_path: Path) -> None:
+    async with FakeApiServer(required_rules(leader_election=True)) as server:
+        server.apply(pool_obj())
+        server.apply(pod_obj("a", "127.0.0.2"))
+        o = KubeOptions(
+            pool_name=POOL,
+            pool_namespace=NS,
+            leader_election=True,
+            kubeconfig=str(server.write_kubeconfig(tmp_path / "kc", NS)),
+        )
+        api = await o.connect()
+        ds = Datastore()
+        d = o.discovery(ds, ObjectiveStore.create(), api=api)
+        el = o.elector(identity="epp-0", api=api)
+        await d.start()
+        await el.start()
+        try:
+            await d.wait_synced(5)
+            await until(lambda: el.is_leader, what="leadership")
+            assert [e.address for e in ds.endpoints()] == ["127.0.0.2:8000"]
+            lease = server.get("coordination.k8s.io/v1", "Lease", NS, lease_name(NS, POOL))
+            assert lease is not None and lease["spec"]["holderIdentity"] == "epp-0"
+        finally:
+            await el.stop()
+            await d.stop()
+            await api.close()
+        lease = server.get("coordination.k8s.io/v1", "Lease", NS, lease_name(NS, POOL))
+        assert lease is not None and lease["spec"]["holderIdentity"] == ""  # released at stop

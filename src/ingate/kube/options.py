@@ -14,8 +14,11 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kubernetes_asyncio import client
+
 from ingate.datastore import Datastore
 from ingate.epp_flags import EppOptions
+from ingate.kube.client import api_client
 from ingate.kube.controller import KubeDiscovery, required_rules
 from ingate.kube.leader import AlwaysLeader, Elector, LeaseElector
 from ingate.kube.models import POOL_GROUP, POOL_KINDS, standalone_pool
@@ -69,7 +72,14 @@ class KubeOptions:
             except ValueError as e:
                 raise ValueError(f"--endpoint-selector/--endpoint-target-ports: {e}") from None
 
-    def discovery(self, datastore: Datastore, objectives: ObjectiveStore) -> KubeDiscovery:
+    async def connect(self) -> client.ApiClient:
+        """One API client (in-cluster or kubeconfig) to share between the controller, the elector and
+        the metrics auth; close it at shutdown after stopping them."""
+        return await api_client(self.kubeconfig)
+
+    def discovery(
+        self, datastore: Datastore, objectives: ObjectiveStore, api: client.ApiClient | None = None
+    ) -> KubeDiscovery:
         self.validate()
         return KubeDiscovery(
             datastore,
@@ -81,6 +91,7 @@ class KubeOptions:
             pool_group=self.pool_group,
             kubeconfig=self.kubeconfig,
             default_engine=self.default_engine,
+            api=api,
         )
 
     def elector(
@@ -88,6 +99,7 @@ class KubeOptions:
         on_started_leading: Callable[[], None] | None = None,
         on_stopped_leading: Callable[[], None] | None = None,
         identity: str | None = None,
+        api: client.ApiClient | None = None,
     ) -> Elector:
         if not self.leader_election:
             return AlwaysLeader(on_started_leading)
@@ -100,6 +112,7 @@ class KubeOptions:
             self.pool_namespace,
             lease_name(self.pool_namespace, name),
             identity,
+            api=api,
             kubeconfig=self.kubeconfig,
             on_started_leading=on_started_leading,
             on_stopped_leading=on_stopped_leading,
