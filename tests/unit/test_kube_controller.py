@@ -553,3 +553,23 @@ async def test_stop_does_not_hang_on_an_unresponsive_api_server(cluster: Cluster
             w.close()
         hole.close()
         await hole.wait_closed()
+
+
+def test_reconnect_backoff_is_full_jitter_capped() -> None:
+    import random
+
+    from ingate.kube.informer import Informer
+
+    inf = Informer(
+        "x",
+        None,
+        lambda items: None,
+        lambda t, o: None,
+        backoff_base_s=0.2,
+        backoff_max_s=10,
+        rng=random.Random(1),
+    )  # type: ignore[arg-type]
+    for attempt, cap in [(0, 0.2), (1, 0.4), (3, 1.6), (10, 10.0), (60, 10.0)]:
+        delays = [inf._delay(attempt) for _ in range(200)]
+        assert all(0 <= d <= cap for d in delays)
+        assert max(delays) > 0.8 * cap and min(delays) < 0.2 * cap  # spread over the whole range
