@@ -7,6 +7,7 @@ the controller calls only granted verbs.
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from ingate.kube.client import api_client
 from ingate.kube.controller import KubeAccessDenied, KubeDiscovery, required_rules
 from ingate.kube.endpoints import ENGINE_LABEL
 from ingate.kube.fakeapi import DEFAULT_RESOURCES, FakeApiServer
+from ingate.kube.informer import Informer
 from ingate.kube.models import X_GROUP
 from ingate.objectives import ObjectiveStore
 
@@ -556,10 +558,6 @@ async def test_stop_does_not_hang_on_an_unresponsive_api_server(cluster: Cluster
 
 
 def test_reconnect_backoff_is_full_jitter_capped() -> None:
-    import random
-
-    from ingate.kube.informer import Informer
-
     inf = Informer(
         "x",
         None,
