@@ -12,7 +12,9 @@ from ingate.epp_flags import EppOptions
 from ingate.kube.controller import required_rules
 from ingate.kube.fakeapi import FakeApiServer
 from ingate.kube.leader import AlwaysLeader, LeaseElector
+from ingate.kube.metrics_auth import RULES
 from ingate.kube.options import KubeOptions, lease_name
+from ingate.kube.runtime import KubeRuntime
 from ingate.objectives import ObjectiveStore
 
 
@@ -102,3 +104,30 @@ async def test_one_shared_client_for_controller_and_elector(tmp_path: Path) -> N
             await api.close()
         lease = server.get("coordination.k8s.io/v1", "Lease", NS, lease_name(NS, POOL))
         assert lease is not None and lease["spec"]["holderIdentity"] == ""  # released at stop
+
+
+async def test_runtime_starts_and_stops_in_order(tmp_path: Path) -> None:
+    async with FakeApiServer(required_rules(leader_election=True) + RULES) as server:
+        server.apply(pool_obj())
+        server.apply(pod_obj("a", "127.0.0.2"))
+        server.add_user("prom", "prometheus")
+        server.grant_nonresource("prometheus")
+        o = KubeOptions(
+            pool_name=POOL,
+            pool_namespace=NS,
+            leader_election=True,
+            kubeconfig=str(server.write_kubeconfig(tmp_path / "kc", NS)),
+        )
+        ds = Datastore()
+        rt = await KubeRuntime.start(o, ds, ObjectiveStore.create(), metrics_auth=True, identity="epp-0")
+        try:
+            await until(lambda: rt.synced() and rt.leader(), what="synced and leading")
+            assert rt.metrics_auth is not None
+            assert (await rt.metrics_auth.check("Bearer prom")).status == 200
+        finally:
+            await rt.stop()
+        lease = server.get("coordination.k8s.io/v1", "Lease", NS, lease_name(NS, POOL))
+        assert lease is not None and lease["spec"]["holderIdentity"] == ""
+        assert [e.address for e in ds.endpoints()] == ["127.0.0.2:8000"]  # stopping keeps endpoints
+        with pytest.raises(ValueError, match="--pool-name"):
+            await KubeRuntime.start(KubeOptions(), ds, ObjectiveStore.create())
