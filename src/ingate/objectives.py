@@ -143,10 +143,13 @@ class ObjectiveStore:
     def objectives(self) -> Mapping[str, ObjectiveSpec]:
         return MappingProxyType(self._merged)
 
-    def rewrite(self, model: str, rnd: float) -> str | None:
-        """The model to send a request for `model` to (weighted by `rnd` in [0, 1)), or None."""
+    def rewrite(self, model: str, rnd: float | Callable[[], float]) -> str | None:
+        """The model to send a request for `model` to (weighted by `rnd` in [0, 1), or a random source
+        drawn only when a rule applies), or None."""
         sp = self._exact.get(model) or self._catch_all
-        return sp.pick(rnd) if sp is not None and sp.total > 0 else None
+        if sp is None or sp.total <= 0:
+            return None
+        return sp.pick(rnd() if callable(rnd) else rnd)
 
     def on_change(self, cb: Callable[[], None]) -> None:
         self._listeners.append(cb)
