@@ -80,8 +80,12 @@ class _Client:
         settings = struct.pack(">HI", 4, 1 << 30)
         self.sock.sendall(PREFACE + _frame(4, 0, 0, settings))
 
-    def barrier(self, tag: bytes, within: float = 60.0) -> None:
-        self.sock.sendall(_frame(6, 0, 0, tag))
+    def barrier(self, tag: bytes | None, within: float = 60.0) -> None:
+        """With `tag`: send a PING and read until its ACK (everything before it was handled). Without:
+        read until the server's SETTINGS. (One PING per run: grpclib, like grpc C-core, answers a
+        client that PINGs repeatedly without sending data with GOAWAY ENHANCE_YOUR_CALM.)"""
+        if tag is not None:
+            self.sock.sendall(_frame(6, 0, 0, tag))
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             while len(self.buf) >= 9:
@@ -93,6 +97,8 @@ class _Client:
                 del self.buf[: 9 + n]
                 if t == 4 and not f & 1:
                     self.sock.sendall(_frame(4, 1, 0))  # ACK the server's SETTINGS
+                    if tag is None:
+                        return
                 elif t == 3:
                     self.refused += 1  # RST_STREAM: the server refused (or ended) a stream
                 elif t == 7:
@@ -132,13 +138,12 @@ def _measure(transport: str, streams: int) -> dict[str, Any]:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
         c = _Client(port)
-        c.barrier(b"warmup!!")
+        c.barrier(None)
         time.sleep(1.0)
         before = _rss_kib(proc.pid)
         c.open_streams(streams)
         c.barrier(b"opened!!")
         time.sleep(2.0)  # every handler task has run up to its first await
-        c.barrier(b"settled!")
         during = _rss_kib(proc.pid)
         opened = streams - c.refused
         c.close()
