@@ -142,7 +142,10 @@ def _measure(transport: str, streams: int) -> dict[str, Any]:
         time.sleep(1.0)
         before = _rss_kib(proc.pid)
         c.open_streams(streams)
-        c.barrier(b"opened!!")
+        try:
+            c.barrier(b"opened!!")
+        except (OSError, RuntimeError) as e:
+            return {"transport": transport, "streams": streams, "error": f"connection closed: {e}"}
         time.sleep(2.0)  # every handler task has run up to its first await
         during = _rss_kib(proc.pid)
         opened = streams - c.refused
@@ -184,6 +187,9 @@ def main() -> None:
         f"{'transport':<9} {'open':>6} {'refused':>7} {'RSS before':>11} {'with streams':>13} {'after close':>12} {'per stream':>11}"
     )
     for r in rows:
+        if "error" in r:
+            print(f"{r['transport']:<9} {r['error']}")
+            continue
         print(
             f"{r['transport']:<9} {r['open']:>6} {r['refused_or_reset']:>7} {r['rss_before_kib'] / 1024:>8.1f} MiB"
             f" {r['rss_open_kib'] / 1024:>9.1f} MiB {r['rss_after_close_kib'] / 1024:>8.1f} MiB"
