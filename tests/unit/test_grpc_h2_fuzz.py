@@ -945,3 +945,97 @@ def test_10k_idle_streams_have_a_bounded_cost() -> None:
         finally:
             c.close()
         server.assert_healthy()
+
+
+def test_window_floods_over_many_blocked_streams_cost_linear_work(server: ServerThread) -> None:
+    """3,000 streams whose answers wait for window (the client's INITIAL_WINDOW_SIZE is 0), then
+    floods of SETTINGS and of 1-byte stream WINDOW_UPDATEs: each frame must cost work for the streams it
+    concerns, not a scan of every blocked stream (which made each SETTINGS frame quadratic and each
+    WINDOW_UPDATE linear in the blocked streams: minutes for this test). Then the windows open and
+    every answer is delivered, in full."""
+    n = 3000
+    c = Client(server.port, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 0))
+    try:
+        block = request_block(c.enc)
+        sids = range(1, 2 * n, 2)
+        c.send(
+            b"".join(
+                frame(g.HEADERS, g.F_END_HEADERS, sid, block)
+                + frame(g.DATA, g.F_END_STREAM, sid, grpc_msg(b"x"))
+                for sid in sids
+            )
+        )
+        assert c.finish(within=30).barrier
+        zero = frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 0))
+        one_byte = b"".join(frame(g.WINDOW_UPDATE, 0, sid, struct.pack(">I", 1)) for sid in sids)
+        c.send(zero * 300 + one_byte * 5)  # 5 bytes of window per stream: no answer (11 bytes) completes
+        out = c.finish(within=10)
+        assert out.barrier and out.goaway is None
+        got = {sid: bytearray() for sid in sids}
+        for t, _, s, p in out.frames:
+            if t == g.DATA:
+                got[s] += p
+        assert all(len(v) == 5 for v in got.values())
+        # Open every window: each stream gets the rest of its answer and its trailers.
+        c.out = Outcome()
+        c.send(frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 65_535)))
+        ended: set[int] = set()
+
+        def done(f: tuple[int, int, int, bytes]) -> bool:
+            if f[0] == g.DATA:
+                got[f[2]] += f[3]
+            if f[0] == g.HEADERS and f[1] & g.F_END_STREAM:
+                ended.add(f[2])
+            return len(ended) == n
+
+        c.read_until(done, within=30)
+        assert all(bytes(v) == grpc_msg(b"echo:x") for v in got.values())
+    finally:
+        c.close()
+    server.assert_healthy()
+
+
+def test_answers_blocked_on_the_connection_window_are_delivered_in_full(server: ServerThread) -> None:
+    """Stream windows open, the connection window (65,535 until we say more) too small for the
+    answers: they wait, then go out as connection WINDOW_UPDATEs come, first by 1 byte at a time (a
+    flood that must not cost a scan of the waiting streams per frame), then in large steps; every
+    stream gets exactly its answer."""
+    n, size = 40, 20_000
+    c = Client(server.port, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 1 << 20))
+    try:
+        block = request_block(c.enc)
+        sids = list(range(1, 2 * n, 2))
+        msgs = {sid: bytes([sid % 251]) * size for sid in sids}
+        for sid in sids:
+            c.send(
+                frame(g.HEADERS, g.F_END_HEADERS, sid, block)
+                + frame(g.DATA, g.F_END_STREAM, sid, grpc_msg(msgs[sid]))
+            )
+        out = c.finish(within=10)
+        got = {sid: bytearray() for sid in sids}
+        ended: set[int] = set()
+        for t, f, s, p in out.frames:
+            if t == g.DATA:
+                got[s] += p
+            if t == g.HEADERS and f & g.F_END_STREAM:
+                ended.add(s)  # the first few answers fit in the window
+        assert sum(map(len, got.values())) == g.DEFAULT_WINDOW  # the connection window, used up
+        assert len(ended) < n
+        c.send(frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)) * 20_000)
+        c.out = Outcome()
+        c.send(frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 24)))
+
+        def done(f: tuple[int, int, int, bytes]) -> bool:
+            if f[0] == g.DATA:
+                got[f[2]] += f[3]
+            if f[0] == g.HEADERS and f[1] & g.F_END_STREAM:
+                ended.add(f[2])
+            return len(ended) == n
+
+        c.read_until(done, within=20)
+        assert {sid: bytes(v) for sid, v in got.items()} == {
+            sid: grpc_msg(b"echo:" + m) for sid, m in msgs.items()
+        }
+    finally:
+        c.close()
+    server.assert_healthy()

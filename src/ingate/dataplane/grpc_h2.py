@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -262,7 +262,10 @@ class _Connection(asyncio.Protocol):
         self.settings_seen = False
         self.hdr_frames = 0
         self.empty_frames = 0
-        self.blocked: deque[_Stream] = deque()
+        self.blocked: OrderedDict[int, _Stream] = OrderedDict()
+        """Streams with DATA waiting for connection window (their own window open), in blocking order.
+        Streams waiting for their own window are not here: their WINDOW_UPDATE drains them directly,
+        so no frame costs a scan of every blocked stream."""
         self.out: list[bytes] = []
         self.flush_scheduled = False
         self.hdr_sid = 0
@@ -453,14 +456,15 @@ class _Connection(asyncio.Protocol):
                     raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
                 delta = value - self.peer_window
                 self.peer_window = value
+                if not delta:
+                    continue
                 for st in self.streams.values():
                     st.send_window += delta
                     if st.send_window > MAX_WINDOW:
                         raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window over 2^31-1")
-                    if st.pending and st not in self.blocked:
-                        self.blocked.append(st)
-                if delta > 0:
-                    self._unblock()
+                    if delta > 0 and st.pending and not st.reset:
+                        self._drain_stream(st)
+                        self._park(st)
             elif key == S_MAX_FRAME_SIZE:
                 if not 16_384 <= value <= 16_777_215:
                     raise ConnectionError_(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
@@ -492,6 +496,10 @@ class _Connection(asyncio.Protocol):
             if st.send_window > MAX_WINDOW:
                 self._stream_error(sid, FLOW_CONTROL_ERROR)
                 return
+            if st.pending and not st.reset:
+                self._drain_stream(st)
+                self._park(st)
+            return
         self._unblock()
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
@@ -782,6 +790,7 @@ class _Connection(asyncio.Protocol):
     def _abandon(self, st: _Stream) -> None:
         """The stream is gone (reset, connection lost): stop its handler."""
         st.reset = True
+        self.blocked.pop(st.sid, None)
         self._release(st)
         st.pending.clear()
         st.wake()
@@ -811,7 +820,7 @@ class _Connection(asyncio.Protocol):
         st.pending.append(memoryview(data))
         self._drain_stream(st)
         if st.pending:
-            self.blocked.append(st)
+            self._park(st)
             return False
         return True
 
@@ -836,14 +845,29 @@ class _Connection(asyncio.Protocol):
         if d is not None and not d.done():
             d.set_result(None)
 
+    def _park(self, st: _Stream) -> None:
+        """After a drain: a stream still holding DATA with its own window open waits for the connection
+        window (`blocked`); one whose own window is shut waits for its WINDOW_UPDATE (not queued)."""
+        if st.pending and not st.reset and st.send_window > 0:
+            if st.sid not in self.blocked:
+                self.blocked[st.sid] = st
+        else:
+            self.blocked.pop(st.sid, None)
+
     def _unblock(self) -> None:
-        """Windows grew: send what blocked streams hold, in the order they blocked."""
-        if not self.blocked:
-            return
-        for st in list(self.blocked):
-            if not st.reset:
-                self._drain_stream(st)
-        self.blocked = deque(st for st in self.blocked if st.pending and not st.reset)
+        """The connection window grew: send what blocked streams hold, in the order they blocked, until
+        the window is used up (each stream drained either empties, waits on its own window, or used
+        the last of the connection window and stays first in line)."""
+        blocked = self.blocked
+        while blocked and self.send_window > 0:
+            sid, st = blocked.popitem(last=False)
+            if st.reset:
+                continue
+            self._drain_stream(st)
+            if st.pending and st.send_window > 0:
+                blocked[sid] = st
+                blocked.move_to_end(sid, last=False)
+                break
         self._schedule_flush()
 
     def _write(self, data: bytes) -> None:
