@@ -709,6 +709,7 @@ def test_stream_ids_must_be_new_odd_and_increasing(server: ServerThread, sids: l
         pytest.param(frame(g.PRIORITY, 0, 0, b"\0" * 5), id="PRIORITY-0"),
         pytest.param(frame(g.PUSH_PROMISE, 4, 1, b"\0\0\0\2"), id="PUSH_PROMISE"),
         pytest.param(frame(g.CONTINUATION, 4, 1, b"\x82"), id="CONTINUATION-alone"),
+        pytest.param(frame(g.HEADERS, 0x24, 1, b"\0\0\0\1\x10\x82"), id="HEADERS-depends-on-itself"),
         pytest.param(frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_ENABLE_PUSH, 2)), id="ENABLE_PUSH-2"),
         pytest.param(
             frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_MAX_FRAME_SIZE, 100)), id="MAX_FRAME-small"
@@ -739,12 +740,15 @@ def test_data_after_end_stream_is_a_stream_closed_error(server: ServerThread) ->
     server.assert_healthy()
 
 
-def test_priority_with_a_bad_size_resets_the_stream(server: ServerThread) -> None:
+def test_priority_with_a_bad_size_or_on_itself_resets_the_stream(server: ServerThread) -> None:
     c = Client(server.port)
     try:
         c.send(frame(g.PRIORITY, 0, 5, b"\0" * 4))
+        c.send(frame(g.PRIORITY, 0, 7, b"\0\0\0\7\x10"))
+        c.send(frame(g.PRIORITY, 0, 9, b"\0\0\0\5\x10"))  # on another stream: fine
         out = c.finish()
-        assert out.barrier and out.resets(5) == [g.FRAME_SIZE_ERROR]
+        assert out.barrier and out.resets(5) == [g.FRAME_SIZE_ERROR] and out.resets(7) == [g.PROTOCOL_ERROR]
+        assert out.resets(9) == []
     finally:
         c.close()
     server.assert_healthy()

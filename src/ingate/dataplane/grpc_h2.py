@@ -432,6 +432,8 @@ class _Connection(asyncio.Protocol):
                 raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
             if len(payload) != 5:
                 self._stream_error(sid, FRAME_SIZE_ERROR)
+            elif _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
+                self._stream_error(sid, PROTOCOL_ERROR)  # a stream cannot depend on itself
         # Unknown types: ignored (RFC 9113 section 5.5).
 
     def _check_not_idle(self, sid: int, what: str) -> None:
@@ -513,6 +515,10 @@ class _Connection(asyncio.Protocol):
             end -= payload[0]
             off = 1
         if flags & F_PRIORITY:
+            if end >= off + 5 and _U32.unpack_from(payload, off)[0] & 0x7FFFFFFF == sid:
+                # A stream error by the RFC; as a connection error the header block need not be
+                # decoded first to keep HPACK in sync (RFC 9113 section 5.4 allows either).
+                raise ConnectionError_(PROTOCOL_ERROR, "stream depends on itself")
             off += 5
         if end < off:
             raise ConnectionError_(PROTOCOL_ERROR, "padding")
