@@ -19,6 +19,17 @@ Scope (what Envoy's gRPC client needs, nothing more):
 - gRPC length-prefixed messages (uncompressed only: we advertise no `grpc-accept-encoding`), status in
   trailers (`grpc-status` / `grpc-message`).
 
+Hostile peers (RFC 9113 errors and the known HTTP/2 flood attacks; `tests/unit/test_grpc_h2_fuzz.py`):
+every frame is validated (sizes, stream states, stream ids, window arithmetic) and answered with the
+RFC's connection error (GOAWAY + close) or stream error (RST_STREAM). Memory per connection is bounded:
+received bytes are credited back only once the handler consumed them (so at most the connection
+window is buffered), a header block is capped at `MAX_HEADER_BLOCK` bytes and `MAX_CONTINUATIONS`
+frames, open streams at `max_concurrent_streams` (more are refused), and when the peer stops reading
+(its TCP window full, our write buffer over the transport's high-water mark) we stop reading it too,
+so PING/SETTINGS/HEADERS floods cannot queue unbounded answers. Runs of empty frames get
+ENHANCE_YOUR_CALM. A peer that resets streams as fast as it opens them ("rapid reset") costs a task
+creation and cancellation each: a reset stream's state is freed at once.
+
 A method is a `StreamMethod`: a decoder for request messages, a handler `(requests) -> responses`
 (async iterator in, async iterator out) and an encoder. A stream reset by the peer, or a connection that
 drops, cancels the handler's task; the handler's `finally` runs exactly once either way.
@@ -30,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from ssl import SSLContext
@@ -63,22 +74,44 @@ S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS, S_INITIAL_WINDOW_S
 )
 
 # Error codes.
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0, 1, 3, 6
-REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 7, 8, 9
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = (
+    0,
+    1,
+    2,
+    3,
+    5,
+    6,
+)
+REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 7, 8, 9, 11
+S_MAX_HEADER_LIST_SIZE = 6
 
 # gRPC status codes used here.
 GRPC_OK, GRPC_INTERNAL, GRPC_UNIMPLEMENTED, GRPC_RESOURCE_EXHAUSTED = 0, 13, 12, 8
 
 DEFAULT_WINDOW = 65_535
+MAX_WINDOW = 0x7FFFFFFF
 STREAM_WINDOW = 16 * 1024 * 1024
-"""Initial window we give each stream (SETTINGS_INITIAL_WINDOW_SIZE)."""
-CONN_WINDOW = 1 << 30
-"""Connection window we open right after the preface (WINDOW_UPDATE on stream 0)."""
+"""Least initial window we give each stream (SETTINGS_INITIAL_WINDOW_SIZE); raised to hold one
+message of `max_message_bytes`, since a stream is credited only for whole messages consumed."""
+CONN_WINDOW = 256 * 1024 * 1024
+"""Least connection window (raised to four largest messages): the most request bytes one connection
+can have buffered and not yet consumed by its handlers, since the connection is credited back only
+for bytes consumed or discarded."""
 MAX_FRAME = 1 << 20
 """Largest frame we accept (SETTINGS_MAX_FRAME_SIZE); fewer, larger frames from the peer."""
-MAX_STREAMS = 100_000
+MAX_STREAMS = 16_384
+"""Default SETTINGS_MAX_CONCURRENT_STREAMS; streams beyond it are refused (REFUSED_STREAM)."""
+MAX_HEADER_BLOCK = 64 * 1024
+"""Largest header block (HEADERS + CONTINUATION payloads) we buffer; also our advertised
+SETTINGS_MAX_HEADER_LIST_SIZE, which `hpack` enforces on the decoded list."""
+MAX_CONTINUATIONS = 64
+"""CONTINUATION frames allowed in one header block (a flood of tiny ones is ENHANCE_YOUR_CALM)."""
+MAX_EMPTY_FRAMES = 1024
+"""Consecutive empty DATA frames (no payload, no END_STREAM) before ENHANCE_YOUR_CALM (CVE-2019-9518)."""
 BLOCK_CACHE = 256
 """Decoded header blocks remembered per connection (see `_Connection._decode_block`)."""
+BLOCK_CACHE_MAX_BYTES = 1024
+"""Only blocks up to this size are cached (Envoy's, once indexed, are a few bytes)."""
 
 _FRAME = struct.Struct(">HBBBI")  # 24-bit length as (high 16, low 8), type, flags, stream id
 _U32 = struct.Struct(">I")
@@ -156,7 +189,9 @@ class _Stream:
         "method",
         "pending",
         "queue",
+        "queued",
         "rbuf",
+        "recv_window",
         "remote_closed",
         "reset",
         "send_window",
@@ -165,11 +200,15 @@ class _Stream:
         "waiter",
     )
 
-    def __init__(self, sid: int, send_window: int, method: StreamMethod) -> None:
+    def __init__(self, sid: int, send_window: int, recv_window: int, method: StreamMethod) -> None:
         self.sid = sid
         self.method = method
         self.headers_sent = False
         self.queue: deque[tuple[Any, int]] = deque()
+        self.queued = 0
+        """Wire bytes of the messages in `queue` plus `rbuf`: received, not yet consumed or credited."""
+        self.recv_window = recv_window
+        """What the peer may still send on this stream (our window as the peer sees it)."""
         self.waiter: asyncio.Future[None] | None = None
         self.remote_closed = False
         self.local_closed = False
@@ -217,8 +256,17 @@ class _Connection(asyncio.Protocol):
         self.peer_max_frame = 16_384
         self.send_window = DEFAULT_WINDOW
         """Connection-level send window."""
+        self.recv_window = server.conn_window
+        """What the peer may still send on the connection."""
         self.recv_unacked = 0
-        self.blocked: deque[_Stream] = deque()
+        """Bytes consumed or discarded and not yet credited back (WINDOW_UPDATE on stream 0)."""
+        self.settings_seen = False
+        self.hdr_frames = 0
+        self.empty_frames = 0
+        self.blocked: OrderedDict[int, _Stream] = OrderedDict()
+        """Streams with DATA waiting for connection window (their own window open), in blocking order.
+        Streams waiting for their own window are not here: their WINDOW_UPDATE drains them directly,
+        so no frame costs a scan of every blocked stream."""
         self.out: list[bytes] = []
         self.flush_scheduled = False
         self.hdr_sid = 0
@@ -226,6 +274,8 @@ class _Connection(asyncio.Protocol):
         self.hdr_block = bytearray()
         self.hdr_end_stream = False
         self.closed = False
+        self.failed = False
+        """A connection error was sent: whatever else arrives is ignored."""
         self.going_away = False
         self.block_cache: dict[tuple[tuple[int, int, int], bytes], list[tuple[bytes, bytes]]] = {}
 
@@ -238,13 +288,14 @@ class _Connection(asyncio.Protocol):
             _SETTING.pack(k, v)
             for k, v in (
                 (S_ENABLE_PUSH, 0),
-                (S_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
-                (S_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+                (S_MAX_CONCURRENT_STREAMS, self.server.max_concurrent_streams),
+                (S_INITIAL_WINDOW_SIZE, self.server.stream_window),
                 (S_MAX_FRAME_SIZE, MAX_FRAME),
+                (S_MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK),
             )
         )
         self._write(frame(SETTINGS, 0, 0, settings))
-        self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONN_WINDOW - DEFAULT_WINDOW)))
+        self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.server.conn_window - DEFAULT_WINDOW)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -253,7 +304,26 @@ class _Connection(asyncio.Protocol):
             self._abandon(st)
         self.streams.clear()
 
+    def eof_received(self) -> bool:
+        """The peer closed its side: send what is queued (GOAWAY, answers), then close."""
+        self._flush()
+        return False
+
+    def pause_writing(self) -> None:
+        """The peer is not reading (our write buffer is over the high-water mark): stop reading it, so
+        the answers a flood of PINGs, SETTINGS or requests would queue stay bounded."""
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return
         buf = self.buf
         buf += data
         try:
@@ -274,6 +344,11 @@ class _Connection(asyncio.Protocol):
                 n = (hi << 8) | lo
                 if n > MAX_FRAME:
                     raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {n} bytes")
+                if not self.settings_seen:
+                    # RFC 9113 section 3.4: the preface ends with a SETTINGS frame.
+                    if ftype != SETTINGS or flags & F_ACK:
+                        raise ConnectionError_(PROTOCOL_ERROR, "preface without SETTINGS")
+                    self.settings_seen = True
                 if end - pos - 9 < n:
                     break
                 payload = bytes(buf[pos + 9 : pos + 9 + n])
@@ -285,10 +360,19 @@ class _Connection(asyncio.Protocol):
                 del buf[:pos]
         except ConnectionError_ as e:
             log.warning("grpc connection error: %s", e)
-            self._goaway(e.code)
-            if self.transport is not None:
-                self._flush()
-                self.transport.close()
+            self._fail(e.code)
+        except Exception:  # a bug here must cost this connection, never the event loop
+            log.exception("grpc connection failed")
+            self._fail(INTERNAL_ERROR)
+
+    def _fail(self, code: int) -> None:
+        """Connection error: GOAWAY(code), then close once it is written."""
+        self.failed = True
+        self.buf.clear()
+        self._goaway(code)
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
 
     # --- frames in ---------------------------------------------------------------------------
 
@@ -302,6 +386,9 @@ class _Connection(asyncio.Protocol):
         elif ftype == CONTINUATION:
             if not self.hdr_sid:
                 raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            self.hdr_frames += 1
+            if len(self.hdr_block) + len(payload) > MAX_HEADER_BLOCK or self.hdr_frames > MAX_CONTINUATIONS:
+                raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
             self.hdr_block += payload
             if flags & F_END_HEADERS:
                 sid, block, eos = self.hdr_sid, bytes(self.hdr_block), self.hdr_end_stream
@@ -311,25 +398,56 @@ class _Connection(asyncio.Protocol):
         elif ftype == WINDOW_UPDATE:
             self._window_update(sid, payload)
         elif ftype == RST_STREAM:
+            if len(payload) != 4:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "RST_STREAM payload")
+            self._check_not_idle(sid, "RST_STREAM")
             st = self.streams.pop(sid, None)
             if st is not None:
                 self._abandon(st)
         elif ftype == SETTINGS:
             if sid:
                 raise ConnectionError_(PROTOCOL_ERROR, "SETTINGS on a stream")
-            if not flags & F_ACK:
+            if flags & F_ACK:
+                if payload:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            else:
                 self._settings(payload)
                 self._write(frame(SETTINGS, F_ACK, 0))
         elif ftype == PING:
+            if sid:
+                raise ConnectionError_(PROTOCOL_ERROR, "PING on a stream")
             if len(payload) != 8:
                 raise ConnectionError_(FRAME_SIZE_ERROR, "PING payload")
             if not flags & F_ACK:
                 self._write(frame(PING, F_ACK, 0, payload))
         elif ftype == GOAWAY:
+            if sid:
+                raise ConnectionError_(PROTOCOL_ERROR, "GOAWAY on a stream")
+            if len(payload) < 8:
+                raise ConnectionError_(FRAME_SIZE_ERROR, "GOAWAY payload")
             self.going_away = True
         elif ftype == PUSH_PROMISE:
             raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        # PRIORITY and unknown types: ignored (RFC 9113 section 5.5).
+        elif ftype == PRIORITY:
+            if not sid:
+                raise ConnectionError_(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:
+                self._stream_error(sid, FRAME_SIZE_ERROR)
+            elif _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
+                self._stream_error(sid, PROTOCOL_ERROR)  # a stream cannot depend on itself
+        # Unknown types: ignored (RFC 9113 section 5.5).
+
+    def _check_not_idle(self, sid: int, what: str) -> None:
+        """RFC 9113 section 5.1: frames other than HEADERS/PRIORITY on an idle stream (never opened)."""
+        if sid == 0 or sid > self.last_sid:
+            raise ConnectionError_(PROTOCOL_ERROR, f"{what} on an idle stream")
+
+    def _stream_error(self, sid: int, code: int) -> None:
+        """RST_STREAM(code); an open stream is closed and its handler stopped."""
+        self._write(frame(RST_STREAM, 0, sid, _U32.pack(code)))
+        st = self.streams.pop(sid, None)
+        if st is not None:
+            self._abandon(st)
 
     def _settings(self, payload: bytes) -> None:
         if len(payload) % 6:
@@ -337,20 +455,26 @@ class _Connection(asyncio.Protocol):
         for off in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, off)
             if key == S_INITIAL_WINDOW_SIZE:
-                if value > 0x7FFFFFFF:
+                if value > MAX_WINDOW:
                     raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
                 delta = value - self.peer_window
                 self.peer_window = value
+                if not delta:
+                    continue
                 for st in self.streams.values():
                     st.send_window += delta
-                    if st.pending and st not in self.blocked:
-                        self.blocked.append(st)
-                if delta > 0:
-                    self._unblock()
+                    if st.send_window > MAX_WINDOW:
+                        raise ConnectionError_(FLOW_CONTROL_ERROR, "stream window over 2^31-1")
+                    if delta > 0 and st.pending and not st.reset:
+                        self._drain_stream(st)
+                        self._park(st)
             elif key == S_MAX_FRAME_SIZE:
                 if not 16_384 <= value <= 16_777_215:
                     raise ConnectionError_(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
                 self.peer_max_frame = value
+            elif key == S_ENABLE_PUSH:
+                if value > 1:
+                    raise ConnectionError_(PROTOCOL_ERROR, "bad ENABLE_PUSH")
             # HEADER_TABLE_SIZE: our blocks never use the dynamic table. Others: nothing to do.
 
     def _window_update(self, sid: int, payload: bytes) -> None:
@@ -358,12 +482,27 @@ class _Connection(asyncio.Protocol):
             raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE payload")
         inc = _U32.unpack(payload)[0] & 0x7FFFFFFF
         if sid == 0:
+            if inc == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             self.send_window += inc
+            if self.send_window > MAX_WINDOW:
+                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window over 2^31-1")
         else:
+            self._check_not_idle(sid, "WINDOW_UPDATE")
             st = self.streams.get(sid)
             if st is None:
+                return  # closed: a window update may cross our end of the stream
+            if inc == 0:
+                self._stream_error(sid, PROTOCOL_ERROR)
                 return
             st.send_window += inc
+            if st.send_window > MAX_WINDOW:
+                self._stream_error(sid, FLOW_CONTROL_ERROR)
+                return
+            if st.pending and not st.reset:
+                self._drain_stream(st)
+                self._park(st)
+            return
         self._unblock()
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
@@ -377,9 +516,15 @@ class _Connection(asyncio.Protocol):
             end -= payload[0]
             off = 1
         if flags & F_PRIORITY:
+            if end >= off + 5 and _U32.unpack_from(payload, off)[0] & 0x7FFFFFFF == sid:
+                # A stream error by the RFC; as a connection error the header block need not be
+                # decoded first to keep HPACK in sync (RFC 9113 section 5.4 allows either).
+                raise ConnectionError_(PROTOCOL_ERROR, "stream depends on itself")
             off += 5
         if end < off:
             raise ConnectionError_(PROTOCOL_ERROR, "padding")
+        if end - off > MAX_HEADER_BLOCK:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
         fragment = payload[off:end]
         eos = bool(flags & F_END_STREAM)
         if flags & F_END_HEADERS:
@@ -388,6 +533,7 @@ class _Connection(asyncio.Protocol):
             self.hdr_sid = sid
             self.hdr_block = bytearray(fragment)
             self.hdr_end_stream = eos
+            self.hdr_frames = 0
 
     def _table_state(self) -> tuple[int, int, int]:
         """Identifies the HPACK dynamic table's content: an insertion always puts a new entry first."""
@@ -411,28 +557,35 @@ class _Connection(asyncio.Protocol):
             headers = cast(list[tuple[bytes, bytes]], self.decoder.decode(block, raw=True))
         except Exception as e:  # hpack raises several types; all are fatal for the connection
             raise ConnectionError_(COMPRESSION_ERROR, f"HPACK: {e}") from None
-        if self._table_state() == before:
+        if len(block) <= BLOCK_CACHE_MAX_BYTES and self._table_state() == before:
             if len(self.block_cache) >= BLOCK_CACHE:
                 self.block_cache.clear()
             self.block_cache[key] = headers
         return headers
 
     def _header_block(self, sid: int, block: bytes, eos: bool) -> None:
-        headers = self._decode_block(block)
+        headers = self._decode_block(block)  # always: the HPACK table must stay in sync
         st = self.streams.get(sid)
         if st is not None:  # trailers from the client
             if not eos:
                 raise ConnectionError_(PROTOCOL_ERROR, "trailers without END_STREAM")
+            if st.remote_closed:
+                self._stream_error(sid, STREAM_CLOSED)
+                return
             self._remote_end(st)
             return
-        if sid <= self.last_sid:
-            return  # a stream we already closed: the block only had to be decoded
         if sid % 2 == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "even stream id from a client")
+        if sid <= self.last_sid:
+            if eos:
+                return  # trailers crossing our reset of the stream: ignored (RFC 9113 section 5.1)
+            raise ConnectionError_(PROTOCOL_ERROR, "stream id reused or decreasing")
         self.last_sid = sid
         if self.going_away or self.server._stopping:
             self._write(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
-            self._schedule_flush()
+            return
+        if len(self.streams) >= self.server.max_concurrent_streams:
+            self._write(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
             return
         path = b""
         for k, v in headers:
@@ -451,9 +604,8 @@ class _Connection(asyncio.Protocol):
             )
             # No RST_STREAM: the client may still be sending its first message, and a reset would
             # turn the status it is about to read into a send failure. Its DATA is ignored.
-            self._schedule_flush()
             return
-        st = _Stream(sid, self.peer_window, method)
+        st = _Stream(sid, self.peer_window, self.server.stream_window, method)
         self.streams[sid] = st
         st.remote_closed = eos
         st.task = self.loop.create_task(self._run(st))
@@ -461,29 +613,42 @@ class _Connection(asyncio.Protocol):
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
         n = len(payload)
-        self.recv_unacked += n
-        if self.recv_unacked >= CONN_WINDOW // 2:
-            self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_unacked)))
-            self.recv_unacked = 0
-            self._schedule_flush()
+        if n > self.recv_window:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        self.recv_window -= n
+        if n == 0 and not flags & F_END_STREAM:
+            self.empty_frames += 1
+            if self.empty_frames > MAX_EMPTY_FRAMES:
+                raise ConnectionError_(ENHANCE_YOUR_CALM, "flood of empty DATA frames")
+        else:
+            self.empty_frames = 0
         st = self.streams.get(sid)
         if st is None:
-            if sid == 0 or sid > self.last_sid:
-                raise ConnectionError_(PROTOCOL_ERROR, "DATA on an idle stream")
-            return  # closed stream: credited on the connection, otherwise ignored
+            self._check_not_idle(sid, "DATA")
+            self._credit(n)  # a closed stream: its bytes are dropped
+            return
+        if n > st.recv_window:
+            raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA beyond the stream window")
+        st.recv_window -= n
+        if st.remote_closed:
+            self._credit(n)
+            self._stream_error(sid, STREAM_CLOSED)
+            return
         if flags & F_PADDED:
             if not payload or payload[0] >= n:
                 raise ConnectionError_(PROTOCOL_ERROR, "padding")
-            st.consumed += payload[0] + 1
+            pad = payload[0] + 1
+            self._credit(pad)
+            self._credit_stream(st, pad)
             payload = payload[1 : n - payload[0]]
-        if st.remote_closed:
-            raise ConnectionError_(PROTOCOL_ERROR, "DATA after END_STREAM")
-        self._messages(st, payload)
-        if flags & F_END_STREAM:
+        if payload:
+            self._messages(st, payload)
+        if flags & F_END_STREAM and sid in self.streams:
             self._remote_end(st)
 
     def _messages(self, st: _Stream, payload: bytes) -> None:
         """Split DATA into gRPC messages; decode and queue each for the stream's handler."""
+        st.queued += len(payload)
         rbuf = st.rbuf
         if rbuf:
             rbuf += payload
@@ -496,14 +661,14 @@ class _Connection(asyncio.Protocol):
         woke = False
         while end - pos >= 5:
             compressed, size = _MSG_PREFIX.unpack_from(data, pos)
-            if end - pos - 5 < size:
-                break
             if compressed:
                 self._fail_stream(st, GRPC_INTERNAL, "compressed messages are not supported")
                 return
-            if size > self.server.max_message_bytes:
+            if size > self.server.max_message_bytes:  # known from the prefix: not buffered first
                 self._fail_stream(st, GRPC_RESOURCE_EXHAUSTED, "message too large")
                 return
+            if end - pos - 5 < size:
+                break
             try:
                 msg = decode(bytes(data[pos + 5 : pos + 5 + size]))
             except Exception:
@@ -528,6 +693,31 @@ class _Connection(asyncio.Protocol):
         if st.local_closed:
             self.streams.pop(st.sid, None)
 
+    # --- flow control in ---------------------------------------------------------------------
+
+    def _credit(self, n: int) -> None:
+        """`n` received bytes left our buffers: give the peer the connection window back (in batches)."""
+        self.recv_unacked += n
+        if self.recv_unacked >= self.server.conn_window // 2:
+            self._write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_unacked)))
+            self.recv_window += self.recv_unacked
+            self.recv_unacked = 0
+
+    def _credit_stream(self, st: _Stream, n: int) -> None:
+        st.consumed += n
+        if st.consumed >= self.server.stream_window // 2 and not st.remote_closed:
+            self._write(frame(WINDOW_UPDATE, 0, st.sid, _U32.pack(st.consumed)))
+            st.recv_window += st.consumed
+            st.consumed = 0
+
+    def _release(self, st: _Stream) -> None:
+        """The stream is done: what it still buffers is dropped and credited to the connection."""
+        if st.queued:
+            self._credit(st.queued)
+            st.queued = 0
+        st.queue.clear()
+        st.rbuf.clear()
+
     # --- streams -----------------------------------------------------------------------------
 
     async def _requests(self, st: _Stream) -> AsyncIterator[Any]:
@@ -535,11 +725,9 @@ class _Connection(asyncio.Protocol):
         while True:
             if q:
                 msg, size = q.popleft()
-                st.consumed += size
-                if st.consumed >= STREAM_WINDOW // 2 and not st.remote_closed:
-                    self._write(frame(WINDOW_UPDATE, 0, st.sid, _U32.pack(st.consumed)))
-                    st.consumed = 0
-                    self._schedule_flush()
+                st.queued -= size
+                self._credit(size)
+                self._credit_stream(st, size)
                 yield msg
                 continue
             if st.remote_closed or st.reset:
@@ -589,12 +777,11 @@ class _Connection(asyncio.Protocol):
             self._write(frame(RST_STREAM, 0, st.sid, _U32.pack(NO_ERROR)))
             st.reset = True
         self.streams.pop(st.sid, None)
-        self._schedule_flush()
+        self._release(st)
 
     def _fail_stream(self, st: _Stream, status: int, message: str) -> None:
         """End a stream from the receive path (bad message): trailers with `status`, then reset."""
-        st.queue.clear()
-        st.rbuf.clear()
+        self._release(st)
         if not st.local_closed:
             if st.pending:
                 st.pending.clear()
@@ -606,11 +793,12 @@ class _Connection(asyncio.Protocol):
         self._write(frame(RST_STREAM, 0, st.sid, _U32.pack(CANCEL)))
         self.streams.pop(st.sid, None)
         self._abandon(st)
-        self._schedule_flush()
 
     def _abandon(self, st: _Stream) -> None:
         """The stream is gone (reset, connection lost): stop its handler."""
         st.reset = True
+        self.blocked.pop(st.sid, None)
+        self._release(st)
         st.pending.clear()
         st.wake()
         d = st.drain
@@ -639,7 +827,7 @@ class _Connection(asyncio.Protocol):
         st.pending.append(memoryview(data))
         self._drain_stream(st)
         if st.pending:
-            self.blocked.append(st)
+            self._park(st)
             return False
         return True
 
@@ -664,14 +852,29 @@ class _Connection(asyncio.Protocol):
         if d is not None and not d.done():
             d.set_result(None)
 
+    def _park(self, st: _Stream) -> None:
+        """After a drain: a stream still holding DATA with its own window open waits for the connection
+        window (`blocked`); one whose own window is shut waits for its WINDOW_UPDATE (not queued)."""
+        if st.pending and not st.reset and st.send_window > 0:
+            if st.sid not in self.blocked:
+                self.blocked[st.sid] = st
+        else:
+            self.blocked.pop(st.sid, None)
+
     def _unblock(self) -> None:
-        """Windows grew: send what blocked streams hold, in the order they blocked."""
-        if not self.blocked:
-            return
-        for st in list(self.blocked):
-            if not st.reset:
-                self._drain_stream(st)
-        self.blocked = deque(st for st in self.blocked if st.pending and not st.reset)
+        """The connection window grew: send what blocked streams hold, in the order they blocked, until
+        the window is used up (each stream drained either empties, waits on its own window, or used
+        the last of the connection window and stays first in line)."""
+        blocked = self.blocked
+        while blocked and self.send_window > 0:
+            sid, st = blocked.popitem(last=False)
+            if st.reset:
+                continue
+            self._drain_stream(st)
+            if st.pending and st.send_window > 0:
+                blocked[sid] = st
+                blocked.move_to_end(sid, last=False)
+                break
         self._schedule_flush()
 
     def _write(self, data: bytes) -> None:
@@ -705,9 +908,14 @@ class GrpcH2Server:
         methods: Mapping[str, StreamMethod],
         *,
         max_message_bytes: int = 64 * 1024 * 1024,
+        max_concurrent_streams: int = MAX_STREAMS,
     ) -> None:
         self.methods = dict(methods)
         self.max_message_bytes = max_message_bytes
+        self.max_concurrent_streams = max_concurrent_streams
+        # A stream is credited for whole messages only, so its window must hold the largest one.
+        self.stream_window = min(MAX_WINDOW, max(STREAM_WINDOW, max_message_bytes + 5))
+        self.conn_window = min(MAX_WINDOW, max(CONN_WINDOW, 4 * (max_message_bytes + 5)))
         self._server: asyncio.Server | None = None
         self._conns: set[_Connection] = set()
         self._stopping = False
