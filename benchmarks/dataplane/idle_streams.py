@@ -46,7 +46,8 @@ async def _serve(transport: str) -> None:
     """Child role: the picker's ext_proc server over a null director; prints its port."""
     from overhead import ALT_TRANSPORTS, _alt_server, _NullDirector
 
-    from ingate.dataplane.extproc import ExtProcServer, ExtProcServicer
+    from ingate.dataplane.extproc import ExtProcServicer
+    from ingate.dataplane.extproc_server import ExtProcServer
 
     svc = ExtProcServicer(_NullDirector("127.0.0.1:9"), report_served=False, responses="none")  # type: ignore[arg-type]
     server: Any

@@ -205,7 +205,7 @@ def _alt_server(svc: ExtProcServicer, transport: str) -> Any:
     """The servicer's `Process` on one of `ALT_TRANSPORTS` (wired as `ExtProcServer` wires `h2`)."""
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-    from ingate.dataplane.extproc import PROCESS_METHOD
+    from ingate.dataplane.extproc_server import PROCESS_METHOD
     from ingate.dataplane.grpc_h2 import StreamMethod
 
     methods = {

@@ -83,7 +83,8 @@ async def test_the_ext_proc_servicer_runs_on_each(served: tuple[Any, _Echo]) -> 
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-    from ingate.dataplane.extproc import PROCESS_METHOD, ExtProcServicer
+    from ingate.dataplane.extproc import ExtProcServicer
+    from ingate.dataplane.extproc_server import PROCESS_METHOD
 
     class _Director:
         async def handle(self, path: str, headers: Any, raw_body: bytes) -> Any:
