@@ -1,0 +1,1 @@
+"""Queue backends behind one interface (:class:`~ingate.asyncproc.backends.base.QueueBackend`)."""

@@ -1,0 +1,112 @@
+"""The pool's free capacity as a small JSON document, for async processors that fill idle capacity.
+
+The gateway serves it (``GET /v1/capacity`` is the intended path) and exports the same numbers as metrics.
+Shape (version 1)::
+
+    {
+      "version": 1,
+      "timestamp": 1764745200.12,          # unix seconds when computed
+      "ready_endpoints": 4,                 # healthy endpoints with fresh metrics
+      "pool_saturation": 0.42,              # mean per-endpoint saturation, each capped at 1 (stale = 1)
+      "saturated": false,                   # no endpoint below 1.0: flow control queues or sheds now
+      "free_capacity": {"0": 7, "-1": 7},   # requests of that priority the pool would dispatch at once
+      "queued": {"0": 0},                   # requests waiting in flow control per priority band
+      "realtime_queued": 0,                 # queued requests with priority >= 0
+      "in_flight": 12                       # requests flow control dispatched and not yet released
+    }
+
+``free_capacity[p]`` is what a request of priority ``p`` would get right now under the controller's own
+rules: 0 while anything of the same or higher priority waits (it would queue behind it, or be shed if
+sheddable), else the pool's headroom (sum over endpoints of requests before each saturates), capped by
+the pool-wide and the band's ``maxInFlight``. An async processor dispatching at priority ``p`` only into
+``free_capacity[p]`` never makes real-time traffic wait.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from ingate.datastore import Datastore
+from ingate.flowcontrol.config import SaturationConfig
+from ingate.flowcontrol.controller import FlowController
+from ingate.flowcontrol.saturation import SaturationDetector
+
+VERSION = 1
+
+
+def capacity_snapshot(
+    datastore: Datastore,
+    controller: FlowController | None,
+    *,
+    priorities: Iterable[int] = (),
+    detector: SaturationDetector | None = None,
+    now: float | None = None,
+    wall_time: float | None = None,
+) -> dict[str, Any]:
+    """Compute the capacity document (pure: reads, never changes state except the detector's
+    per-scrape bookkeeping, which is idempotent for the same scrape).
+
+    Without a controller (flow control off) the detector (default thresholds if None) gives headroom and
+    nothing is queued. ``priorities`` adds bands to report beyond 0 and the controller's known bands.
+    ``now`` is on the datastore's monotonic clock.
+    """
+    t = (controller.clock() if controller is not None else time.monotonic()) if now is None else now
+    det = (
+        controller.detector
+        if controller is not None
+        else (detector or SaturationDetector(SaturationConfig()))
+    )
+    endpoints = datastore.endpoints()
+    sats: list[float] = []
+    headroom = 0
+    extra = controller.config.dispatch_headroom if controller is not None else 0
+    for ep in endpoints:
+        s = det.saturation(ep, t)
+        sats.append(s)
+        headroom += det.headroom(ep, t, extra)
+    ready = sum(1 for s in sats if math.isfinite(s))
+    pool_sat = sum(min(1.0, s) for s in sats) / len(sats) if sats else 1.0
+    saturated = not sats or all(s >= 1.0 for s in sats)
+
+    bands: set[int] = {0, *priorities}
+    queued: dict[int, int] = {}
+    in_flight = 0
+    if controller is not None:
+        cfg = controller.config
+        bands.update(b.priority for b in cfg.bands)
+        # The controller's live bands (same package: read-only use of its bookkeeping).
+        bands.update(controller._bands)
+        in_flight = controller.in_flight
+        if cfg.max_in_flight is not None:
+            headroom = min(headroom, cfg.max_in_flight - in_flight)
+        for p in bands:
+            queued[p] = controller.queued(p)
+    headroom = max(0, headroom)
+
+    free: dict[str, int] = {}
+    for p in sorted(bands, reverse=True):
+        if any(q for bp, q in queued.items() if bp >= p):
+            free[str(p)] = 0
+            continue
+        f = headroom
+        if controller is not None:
+            band = controller._bands.get(p)
+            cap = controller.config.band(p).max_in_flight
+            if cap is not None:
+                f = min(f, cap - (band.in_flight if band is not None else 0))
+        free[str(p)] = max(0, f)
+
+    return {
+        "version": VERSION,
+        "timestamp": time.time() if wall_time is None else wall_time,
+        "ready_endpoints": ready,
+        "pool_saturation": round(pool_sat, 4),
+        "saturated": saturated,
+        "free_capacity": free,
+        "queued": {str(p): q for p, q in sorted(queued.items(), reverse=True)},
+        "realtime_queued": sum(q for p, q in queued.items() if p >= 0),
+        "in_flight": in_flight,
+    }
