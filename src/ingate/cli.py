@@ -14,6 +14,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ingate.serve:serve", "Run the gateway (endpoint picker + data plane) from a YAML config."),
     "quickstart": ("ingate.quickstart:quickstart", "Demo: simulated fleet + gateway vs round robin."),
     "bench": ("ingate.bench.cli:bench", "Benchmark harness: load sweeps, reports and plots."),
+    "async": ("ingate.asyncproc.cli:async_", "Async inference on idle capacity: queue processor, batches."),
 }
 
 
