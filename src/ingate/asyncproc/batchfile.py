@@ -2,7 +2,8 @@
 
 Input lines may be OpenAI Batch requests ``{"custom_id", "method": "POST", "url", "body"}`` (the
 ``custom_id`` becomes the request id, ``url`` the endpoint, ``body`` the payload) or llm-d-async request
-messages (passed through as they are, so a malformed one is answered ``INVALID_REQUEST`` like any other).
+messages (passed through as they are, so a malformed one, or one without a deadline, is answered
+``INVALID_REQUEST`` like any other).
 Output lines are OpenAI Batch results ``{"id", "custom_id", "response": {"status_code", "request_id",
 "body"}, "error"}``, or llm-d-async result objects.
 """
@@ -40,12 +41,7 @@ def to_message(line: bytes, *, ttl_s: float, now: float | None = None) -> bytes 
         if doc.get("url"):
             msg["endpoint"] = doc["url"]
         return orjson.dumps(msg)
-    if isinstance(doc, dict) and "deadline" not in doc and "id" in doc and "payload" in doc:
-        t = time.time() if now is None else now
-        doc = {**doc, "deadline": int(t + ttl_s)}
-        doc.setdefault("created", int(t))
-        return orjson.dumps(doc)
-    return s
+    return s  # an llm-d-async message goes in unchanged (no deadline is INVALID_REQUEST, as upstream)
 
 
 def openai_line(r: AsyncResult) -> dict[str, Any]:

@@ -218,7 +218,7 @@ async def _submit_file(backend: QueueBackend, path: Path, ttl_s: float) -> int:
     "ttl_s",
     default=86400.0,
     show_default=True,
-    help="Deadline (seconds from now) for lines that carry none.",
+    help="Deadline (seconds from now) of OpenAI Batch lines.",
 )
 def submit(file: Path, queue: str, ttl_s: float) -> None:
     """Enqueue a JSONL file: OpenAI Batch lines (custom_id/url/body) or llm-d-async messages."""
@@ -317,7 +317,11 @@ def status(queue: str) -> None:
     "--queue", default=None, help="Queue (default: OUT.queue.db; an existing one is resumed, not refilled)."
 )
 @click.option(
-    "--ttl", "ttl_s", default=86400.0, show_default=True, help="Deadline for lines that carry none."
+    "--ttl",
+    "ttl_s",
+    default=86400.0,
+    show_default=True,
+    help="Deadline (seconds from now) of OpenAI Batch lines.",
 )
 @_processor_options
 @click.option("--progress/--no-progress", default=None, help="Progress display (default: when interactive).")

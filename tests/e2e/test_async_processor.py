@@ -1,0 +1,169 @@
+"""e2e: `ingate async run` as a real process, killed with SIGKILL in the middle of a 1,000-message batch
+and restarted, in front of `ingate serve --proxy builtin` and `ingate sim` replicas.
+
+The batch goes in through `ingate async submit` (OpenAI Batch JSONL lines plus malformed lines). The
+gateway runs flow control with the async objective sheddable (priority -1), so some requests are shed
+with 429 and retried. After the restart drains the queue, every id has exactly one outcome: a result or
+a dead-letter entry, never both, never two; malformed lines are answered INVALID_REQUEST; the rest
+complete with 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import MODEL, SimProcess
+from prometheus_client.parser import text_string_to_metric_families
+from test_flowcontrol_serve import serve
+
+from ingate.asyncproc.backends import open_backend
+from ingate.asyncproc.models import INVALID_REQUEST
+from ingate.bench.systems import free_port
+from ingate.procs import ChildProcess, spawn
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+N = 1000
+MALFORMED = [
+    b"{this is not json",
+    b'{"id": "bad-payload", "deadline": 4102444800, "payload": "a string"}',
+    b'{"id": "bad-endpoint", "deadline": 4102444800, "payload": {}, "endpoint": "/admin/shutdown"}',
+    b'{"id": "no-deadline", "payload": {"prompt": "x"}}',
+]
+
+
+@pytest.fixture(params=["sqlite"])
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield str(tmp_path / "queue.db")
+
+
+def write_batch(path: Path) -> None:
+    with path.open("wb") as fh:
+        for i in range(N):
+            line = {
+                "custom_id": f"req-{i:04d}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": MODEL, "prompt": f"async request {i}", "max_tokens": 8, "ignore_eos": True},
+            }
+            fh.write(orjson.dumps(line) + b"\n")
+            if i in (10, 400, 700, 900):
+                fh.write(MALFORMED[(10, 400, 700, 900).index(i)] + b"\n")
+
+
+def cli(*args: str, timeout: float = 60) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "ingate", "async", *args], capture_output=True, timeout=timeout, check=True
+    )
+    return out.stdout.decode()
+
+
+def metric(url: str, name: str) -> float | None:
+    with suppress(OSError), urllib.request.urlopen(url + "/metrics", timeout=2) as r:
+        for fam in text_string_to_metric_families(r.read().decode()):
+            for s in fam.samples:
+                if s.name == name:
+                    return float(s.value)
+    return None
+
+
+def start_processor(
+    tmp_path: Path, queue: str, gateway: str, tag: str, *extra: str
+) -> tuple[ChildProcess, str]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "ingate", "async", "run",
+        "--queue", queue, "--gateway", gateway, "--objective", "async",
+        "--lease", "2", "--backoff-base", "0.1", "--max-concurrency", "48", "--initial-window", "8",
+        "--poll-interval", "0.05", "--grace", "2", "--listen", f"127.0.0.1:{port}", "--log-level", "warning",
+        *extra,
+    ]  # fmt: skip
+    return spawn(cmd, tmp_path / f"async-{tag}.log"), f"http://127.0.0.1:{port}"
+
+
+async def count(queue: str) -> tuple[int, int, int]:
+    q = open_backend(queue)
+    try:
+        n = 0
+        async for _ in q.results():
+            n += 1
+        return await q.backlog(), n, len(await q.dead_letters())
+    finally:
+        await q.close()
+
+
+async def test_kill_9_mid_batch_then_restart_every_id_has_exactly_one_outcome(
+    sim_fleet: Callable[..., SimProcess], tmp_path: Path, queue_url: str
+) -> None:
+    sim = sim_fleet(2, "--time-scale", "20", "--max-num-seqs", "16")
+    batch = tmp_path / "batch.jsonl"
+    write_batch(batch)
+    assert f"submitted {N + len(MALFORMED)} messages" in cli("submit", str(batch), "--queue", queue_url)
+
+    objectives = [{"name": "async", "priority": -1}]
+    with serve(tmp_path, sim.addresses, objectives=objectives, flowControl={"pollIntervalS": 0.02}) as gw:
+        first, murl = start_processor(tmp_path, queue_url, gw, "first")
+        try:
+            deadline = time.monotonic() + 40
+            in_flight_at_kill = 0.0
+            while True:
+                assert first.proc.poll() is None, first.tail()
+                assert time.monotonic() < deadline, f"no progress: {await count(queue_url)} {first.tail()}"
+                _, done, _ = await count(queue_url)
+                in_flight_at_kill = metric(murl, "ingate_async_in_flight") or 0.0
+                if done >= N // 3 and in_flight_at_kill > 0:
+                    break
+                await asyncio.sleep(0.05)
+            first.proc.kill()  # SIGKILL: no drain, claimed messages stay leased
+            first.proc.wait(timeout=10)
+        finally:
+            first.stop()
+        backlog, done, _ = await count(queue_url)
+        print(f"\nkilled with {in_flight_at_kill:.0f} in flight: {done} results, {backlog} left")
+        assert backlog > 0 and done < N
+
+        second, murl = start_processor(tmp_path, queue_url, gw, "second", "--exit-when-empty")
+        try:
+            second.proc.wait(timeout=60)
+        finally:
+            second.stop()
+        assert second.proc.returncode == 0, second.tail()
+
+    q = open_backend(queue_url)
+    try:
+        results = [r async for r in q.results()]
+        dead_letters = await q.dead_letters()
+        assert await q.backlog() == 0
+    finally:
+        await q.close()
+    ids = Counter([r.id for r in results] + [d.id for d in dead_letters])
+    assert all(c == 1 for c in ids.values()), [i for i, c in ids.items() if c > 1]
+    by_id = {r.id: r for r in results}
+    expected = {f"req-{i:04d}" for i in range(N)}
+    assert expected <= set(ids), sorted(expected - set(ids))[:5]
+    assert len(ids) == N + len(MALFORMED)  # one outcome for each message, malformed ones included
+    for rid in ("bad-payload", "bad-endpoint", "no-deadline"):
+        assert by_id[rid].error_code == INVALID_REQUEST, by_id[rid]
+    (no_id,) = [r for r in results if r.id.startswith("invalid-")]
+    assert no_id.error_code == INVALID_REQUEST and "not JSON" in no_id.error_message
+    statuses = Counter(by_id[i].status_code for i in expected if i in by_id)
+    assert statuses == {200: N}, (statuses, [(d.id, d.error) for d in dead_letters][:5])
+    body = orjson.loads(by_id["req-0999"].payload)
+    assert body["usage"]["completion_tokens"] == 8
+
+    out = tmp_path / "out.jsonl"
+    cli("results", "--queue", queue_url, "--out", str(out))
+    lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    assert len(lines) == N + len(MALFORMED)
+    line = next(x for x in lines if x["custom_id"] == "req-0005")
+    assert line["response"]["status_code"] == 200 and line["error"] is None
