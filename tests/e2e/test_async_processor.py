@@ -1,4 +1,4 @@
-"""e2e: `ingate async run` as a real process, killed with SIGKILL in the middle of a 1,000-message batch
+"""e2e: `ingate async run` as a real process (SQLite queue, or Redis Streams on a real redis-server), killed with SIGKILL in the middle of a 1,000-message batch
 and restarted, in front of `ingate serve --proxy builtin` and `ingate sim` replicas.
 
 The batch goes in through `ingate async submit` (OpenAI Batch JSONL lines plus malformed lines). The
@@ -11,6 +11,7 @@ complete with 200.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from test_flowcontrol_serve import serve
 
 from ingate.asyncproc.backends import open_backend
 from ingate.asyncproc.models import INVALID_REQUEST
+from ingate.asyncproc.redislocal import local_redis, redis_binary
 from ingate.bench.systems import free_port
 from ingate.procs import ChildProcess, spawn
 
@@ -42,9 +44,20 @@ MALFORMED = [
 ]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis"])
 def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield str(tmp_path / "queue.db")
+    """The embedded SQLite queue, or Redis Streams on a real redis-server started here."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "queue.db")
+        return
+    if redis_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing in CI: `make test` installs it (apt-get) when run as root")
+        pytest.skip(
+            "redis-server is not installed (apt-get install -y redis-server; `make test` does it as root)"
+        )
+    with local_redis(tmp_path / "redis") as url:
+        yield url + "?stream=batch&group=processors"
 
 
 def write_batch(path: Path) -> None:

@@ -8,17 +8,26 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
+import async_backends
 import orjson
 import pytest
 from aiohttp import web
 from loopback_http import start_app
 
+from ingate.asyncproc.backends.base import QueueBackend
 from ingate.asyncproc.backends.sqlite import SqliteBackend
 from ingate.asyncproc.models import CANCELLED, DEADLINE_EXCEEDED, INVALID_REQUEST, AsyncResult
 from ingate.asyncproc.processor import Processor, ProcessorConfig
+
+Open = Callable[[], QueueBackend]
+# The shared fixtures: the processor tests run on SQLite and on a real redis-server.
+redis_url, queue_url, open_queue = (
+    async_backends.redis_url,
+    async_backends.queue_url,
+    async_backends.open_queue,
+)
 
 
 class Gateway:
@@ -106,13 +115,13 @@ def config(url: str, **kw: Any) -> ProcessorConfig:
     return ProcessorConfig(**base)
 
 
-async def outcomes(q: SqliteBackend) -> dict[str, AsyncResult]:
+async def outcomes(q: QueueBackend) -> dict[str, AsyncResult]:
     return {r.id: r async for r in q.results()}
 
 
-async def test_every_message_gets_exactly_one_outcome(tmp_path: Path, gateway: tuple[Gateway, str]) -> None:
+async def test_every_message_gets_exactly_one_outcome(open_queue: Open, gateway: tuple[Gateway, str]) -> None:
     gw, url = gateway
-    q = SqliteBackend(tmp_path / "q.db")
+    q = open_queue()
     bodies = [msg(f"ok{i}", f"ok:{i}", metadata={"userid": "alice"}) for i in range(20)]
     bodies += [
         b"{not json",
@@ -143,7 +152,7 @@ async def test_every_message_gets_exactly_one_outcome(tmp_path: Path, gateway: t
     assert res["expired"].error_code == DEADLINE_EXCEEDED and gw.calls["ok:expired"] == 0
     assert res["cancelled"].error_code == CANCELLED and gw.calls["ok:cancelled"] == 0
     assert res["nopayload"].error_code == INVALID_REQUEST and "payload" in res["nopayload"].error_message
-    (invalid_no_id,) = [r for k, r in res.items() if k.startswith("invalid-sqlite-")]
+    (invalid_no_id,) = [r for k, r in res.items() if k.startswith("invalid-")]
     assert invalid_no_id.error_code == INVALID_REQUEST and "not JSON" in invalid_no_id.error_message
     # 500 three times (max_attempts 3): dead-lettered with the last error, and no result.
     assert "fail" not in res and gw.calls["fail:1"] == 3
@@ -157,9 +166,9 @@ async def test_every_message_gets_exactly_one_outcome(tmp_path: Path, gateway: t
     assert hdrs["x-request-id"] == "ok0"
 
 
-async def test_shed_retries_never_pass_the_deadline(tmp_path: Path, gateway: tuple[Gateway, str]) -> None:
+async def test_shed_retries_never_pass_the_deadline(open_queue: Open, gateway: tuple[Gateway, str]) -> None:
     gw, url = gateway
-    q = SqliteBackend(tmp_path / "q.db")
+    q = open_queue()
     deadline = time.time() + 2.5
     await q.submit([msg("s", "shed:always", deadline=deadline)])
     p = Processor(q, config(url, backoff_base_s=0.2))
@@ -178,10 +187,10 @@ async def test_shed_retries_never_pass_the_deadline(tmp_path: Path, gateway: tup
 
 
 async def test_cancel_in_flight_and_graceful_drain_requeues(
-    tmp_path: Path, gateway: tuple[Gateway, str]
+    open_queue: Open, gateway: tuple[Gateway, str]
 ) -> None:
     _, url = gateway
-    q = SqliteBackend(tmp_path / "q.db")
+    q = open_queue()
     await q.submit([msg("c", "slow:c"), msg("d1", "slow:d1"), msg("d2", "slow:d2")])
     p = Processor(q, config(url, exit_when_empty=False, cancel_check_s=0.05, grace_s=0.3))
     run = asyncio.create_task(p.run())
@@ -212,10 +221,10 @@ async def test_cancel_in_flight_and_graceful_drain_requeues(
         await q.close()
 
 
-async def test_capacity_signal_gates_dispatch(tmp_path: Path, gateway: tuple[Gateway, str]) -> None:
+async def test_capacity_signal_gates_dispatch(open_queue: Open, gateway: tuple[Gateway, str]) -> None:
     gw, url = gateway
     gw.capacity = {"free_capacity": {"0": 5, "-1": 0}, "saturated": False, "realtime_queued": 0}
-    q = SqliteBackend(tmp_path / "q.db")
+    q = open_queue()
     await q.submit([msg(f"g{i}", f"ok:g{i}") for i in range(5)])
     p = Processor(q, config(url, capacity_url=url + "/v1/capacity", capacity_interval_s=0.02))
     run = asyncio.create_task(p.run())
