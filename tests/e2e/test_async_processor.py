@@ -1,4 +1,5 @@
-"""e2e: `ingate async run` as a real process (SQLite queue, or Redis Streams on a real redis-server), killed with SIGKILL in the middle of a 1,000-message batch
+"""e2e: `ingate async run` as a real process (SQLite queue; Redis Streams or the llm-d-async sorted-set
+layout on a real redis-server), killed with SIGKILL in the middle of a 1,000-message batch
 and restarted, in front of `ingate serve --proxy builtin` and `ingate sim` replicas.
 
 The batch goes in through `ingate async submit` (OpenAI Batch JSONL lines plus malformed lines). The
@@ -44,9 +45,10 @@ MALFORMED = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "llmd-sortedset"])
 def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The embedded SQLite queue, or Redis Streams on a real redis-server started here."""
+    """The embedded SQLite queue, or Redis Streams / llm-d-async's sorted-set layout on a real
+    redis-server started here."""
     if request.param == "sqlite":
         yield str(tmp_path / "queue.db")
         return
@@ -57,7 +59,10 @@ def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             "redis-server is not installed (apt-get install -y redis-server; `make test` does it as root)"
         )
     with local_redis(tmp_path / "redis") as url:
-        yield url + "?stream=batch&group=processors"
+        if request.param == "llmd-sortedset":
+            yield url.replace("redis://", "redis-sortedset://")  # upstream's default key names
+        else:
+            yield url + "?stream=batch&group=processors"
 
 
 def write_batch(path: Path) -> None:

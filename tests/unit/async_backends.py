@@ -32,13 +32,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "llmd-sortedset"])
 def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh queue URL of each backend (a new SQLite file, or a new stream on the module's Redis)."""
+    """A fresh queue of each backend: a new SQLite file, a new stream or a new llm-d-async sorted-set
+    layout on the module's Redis."""
     if request.param == "sqlite":
         return str(tmp_path / "q.db")
     url: str = request.getfixturevalue("redis_url")
     name = f"t-{uuid.uuid4().hex[:8]}"
+    if request.param == "llmd-sortedset":
+        return (
+            url.replace("redis://", "redis-sortedset://")
+            + f"?queue={name}&results={name}-results&retry={name}-retry"
+        )
     return f"{url}?stream={name}&group={name}"
 
 

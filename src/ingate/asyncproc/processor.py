@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -295,7 +296,7 @@ class Processor:
         c = self.config
         msg = parse_message(d.body, max_bytes=c.max_message_bytes, endpoints=c.endpoints)
         if isinstance(msg, InvalidMessage):
-            rid = msg.id or f"invalid-{self.backend.name}-{d.key}"
+            rid = msg.id or f"invalid-{self.backend.name}-{_short(d.key)}"
             self.metrics.invalid.inc()
             await self._finish(d, AsyncResult.error(rid, INVALID_REQUEST, msg.reason), "invalid")
             return
@@ -469,6 +470,13 @@ class Processor:
             return 0, b"", {}, time.monotonic() - t0, f"no answer within {budget:.1f} s"
         except aiohttp.ClientError as e:
             return 0, b"", {}, time.monotonic() - t0, f"gateway unreachable: {e.__class__.__name__}: {e}"
+
+
+def _short(key: str) -> str:
+    """A backend key short enough for an id (some backends key a message by its whole text)."""
+    if len(key) <= 40:
+        return key
+    return hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16]
 
 
 def _reason(headers: dict[str, str], body: bytes) -> str:

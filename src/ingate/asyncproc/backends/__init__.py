@@ -3,7 +3,9 @@
 ``open_backend(url)`` picks one from a queue URL:
 
 - ``PATH``, ``sqlite:PATH`` or ``sqlite:///ABS/PATH``: the embedded SQLite queue (the default);
-- ``redis://HOST:PORT/DB?stream=NAME&group=NAME``: Redis Streams with a consumer group.
+- ``redis://HOST:PORT/DB?stream=NAME&group=NAME``: Redis Streams with a consumer group;
+- ``redis-sortedset://HOST:PORT/DB?queue=request-sortedset&results=result-list&retry=retry-sortedset``:
+  llm-d-async's sorted-set layout (drop-in next to its producers and result consumers).
 """
 
 from __future__ import annotations
@@ -15,6 +17,18 @@ from ingate.asyncproc.backends.base import QueueBackend
 
 def open_backend(url: str) -> QueueBackend:
     """The backend a queue URL names (see the module docstring). Raises ValueError on a bad URL."""
+    if url.startswith(("redis-sortedset://", "rediss-sortedset://")):
+        from ingate.asyncproc.backends.llmd_sortedset import LlmdSortedSetBackend
+
+        parts = urlsplit(url)
+        q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        base = parts._replace(scheme=parts.scheme.replace("-sortedset", ""), query="").geturl()
+        return LlmdSortedSetBackend(
+            base,
+            queue=q.get("queue", "request-sortedset"),
+            results=q.get("results", "result-list"),
+            retry=q.get("retry", "retry-sortedset"),
+        )
     if url.startswith(("redis://", "rediss://", "unix://")):
         from ingate.asyncproc.backends.redis_streams import RedisStreamsBackend
 
