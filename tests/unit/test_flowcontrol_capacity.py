@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
+from aiohttp import web
+from loopback_http import start_app
+from prometheus_client import CollectorRegistry
 from test_flowcontrol import Clock, controller, enqueue, pool, req, set_metrics, settle
 
 from ingate.errors import GatewayError
-from ingate.flowcontrol.capacity import capacity_snapshot
+from ingate.flowcontrol.capacity import CapacityCollector, capacity_handler, capacity_snapshot
 
 
 async def test_free_capacity_is_headroom_and_shrinks_with_dispatches() -> None:
@@ -65,3 +69,25 @@ def test_stale_metrics_and_no_controller() -> None:
     snap = capacity_snapshot(ds, None, now=clock.t)
     assert snap["ready_endpoints"] == 0 and snap["saturated"] is True
     assert snap["free_capacity"] == {"0": 0} and snap["pool_saturation"] == 1.0
+
+
+async def test_served_over_http_and_as_metrics() -> None:
+    clock = Clock()
+    ds = pool(clock, n=2, waiting=2)
+    fc = controller(clock, ds)
+    app = web.Application()
+    app.router.add_get("/v1/capacity", capacity_handler(ds, fc, priorities=[-1]))
+    runner, port = await start_app(app)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/v1/capacity?priority=-5") as r:
+                doc = await r.json()
+    finally:
+        await runner.cleanup()
+    assert doc["free_capacity"] == {"0": 6, "-1": 6, "-5": 6} and doc["saturated"] is False
+    reg = CollectorRegistry()
+    reg.register(CapacityCollector(ds, fc, priorities=[-1]))
+    assert reg.get_sample_value("ingate_pool_free_capacity", {"priority": "-1"}) == 6
+    assert reg.get_sample_value("ingate_pool_saturation") == pytest.approx(0.4)
+    assert reg.get_sample_value("ingate_pool_saturated") == 0
+    assert reg.get_sample_value("ingate_pool_realtime_queued") == 0

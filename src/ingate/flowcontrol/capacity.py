@@ -1,6 +1,7 @@
 """The pool's free capacity as a small JSON document, for async processors that fill idle capacity.
 
-The gateway serves it (``GET /v1/capacity`` is the intended path) and exports the same numbers as metrics.
+The gateway serves it (``capacity_handler`` at ``GET /v1/capacity``) and exports the same numbers as
+metrics (``CapacityCollector``, ``ingate_pool_*``).
 Shape (version 1)::
 
     {
@@ -26,8 +27,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ingate.datastore import Datastore
 from ingate.flowcontrol.config import SaturationConfig
@@ -110,3 +116,56 @@ def capacity_snapshot(
         "realtime_queued": sum(q for p, q in queued.items() if p >= 0),
         "in_flight": in_flight,
     }
+
+
+def capacity_handler(
+    datastore: Datastore, controller: FlowController | None, *, priorities: Iterable[int] = ()
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """An aiohttp handler serving :func:`capacity_snapshot` as JSON (mount it at ``GET /v1/capacity``)."""
+    bands = tuple(priorities)
+
+    async def handle(request: web.Request) -> web.Response:
+        extra = [int(p) for p in request.query.getall("priority", []) if p.lstrip("-").isdigit()]
+        doc = capacity_snapshot(datastore, controller, priorities=(*bands, *extra))
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
+    return handle
+
+
+class CapacityCollector(Collector):
+    """The capacity document as Prometheus gauges, computed at scrape time:
+    ``ingate_pool_saturation``, ``ingate_pool_saturated``, ``ingate_pool_free_capacity{priority}``,
+    ``ingate_pool_realtime_queued``."""
+
+    def __init__(
+        self, datastore: Datastore, controller: FlowController | None, *, priorities: Iterable[int] = ()
+    ) -> None:
+        self.datastore = datastore
+        self.controller = controller
+        self.priorities = tuple(priorities)
+
+    def collect(self) -> Iterator[Metric]:
+        doc = capacity_snapshot(self.datastore, self.controller, priorities=self.priorities)
+        yield GaugeMetricFamily(
+            "ingate_pool_saturation",
+            "Mean per-endpoint saturation, each capped at 1",
+            value=doc["pool_saturation"],
+        )
+        yield GaugeMetricFamily(
+            "ingate_pool_saturated",
+            "1 when no endpoint is below saturation 1.0",
+            value=float(doc["saturated"]),
+        )
+        free = GaugeMetricFamily(
+            "ingate_pool_free_capacity",
+            "Requests of this priority the pool would dispatch at once",
+            labels=["priority"],
+        )
+        for p, v in doc["free_capacity"].items():
+            free.add_metric([p], v)
+        yield free
+        yield GaugeMetricFamily(
+            "ingate_pool_realtime_queued",
+            "Requests with priority >= 0 waiting in flow control",
+            value=doc["realtime_queued"],
+        )
