@@ -249,3 +249,28 @@ def test_signal_congestion_shrinks_the_window() -> None:
     assert p.window.limit == 8 and p.window.headroom == 3  # real-time traffic queued: halve at once
     p.apply_signal({"free_capacity": {"-1": 9}})
     assert p.window.limit == 8 and p.window.headroom == 9
+
+
+def test_llm_d_async_gates_reproduced() -> None:
+    def proc(gate: str) -> Processor:
+        cfg = ProcessorConfig(
+            gateway_url="http://127.0.0.1:1", gate=gate, capacity_url="http://127.0.0.1:1/c"
+        )
+        return Processor(SqliteBackend(":memory:"), cfg)
+
+    sat = proc("prometheus-saturation")
+    assert sat.window.limit == 64  # a fixed worker pool, no AIMD
+    # Closed at saturation >= 0.8; budget 0.8 - saturation below it; 10 per poll at most.
+    assert sat.gate_budget({"pool_saturation": 0.0}) == pytest.approx(0.8)
+    assert sat.gate_budget({"pool_saturation": 0.5}) == pytest.approx(0.3)
+    assert sat.gate_budget({"pool_saturation": 0.8}) == 0.0 and sat.gate_budget(None) == 0.0
+    sat.apply_budget_gate({"pool_saturation": 0.5})
+    assert sat.window.headroom == 3
+    bud = proc("prometheus-budget")
+    # D = 1 - queued / (ready x 100), open above the baseline 0.05, budget D - 0.05.
+    assert bud.gate_budget({"ready_endpoints": 2, "queued": {"0": 0}}) == pytest.approx(0.95)
+    assert bud.gate_budget({"ready_endpoints": 2, "queued": {"0": 150, "-1": 0}}) == pytest.approx(0.2)
+    assert bud.gate_budget({"ready_endpoints": 2, "queued": {"0": 195}}) == 0.0
+    assert bud.gate_budget({"ready_endpoints": 0, "queued": {}}) == 0.0  # no data: fails closed
+    with pytest.raises(ValueError, match="capacity_url"):
+        Processor(SqliteBackend(":memory:"), ProcessorConfig(gateway_url="x", gate="prometheus-budget"))

@@ -66,6 +66,14 @@ def _processor_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Gateway capacity document (JSON, e.g. http://GW/v1/capacity) polled to dispatch only into headroom.",
         ),
+        click.option(
+            "--gate",
+            type=click.Choice(["ingate", "prometheus-saturation", "prometheus-budget"]),
+            default="ingate",
+            show_default=True,
+            help="Dispatch gate: ingate's window + free capacity, or llm-d-async's gates (for comparison; "
+            "they read --capacity-url every second).",
+        ),
         click.option("--max-concurrency", default=64, show_default=True, help="Largest dispatch window."),
         click.option(
             "--initial-window", default=4, show_default=True, help="Window at start (slow start from here)."

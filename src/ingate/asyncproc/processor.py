@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ log = logging.getLogger("ingate.async")
 OBJECTIVE_HEADERS = ("x-gateway-inference-objective", "x-llm-d-inference-objective")
 FAIRNESS_HEADERS = ("x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id")
 DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
+GATES = ("ingate", "prometheus-saturation", "prometheus-budget")
 
 
 @dataclass
@@ -74,6 +76,16 @@ class ProcessorConfig:
     capacity_stale_s: float = 2.0
     grace_s: float = 30.0
     cancel_check_s: float = 1.0
+    gate: str = "ingate"
+    """``ingate``: AIMD window + free capacity per band (capacity_interval_s). ``prometheus-saturation``
+    and ``prometheus-budget`` reproduce llm-d-async's gates for comparison: every ``gate_poll_s`` at most
+    ``floor(gate_batch_size x budget)`` new dispatches into a fixed pool of ``max_concurrency`` workers,
+    budget from the same capacity document (see docs/async.md)."""
+    gate_threshold: float = 0.8
+    gate_baseline: float = 0.05
+    gate_max_concurrency: float = 100.0
+    gate_batch_size: int = 10
+    gate_poll_s: float = 1.0
     exit_when_empty: bool = False
     """Return from ``run`` once the backend holds no message (batch mode)."""
     headers: dict[str, str] = field(default_factory=dict)
@@ -96,8 +108,13 @@ class Processor:
         self.metrics = metrics if metrics is not None else AsyncMetrics()
         self.rng = rng or random.Random()
         c = config
+        if c.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}")
+        self.adaptive = c.gate == "ingate"
+        if not self.adaptive and not c.capacity_url:
+            raise ValueError(f"gate {c.gate} reads the capacity document: set capacity_url")
         self.window = AimdWindow(
-            initial=c.initial_window,
+            initial=c.initial_window if self.adaptive else c.max_concurrency,
             minimum=c.min_window,
             maximum=c.max_concurrency,
             objective_s=c.latency_objective_s,
@@ -240,13 +257,15 @@ class Processor:
                     doc = await r.json(content_type=None) if r.status == 200 else None
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 doc = None
-            if isinstance(doc, dict):
+            if not self.adaptive:
+                self.apply_budget_gate(doc if isinstance(doc, dict) else None)
+            elif isinstance(doc, dict):
                 self.apply_signal(doc, now)
             elif now - self._signal_at > c.capacity_stale_s:
                 # No fresh signal: dispatch by the window alone; the gateway still sheds what it cannot take.
                 self.window.set_headroom(None)
             self._set_gauges()
-            await asyncio.sleep(c.capacity_interval_s)
+            await asyncio.sleep(c.capacity_interval_s if self.adaptive else c.gate_poll_s)
 
     def apply_signal(self, doc: dict[str, Any], now: float | None = None) -> None:
         """Use one capacity reading (the shape of ingate.flowcontrol.capacity.capacity_snapshot)."""
@@ -262,6 +281,31 @@ class Processor:
         if congested and self.window.in_flight > 0 and self.window.on_congestion():
             self.metrics.window_decreases.labels("signal").inc()
         self.window.set_headroom(free)
+
+    def gate_budget(self, doc: dict[str, Any] | None) -> float:
+        """llm-d-async's metric gates on one capacity reading: budget in [0, 1] (0 = closed; an unreadable
+        reading uses the fallback 0, failing closed as upstream does)."""
+        c = self.config
+        if doc is None:
+            return 0.0
+        if c.gate == "prometheus-saturation":
+            sat = doc.get("pool_saturation")
+            if not isinstance(sat, int | float):
+                return 0.0
+            value, threshold = 1.0 - float(sat), 1.0 - c.gate_threshold
+        else:  # prometheus-budget, first source: the picker's flow-control queue
+            ready = doc.get("ready_endpoints") or 0
+            queued = doc.get("queued") or {}
+            if not ready or not isinstance(queued, dict):
+                return 0.0
+            q = sum(v for v in queued.values() if isinstance(v, int | float))
+            value, threshold = 1.0 - q / (ready * c.gate_max_concurrency), c.gate_baseline
+        return 0.0 if value <= threshold else min(1.0, value - threshold)
+
+    def apply_budget_gate(self, doc: dict[str, Any] | None) -> None:
+        """One poll of an llm-d-async gate: allow ``floor(batch x budget)`` dispatches until the next."""
+        self.last_signal = doc
+        self.window.set_headroom(math.floor(self.config.gate_batch_size * self.gate_budget(doc)))
 
     # ---- one message ------------------------------------------------------------------------------
 
@@ -325,12 +369,13 @@ class Processor:
         label = "error" if status == 0 else f"{status // 100}xx"
         self.metrics.request_seconds.labels(label).observe(latency)
         if 200 <= status < 300:
-            self.window.on_success(latency)
+            if self.adaptive:
+                self.window.on_success(latency)
             await self._finish(d, AsyncResult.http(req.id, status, body), "ok", req.created)
             return
         if status == 429 or status == 503:
             self.metrics.shed.labels(str(status)).inc()
-            if self.window.on_congestion():
+            if self.adaptive and self.window.on_congestion():
                 self.metrics.window_decreases.labels(str(status)).inc()
         if status == 429:
             # Shed: not a failure, back to the queue after Retry-After (bounded by the deadline).
