@@ -116,3 +116,63 @@ async def test_submit_poll_cancel_and_metrics(open_queue: Open) -> None:
     assert samples["ingate_async_completed_total"].value >= 1
     for name in ("ingate_async_window", "ingate_async_in_flight", "ingate_async_age_seconds_count"):
         assert name in samples, name
+
+
+async def test_openai_batch_upload_status_and_output(open_queue: Open) -> None:
+    async def completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("model") == "missing":
+            return web.json_response(
+                {"error": {"message": "unknown model", "code": "model_not_found"}}, status=404
+            )
+        return web.json_response({"choices": [{"text": body.get("prompt", "")}]})
+
+    gw_app = web.Application()
+    gw_app.router.add_post("/v1/completions", completions)
+    gw_runner, gw_port = await start_app(gw_app)
+    q = open_queue()
+    api_runner, api_port = await start_app(build_app(q))
+    api = f"http://127.0.0.1:{api_port}"
+
+    def line(cid: str, model: str = "m", url: str = "/v1/completions") -> bytes:
+        doc = {"custom_id": cid, "method": "POST", "url": url, "body": {"model": model, "prompt": cid}}
+        return orjson.dumps(doc)
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            bad = b"\n".join([line("a"), line("b", url="/v1/admin")])
+            async with s.post(api + "/v1/async/batches", data=bad) as r:
+                err = await r.json()
+                assert r.status == 400 and "line 2" in err["error"]["message"]
+            dup = b"\n".join([line("a"), line("a")])
+            async with s.post(api + "/v1/async/batches", data=dup) as r:
+                assert r.status == 400 and "duplicate" in (await r.json())["error"]["message"]
+            assert await q.backlog() == 0  # a rejected file enqueues nothing
+
+            good = b"\n".join([line("a"), b"", line("b"), line("c", model="missing")]) + b"\n"
+            async with s.post(api + "/v1/async/batches", data=good) as r:
+                batch = await r.json()
+            assert batch["object"] == "batch" and batch["status"] == "in_progress"
+            assert batch["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+            cfg = ProcessorConfig(
+                gateway_url=f"http://127.0.0.1:{gw_port}", poll_interval_s=0.02, exit_when_empty=True
+            )
+            async with asyncio.timeout(10):
+                await Processor(q, cfg).run()
+            async with s.get(api + f"/v1/async/batches/{batch['id']}") as r:
+                done = await r.json()
+            assert done["status"] == "completed"
+            assert done["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+            async with s.get(api + f"/v1/async/batches/{batch['id']}/output") as r:
+                assert r.headers["content-type"].startswith("application/jsonl")
+                out = [orjson.loads(x) for x in (await r.read()).splitlines()]
+            async with s.get(api + "/v1/async/batches/batch_nope") as r:
+                assert r.status == 404
+    finally:
+        await api_runner.cleanup()
+        await gw_runner.cleanup()
+    by_cid = {x["custom_id"]: x for x in out}
+    assert set(by_cid) == {"a", "b", "c"}
+    assert by_cid["a"]["response"]["status_code"] == 200
+    assert by_cid["a"]["response"]["body"] == {"choices": [{"text": "a"}]}
+    assert by_cid["c"]["response"]["status_code"] == 404

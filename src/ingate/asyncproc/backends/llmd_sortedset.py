@@ -301,6 +301,13 @@ class LlmdSortedSetBackend:
             a, b, c = await p.execute()
         return int(a) + int(b) + int(c)
 
+    async def put_meta(self, key: str, value: bytes) -> None:
+        await self.r.hset(f"{self.queue}:meta", key, value)
+
+    async def get_meta(self, key: str) -> bytes | None:
+        v = await self.r.hget(f"{self.queue}:meta", key)
+        return None if v is None else (v.encode() if isinstance(v, str) else bytes(v))
+
     async def status(self, id: str) -> str | None:
         if await self.r.hexists(self.k_results, id):
             return "completed"

@@ -270,6 +270,13 @@ class RedisStreamsBackend:
             a, b = await p.execute()
         return int(a) + int(b)
 
+    async def put_meta(self, key: str, value: bytes) -> None:
+        await self.r.hset(f"{self.stream}:meta", key, value)
+
+    async def get_meta(self, key: str) -> bytes | None:
+        v = await self.r.hget(f"{self.stream}:meta", key)
+        return None if v is None else (v.encode() if isinstance(v, str) else bytes(v))
+
     async def status(self, id: str) -> str | None:
         if await self.r.hexists(self.k_results, id):
             return "completed"

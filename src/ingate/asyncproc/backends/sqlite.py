@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
   at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cancels (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 
 
@@ -269,6 +270,16 @@ class SqliteBackend:
     async def backlog(self) -> int:
         def go(db: sqlite3.Connection) -> int:
             return int(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+        return await self._run(go)
+
+    async def put_meta(self, key: str, value: bytes) -> None:
+        await self._run(lambda db: db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
+
+    async def get_meta(self, key: str) -> bytes | None:
+        def go(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return None if row is None else bytes(row[0])
 
         return await self._run(go)
 
