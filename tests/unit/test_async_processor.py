@@ -249,6 +249,11 @@ def test_signal_congestion_shrinks_the_window() -> None:
     assert p.window.limit == 8 and p.window.headroom == 3  # real-time traffic queued: halve at once
     p.apply_signal({"free_capacity": {"-1": 9}})
     assert p.window.limit == 8 and p.window.headroom == 9
+    p.apply_signal({"free_capacity": {"-1": 9}, "free_slots": 2})
+    assert p.window.headroom == 2  # only into batch slots free now
+    p.config.slots_only = False
+    p.apply_signal({"free_capacity": {"-1": 9}, "free_slots": 2})
+    assert p.window.headroom == 9
 
 
 def test_llm_d_async_gates_reproduced() -> None:

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from test_flowcontrol import Clock, controller, enqueue, pool, req, set_metrics, settle
 
 from ingate.errors import GatewayError
-from ingate.flowcontrol.capacity import CapacityCollector, capacity_handler, capacity_snapshot
+from ingate.flowcontrol.capacity import CapacityCollector, SlotTracker, capacity_handler, capacity_snapshot
 
 
 async def test_free_capacity_is_headroom_and_shrinks_with_dispatches() -> None:
@@ -91,3 +91,29 @@ async def test_served_over_http_and_as_metrics() -> None:
     assert reg.get_sample_value("ingate_pool_saturation") == pytest.approx(0.4)
     assert reg.get_sample_value("ingate_pool_saturated") == 0
     assert reg.get_sample_value("ingate_pool_realtime_queued") == 0
+    assert reg.get_sample_value("ingate_pool_free_slots") == 0  # requests wait on both endpoints
+
+
+def test_free_slots_learn_batch_size_and_never_queue() -> None:
+    clock = Clock()
+    ds = pool(clock, n=1, waiting=0)
+    ep = ds.endpoints()[0]
+    fc = controller(clock, ds)
+    slots = SlotTracker()
+    # Nothing seen running yet: one probe at a time.
+    assert capacity_snapshot(ds, fc, slots=slots)["free_slots"] == 1
+    ep.in_flight += 1  # the probe is in transit (sent since the scrape)
+    assert capacity_snapshot(ds, fc, slots=slots)["free_slots"] == 0
+    # Scrapes show 6 running at most: 6 slots learned; 4 running -> 2 free.
+    ep.metrics.running, ep.metrics.updated_at = 6, clock.t + 0.01
+    clock.t += 0.01
+    capacity_snapshot(ds, fc, slots=slots)
+    ep.in_flight = 4
+    ep.metrics.running, ep.metrics.updated_at = 4, clock.t + 0.01
+    clock.t += 0.01
+    assert capacity_snapshot(ds, fc, slots=slots)["free_slots"] == 2
+    # Anything waiting there: no free slot, whatever the queue-depth headroom says.
+    ep.metrics.waiting = 1
+    snap = capacity_snapshot(ds, fc, slots=slots)
+    assert snap["free_slots"] == 0 and snap["free_capacity"]["0"] > 0
+    assert "free_slots" not in capacity_snapshot(ds, fc)

@@ -74,6 +74,14 @@ def _processor_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Dispatch gate: ingate's window + free capacity, or llm-d-async's gates (for comparison; "
             "they read --capacity-url every second).",
         ),
+        click.option(
+            "--slots-only/--queue-headroom",
+            "slots_only",
+            default=True,
+            show_default=True,
+            help="With --capacity-url: dispatch only into free batch slots (never queue on a model server), "
+            "or up to the gateway's queue-depth headroom.",
+        ),
         click.option("--max-concurrency", default=64, show_default=True, help="Largest dispatch window."),
         click.option(
             "--initial-window", default=4, show_default=True, help="Window at start (slow start from here)."

@@ -74,6 +74,9 @@ class ProcessorConfig:
     capacity_url: str | None = None
     capacity_interval_s: float = 0.1
     capacity_stale_s: float = 2.0
+    slots_only: bool = True
+    """Dispatch only into the signal's ``free_slots`` too (requests that start running at once); off: up
+    to the gateway's queue-depth headroom (more throughput, real-time requests may queue behind async)."""
     grace_s: float = 30.0
     cancel_check_s: float = 1.0
     gate: str = "ingate"
@@ -277,6 +280,11 @@ class Processor:
             v = free_map.get(str(self.config.band))
             if isinstance(v, int | float):
                 free = int(v)
+        slots = doc.get("free_slots")
+        if self.config.slots_only and isinstance(slots, int | float):
+            # Only into batch slots that are free now: async work never queues on a model server, so a
+            # real-time request never waits behind it there (it may still wait for a slot to free up).
+            free = int(slots) if free is None else min(free, int(slots))
         congested = bool(doc.get("saturated")) or (doc.get("realtime_queued") or 0) > 0
         if congested and self.window.in_flight > 0 and self.window.on_congestion():
             self.metrics.window_decreases.labels("signal").inc()

@@ -13,14 +13,17 @@ Shape (version 1)::
       "free_capacity": {"0": 7, "-1": 7},   # requests of that priority the pool would dispatch at once
       "queued": {"0": 0},                   # requests waiting in flow control per priority band
       "realtime_queued": 0,                 # queued requests with priority >= 0
-      "in_flight": 12                       # requests flow control dispatched and not yet released
-    }
+      "in_flight": 12,                      # requests flow control dispatched and not yet released
+      "free_slots": 3                       # (with a SlotTracker) requests that would start running at
+    }                                       # once: learned batch slots - running - in transit
 
 ``free_capacity[p]`` is what a request of priority ``p`` would get right now under the controller's own
 rules: 0 while anything of the same or higher priority waits (it would queue behind it, or be shed if
 sheddable), else the pool's headroom (sum over endpoints of requests before each saturates), capped by
 the pool-wide and the band's ``maxInFlight``. An async processor dispatching at priority ``p`` only into
-``free_capacity[p]`` never makes real-time traffic wait.
+``free_capacity[p]`` never dispatches while real-time requests wait in the gateway; to keep them from
+waiting on the model servers as well, it also stays within ``free_slots`` (requests that start running at
+once), or the servers preempt lower-priority work (flowControl.preemption).
 """
 
 from __future__ import annotations
@@ -35,12 +38,34 @@ from aiohttp import web
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingate.datastore import Datastore
+from ingate.datastore import Datastore, Endpoint
 from ingate.flowcontrol.config import SaturationConfig
 from ingate.flowcontrol.controller import FlowController
 from ingate.flowcontrol.saturation import SaturationDetector
 
 VERSION = 1
+
+
+class SlotTracker:
+    """Learns each endpoint's batch slots as the most requests it was seen running, and says how many
+    more requests would start running at once (``free``): the learned slots minus running and in transit;
+    0 while anything waits there; 1 (a probe, so the estimate can grow) when the endpoint runs at its
+    learned peak with nothing waiting or in transit."""
+
+    def __init__(self) -> None:
+        self.peak: dict[str, int] = {}
+
+    def free(self, ep: Endpoint, in_transit: int) -> int:
+        m = ep.metrics
+        peak = self.peak.get(ep.address, 0)
+        if m.running > peak:
+            self.peak[ep.address] = peak = m.running
+        if m.waiting > 0:
+            return 0
+        room = peak - m.running - in_transit
+        if room > 0:
+            return room
+        return 1 if in_transit == 0 else 0
 
 
 def capacity_snapshot(
@@ -51,13 +76,15 @@ def capacity_snapshot(
     detector: SaturationDetector | None = None,
     now: float | None = None,
     wall_time: float | None = None,
+    slots: SlotTracker | None = None,
 ) -> dict[str, Any]:
     """Compute the capacity document (pure: reads, never changes state except the detector's
     per-scrape bookkeeping, which is idempotent for the same scrape).
 
     Without a controller (flow control off) the detector (default thresholds if None) gives headroom and
     nothing is queued. ``priorities`` adds bands to report beyond 0 and the controller's known bands.
-    ``now`` is on the datastore's monotonic clock.
+    ``now`` is on the datastore's monotonic clock. With ``slots`` (kept across calls) the document also
+    has ``free_slots``: requests that would start running at once without queueing anywhere.
     """
     t = (controller.clock() if controller is not None else time.monotonic()) if now is None else now
     det = (
@@ -69,10 +96,13 @@ def capacity_snapshot(
     sats: list[float] = []
     headroom = 0
     extra = controller.config.dispatch_headroom if controller is not None else 0
+    free_slots = 0
     for ep in endpoints:
         s = det.saturation(ep, t)
         sats.append(s)
         headroom += det.headroom(ep, t, extra)
+        if slots is not None and math.isfinite(s):
+            free_slots += slots.free(ep, det.recent(ep))
     ready = sum(1 for s in sats if math.isfinite(s))
     pool_sat = sum(min(1.0, s) for s in sats) / len(sats) if sats else 1.0
     saturated = not sats or all(s >= 1.0 for s in sats)
@@ -105,7 +135,7 @@ def capacity_snapshot(
                 f = min(f, cap - (band.in_flight if band is not None else 0))
         free[str(p)] = max(0, f)
 
-    return {
+    doc: dict[str, Any] = {
         "version": VERSION,
         "timestamp": time.time() if wall_time is None else wall_time,
         "ready_endpoints": ready,
@@ -116,6 +146,9 @@ def capacity_snapshot(
         "realtime_queued": sum(q for p, q in queued.items() if p >= 0),
         "in_flight": in_flight,
     }
+    if slots is not None:
+        doc["free_slots"] = free_slots
+    return doc
 
 
 def capacity_handler(
@@ -123,10 +156,11 @@ def capacity_handler(
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     """An aiohttp handler serving :func:`capacity_snapshot` as JSON (mount it at ``GET /v1/capacity``)."""
     bands = tuple(priorities)
+    slots = SlotTracker()
 
     async def handle(request: web.Request) -> web.Response:
         extra = [int(p) for p in request.query.getall("priority", []) if p.lstrip("-").isdigit()]
-        doc = capacity_snapshot(datastore, controller, priorities=(*bands, *extra))
+        doc = capacity_snapshot(datastore, controller, priorities=(*bands, *extra), slots=slots)
         return web.Response(body=orjson.dumps(doc), content_type="application/json")
 
     return handle
@@ -135,7 +169,7 @@ def capacity_handler(
 class CapacityCollector(Collector):
     """The capacity document as Prometheus gauges, computed at scrape time:
     ``ingate_pool_saturation``, ``ingate_pool_saturated``, ``ingate_pool_free_capacity{priority}``,
-    ``ingate_pool_realtime_queued``."""
+    ``ingate_pool_free_slots``, ``ingate_pool_realtime_queued``."""
 
     def __init__(
         self, datastore: Datastore, controller: FlowController | None, *, priorities: Iterable[int] = ()
@@ -143,9 +177,10 @@ class CapacityCollector(Collector):
         self.datastore = datastore
         self.controller = controller
         self.priorities = tuple(priorities)
+        self.slots = SlotTracker()
 
     def collect(self) -> Iterator[Metric]:
-        doc = capacity_snapshot(self.datastore, self.controller, priorities=self.priorities)
+        doc = capacity_snapshot(self.datastore, self.controller, priorities=self.priorities, slots=self.slots)
         yield GaugeMetricFamily(
             "ingate_pool_saturation",
             "Mean per-endpoint saturation, each capped at 1",
@@ -164,6 +199,11 @@ class CapacityCollector(Collector):
         for p, v in doc["free_capacity"].items():
             free.add_metric([p], v)
         yield free
+        yield GaugeMetricFamily(
+            "ingate_pool_free_slots",
+            "Requests that would start running at once (learned batch slots)",
+            value=doc["free_slots"],
+        )
         yield GaugeMetricFamily(
             "ingate_pool_realtime_queued",
             "Requests with priority >= 0 waiting in flow control",
