@@ -95,6 +95,13 @@ def metric(url: str, name: str) -> float | None:
     return None
 
 
+def get_json(url: str) -> dict[str, object] | None:
+    with suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
+        doc = orjson.loads(r.read())
+        return doc if isinstance(doc, dict) else None
+    return None
+
+
 def start_processor(
     tmp_path: Path, queue: str, gateway: str, tag: str, *extra: str
 ) -> tuple[ChildProcess, str]:
@@ -185,3 +192,54 @@ async def test_kill_9_mid_batch_then_restart_every_id_has_exactly_one_outcome(
     assert len(lines) == N + len(MALFORMED)
     line = next(x for x in lines if x["custom_id"] == "req-0005")
     assert line["response"]["status_code"] == 200 and line["error"] is None
+
+
+async def test_capacity_signal_from_a_real_gateway_drives_the_processor(
+    sim_fleet: Callable[..., SimProcess], tmp_path: Path
+) -> None:
+    """The gateway process serves GET /v1/capacity (bench shim until `ingate serve` mounts it); the
+    processor dispatches only into the free slots it reports and drains the queue."""
+    sim = sim_fleet(2, "--time-scale", "20", "--max-num-seqs", "4")
+    port, cport = free_port(), free_port()
+    doc = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "pool": {"name": "cap", "endpoints": [{"address": a} for a in sim.addresses]},
+        "metrics": {"intervalMs": 20},
+        "dataplane": {"type": "builtin"},
+        "objectives": [{"name": "async", "priority": -1}],
+        "flowControl": {},
+    }
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_bytes(orjson.dumps(doc))  # JSON is YAML
+    gw = spawn(
+        [sys.executable, "-m", "ingate.bench.asyncgw", "--config", str(cfg), "--capacity-port", str(cport)],
+        tmp_path / "gw.log",
+    )
+    queue = str(tmp_path / "q.db")
+    batch = tmp_path / "batch.jsonl"
+    with batch.open("wb") as fh:
+        for i in range(300):
+            body = {"model": MODEL, "prompt": f"p {i}", "max_tokens": 8, "ignore_eos": True}
+            fh.write(orjson.dumps({"custom_id": f"c{i}", "url": "/v1/completions", "body": body}) + b"\n")
+    cli("submit", str(batch), "--queue", queue)
+    try:
+        cap_url = f"http://127.0.0.1:{cport}/v1/capacity"
+        deadline = time.monotonic() + 30
+        snap: dict[str, object] = {}
+        while not snap:
+            assert gw.proc.poll() is None and time.monotonic() < deadline, gw.tail()
+            snap = get_json(cap_url) or {}
+            await asyncio.sleep(0.1)
+        assert snap["ready_endpoints"] == 2 and "free_slots" in snap and snap["saturated"] is False
+        proc, _ = start_processor(
+            tmp_path, queue, f"http://127.0.0.1:{port}", "cap", "--capacity-url", cap_url, "--exit-when-empty"
+        )
+        try:
+            proc.proc.wait(timeout=60)
+        finally:
+            proc.stop()
+        assert proc.proc.returncode == 0, proc.tail()
+    finally:
+        gw.stop()
+    backlog, done, dead = await count(queue)
+    assert (backlog, done, dead) == (0, 300, 0)
