@@ -243,3 +243,34 @@ async def test_capacity_signal_from_a_real_gateway_drives_the_processor(
         gw.stop()
     backlog, done, dead = await count(queue)
     assert (backlog, done, dead) == (0, 300, 0)
+
+
+def test_batch_command_runs_a_file_with_progress_and_resumes(
+    sim_fleet: Callable[..., SimProcess], tmp_path: Path
+) -> None:
+    sim = sim_fleet(1, "--time-scale", "20")
+    batch, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with batch.open("wb") as fh:
+        for i in range(40):
+            body = {"model": MODEL, "prompt": f"p {i}", "max_tokens": 4, "ignore_eos": True}
+            fh.write(
+                orjson.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions", "body": body})
+            )
+            fh.write(b"\n")
+        fh.write(b"not json\n")
+    with serve(tmp_path, sim.addresses, objectives=[{"name": "async", "priority": -1}]) as gw:
+        cmd = ["batch", str(batch), "--out", str(out), "--gateway", gw, "--progress", "--backoff-base", "0.1"]
+        res = subprocess.run(
+            [sys.executable, "-m", "ingate", "async", *cmd], capture_output=True, timeout=60, check=True
+        )
+        err = res.stderr.decode()
+        assert "async batch" in res.stdout.decode() + err  # the progress display ran
+        assert "41 results" in err, err
+        lines = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+        assert sum(1 for x in lines if x["response"] and x["response"]["status_code"] == 200) == 40
+        assert sum(1 for x in lines if x["error"] and x["error"]["code"] == "INVALID_REQUEST") == 1
+        # Run again: the queue next to the output is resumed (nothing left), not refilled.
+        res = subprocess.run(
+            [sys.executable, "-m", "ingate", "async", *cmd], capture_output=True, timeout=60, check=True
+        )
+        assert "41 results" in res.stderr.decode()
