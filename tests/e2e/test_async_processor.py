@@ -1,6 +1,7 @@
 """e2e: `ingate async run` as a real process (SQLite queue; Redis Streams or the llm-d-async sorted-set
 layout on a real redis-server), killed with SIGKILL in the middle of a 1,000-message batch
-and restarted, in front of `ingate serve --proxy builtin` and `ingate sim` replicas.
+and restarted as two processors sharing the queue, in front of `ingate serve --proxy builtin` and
+`ingate sim` replicas.
 
 The batch goes in through `ingate async submit` (OpenAI Batch JSONL lines plus malformed lines). The
 gateway runs flow control with the async objective sheddable (priority -1), so some requests are shed
@@ -157,12 +158,16 @@ async def test_kill_9_mid_batch_then_restart_every_id_has_exactly_one_outcome(
         print(f"\nkilled with {in_flight_at_kill:.0f} in flight: {done} results, {backlog} left")
         assert backlog > 0 and done < N
 
-        second, murl = start_processor(tmp_path, queue_url, gw, "second", "--exit-when-empty")
+        # Restart as two processors consuming the same queue.
+        restarted = [start_processor(tmp_path, queue_url, gw, t, "--exit-when-empty")[0] for t in ("b", "c")]
         try:
-            second.proc.wait(timeout=60)
+            for p in restarted:
+                p.proc.wait(timeout=60)
         finally:
-            second.stop()
-        assert second.proc.returncode == 0, second.tail()
+            for p in restarted:
+                p.stop()
+        for p in restarted:
+            assert p.proc.returncode == 0, p.tail()
 
     q = open_backend(queue_url)
     try:
