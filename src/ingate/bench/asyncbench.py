@@ -319,6 +319,17 @@ def _summary(sc: Scenario, p: Params) -> dict[str, Any]:
     }
 
 
+def derive(scen: dict[str, dict[str, Any]], capacity_tokens_per_s: float) -> None:
+    """Add ``rt_p99_vs_alone`` and ``idle_capacity_used`` (async tokens/s over the capacity the
+    real-time load left idle when alone) to every scenario summary."""
+    alone = scen["realtime-alone"]
+    idle = max(1e-9, capacity_tokens_per_s - alone["rt_tokens_per_s"])
+    for s in scen.values():
+        base, p99 = alone["rt_ttft_p99_s"], s["rt_ttft_p99_s"]
+        s["rt_p99_vs_alone"] = p99 / base if p99 and base else None
+        s["idle_capacity_used"] = s["async_tokens_per_s"] / idle
+
+
 def run_bench(p: Params, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every scenario; write results.json and async.png under ``out_dir``; return the results."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,15 +355,7 @@ def run_bench(p: Params, out_dir: Path, log: Callable[[str], None] = print) -> d
             log(
                 f"{name}: rt p99 TTFT {s['rt_ttft_p99_s']}, async {s['async_per_s']:.1f}/s, busy {s['busy_fraction']:.2f}"
             )
-    alone = scen["realtime-alone"]
-    idle = max(1e-9, cap["tokens_per_s"] - alone["rt_tokens_per_s"])
-    for s in scen.values():
-        s["rt_p99_vs_alone"] = (
-            s["rt_ttft_p99_s"] / alone["rt_ttft_p99_s"]
-            if s["rt_ttft_p99_s"] and alone["rt_ttft_p99_s"]
-            else None
-        )
-        s["idle_capacity_used"] = s["async_tokens_per_s"] / idle
+    derive(scen, cap["tokens_per_s"])
     results["scenarios"] = scen
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     _plot(results, out_dir / "async.png")
