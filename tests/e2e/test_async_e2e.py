@@ -237,7 +237,7 @@ async def test_capacity_signal_from_a_real_gateway_drives_the_processor(
     queue = str(tmp_path / "q.db")
     batch = tmp_path / "batch.jsonl"
     with batch.open("wb") as fh:
-        for i in range(300):
+        for i in range(120):
             body = {"model": MODEL, "prompt": f"p {i}", "max_tokens": 8, "ignore_eos": True}
             fh.write(orjson.dumps({"custom_id": f"c{i}", "url": "/v1/completions", "body": body}) + b"\n")
     cli("submit", str(batch), "--queue", queue)
@@ -261,7 +261,7 @@ async def test_capacity_signal_from_a_real_gateway_drives_the_processor(
     finally:
         gw.stop()
     backlog, done, dead = await count(queue)
-    assert (backlog, done, dead) == (0, 300, 0)
+    assert (backlog, done, dead) == (0, 120, 0)
 
 
 def test_batch_command_runs_a_file_with_progress_and_resumes(
