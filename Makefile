@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: quickstart test unit bench peers inference-perf clean
+.PHONY: quickstart test unit bench peers inference-perf clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "ingate needs Python 3.11+"'
@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/ingate quickstart
 
+## system-deps: Debian packages the tests use (redis-server), installed when missing and root
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -q && apt-get install -y -q redis-server; \
+	  else echo "note: redis-server is missing (apt-get install -y redis-server): Redis tests will be skipped"; fi; }
+
 ## test: set up, lint, type-check and run the whole test suite
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
