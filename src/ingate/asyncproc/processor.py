@@ -39,6 +39,9 @@ from ingate.asyncproc.models import (
 )
 from ingate.asyncproc.window import AimdWindow
 
+REQUEUE_TIMEOUT_S = 5.0
+"""How long a drained request's requeue may take before its lease is left to expire instead."""
+
 log = logging.getLogger("ingate.async")
 
 # Objective and fairness headers: ingate reads the x-gateway-* names, llm-d-router the x-llm-d-* ones;
@@ -234,7 +237,7 @@ class Processor:
         for t in pending:
             t.cancel()
         if pending:
-            await asyncio.wait(pending)
+            await asyncio.wait(pending, timeout=REQUEUE_TIMEOUT_S + 1.0)
 
     def _set_gauges(self) -> None:
         self.metrics.in_flight.set(self.window.in_flight)
@@ -321,9 +324,11 @@ class Processor:
         try:
             await self._handle(d)
         except asyncio.CancelledError:
-            # Drain timeout: back to the queue at once, no attempt counted (the lease would also expire).
+            # Drain timeout: back to the queue at once, no attempt counted. Bounded: if the store does not
+            # answer, the lease expires and the message is redelivered all the same.
             with contextlib.suppress(Exception):
-                await self.backend.retry(d.key, 0.0, count_attempt=False, error="processor shut down")
+                async with asyncio.timeout(REQUEUE_TIMEOUT_S):
+                    await self.backend.retry(d.key, 0.0, count_attempt=False, error="processor shut down")
             self.stats["requeued"] += 1
         except Exception as e:
             # A bug or a failing store: leave the message to its lease (redelivered), never crash the loop.
@@ -473,11 +478,13 @@ class Processor:
                 done, _ = await asyncio.wait({send}, timeout=period)
                 if done:
                     return send.result()
+                # Shielded: a drain cancelling this task mid-command must not cut a store command in
+                # half (a Redis connection left mid-reply is unusable); the cancellation lands after it.
                 with contextlib.suppress(Exception):
-                    await self.backend.extend(d.key, c.lease_s)
+                    await asyncio.shield(self.backend.extend(d.key, c.lease_s))
                 cancelled = False
                 with contextlib.suppress(Exception):
-                    cancelled = await self.backend.is_cancelled(req.id)
+                    cancelled = await asyncio.shield(self.backend.is_cancelled(req.id))
                 if cancelled:
                     send.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

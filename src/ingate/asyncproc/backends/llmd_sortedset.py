@@ -32,6 +32,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from ingate.asyncproc.backends.base import DeadLetter, Delivery
+from ingate.asyncproc.backends.redisconn import reconnect
 from ingate.asyncproc.models import AsyncResult
 
 ATTEMPTS_LABEL = "ingate-attempts"
@@ -140,7 +141,7 @@ class LlmdSortedSetBackend:
         retry: str = "retry-sortedset",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.r: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
+        self.r: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True, **reconnect())
         self.queue, self.result_list, self.retry_set = queue, results, retry
         self.k_processing, self.k_dead = f"{queue}:processing", f"{queue}:dead-letters"
         self.k_aband, self.k_index = f"{queue}:abandoned", f"{queue}:index"

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from ingate.asyncproc.backends.base import DeadLetter, Delivery
+from ingate.asyncproc.backends.redisconn import reconnect
 from ingate.asyncproc.models import AsyncResult
 
 # KEYS: stream, results, results_log, dead, abandoned, index; ARGV: entry id, request id, result JSON, group
@@ -123,7 +124,7 @@ class RedisStreamsBackend:
         self.group = group
         self.consumer = consumer or f"ingate-{uuid.uuid4().hex[:12]}"
         self.clock = clock
-        self.r: aioredis.Redis = aioredis.Redis.from_url(url)
+        self.r: aioredis.Redis = aioredis.Redis.from_url(url, **reconnect())
         k = stream
         self.k_delayed, self.k_results, self.k_log = f"{k}:delayed", f"{k}:results", f"{k}:results:log"
         self.k_dead, self.k_cancel, self.k_index = f"{k}:dead", f"{k}:cancelled", f"{k}:index"
