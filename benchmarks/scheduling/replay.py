@@ -39,9 +39,11 @@ from ingate.bench.runner import STREAM_SHIFT
 from ingate.bench.stats import percentile
 from ingate.bench.workload import EVAL_WORKLOADS_DIR, BenchRequest, RequestStream, Workload, load_workload
 from ingate.datastore import Datastore, Endpoint
+from ingate.errors import GatewayError
 from ingate.lifecycle import ResponseInfo
 from ingate.request import parse_request
 from ingate.scheduling.config import SchedulerConfig
+from ingate.scheduling.predictor import ErrorWindow
 from ingate.scheduling.scheduler import Scheduler, build_scheduler
 from ingate.sim.engine import FINISHED, Engine, EngineConfig, SimRequest
 from ingate.sim.profiles import get_profile
@@ -65,6 +67,7 @@ CLOCK = _VirtualClock()
 
 
 def _fleet_args(wl: Workload) -> tuple[float, int | None, str]:
+    """Time scale, KV-block override and the simulator profile list (comma list, cycled over replicas)."""
     args = list(wl.fleet.args)
     scale, blocks, profile = 1.0, None, "h100"
     for i, a in enumerate(args[:-1]):
@@ -125,18 +128,21 @@ class Fleet:
     """Replicas, their endpoints and one scheduler, kept across stages."""
 
     def __init__(self, wl: Workload, cfg: SchedulerConfig, profile: str | None, seed: int) -> None:
-        scale, blocks, name = _fleet_args(wl)
-        self.prof = get_profile(name).with_overrides(num_gpu_blocks=blocks)
+        scale, blocks, names = _fleet_args(wl)
+        classes = [get_profile(n.strip()).with_overrides(num_gpu_blocks=blocks) for n in names.split(",")]
+        # As `ingate sim --profile a,b`: replica i runs profile i mod len (heterogeneous fleets).
+        self.profs = [classes[i % len(classes)] for i in range(wl.fleet.replicas)]
         self.scale = scale
         self.profile = profile
         self.eps: list[Endpoint] = []
         self.engines: list[Engine] = []
         for i in range(wl.fleet.replicas):
             ep = Endpoint(name=f"r{i}", host="127.0.0.1", port=9000 + i)
-            ep.metrics.block_size = self.prof.block_size
-            ep.metrics.num_gpu_blocks = self.prof.num_gpu_blocks
+            prof = self.profs[i]
+            ep.metrics.block_size = prof.block_size
+            ep.metrics.num_gpu_blocks = prof.num_gpu_blocks
             self.eps.append(ep)
-            self.engines.append(Engine(EngineConfig(self.prof, time_scale=scale)))
+            self.engines.append(Engine(EngineConfig(prof, time_scale=scale)))
         self.sched: Scheduler = build_scheduler(cfg, Datastore(self.eps))
         emu = EMULATIONS.get(profile or "")
         self.emu = emu(len(self.eps)) if emu is not None else None
@@ -144,6 +150,9 @@ class Fleet:
         for p in self.sched.profiles.values():
             if hasattr(p.picker, "rng"):
                 p.picker.rng = rng  # deterministic tie-breaking
+            for s, _ in p.scorers:
+                if hasattr(s, "clock"):
+                    s.clock = CLOCK.monotonic  # the latency model's waited-in-gateway time, virtual
         self.t0 = 0.0
 
 
@@ -167,7 +176,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
         push(fleet.t0 + t, "arrive", stream.next())
         n += 1
     push(fleet.t0, "scrape", None)
-    eps, engines, prof, scale = fleet.eps, fleet.engines, fleet.prof, fleet.scale
+    eps, engines, profs, scale = fleet.eps, fleet.engines, fleet.profs, fleet.scale
     busy = [False] * len(eps)
     steps: list[Any] = [None] * len(eps)
     live: dict[SimRequest, tuple[dict[str, Any], Any, Any, int]] = {}
@@ -183,7 +192,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
         n_tok = sum(k for _, k, _ in prefill)
         quad = sum(k * (k + 2 * c) for _, k, c in prefill)
         ctx_tok = sum(r.prompt_len + r.generated for r in decode)
-        ms = prof.step_ms(n_tok, quad, len(decode), ctx_tok)
+        ms = profs[i].step_ms(n_tok, quad, len(decode), ctx_tok)
         busy[i] = True
         steps[i] = (prefill, decode)
         push(now + ms / 1000.0 / scale, "step", i)
@@ -208,7 +217,23 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                 hashes = block_hashes(tokenize(text), 16, wl.model)
                 i, ctx = fleet.emu.pick(hashes, [ep.in_flight for ep in eps]), None
             else:
-                result, cycle = fleet.sched.schedule(req, profile=fleet.profile)
+                try:
+                    result, cycle = fleet.sched.schedule(req, profile=fleet.profile)
+                except GatewayError as e:  # e.g. 429 slo_unattainable: answered at once, never good
+                    recs.append(
+                        {
+                            "send": now,
+                            "ep": -1,
+                            "group": br.group,
+                            "prompt_tokens": 0,
+                            "ttft": None,
+                            "e2e": None,
+                            "status": e.status,
+                            "cached_tokens": 0,
+                        }
+                    )
+                    left -= 1
+                    continue
                 # What the director does after a decision: the profile's post-schedule hooks.
                 hooks = fleet.sched.hooks(result.profile)
                 hooks.run_post_schedule(cycle, req, result)
@@ -249,6 +274,8 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                     prompt_tokens=rec["prompt_tokens"],
                     completion_tokens=r.generated,
                     cached_tokens=rec.get("cached_tokens"),
+                    ttft_s=rec["ttft"],
+                    e2e_s=rec["e2e"],
                 )
                 if ctx is not None:
                     ctx[1].run_post_response(ctx[0], req, eps[j], info)
@@ -264,12 +291,13 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
 def summarize(recs: list[dict[str, Any]], slo_s: float, duration_s: float) -> dict[str, float]:
     """The live report's definitions (`ingate.bench.stats`): goodput = requests within the SLO per
     offered second, nearest-rank percentiles."""
-    ttfts = [r["ttft"] for r in recs]
+    ttfts = [r["ttft"] for r in recs if r["ttft"] is not None]
     good = sum(1 for t in ttfts if t <= slo_s)
     prompt = sum(r["prompt_tokens"] for r in recs)
     return {
         "sent": len(recs),
         "good": good,
+        "shed": sum(1 for r in recs if r.get("status") == 429),
         "cached_token_share": sum(r["cached_tokens"] for r in recs) / prompt if prompt else 0.0,
         "goodput_rps": good / duration_s,
         "ttft_p50": percentile(ttfts, 0.5) or 0.0,
@@ -311,12 +339,26 @@ def main() -> None:
             fleet = Fleet(wl, cfg, prof, seed=1234 + 100 * k)
             for s in range(stage):
                 run_stage(fleet, wl, float(wl.load.rates[s]), s, STREAM_SHIFT * k)
+            models = [
+                sc.predictor
+                for p in fleet.sched.profiles.values()
+                for sc, _ in p.scorers
+                if hasattr(sc, "predictor")
+            ]
+            for m in models:  # prediction errors of the reported stage only (the model is warm by then)
+                m.ttft_errors = ErrorWindow(1_000_000)
+                m.tpot_errors = ErrorWindow(1_000_000)
             recs = run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k)
-            rows[name].append(summarize(recs, wl.slo.ttft_s, wl.load.duration_s))
+            row = summarize(recs, wl.slo.ttft_s, wl.load.duration_s)
+            if models:
+                row["ttft_errors"] = [e for m in models for e in m.ttft_errors.recent]
+                row["tpot_errors"] = [e for m in models for e in m.tpot_errors.recent]
+            rows[name].append(row)
     table = Table(title=f"{wl.name} @ {rate:g} req/s, {args.streams} streams (virtual-time replay)")
     cols = (
         "profile",
         "good / sent",
+        "TTFT err p50 / p90",
         "goodput req/s (mean)",
         "TTFT p99 s (mean)",
         "p99 max",
@@ -335,6 +377,7 @@ def main() -> None:
         "profiles": {},
     }
     for name, rs in rows.items():
+        errs = {k: sorted(e for r in rs for e in r.pop(f"{k}_errors", [])) for k in ("ttft", "tpot")}
         agg = {
             "good": sum(r["good"] for r in rs),
             "sent": sum(r["sent"] for r in rs),
@@ -342,6 +385,11 @@ def main() -> None:
             "ttft_p99_mean": statistics.mean(r["ttft_p99"] for r in rs),
             "ttft_p99_max": max(r["ttft_p99"] for r in rs),
             "cached_token_share_mean": statistics.mean(r["cached_token_share"] for r in rs),
+            "shed": sum(r["shed"] for r in rs),
+            "prediction_error": {
+                k: {"n": len(v), "p50": percentile(v, 0.5), "p90": percentile(v, 0.9)}
+                for k, v in errs.items()
+            },
             "per_stream": rs,
         }
         out["profiles"][name] = agg
@@ -349,6 +397,11 @@ def main() -> None:
         table.add_row(
             name,
             f"{agg['good']} / {agg['sent']}",
+            (
+                f"{percentile(errs['ttft'], 0.5):.0%} / {percentile(errs['ttft'], 0.9):.0%}"
+                if errs["ttft"]
+                else "-"
+            ),
             f"{agg['goodput_rps_mean']:.2f}",
             f"{agg['ttft_p99_mean']:.2f}",
             f"{agg['ttft_p99_max']:.2f}",

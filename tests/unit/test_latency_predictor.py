@@ -1,0 +1,243 @@
+"""The online latency predictor on synthetic data with a known truth, and the predicted-ttft scorer
+(cold start, learning slow and fast replicas, SLO headroom, shedding, metrics)."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+import pytest
+from prometheus_client.core import Metric
+
+from ingate.datastore import Datastore, Endpoint, EndpointMetrics
+from ingate.errors import GatewayError
+from ingate.lifecycle import CycleState, ResponseInfo, SchedulingResult
+from ingate.request import COMPLETIONS, InferenceRequest, parse_request
+from ingate.scheduling.config import SchedulerConfig
+from ingate.scheduling.plugins.latency import PredictedLatencyScorer
+from ingate.scheduling.plugins.registry import ExposesMetrics, plugins
+from ingate.scheduling.plugins.slo import SLO_UNATTAINABLE, PredictedTTFTScorer
+from ingate.scheduling.predictor import TTFT_FEATURES, Features, LatencyPredictor, OnlineLinear
+from ingate.scheduling.scheduler import build_scheduler
+
+FAST = [0.02, 0.05, 0.01, 0.04, 0.01, 0.002, 0.05, 0.1, 0.003]
+"""True TTFT seconds per unit of each TTFT feature (bias, new ktokens, ...) of a 'fast' replica."""
+
+
+def feats(rng: random.Random) -> Features:
+    return Features(
+        new_tokens=rng.uniform(10, 4000),
+        pending_prefill=rng.uniform(0, 8000),
+        waiting=rng.randint(0, 5),
+        running=rng.randint(0, 20),
+        kv_utilisation=rng.random(),
+        kv_shortfall=rng.choice([0.0, 0.0, rng.uniform(0, 3000)]),
+        decoding=rng.randint(0, 20),
+    )
+
+
+def true_ttft(coef: list[float], f: Features) -> float:
+    return sum(a * b for a, b in zip(coef, f.ttft(), strict=True))
+
+
+def rel_errors(p: LatencyPredictor, truths: dict[str, list[float]], rng: random.Random) -> list[float]:
+    errs = []
+    for _ in range(500):
+        name = rng.choice(sorted(truths))
+        f = feats(rng)
+        y = true_ttft(truths[name], f)
+        errs.append(abs(p.predict_ttft(name, f) - y) / y)
+    return sorted(errs)
+
+
+def test_learns_a_known_linear_truth_per_endpoint_without_configuration() -> None:
+    rng = random.Random(1)
+    slow = [3 * c for c in FAST]  # a replica three times slower in every respect
+    truths = {"fast": FAST, "slow": slow}
+    p = LatencyPredictor()
+    assert not p.warm
+    for _ in range(2000):
+        name = rng.choice(["fast", "slow"])
+        f = feats(rng)
+        p.observe(name, f, true_ttft(truths[name], f) * rng.lognormvariate(0, 0.05), None)
+    assert p.warm and p.endpoints() == 2
+    errs = rel_errors(p, truths, rng)
+    assert errs[len(errs) // 2] < 0.05 and errs[int(0.9 * len(errs))] < 0.1
+    # The pooled model alone cannot tell the classes apart: an unseen endpoint gets the pool's
+    # prediction, between the two, while the known ones get their own.
+    f = feats(rng)
+    unseen = p.predict_ttft("new", f)
+    assert p.predict_ttft("fast", f) < unseen < p.predict_ttft("slow", f)
+
+
+def test_forgetting_follows_a_replica_that_slows_down() -> None:
+    rng = random.Random(2)
+    p = LatencyPredictor(forgetting=0.99)
+    for _ in range(500):
+        f = feats(rng)
+        p.observe("e", f, true_ttft(FAST, f), None)
+    slower = [2 * c for c in FAST]
+    for _ in range(500):
+        f = feats(rng)
+        p.observe("e", f, true_ttft(slower, f), None)
+    errs = rel_errors(p, {"e": slower}, rng)
+    assert errs[len(errs) // 2] < 0.1
+
+
+def test_memory_is_bounded_and_predictions_stay_finite_and_positive() -> None:
+    rng = random.Random(3)
+    p = LatencyPredictor(error_window=100)
+    f0 = feats(rng)
+    for _ in range(5000):  # a constant input: no excitation in most directions (RLS wind-up case)
+        p.observe("e", f0, 0.2, 0.01)
+        p.ttft_errors.add(0.2, 0.25)
+    m = p._models["e"].ttft
+    assert len(m.P) == len(TTFT_FEATURES) and len(p.ttft_errors.recent) == 100
+    assert sum(m.P[i][i] for i in range(m.d)) <= m.max_trace * 1.01
+    assert abs(p.predict_ttft("e", f0) - 0.2) < 1e-3
+    assert all(0 < p.predict_ttft("e", feats(rng)) < 1e6 for _ in range(100))
+    p.forget("e")
+    assert p.endpoints() == 0 and p.samples("e") == 0
+    assert p.ttft_errors.n == 5000 and sum(p.ttft_errors.counts) == 5000
+
+
+def test_online_linear_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError):
+        OnlineLinear(3, 0.0, 1.0)
+    with pytest.raises(ValueError):
+        LatencyPredictor(warmup=0)
+
+
+# -- the scorer ------------------------------------------------------------------------------------
+
+
+def ep(i: int, **m: object) -> Endpoint:
+    e = Endpoint(name=f"e{i}", host="127.0.0.1", port=9000 + i)
+    e.metrics = EndpointMetrics(block_size=16, num_gpu_blocks=800, **m)  # type: ignore[arg-type]
+    return e
+
+
+def req(chars: int, headers: dict[str, str] | None = None, priority: int = 0) -> InferenceRequest:
+    body = {"model": "m", "prompt": "abcd" * (chars // 4), "max_tokens": 16, "stream": True}
+    r = parse_request(COMPLETIONS, headers or {}, orjson.dumps(body), now=100.0)
+    r.target_model = "m"
+    r.priority = priority
+    return r
+
+
+def serve(
+    s: PredictedTTFTScorer, eps: list[Endpoint], speed: dict[Endpoint, float], rng: random.Random
+) -> None:
+    """Route one request through the scorer's hooks as the director would, with a TTFT that grows with
+    the prompt and the prefill already queued, `speed` times slower on slow endpoints."""
+    s.clock = lambda: 100.0  # the requests' arrival: none waited in the gateway
+    r = req(rng.randint(100, 8000))
+    ctx = CycleState()
+    scores = s.score(ctx, r, eps)
+    target = max(eps, key=lambda e: (scores[e], rng.random())) if rng.random() < 0.7 else rng.choice(eps)
+    s.post_schedule(ctx, r, SchedulingResult([target], "p"))
+    ld = s.load(target)
+    ttft = speed[target] * (0.02 + 0.0001 * ld.pending_prefill)
+    s.on_first_token(ctx, r, target)
+    s.post_response(ctx, r, target, ResponseInfo(200, None, 16, 0, ttft_s=ttft, e2e_s=ttft + 15 * 0.01))
+
+
+def test_scorer_falls_back_to_predicted_latency_before_warmup_then_learns_slow_replicas() -> None:
+    a, b = ep(0), ep(1)
+    s = PredictedTTFTScorer(warmup=30)
+    base = PredictedLatencyScorer()
+    r = req(2000)
+    assert s.score(CycleState(), r, [a, b]) == base.score(CycleState(), r, [a, b])
+    assert s.predictions == {"model": 0, "fallback": 1}
+    # b is four times slower; the hand-tuned cost cannot know it, the model learns it.
+    rng = random.Random(5)
+    for _ in range(200):
+        serve(s, [a, b], {a: 1.0, b: 4.0}, rng)
+    assert s.predictor.warm and s.predictions["model"] > 0
+    sc = s.score(CycleState(), req(2000), [a, b])
+    assert sc[a] == 1.0 and sc[b] < 0.6
+    assert s.predictor.ttft_errors.n > 0
+    # All charges were released: the accounting the features read is back to idle.
+    assert s.load(a).pending_prefill == s.load(b).pending_prefill == 0
+
+
+def warm_scorer(**kw: object) -> tuple[PredictedTTFTScorer, Endpoint, Endpoint]:
+    a, b = ep(0), ep(1)
+    s = PredictedTTFTScorer(warmup=30, **kw)  # type: ignore[arg-type]
+    rng = random.Random(6)
+    for _ in range(300):
+        serve(s, [a, b], {a: 1.0, b: 10.0}, rng)
+    return s, a, b
+
+
+def test_slo_headroom_and_shedding_of_sheddable_requests_only() -> None:
+    s, a, b = warm_scorer()
+    s.clock = lambda: 100.0  # the request has not waited in the gateway
+    # A generous SLO: both meet it, the faster one has more headroom.
+    sc = s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "5000"}), [a, b])
+    assert 0.5 < sc[b] < sc[a] <= 1.0
+    # Only a meets 100 ms: b scores below 0.5.
+    sc = s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "100"}), [a, b])
+    assert sc[a] > 0.5 > sc[b]
+    # 1 ms is unattainable: a sheddable request is shed with 429 and Retry-After...
+    with pytest.raises(GatewayError) as ei:
+        s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "1"}, priority=-1), [a, b])
+    assert ei.value.status == 429 and ei.value.code == SLO_UNATTAINABLE and ei.value.retry_after == 1.0
+    assert s.shed == 1
+    # ...a standard one still goes to the endpoint closest to meeting it.
+    sc = s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "1"}), [a, b])
+    assert sc[a] > sc[b]
+    # Time already spent in the gateway counts against the budget.
+    s.clock = lambda: 110.0
+    with pytest.raises(GatewayError):
+        s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "5000"}, priority=-1), [a, b])
+    s2, a2, b2 = warm_scorer(shed_unattainable=False)
+    s2.clock = lambda: 100.0
+    s2.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "1"}, priority=-1), [a2, b2])
+    assert s2.shed == 0
+
+
+def test_tpot_slo_counts_when_given() -> None:
+    s, a, b = warm_scorer()
+    s.clock = lambda: 100.0
+    hdr = {"x-llm-d-slo-ttft-ms": "5000", "x-llm-d-slo-tpot-ms": "0.001"}
+    sc = s.score(CycleState(), req(400, hdr), [a, b])
+    assert max(sc.values()) < 0.5  # nobody makes 1 us per token
+
+
+def test_non_streamed_and_failed_responses_train_nothing() -> None:
+    a = ep(0)
+    s = PredictedTTFTScorer()
+    s.clock = lambda: 100.0
+    body = {"model": "m", "prompt": "x" * 400, "max_tokens": 16}
+    r = parse_request(COMPLETIONS, {}, orjson.dumps(body), now=100.0)
+    for st, rq in ((200, r), (500, req(400)), (200, req(400))):
+        ctx = CycleState()
+        s.score(ctx, rq, [a])
+        s.post_schedule(ctx, rq, SchedulingResult([a], "p"))
+        s.post_response(ctx, rq, a, ResponseInfo(st, ttft_s=0.1, e2e_s=0.2, completion_tokens=16))
+    assert s.predictor.samples() == 1  # the streamed success only
+
+
+def test_slo_aware_profile_is_built_in_and_exports_prediction_metrics() -> None:
+    assert "predicted-ttft" in plugins("scorer")
+    eps = [ep(0), ep(1)]
+    sched = build_scheduler(SchedulerConfig(), Datastore(eps))
+    prof = sched.profiles["slo-aware"]
+    scorer = next(s for s, _ in prof.scorers if isinstance(s, PredictedTTFTScorer))
+    assert sched.profiles["default"].scorers[0][0].name == "prefix-cache"  # default unchanged
+    rng = random.Random(7)
+    for _ in range(120):
+        serve(scorer, eps, {eps[0]: 1.0, eps[1]: 2.0}, rng)
+    assert isinstance(scorer, ExposesMetrics)
+    fams: dict[str, Metric] = {m.name: m for m in scorer.collect_metrics("slo-aware", eps)}
+    hist = fams["ingate_latency_prediction_error_ratio"]
+    count = [x for x in hist.samples if x.name.endswith("_count") and x.labels["kind"] == "ttft"]
+    assert count and count[0].value == scorer.predictor.ttft_errors.n > 0
+    q = {
+        (x.labels["kind"], x.labels["quantile"])
+        for x in fams["ingate_latency_prediction_error_ratio_quantile"].samples
+    }
+    assert ("ttft", "0.5") in q and ("ttft", "0.9") in q
+    src = {x.labels["source"]: x.value for x in fams["ingate_latency_predictions"].samples}
+    assert src["fallback"] == 50 and src["model"] == 70
