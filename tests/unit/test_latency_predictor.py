@@ -241,3 +241,46 @@ def test_slo_aware_profile_is_built_in_and_exports_prediction_metrics() -> None:
     assert ("ttft", "0.5") in q and ("ttft", "0.9") in q
     src = {x.labels["source"]: x.value for x in fams["ingate_latency_predictions"].samples}
     assert src["fallback"] == 50 and src["model"] == 70
+
+
+async def test_bench_reads_the_prediction_errors_a_gateway_exports() -> None:
+    """`ingate bench run` scrapes ingate_latency_prediction_error_ratio* from a gateway's /metrics
+    (real HTTP on loopback) to print the latency model's error."""
+    import asyncio
+
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ingate.bench.runner import latency_model_errors
+    from ingate.scheduling.plugins.registry import PluginMetricsCollector
+
+    eps = [ep(0), ep(1)]
+    ds = Datastore(eps)
+    sched = build_scheduler(SchedulerConfig(), ds)
+    scorer = next(s for s, _ in sched.profiles["slo-aware"].scorers if isinstance(s, PredictedTTFTScorer))
+    rng = random.Random(8)
+    for _ in range(120):
+        serve(scorer, eps, {eps[0]: 1.0, eps[1]: 2.0}, rng)
+    reg = CollectorRegistry()
+    reg.register(PluginMetricsCollector(sched.plugins(), ds))
+    body = generate_latest(reg)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        got = await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}")
+    finally:
+        await runner.cleanup()
+    win = scorer.predictor.ttft_errors
+    assert got["slo-aware/ttft"]["n"] == win.n > 0
+    assert got["slo-aware/ttft"]["0.5"] == round(win.quantile(0.5) or -1, 4)
+    assert "default/ttft" not in got  # the default profile has no latency model
+    assert await asyncio.to_thread(latency_model_errors, "http://127.0.0.1:1") == {}
