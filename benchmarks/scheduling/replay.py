@@ -39,7 +39,7 @@ from ingate.bench.runner import STREAM_SHIFT
 from ingate.bench.stats import percentile
 from ingate.bench.workload import EVAL_WORKLOADS_DIR, BenchRequest, RequestStream, Workload, load_workload
 from ingate.datastore import Datastore, Endpoint
-from ingate.errors import GatewayError
+from ingate.errors import SLO_HOLD_EXPIRED, GatewayError, SloHold
 from ingate.lifecycle import ResponseInfo
 from ingate.request import parse_request
 from ingate.scheduling.config import SchedulerConfig
@@ -156,8 +156,12 @@ class Fleet:
         self.t0 = 0.0
 
 
-def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -> list[dict[str, Any]]:
-    """One Poisson stage; returns per-request records (virtual seconds)."""
+def run_stage(
+    fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int, slo_header: bool = False
+) -> list[dict[str, Any]]:
+    """One Poisson stage; returns per-request records (virtual seconds). With `slo_header` every
+    request carries the workload's TTFT SLO as `x-llm-d-slo-ttft-ms` (for SLO-aware profiles)."""
+    headers = {"x-llm-d-slo-ttft-ms": str(wl.slo.ttft_s * 1000)} if slo_header else {}
     stream = RequestStream(wl, seed_offset=stage + shift)
     rng = random.Random(wl.seed * 7919 + stage + shift)
     ev: list[tuple[float, int, str, Any]] = []
@@ -209,9 +213,13 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                 ep.metrics.updated_at = now
             push(now + SCRAPE_S, "scrape", None)
         elif kind == "arrive":
-            br: BenchRequest = payload
-            path = "/v1/chat/completions" if "messages" in br.body else "/v1/completions"
-            req = parse_request(path, {}, orjson.dumps(br.body), now=now)
+            br: BenchRequest
+            if isinstance(payload, tuple):  # a held request, scheduled again
+                br, req = payload
+            else:
+                br = payload
+                path = "/v1/chat/completions" if "messages" in br.body else "/v1/completions"
+                req = parse_request(path, headers, orjson.dumps(br.body), now=now)
             text = br.body.get("prompt") or br.body["messages"][0]["content"]
             if fleet.emu is not None:
                 hashes = block_hashes(tokenize(text), 16, wl.model)
@@ -219,10 +227,17 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
             else:
                 try:
                     result, cycle = fleet.sched.schedule(req, profile=fleet.profile)
+                except SloHold as h:  # what the director does: hold, schedule again after poll_s
+                    if now + h.poll_s >= h.until:
+                        req.extra[SLO_HOLD_EXPIRED] = True
+                        push(now, "arrive", (br, req))
+                    else:
+                        push(now + h.poll_s, "arrive", (br, req))
+                    continue
                 except GatewayError as e:  # e.g. 429 slo_unattainable: answered at once, never good
                     recs.append(
                         {
-                            "send": now,
+                            "send": req.arrival,
                             "ep": -1,
                             "group": br.group,
                             "prompt_tokens": 0,
@@ -240,7 +255,14 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                 ctx = (cycle, hooks)
                 i = eps.index(result.target)
             eps[i].in_flight += 1
-            rec = {"send": now, "ep": i, "group": br.group, "prompt_tokens": 0, "ttft": None, "e2e": None}
+            rec = {
+                "send": req.arrival,
+                "ep": i,
+                "group": br.group,
+                "prompt_tokens": 0,
+                "ttft": None,
+                "e2e": None,
+            }
             recs.append(rec)
             push(now + NET_S, "submit", (i, text, br.body["max_tokens"], rec, req, ctx))
         elif kind == "submit":
@@ -321,6 +343,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=20)
     ap.add_argument("--profiles", default="round-robin,guarded-affinity,default")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--slo-header", action="store_true", help="send the workload's TTFT SLO as x-llm-d-slo-ttft-ms"
+    )
     args = ap.parse_args()
     # The replay tunes and selects profiles: it reads tuning seeds only, never the held-out ones.
     if EVAL_WORKLOADS_DIR in args.workload.resolve().as_posix():
@@ -338,7 +363,7 @@ def main() -> None:
         for k in range(args.streams):
             fleet = Fleet(wl, cfg, prof, seed=1234 + 100 * k)
             for s in range(stage):
-                run_stage(fleet, wl, float(wl.load.rates[s]), s, STREAM_SHIFT * k)
+                run_stage(fleet, wl, float(wl.load.rates[s]), s, STREAM_SHIFT * k, args.slo_header)
             models = [
                 sc.predictor
                 for p in fleet.sched.profiles.values()
@@ -348,7 +373,7 @@ def main() -> None:
             for m in models:  # prediction errors of the reported stage only (the model is warm by then)
                 m.ttft_errors = ErrorWindow(1_000_000)
                 m.tpot_errors = ErrorWindow(1_000_000)
-            recs = run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k)
+            recs = run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k, args.slo_header)
             row = summarize(recs, wl.slo.ttft_s, wl.load.duration_s)
             if models:
                 row["ttft_errors"] = [e for m in models for e in m.ttft_errors.recent]

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import random
+import time
+from typing import Any
 
 import orjson
 import pytest
@@ -126,20 +128,28 @@ def req(chars: int, headers: dict[str, str] | None = None, priority: int = 0) ->
 
 
 def serve(
-    s: PredictedTTFTScorer, eps: list[Endpoint], speed: dict[Endpoint, float], rng: random.Random
+    s: PredictedTTFTScorer,
+    eps: list[Endpoint],
+    speed: dict[Endpoint, float],
+    rng: random.Random,
+    backlog: list[tuple[CycleState, InferenceRequest, Endpoint, float]] | None = None,
 ) -> None:
     """Route one request through the scorer's hooks as the director would, with a TTFT that grows with
-    the prompt and the prefill already queued, `speed` times slower on slow endpoints."""
+    the prefill queued there (its own included), `speed` times slower on slow endpoints. With a
+    `backlog`, up to 3 earlier requests are still in prefill when the next one is routed."""
     s.clock = lambda: 100.0  # the requests' arrival: none waited in the gateway
     r = req(rng.randint(100, 8000))
     ctx = CycleState()
     scores = s.score(ctx, r, eps)
     target = max(eps, key=lambda e: (scores[e], rng.random())) if rng.random() < 0.7 else rng.choice(eps)
     s.post_schedule(ctx, r, SchedulingResult([target], "p"))
-    ld = s.load(target)
-    ttft = speed[target] * (0.02 + 0.0001 * ld.pending_prefill)
-    s.on_first_token(ctx, r, target)
-    s.post_response(ctx, r, target, ResponseInfo(200, None, 16, 0, ttft_s=ttft, e2e_s=ttft + 15 * 0.01))
+    ttft = speed[target] * (0.02 + 0.0001 * s.load(target).pending_prefill)
+    pending = backlog if backlog is not None else []
+    pending.append((ctx, r, target, ttft))
+    while len(pending) > (rng.randint(0, 3) if backlog is not None else 0):
+        c, rq, t, y = pending.pop(0)
+        s.on_first_token(c, rq, t)
+        s.post_response(c, rq, t, ResponseInfo(200, None, 16, 0, ttft_s=y, e2e_s=y + 15 * 0.01))
 
 
 def test_scorer_falls_back_to_predicted_latency_before_warmup_then_learns_slow_replicas() -> None:
@@ -284,3 +294,91 @@ async def test_bench_reads_the_prediction_errors_a_gateway_exports() -> None:
     assert got["slo-aware/ttft"]["0.5"] == round(win.quantile(0.5) or -1, 4)
     assert "default/ttft" not in got  # the default profile has no latency model
     assert await asyncio.to_thread(latency_model_errors, "http://127.0.0.1:1") == {}
+
+
+def _slo_director(hold_s: float) -> tuple[Any, PredictedTTFTScorer, list[Endpoint]]:
+    from ingate.config import parse_config
+    from ingate.director import Director
+    from ingate.telemetry import Telemetry
+
+    cfg = parse_config(
+        {
+            "pool": {"endpoints": [{"address": "127.0.0.1:9001"}, {"address": "127.0.0.1:9002"}]},
+            "objectives": [{"name": "batch", "priority": -1, "slo": {"ttftMs": 1}}],
+            "scheduler": {
+                "defaultProfile": "slo",
+                "profiles": {
+                    "slo": {
+                        "scorers": [
+                            {
+                                "type": "predicted-ttft",
+                                "parameters": {"warmup": 30, "holdS": hold_s, "holdPollS": 0.02},
+                            }
+                        ]
+                    }
+                },
+            },
+        }
+    )
+    ds = Datastore([Endpoint(name=f"e{i}", host="127.0.0.1", port=9001 + i) for i in range(2)])
+    d = Director(cfg, ds, build_scheduler(cfg.scheduler, ds), Telemetry(ds, "p"), rng=random.Random(1))
+    scorer = d.scheduler.profiles["slo"].scorers[0][0]
+    assert isinstance(scorer, PredictedTTFTScorer)
+    eps = ds.endpoints()
+    rng = random.Random(9)
+    backlog: list[tuple[CycleState, InferenceRequest, Endpoint, float]] = []
+    for _ in range(400):
+        serve(scorer, eps, {eps[0]: 1.0, eps[1]: 10.0}, rng, backlog)
+    while backlog:
+        c, rq, t, y = backlog.pop()
+        scorer.post_response(c, rq, t, ResponseInfo(200, None, 16, 0, ttft_s=y, e2e_s=y + 0.15))
+    scorer.clock = time.monotonic  # as in production: the requests' arrival clock
+    return d, scorer, eps
+
+
+def _slo_body() -> bytes:
+    return orjson.dumps({"model": "m", "prompt": "abcd" * 100, "max_tokens": 16, "stream": True})
+
+
+async def test_director_holds_a_request_until_an_endpoint_is_predicted_to_meet_its_slo() -> None:
+    import asyncio
+
+    d, scorer, (fast, slow) = _slo_director(hold_s=2.0)
+    # Long prefills queued on both endpoints: ~0.8 s predicted on the fast one, ~8 s on the slow one.
+    big = req(32_000)
+    ctx = CycleState()
+    scorer.post_schedule(ctx, big, SchedulingResult([fast], "slo"))
+    scorer.post_schedule(CycleState(), req(32_000), SchedulingResult([slow], "slo"))
+    hdr = {"x-llm-d-slo-ttft-ms": "500"}
+    task = asyncio.create_task(d.handle("/v1/completions", hdr, _slo_body()))
+    await asyncio.sleep(0.15)
+    assert not task.done() and scorer.held > 0  # held: nobody meets 100 ms now
+    scorer.on_first_token(ctx, big, fast)  # the prefill ahead is done
+    t0 = time.monotonic()
+    dec = await asyncio.wait_for(task, 1.0)
+    # Dispatched at the next poll (its remaining budget, ~0.35 s, fits the fast endpoint's ~0.03 s),
+    # long before the 2 s hold ends.
+    assert time.monotonic() - t0 < 0.5
+    assert dec.target is fast
+    d.finish(dec, ResponseInfo(200))
+
+
+async def test_held_request_is_dispatched_when_its_hold_ends_and_sheddable_ones_are_shed() -> None:
+    d, scorer, (fast, _slow) = _slo_director(hold_s=0.2)
+    t0 = time.monotonic()
+    dec = await d.handle("/v1/completions", {"x-llm-d-slo-ttft-ms": "1"}, _slo_body())
+    assert 0.15 <= time.monotonic() - t0 < 1.0  # waited out its hold, then went to the best endpoint
+    assert dec.target is fast and scorer.held > 0
+    d.finish(dec, ResponseInfo(200))
+    # Without hold (holdS 0) the same request is dispatched at once.
+    d0, scorer0, (fast0, _) = _slo_director(hold_s=0.0)
+    t0 = time.monotonic()
+    dec0 = await d0.handle("/v1/completions", {"x-llm-d-slo-ttft-ms": "1"}, _slo_body())
+    assert time.monotonic() - t0 < 0.1 and dec0.target is fast0 and scorer0.held == 0
+    # A sheddable request (objective priority < 0, its SLO from the objective) is never held: 429.
+    with pytest.raises(GatewayError) as ei:
+        await d.handle("/v1/completions", {"x-llm-d-inference-objective": "batch"}, _slo_body())
+    assert ei.value.status == 429 and ei.value.code == SLO_UNATTAINABLE
+    assert ei.value.headers()["retry-after"] == "1"
+    assert ei.value.headers()["x-llm-d-request-dropped-reason"] == SLO_UNATTAINABLE
+    assert fast.in_flight == 0  # the shed request took nothing

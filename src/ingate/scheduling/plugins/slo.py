@@ -20,7 +20,10 @@ start). Once warm, for each candidate:
 Admission (`shedUnattainable`, on by default): when no candidate's predicted TTFT (times `shedMargin`)
 meets a **sheddable** request's SLO (priority < 0), the request is answered `429 slo_unattainable`
 with Retry-After, instead of taking capacity that requests which can still meet theirs need.
-Other requests go to the endpoint with the best headroom.
+Other requests, with `holdS` > 0, are held by the director (`ingate.errors.SloHold`): re-scored every
+`holdPollS` until an endpoint is predicted to meet what is left of their budget, or until `holdS`
+after arrival, when they go to the endpoint with the best headroom. With `holdS` 0 they go there at
+once.
 
 Outcomes are learned from streamed responses (the first token is measured at the gateway); for a
 non-streamed response the first byte is the whole answer, so it trains nothing. The error of each
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from ingate.datastore import Datastore, Endpoint
-from ingate.errors import GatewayError
+from ingate.errors import SLO_HOLD_EXPIRED, GatewayError, SloHold
 from ingate.lifecycle import ResponseInfo
 from ingate.request import InferenceRequest
 from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, SchedulingResult
@@ -79,18 +82,26 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     shed_margin: float = 1.0
     """Shed when every candidate's predicted TTFT x shedMargin exceeds the remaining SLO budget."""
     retry_after_s: float = 1.0
+    hold_s: float = 0.0
+    """Non-sheddable requests no endpoint is predicted to serve in time wait in the gateway up to
+    this long after arrival (re-scored every holdPollS) instead of loading an endpoint now, then go
+    to the best one; 0 = dispatch at once."""
+    hold_poll_s: float = 0.05
     name: str = "predicted-ttft"
     predictor: LatencyPredictor = field(init=False, repr=False)
     clock: Callable[[], float] = field(default=time.monotonic, init=False, repr=False)
     """Same clock as `InferenceRequest.arrival` (the director's time.monotonic; the replay's virtual)."""
     predictions: dict[str, int] = field(init=False, repr=False)
     shed: int = field(default=0, init=False, repr=False)
+    held: int = field(default=0, init=False, repr=False)
     _pred_key: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.scale_s <= 0 or self.shed_margin <= 0 or self.retry_after_s < 0:
-            raise ValueError("scaleS and shedMargin must be positive, retryAfterS not negative")
+        if self.scale_s <= 0 or self.shed_margin <= 0 or self.hold_poll_s <= 0:
+            raise ValueError("scaleS, shedMargin and holdPollS must be positive")
+        if self.retry_after_s < 0 or self.hold_s < 0:
+            raise ValueError("retryAfterS and holdS must not be negative")
         self.predictor = LatencyPredictor(forgetting=self.forgetting, warmup=self.warmup, shrink=self.shrink)
         self.predictions = {"model": 0, "fallback": 0}
         self._pred_key = f"slo.prediction.{id(self)}"
@@ -150,8 +161,21 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             best = min(ttft.values()) + self.scale_s
             return {ep: best / (p + self.scale_s) for ep, p in ttft.items()}
         budget = slo_ttft / 1000.0 - max(0.0, self.clock() - request.arrival)
+        unattainable = budget <= 0 or min(ttft.values()) * self.shed_margin > budget
+        if (
+            unattainable
+            and self.hold_s > 0
+            and request.priority >= 0
+            and not request.extra.get(SLO_HOLD_EXPIRED)
+        ):
+            self.held += 1
+            raise SloHold(
+                f"no endpoint is predicted to meet the request's TTFT SLO of {slo_ttft:g} ms",
+                self.hold_poll_s,
+                request.arrival + self.hold_s,
+            )
         if request.priority < 0 and self.shed_unattainable:
-            if budget <= 0 or min(ttft.values()) * self.shed_margin > budget:
+            if unattainable:
                 self.shed += 1
                 raise GatewayError(
                     429,
@@ -249,14 +273,22 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             labels=["profile"],
         )
         shed.add_metric([profile], self.shed)
-        return [hist, quant, count, samples, shed]
+        held = CounterMetricFamily(
+            "ingate_slo_unattainable_holds",
+            "Times a non-sheddable request was held because no endpoint was predicted to meet its SLO "
+            "(one per re-scoring while held).",
+            labels=["profile"],
+        )
+        held.add_metric([profile], self.held)
+        return [hist, quant, count, samples, shed, held]
 
 
 def _headroom(budget: float, predicted: float) -> float:
     """Score in (0, 1] of a prediction against a budget: above 0.5 (by the share of the budget left)
-    when it is met, 0.5 * budget / predicted below."""
-    if budget <= 0:
-        return 0.0
+    when it is met, 0.5 * budget / predicted below (a spent budget counts as 1 ms: the faster endpoint
+    still wins)."""
+    if budget < 0.001:
+        budget = 0.001
     if predicted <= budget:
         return 0.5 + 0.5 * (budget - predicted) / budget
     return 0.5 * budget / predicted
