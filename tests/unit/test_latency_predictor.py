@@ -278,8 +278,12 @@ async def test_bench_reads_the_prediction_errors_a_gateway_exports() -> None:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=body, content_type="text/plain")
 
+    async def garbage(_: web.Request) -> web.Response:
+        return web.Response(text="<html>not metrics {{{</html>\n", content_type="text/html")
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/peer/metrics", garbage)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -287,6 +291,9 @@ async def test_bench_reads_the_prediction_errors_a_gateway_exports() -> None:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         got = await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}")
+        # A peer router's page that is not Prometheus text, or none at all: nothing, no error.
+        assert await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}/peer") == {}
+        assert await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}/none") == {}
     finally:
         await runner.cleanup()
     win = scorer.predictor.ttft_errors

@@ -190,16 +190,19 @@ def latency_model_errors(url: str) -> dict[str, dict[str, float]]:
     except (OSError, ValueError):
         return {}
     out: dict[str, dict[str, float]] = {}
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "ingate_latency_prediction_error_ratio_quantile":
-            for smp in fam.samples:
-                key = f"{smp.labels['profile']}/{smp.labels['kind']}"
-                out.setdefault(key, {})[smp.labels["quantile"]] = round(smp.value, 4)
-        elif fam.name == "ingate_latency_prediction_error_ratio":
-            for smp in fam.samples:
-                if smp.name.endswith("_count"):
+    try:
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "ingate_latency_prediction_error_ratio_quantile":
+                for smp in fam.samples:
                     key = f"{smp.labels['profile']}/{smp.labels['kind']}"
-                    out.setdefault(key, {})["n"] = smp.value
+                    out.setdefault(key, {})[smp.labels["quantile"]] = round(smp.value, 4)
+            elif fam.name == "ingate_latency_prediction_error_ratio":
+                for smp in fam.samples:
+                    if smp.name.endswith("_count"):
+                        key = f"{smp.labels['profile']}/{smp.labels['kind']}"
+                        out.setdefault(key, {})["n"] = smp.value
+    except (ValueError, KeyError):  # not Prometheus text (a peer's own page): nothing to report
+        return {}
     return {k: v for k, v in out.items() if v.get("n")}
 
 
