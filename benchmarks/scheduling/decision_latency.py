@@ -1,4 +1,4 @@
-"""Latency of one scheduling decision through the default profile (not a test).
+"""Latency of one scheduling decision through the default profile, or another (not a test).
 
 Each decision is the full per-request cost the gateway pays: the default profile's filters and scorers
 (including hashing the prompt's blocks once for the prefix-cache scorer), the max-score picker, and the
@@ -9,6 +9,12 @@ Prompts share a system prefix (half of the prompt) and differ after it, so the p
 matching does real work. Endpoint metrics are randomised per endpoint, as a scraper would leave them.
 
     python benchmarks/scheduling/decision_latency.py --decisions 5000
+    python benchmarks/scheduling/decision_latency.py --profile slo-aware
+
+With `--profile slo-aware` the warm-up decisions also get responses (first token and completion, a
+synthetic TTFT growing with the prompt), so the latency model is warm and the timed decisions pay for
+its predictions (features and one dot product per candidate); learning runs on the response path and
+is not timed. Results go to scheduling_latency_<profile>.json for a profile other than the default.
 
 Prints a table and writes benchmarks/results/scheduling_latency.json (with the machine named).
 """
@@ -28,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ingate.datastore import Datastore, Endpoint, EndpointMetrics
+from ingate.lifecycle import CycleState, ResponseInfo, SchedulingResult
 from ingate.request import COMPLETIONS, InferenceRequest, parse_request
 from ingate.scheduling.config import SchedulerConfig
 from ingate.scheduling.scheduler import build_scheduler
@@ -69,7 +76,7 @@ def make_requests(
     for i in range(count):
         head = rng.choice(prefixes) if shared else f"{i:08d}" + _text(rng, half - 8)
         tail = f"user {i:08d} " + _text(rng, half - 14)
-        body = orjson.dumps({"model": "m", "prompt": head + tail})
+        body = orjson.dumps({"model": "m", "prompt": head + tail, "stream": True})
         r = parse_request(COMPLETIONS, {}, body)
         r.target_model = "m"
         reqs.append(r)
@@ -77,7 +84,12 @@ def make_requests(
 
 
 def measure(
-    n_endpoints: int, prompt_bytes: int, decisions: int, seed: int, shared: bool = True
+    n_endpoints: int,
+    prompt_bytes: int,
+    decisions: int,
+    seed: int,
+    shared: bool = True,
+    profile: str = "default",
 ) -> dict[str, Any]:
     """Time `decisions` scheduling decisions (after a warm-up) and return latency percentiles in ms."""
     rng = random.Random(seed)
@@ -86,15 +98,22 @@ def measure(
     # Every timed decision sees a prompt it has not scheduled before (warm-up prompts are separate).
     warmup = 500
     reqs = make_requests(warmup + decisions, prompt_bytes, rng, shared)
-    hooks = sched.hooks(sched.default.name)
+    hooks = sched.hooks(profile)
 
-    def decide(r: InferenceRequest) -> None:
+    def decide(r: InferenceRequest) -> tuple[SchedulingResult, CycleState]:
         # What the director runs per request: the decision, then the profile's post-schedule hooks.
-        result, ctx = sched.schedule(r)
+        result, ctx = sched.schedule(r, profile=profile)
         hooks.run_post_schedule(ctx, r, result)
+        return result, ctx
 
-    for r in reqs[:warmup]:  # warm the prefix index and the interpreter's caches
-        decide(r)
+    for r in reqs[:warmup]:  # warm the prefix index, the latency model and the interpreter's caches
+        r.arrival = time.monotonic()
+        result, ctx = decide(r)
+        ttft = 0.05 + 0.1 * len(r.prompt_text) / 4000 * (1 + result.target.metrics.running / 16)
+        hooks.run_first_token(ctx, r, result.target)
+        hooks.run_post_response(
+            ctx, r, result.target, ResponseInfo(200, completion_tokens=16, ttft_s=ttft, e2e_s=ttft + 0.15)
+        )
     samples = []
     clock = time.perf_counter_ns
     for r in reqs[warmup:]:
@@ -106,7 +125,13 @@ def measure(
     def pct(p: float) -> float:
         return samples[min(len(samples) - 1, int(p * len(samples)))] / 1e6
 
+    # Decisions the latency model scored (warm) and scored by its cold-start fallback, if any.
+    model_used = {
+        k: v for sc, _ in sched.profiles[profile].scorers for k, v in getattr(sc, "predictions", {}).items()
+    }
     return {
+        "profile": profile,
+        "latency_model_decisions": model_used,
         "endpoints": n_endpoints,
         "prompt_bytes": prompt_bytes,
         "prompts": "shared heads" if shared else "all unique",
@@ -123,11 +148,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decisions", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--profile", default="default", help="built-in profile to time (default: default)")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    rows = [measure(n, size, args.decisions, args.seed) for n in (8, 256) for size in (4 * 1024, 32 * 1024)]
-    rows.append(measure(8, 32 * 1024, args.decisions, args.seed, shared=False))
-    table = Table(title="Scheduling decision latency (default profile, incl. prefix hashing + index update)")
+    prof = args.profile
+    out_path = args.out or (
+        RESULTS if prof == "default" else RESULTS.with_name(f"scheduling_latency_{prof}.json")
+    )
+    rows = [
+        measure(n, size, args.decisions, args.seed, profile=prof)
+        for n in (8, 256)
+        for size in (4 * 1024, 32 * 1024)
+    ]
+    rows.append(measure(8, 32 * 1024, args.decisions, args.seed, shared=False, profile=prof))
+    table = Table(title=f"Scheduling decision latency ({prof} profile, incl. prefix hashing + index update)")
     for col in ("endpoints", "prompt", "prompts", "p50 ms", "p90 ms", "p99 ms", "mean ms"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -157,14 +191,15 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
+        "profile": prof,
         "note": "time.perf_counter_ns around Scheduler.schedule(); shared CPU, other processes running",
         "target_met": ok,
         "target_met_by_prompts": verdicts,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
-    print(f"wrote {args.out}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

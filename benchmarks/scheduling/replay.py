@@ -39,10 +39,12 @@ from ingate.bench.runner import STREAM_SHIFT
 from ingate.bench.stats import percentile
 from ingate.bench.workload import EVAL_WORKLOADS_DIR, BenchRequest, RequestStream, Workload, load_workload
 from ingate.datastore import Datastore, Endpoint
+from ingate.errors import SLO_HOLD_EXPIRED, GatewayError, SloHold
 from ingate.lifecycle import ResponseInfo
 from ingate.metrics.kvevents import block_hashes, none_hash
 from ingate.request import parse_request
 from ingate.scheduling.config import SchedulerConfig
+from ingate.scheduling.predictor import ErrorWindow
 from ingate.scheduling.scheduler import Scheduler, build_scheduler
 from ingate.sim.engine import FINISHED, Engine, EngineConfig, SimRequest
 from ingate.sim.profiles import get_profile
@@ -67,6 +69,7 @@ CLOCK = _VirtualClock()
 
 
 def _fleet_args(wl: Workload) -> tuple[float, int | None, str]:
+    """Time scale, KV-block override and the simulator profile list (comma list, cycled over replicas)."""
     args = list(wl.fleet.args)
     scale, blocks, profile = 1.0, None, "h100"
     for i, a in enumerate(args[:-1]):
@@ -127,18 +130,21 @@ class Fleet:
     """Replicas, their endpoints and one scheduler, kept across stages."""
 
     def __init__(self, wl: Workload, cfg: SchedulerConfig, profile: str | None, seed: int) -> None:
-        scale, blocks, name = _fleet_args(wl)
-        self.prof = get_profile(name).with_overrides(num_gpu_blocks=blocks)
+        scale, blocks, names = _fleet_args(wl)
+        classes = [get_profile(n.strip()).with_overrides(num_gpu_blocks=blocks) for n in names.split(",")]
+        # As `ingate sim --profile a,b`: replica i runs profile i mod len (heterogeneous fleets).
+        self.profs = [classes[i % len(classes)] for i in range(wl.fleet.replicas)]
         self.scale = scale
         self.profile = profile
         self.eps: list[Endpoint] = []
         self.engines: list[Engine] = []
         for i in range(wl.fleet.replicas):
             ep = Endpoint(name=f"r{i}", host="127.0.0.1", port=9000 + i)
-            ep.metrics.block_size = self.prof.block_size
-            ep.metrics.num_gpu_blocks = self.prof.num_gpu_blocks
+            prof = self.profs[i]
+            ep.metrics.block_size = prof.block_size
+            ep.metrics.num_gpu_blocks = prof.num_gpu_blocks
             self.eps.append(ep)
-            self.engines.append(Engine(EngineConfig(self.prof, time_scale=scale)))
+            self.engines.append(Engine(EngineConfig(prof, time_scale=scale)))
         self.sched: Scheduler = build_scheduler(cfg, Datastore(self.eps))
         emu = EMULATIONS.get(profile or "")
         self.emu = emu(len(self.eps)) if emu is not None else None
@@ -146,11 +152,18 @@ class Fleet:
         for p in self.sched.profiles.values():
             if hasattr(p.picker, "rng"):
                 p.picker.rng = rng  # deterministic tie-breaking
+            for s, _ in p.scorers:
+                if hasattr(s, "clock"):
+                    s.clock = CLOCK.monotonic  # the latency model's waited-in-gateway time, virtual
         self.t0 = 0.0
 
 
-def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -> list[dict[str, Any]]:
-    """One Poisson stage; returns per-request records (virtual seconds)."""
+def run_stage(
+    fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int, slo_header: bool = False
+) -> list[dict[str, Any]]:
+    """One Poisson stage; returns per-request records (virtual seconds). With `slo_header` every
+    request carries the workload's TTFT SLO as `x-llm-d-slo-ttft-ms` (for SLO-aware profiles)."""
+    headers = {"x-llm-d-slo-ttft-ms": str(wl.slo.ttft_s * 1000)} if slo_header else {}
     stream = RequestStream(wl, seed_offset=stage + shift)
     rng = random.Random(wl.seed * 7919 + stage + shift)
     ev: list[tuple[float, int, str, Any]] = []
@@ -169,7 +182,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
         push(fleet.t0 + t, "arrive", stream.next())
         n += 1
     push(fleet.t0, "scrape", None)
-    eps, engines, prof, scale = fleet.eps, fleet.engines, fleet.prof, fleet.scale
+    eps, engines, profs, scale = fleet.eps, fleet.engines, fleet.profs, fleet.scale
     busy = [False] * len(eps)
     steps: list[Any] = [None] * len(eps)
     live: dict[SimRequest, tuple[dict[str, Any], Any, Any, int]] = {}
@@ -185,7 +198,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
         n_tok = sum(k for _, k, _ in prefill)
         quad = sum(k * (k + 2 * c) for _, k, c in prefill)
         ctx_tok = sum(r.prompt_len + r.generated for r in decode)
-        ms = prof.step_ms(n_tok, quad, len(decode), ctx_tok)
+        ms = profs[i].step_ms(n_tok, quad, len(decode), ctx_tok)
         busy[i] = True
         steps[i] = (prefill, decode)
         push(now + ms / 1000.0 / scale, "step", i)
@@ -202,22 +215,56 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                 ep.metrics.updated_at = now
             push(now + SCRAPE_S, "scrape", None)
         elif kind == "arrive":
-            br: BenchRequest = payload
-            path = "/v1/chat/completions" if "messages" in br.body else "/v1/completions"
-            req = parse_request(path, {}, orjson.dumps(br.body), now=now)
+            br: BenchRequest
+            if isinstance(payload, tuple):  # a held request, scheduled again
+                br, req = payload
+            else:
+                br = payload
+                path = "/v1/chat/completions" if "messages" in br.body else "/v1/completions"
+                req = parse_request(path, headers, orjson.dumps(br.body), now=now)
             text = br.body.get("prompt") or br.body["messages"][0]["content"]
             if fleet.emu is not None:
                 hashes = block_hashes(token_ids(tokenize(text)), 16, HASH_ROOT)
                 i, ctx = fleet.emu.pick(hashes, [ep.in_flight for ep in eps]), None
             else:
-                result, cycle = fleet.sched.schedule(req, profile=fleet.profile)
+                try:
+                    result, cycle = fleet.sched.schedule(req, profile=fleet.profile)
+                except SloHold as h:  # what the director does: hold, schedule again after poll_s
+                    if now + h.poll_s >= h.until:
+                        req.extra[SLO_HOLD_EXPIRED] = True
+                        push(now, "arrive", (br, req))
+                    else:
+                        push(now + h.poll_s, "arrive", (br, req))
+                    continue
+                except GatewayError as e:  # e.g. 429 slo_unattainable: answered at once, never good
+                    recs.append(
+                        {
+                            "send": req.arrival,
+                            "ep": -1,
+                            "group": br.group,
+                            "prompt_tokens": 0,
+                            "ttft": None,
+                            "e2e": None,
+                            "status": e.status,
+                            "cached_tokens": 0,
+                        }
+                    )
+                    left -= 1
+                    continue
                 # What the director does after a decision: the profile's post-schedule hooks.
                 hooks = fleet.sched.hooks(result.profile)
                 hooks.run_post_schedule(cycle, req, result)
                 ctx = (cycle, hooks)
                 i = eps.index(result.target)
             eps[i].in_flight += 1
-            rec = {"send": now, "ep": i, "group": br.group, "prompt_tokens": 0, "ttft": None, "e2e": None}
+            rec = {
+                "send": req.arrival,
+                "ep": i,
+                "group": br.group,
+                "prompt_tokens": 0,
+                "ttft": None,
+                "e2e": None,
+            }
             recs.append(rec)
             push(now + NET_S, "submit", (i, text, br.body["max_tokens"], rec, req, ctx))
         elif kind == "submit":
@@ -251,6 +298,8 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                     prompt_tokens=rec["prompt_tokens"],
                     completion_tokens=r.generated,
                     cached_tokens=rec.get("cached_tokens"),
+                    ttft_s=rec["ttft"],
+                    e2e_s=rec["e2e"],
                 )
                 if ctx is not None:
                     ctx[1].run_post_response(ctx[0], req, eps[j], info)
@@ -266,12 +315,13 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
 def summarize(recs: list[dict[str, Any]], slo_s: float, duration_s: float) -> dict[str, float]:
     """The live report's definitions (`ingate.bench.stats`): goodput = requests within the SLO per
     offered second, nearest-rank percentiles."""
-    ttfts = [r["ttft"] for r in recs]
+    ttfts = [r["ttft"] for r in recs if r["ttft"] is not None]
     good = sum(1 for t in ttfts if t <= slo_s)
     prompt = sum(r["prompt_tokens"] for r in recs)
     return {
         "sent": len(recs),
         "good": good,
+        "shed": sum(1 for r in recs if r.get("status") == 429),
         "cached_token_share": sum(r["cached_tokens"] for r in recs) / prompt if prompt else 0.0,
         "goodput_rps": good / duration_s,
         "ttft_p50": percentile(ttfts, 0.5) or 0.0,
@@ -295,6 +345,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=20)
     ap.add_argument("--profiles", default="round-robin,guarded-affinity,default")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--slo-header", action="store_true", help="send the workload's TTFT SLO as x-llm-d-slo-ttft-ms"
+    )
     args = ap.parse_args()
     # The replay tunes and selects profiles: it reads tuning seeds only, never the held-out ones.
     if EVAL_WORKLOADS_DIR in args.workload.resolve().as_posix():
@@ -312,13 +365,27 @@ def main() -> None:
         for k in range(args.streams):
             fleet = Fleet(wl, cfg, prof, seed=1234 + 100 * k)
             for s in range(stage):
-                run_stage(fleet, wl, float(wl.load.rates[s]), s, STREAM_SHIFT * k)
-            recs = run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k)
-            rows[name].append(summarize(recs, wl.slo.ttft_s, wl.load.duration_s))
+                run_stage(fleet, wl, float(wl.load.rates[s]), s, STREAM_SHIFT * k, args.slo_header)
+            models = [
+                sc.predictor
+                for p in fleet.sched.profiles.values()
+                for sc, _ in p.scorers
+                if hasattr(sc, "predictor")
+            ]
+            for m in models:  # prediction errors of the reported stage only (the model is warm by then)
+                m.ttft_errors = ErrorWindow(1_000_000)
+                m.tpot_errors = ErrorWindow(1_000_000)
+            recs = run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k, args.slo_header)
+            row = summarize(recs, wl.slo.ttft_s, wl.load.duration_s)
+            if models:
+                row["ttft_errors"] = [e for m in models for e in m.ttft_errors.recent]
+                row["tpot_errors"] = [e for m in models for e in m.tpot_errors.recent]
+            rows[name].append(row)
     table = Table(title=f"{wl.name} @ {rate:g} req/s, {args.streams} streams (virtual-time replay)")
     cols = (
         "profile",
         "good / sent",
+        "TTFT err p50 / p90",
         "goodput req/s (mean)",
         "TTFT p99 s (mean)",
         "p99 max",
@@ -337,6 +404,7 @@ def main() -> None:
         "profiles": {},
     }
     for name, rs in rows.items():
+        errs = {k: sorted(e for r in rs for e in r.pop(f"{k}_errors", [])) for k in ("ttft", "tpot")}
         agg = {
             "good": sum(r["good"] for r in rs),
             "sent": sum(r["sent"] for r in rs),
@@ -344,6 +412,11 @@ def main() -> None:
             "ttft_p99_mean": statistics.mean(r["ttft_p99"] for r in rs),
             "ttft_p99_max": max(r["ttft_p99"] for r in rs),
             "cached_token_share_mean": statistics.mean(r["cached_token_share"] for r in rs),
+            "shed": sum(r["shed"] for r in rs),
+            "prediction_error": {
+                k: {"n": len(v), "p50": percentile(v, 0.5), "p90": percentile(v, 0.9)}
+                for k, v in errs.items()
+            },
             "per_stream": rs,
         }
         out["profiles"][name] = agg
@@ -351,6 +424,11 @@ def main() -> None:
         table.add_row(
             name,
             f"{agg['good']} / {agg['sent']}",
+            (
+                f"{percentile(errs['ttft'], 0.5):.0%} / {percentile(errs['ttft'], 0.9):.0%}"
+                if errs["ttft"]
+                else "-"
+            ),
             f"{agg['goodput_rps_mean']:.2f}",
             f"{agg['ttft_p99_mean']:.2f}",
             f"{agg['ttft_p99_max']:.2f}",

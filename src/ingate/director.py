@@ -22,6 +22,7 @@ reached the client), reports the first token with `on_first_token`, and calls `f
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Mapping
@@ -29,9 +30,9 @@ from typing import Any, Protocol
 
 from ingate.config import GatewayConfig
 from ingate.datastore import Datastore, Endpoint
-from ingate.errors import GatewayError
+from ingate.errors import SLO_HOLD_EXPIRED, GatewayError, SloHold
 from ingate.flowcontrol.preemption import PriorityPlacement
-from ingate.lifecycle import Decision, ResponseInfo
+from ingate.lifecycle import CycleState, Decision, ResponseInfo, SchedulingResult
 from ingate.objectives import ObjectiveStore
 from ingate.request import InferenceRequest, parse_request
 from ingate.scheduling.scheduler import Scheduler
@@ -148,7 +149,11 @@ class Director:
                 ticket = await self.flow_control.admit(req)
             t0 = time.perf_counter()
             try:
-                result, ctx = self.scheduler.schedule(req, profile=profile)
+                try:
+                    result, ctx = self.scheduler.schedule(req, profile=profile)
+                except SloHold:
+                    result, ctx = await self._hold(req, profile)
+                    t0 = time.perf_counter()  # the scheduling histogram times the final decision
             except GatewayError:
                 if ticket is not None and self.flow_control is not None:
                     self.flow_control.release(ticket, ResponseInfo(status=503))
@@ -183,6 +188,19 @@ class Director:
                 )
             )
         return d
+
+    async def _hold(self, req: InferenceRequest, profile: str | None) -> tuple[SchedulingResult, CycleState]:
+        """Hold a request no endpoint is predicted to serve within its SLO (`SloHold` from a plugin,
+        e.g. the predicted-ttft scorer) rather than add it to an overloaded endpoint now: schedule it
+        again every `poll_s` until a decision succeeds or the hold is over, then once without hold."""
+        while True:
+            try:
+                return self.scheduler.schedule(req, profile=profile)
+            except SloHold as h:
+                if time.monotonic() + h.poll_s >= h.until:
+                    req.extra[SLO_HOLD_EXPIRED] = True
+                    return self.scheduler.schedule(req, profile=profile)
+                await asyncio.sleep(h.poll_s)
 
     def retarget(self, d: Decision) -> Endpoint | None:
         """Move the request to its next fallback (after a connection failure); None when none is left."""

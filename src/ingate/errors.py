@@ -64,3 +64,19 @@ class GatewayError(Exception):
 def error_body(status: int, message: str, code: str | None = None) -> bytes:
     """Serialise an OpenAI-style error body."""
     return orjson.dumps({"error": {"message": message, "type": _TYPES.get(status, "error"), "code": code}})
+
+
+SLO_HOLD_EXPIRED = "slo.hold_expired"
+"""`InferenceRequest.extra` key the director sets when a held request's hold is over: schedule it now."""
+
+
+class SloHold(GatewayError):
+    """Raised by a scheduling plugin: no endpoint is predicted to meet this (non-sheddable) request's
+    SLO now; the director holds the request and schedules it again after `poll_s`, until `until`
+    (time.monotonic()), then once more with `extra[SLO_HOLD_EXPIRED]` set, when it is dispatched
+    anyway. A caller that does not hold answers it as the 503 it is."""
+
+    def __init__(self, message: str, poll_s: float, until: float) -> None:
+        super().__init__(503, message, "slo_unattainable", retry_after=poll_s)
+        self.poll_s = poll_s
+        self.until = until

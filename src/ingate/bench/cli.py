@@ -61,6 +61,19 @@ def run_cmd(
     console.print(f"results: {path}")
     if not no_report:
         _report([path], path.with_suffix(".png"), None, console)
+    _print_prediction_errors(path, console)
+
+
+def _print_prediction_errors(path: Path, console: Console) -> None:
+    """The latency model's prediction errors each ingate system exported (last stream's window)."""
+    for entry in orjson.loads(path.read_bytes())["systems"]:
+        for key, q in (entry.get("info") or {}).get("latency_prediction_error", {}).items():
+            console.print(
+                f"{entry['name']}: latency model {key} |error|/actual over its last "
+                f"{min(int(q['n']), 2000)} of {int(q['n'])} predictions after warm-up: "
+                f"median {q.get('0.5', float('nan')):.0%}, "
+                f"p90 {q.get('0.9', float('nan')):.0%}"
+            )
 
 
 def _report(paths: list[Path], png: Path, md: Path | None, console: Console) -> None:

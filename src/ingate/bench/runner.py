@@ -6,11 +6,13 @@ import asyncio
 import platform
 import random
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -165,11 +167,43 @@ def _run_stream(
     try:
         system = sysmod.start_system(name, wl, fleet, workdir)
         try:
-            return system.info, asyncio.run(_sweep(wl, system.url, progress, label, k))
+            stages = asyncio.run(_sweep(wl, system.url, progress, label, k))
+            info: dict[str, Any] = dict(system.info)
+            errors = latency_model_errors(system.url)
+            if errors:
+                info["latency_prediction_error"] = errors
+            return info, stages
         finally:
             system.stop()
     finally:
         fleet.proc.stop()
+
+
+def latency_model_errors(url: str) -> dict[str, dict[str, float]]:
+    """The gateway's latency-model prediction errors at the end of a stream, scraped from its
+    `/metrics` (`ingate_latency_prediction_error_ratio_quantile`: |predicted - actual| / actual over its
+    last predictions after warm-up, by profile/kind), e.g. {"slo-aware/ttft": {"0.5": 0.12, ...,
+    "n": 812}}; empty for a system that exports none (peers, profiles without a latency model)."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for fam in text_string_to_metric_families(text):
+            if fam.name == "ingate_latency_prediction_error_ratio_quantile":
+                for smp in fam.samples:
+                    key = f"{smp.labels['profile']}/{smp.labels['kind']}"
+                    out.setdefault(key, {})[smp.labels["quantile"]] = round(smp.value, 4)
+            elif fam.name == "ingate_latency_prediction_error_ratio":
+                for smp in fam.samples:
+                    if smp.name.endswith("_count"):
+                        key = f"{smp.labels['profile']}/{smp.labels['kind']}"
+                        out.setdefault(key, {})["n"] = smp.value
+    except (ValueError, KeyError):  # not Prometheus text (a peer's own page): nothing to report
+        return {}
+    return {k: v for k, v in out.items() if v.get("n")}
 
 
 def _pool(a: StageResult, b: StageResult) -> StageResult:

@@ -79,6 +79,25 @@ def default_profiles() -> dict[str, ProfileConfig]:
             ],
             picker=PluginSpec(type="max-score"),
         ),
+        # SLO-aware: endpoints ranked by an online model's predicted TTFT in seconds (and by predicted
+        # headroom against the request's TTFT/TPOT SLO); sheddable requests that no endpoint is
+        # predicted to serve in time shed with 429 slo_unattainable, others held up to 10 s (holdS,
+        # chosen on the replay's tuning seeds: 5-20 s all raised goodput past mixed's knee, 10 s is
+        # 5x its 2 s SLO). The prefix scorer (small weight) runs so the model sees each endpoint's
+        # expected cached tokens.
+        "slo-aware": ProfileConfig(
+            filters=[
+                PluginSpec(type="lora-affinity"),
+                PluginSpec(type="load-guard", parameters={"queueMargin": 8, "kvThreshold": 1.0}),
+            ],
+            scorers=[
+                PluginSpec(type="prefix-cache", weight=1),
+                PluginSpec(type="predicted-ttft", weight=4, parameters={"holdS": 10}),
+                PluginSpec(type="least-in-flight", weight=0.25),
+                PluginSpec(type="lora-affinity", weight=1),
+            ],
+            picker=PluginSpec(type="max-score"),
+        ),
         "round-robin": ProfileConfig(picker=PluginSpec(type="round-robin")),
         "random": ProfileConfig(picker=PluginSpec(type="random")),
         "least-in-flight": ProfileConfig(

@@ -1,0 +1,304 @@
+"""Predicted-TTFT scorer: ranks endpoints by the seconds an online model predicts, and admits by SLO.
+
+The `predicted-latency` scorer (its parent class here) estimates a cost in token equivalents with
+hand-set weights. This scorer keeps its accounting (prefill and KV demand this gateway has in flight
+per endpoint) but turns it, with the scraped gauges, into the features of an online latency model
+(`ingate.scheduling.predictor.LatencyPredictor`) that learns from every request it routed: TTFT and
+TPOT in seconds, per endpoint, shrunk toward a pooled model. Slow and fast replicas of one pool are
+told apart by their own outcomes; no per-class configuration.
+
+Until the model has seen `warmup` responses it scores exactly as `predicted-latency` does (cold
+start). Once warm, for each candidate:
+
+- request without SLO: `score = (best + s0) / (predicted + s0)` (`s0 = scaleS`): 1 for the fastest
+  predicted endpoint, falling with the ratio to it;
+- request with a TTFT SLO (`x-llm-d-slo-ttft-ms` or its objective's `slo.ttftMs`), remaining budget
+  `T` (the SLO minus the time the request already waited in the gateway): `0.5 + 0.5 (T - p) / T`
+  while the prediction `p` meets it, `0.5 T / p` below; with a TPOT SLO as well, the smaller of the
+  two such scores: the endpoint with the best predicted headroom wins.
+
+Admission (`shedUnattainable`, on by default): when no candidate's predicted TTFT (times `shedMargin`)
+meets a **sheddable** request's SLO (priority < 0), the request is answered `429 slo_unattainable`
+with Retry-After, instead of taking capacity that requests which can still meet theirs need.
+Other requests, with `holdS` > 0, are held by the director (`ingate.errors.SloHold`): re-scored every
+`holdPollS` until an endpoint is predicted to meet what is left of their budget, or until `holdS`
+after arrival, when they go to the endpoint with the best headroom. With `holdS` 0 they go there at
+once.
+
+Outcomes are learned from streamed responses (the first token is measured at the gateway); for a
+non-streamed response the first byte is the whole answer, so it trains nothing. The error of each
+prediction made by the warm model is kept (`ingate_latency_prediction_error_ratio`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from ingate.datastore import Datastore, Endpoint
+from ingate.errors import SLO_HOLD_EXPIRED, GatewayError, SloHold
+from ingate.lifecycle import ResponseInfo
+from ingate.request import InferenceRequest
+from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, SchedulingResult
+from ingate.scheduling.plugins.latency import _EMPTY, PredictedLatencyScorer
+from ingate.scheduling.plugins.registry import register
+from ingate.scheduling.predictor import ErrorWindow, Features, LatencyPredictor
+
+SLO_UNATTAINABLE = "slo_unattainable"
+
+
+@dataclass(slots=True)
+class _Prediction:
+    """What the scorer predicted for the request's target, kept until the response."""
+
+    endpoint: Endpoint
+    features: Features
+    ttft_s: float
+    tpot_s: float
+    waited_s: float
+    """Seconds the request spent in the gateway before dispatch (flow control), not the endpoint's."""
+    warm: bool
+
+
+@register("scorer", "predicted-ttft")
+@dataclass
+class PredictedTTFTScorer(PredictedLatencyScorer):
+    """Scores endpoints by an online model's predicted TTFT (and SLO headroom); sheds unattainable
+    sheddable requests."""
+
+    warmup: int = 50
+    """Responses learned before the model scores (before: the predicted-latency cost)."""
+    forgetting: float = 0.998
+    """Forgetting factor of the online models (effective memory about 1 / (1 - f) responses)."""
+    shrink: float = 20.0
+    """Responses at which an endpoint's own model weighs as much as the pooled one."""
+    scale_s: float = 0.05
+    """Seconds added to both sides of the no-SLO ratio: differences well under it barely count."""
+    shed_unattainable: bool = True
+    """Answer 429 slo_unattainable to sheddable requests no endpoint is predicted to serve in time."""
+    shed_margin: float = 1.0
+    """Shed when every candidate's predicted TTFT x shedMargin exceeds the remaining SLO budget."""
+    retry_after_s: float = 1.0
+    hold_s: float = 0.0
+    """Non-sheddable requests no endpoint is predicted to serve in time wait in the gateway up to
+    this long after arrival (re-scored every holdPollS) instead of loading an endpoint now, then go
+    to the best one; 0 = dispatch at once."""
+    hold_poll_s: float = 0.05
+    name: str = "predicted-ttft"
+    predictor: LatencyPredictor = field(init=False, repr=False)
+    clock: Callable[[], float] = field(default=time.monotonic, init=False, repr=False)
+    """Same clock as `InferenceRequest.arrival` (the director's time.monotonic; the replay's virtual)."""
+    predictions: dict[str, int] = field(init=False, repr=False)
+    shed: int = field(default=0, init=False, repr=False)
+    held: int = field(default=0, init=False, repr=False)
+    _pred_key: str = field(default="", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scale_s <= 0 or self.shed_margin <= 0 or self.hold_poll_s <= 0:
+            raise ValueError("scaleS, shedMargin and holdPollS must be positive")
+        if self.retry_after_s < 0 or self.hold_s < 0:
+            raise ValueError("retryAfterS and holdS must not be negative")
+        self.predictor = LatencyPredictor(forgetting=self.forgetting, warmup=self.warmup, shrink=self.shrink)
+        self.predictions = {"model": 0, "fallback": 0}
+        self._pred_key = f"slo.prediction.{id(self)}"
+
+    def attach(self, datastore: Datastore) -> None:
+        super().attach(datastore)
+        datastore.on_remove(self.predictor.forget)
+
+    # -- features -----------------------------------------------------------------------------------
+    def features(self, ep: Endpoint, prompt: int, cached: int, output: int) -> Features:
+        """The model's inputs for this request on `ep`, from this gateway's accounting and the scrape."""
+        ld = self._loads.get(ep, _EMPTY)
+        m = ep.metrics
+        new = prompt - cached
+        shortfall = 0.0
+        bs, nb = m.block_size, m.num_gpu_blocks
+        if bs and nb:
+            capacity = bs * nb
+            used = m.kv_usage * capacity
+            demand = ld.kv_demand if ld.kv_demand > used else used
+            s = demand + new + output - capacity
+            if s > 0:
+                shortfall = s
+        decoding = ep.in_flight - ld.requests
+        return Features(
+            float(new),
+            float(ld.pending_prefill),
+            float(m.waiting),
+            float(m.running),
+            m.kv_usage,
+            shortfall,
+            float(decoding if decoding > 0 else 0),
+        )
+
+    def _cached(self, ctx: CycleState, ep: Endpoint, prompt: int) -> int:
+        matched: dict[Endpoint, int] | None = ctx.get(PREFIX_MATCH_KEY)
+        if matched and matched.get(ep):
+            return min(prompt, self.tokens(matched[ep]))
+        return 0
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def score(
+        self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> dict[Endpoint, float]:
+        pred = self.predictor
+        if not pred.warm:
+            self.predictions["fallback"] += 1
+            return super().score(ctx, request, endpoints)
+        self.predictions["model"] += 1
+        prompt, out = self._request_tokens(request)
+        ttft = {
+            ep: pred.predict_ttft(ep, self.features(ep, prompt, self._cached(ctx, ep, prompt), out))
+            for ep in endpoints
+        }
+        slo_ttft = request.slo_ttft_ms
+        if slo_ttft is None:
+            best = min(ttft.values()) + self.scale_s
+            return {ep: best / (p + self.scale_s) for ep, p in ttft.items()}
+        budget = slo_ttft / 1000.0 - max(0.0, self.clock() - request.arrival)
+        unattainable = budget <= 0 or min(ttft.values()) * self.shed_margin > budget
+        if (
+            unattainable
+            and self.hold_s > 0
+            and request.priority >= 0
+            and not request.extra.get(SLO_HOLD_EXPIRED)
+        ):
+            self.held += 1
+            raise SloHold(
+                f"no endpoint is predicted to meet the request's TTFT SLO of {slo_ttft:g} ms",
+                self.hold_poll_s,
+                request.arrival + self.hold_s,
+            )
+        if request.priority < 0 and self.shed_unattainable:
+            if unattainable:
+                self.shed += 1
+                raise GatewayError(
+                    429,
+                    "request shed: its objective is sheddable and no endpoint is predicted to meet its "
+                    f"TTFT SLO of {slo_ttft:g} ms",
+                    SLO_UNATTAINABLE,
+                    retry_after=self.retry_after_s,
+                )
+        scores = {ep: _headroom(budget, p) for ep, p in ttft.items()}
+        slo_tpot = request.slo_tpot_ms
+        if slo_tpot is not None:
+            t = slo_tpot / 1000.0
+            for ep in endpoints:
+                f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out)
+                s = _headroom(t, pred.predict_tpot(ep, f))
+                if s < scores[ep]:
+                    scores[ep] = s
+        return scores
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        ep = result.target
+        prompt, out = self._request_tokens(request)
+        f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out)  # before this request's charge
+        pred = self.predictor
+        ctx[self._pred_key] = _Prediction(
+            ep,
+            f,
+            pred.predict_ttft(ep, f),
+            pred.predict_tpot(ep, f),
+            max(0.0, self.clock() - request.arrival),
+            pred.warm,
+        )
+        super().post_schedule(ctx, request, result)
+
+    def post_response(
+        self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo
+    ) -> None:
+        super().post_response(ctx, request, endpoint, info)
+        p: _Prediction | None = ctx.get(self._pred_key)
+        if p is None or p.endpoint is not endpoint or not request.stream or info.status != 200:
+            return
+        if info.ttft_s is None:
+            return
+        ttft = info.ttft_s - p.waited_s
+        if ttft <= 0:
+            return
+        tpot = None
+        n = info.completion_tokens
+        if n is not None and n >= 2 and info.e2e_s is not None and info.e2e_s > info.ttft_s:
+            tpot = (info.e2e_s - info.ttft_s) / (n - 1)
+        if p.warm:
+            self.predictor.ttft_errors.add(p.ttft_s, ttft)
+            if tpot is not None:
+                self.predictor.tpot_errors.add(p.tpot_s, tpot)
+        self.predictor.observe(endpoint, p.features, ttft, tpot)
+
+    # -- metrics ------------------------------------------------------------------------------------
+    def collect_metrics(self, profile: str, endpoints: Sequence[Endpoint]) -> Iterable[Metric]:
+        pred = self.predictor
+        hist = HistogramMetricFamily(
+            "ingate_latency_prediction_error_ratio",
+            "Absolute relative error |predicted - actual| / actual of the latency model's predictions "
+            "for the endpoints it chose (after warm-up), by kind (ttft, tpot).",
+            labels=["profile", "kind"],
+        )
+        quant = GaugeMetricFamily(
+            "ingate_latency_prediction_error_ratio_quantile",
+            "Quantiles of the absolute relative prediction error over the last predictions (window).",
+            labels=["profile", "kind", "quantile"],
+        )
+        for kind, win in (("ttft", pred.ttft_errors), ("tpot", pred.tpot_errors)):
+            hist.add_metric([profile, kind], _buckets(win), win.total)
+            for q in (0.5, 0.9, 0.99):
+                v = win.quantile(q)
+                if v is not None:
+                    quant.add_metric([profile, kind, str(q)], v)
+        count = CounterMetricFamily(
+            "ingate_latency_predictions",
+            "Scoring decisions of the predicted-ttft scorer, by source: model (warm) or fallback "
+            "(the predicted-latency cost, before warm-up).",
+            labels=["profile", "source"],
+        )
+        for source, n in self.predictions.items():
+            count.add_metric([profile, source], n)
+        samples = GaugeMetricFamily(
+            "ingate_latency_model_samples",
+            "Responses the pooled latency model has learned from.",
+            labels=["profile"],
+        )
+        samples.add_metric([profile], pred.samples())
+        shed = CounterMetricFamily(
+            "ingate_slo_unattainable_shed",
+            "Sheddable requests answered 429 slo_unattainable: no endpoint was predicted to meet their SLO.",
+            labels=["profile"],
+        )
+        shed.add_metric([profile], self.shed)
+        held = CounterMetricFamily(
+            "ingate_slo_unattainable_holds",
+            "Times a non-sheddable request was held because no endpoint was predicted to meet its SLO "
+            "(one per re-scoring while held).",
+            labels=["profile"],
+        )
+        held.add_metric([profile], self.held)
+        return [hist, quant, count, samples, shed, held]
+
+
+def _headroom(budget: float, predicted: float) -> float:
+    """Score in (0, 1] of a prediction against a budget: above 0.5 (by the share of the budget left)
+    when it is met, 0.5 * budget / predicted below (a spent budget counts as 1 ms: the faster endpoint
+    still wins)."""
+    if budget < 0.001:
+        budget = 0.001
+    if predicted <= budget:
+        return 0.5 + 0.5 * (budget - predicted) / budget
+    return 0.5 * budget / predicted
+
+
+def _buckets(win: ErrorWindow) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    acc = 0
+    for b, c in zip(ErrorWindow.BUCKETS, win.counts, strict=False):
+        acc += c
+        out.append((repr(b), float(acc)))
+    out.append(("+Inf", float(win.n)))
+    return out

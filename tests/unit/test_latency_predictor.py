@@ -1,0 +1,391 @@
+"""The online latency predictor on synthetic data with a known truth, and the predicted-ttft scorer
+(cold start, learning slow and fast replicas, SLO headroom, shedding, metrics)."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client.core import Metric
+
+from ingate.datastore import Datastore, Endpoint, EndpointMetrics
+from ingate.errors import GatewayError
+from ingate.lifecycle import CycleState, ResponseInfo, SchedulingResult
+from ingate.request import COMPLETIONS, InferenceRequest, parse_request
+from ingate.scheduling.config import SchedulerConfig
+from ingate.scheduling.plugins.latency import PredictedLatencyScorer
+from ingate.scheduling.plugins.registry import ExposesMetrics, plugins
+from ingate.scheduling.plugins.slo import SLO_UNATTAINABLE, PredictedTTFTScorer
+from ingate.scheduling.predictor import TTFT_FEATURES, Features, LatencyPredictor, OnlineLinear
+from ingate.scheduling.scheduler import build_scheduler
+
+FAST = [0.02, 0.05, 0.01, 0.04, 0.01, 0.002, 0.05, 0.1, 0.003]
+"""True TTFT seconds per unit of each TTFT feature (bias, new ktokens, ...) of a 'fast' replica."""
+
+
+def feats(rng: random.Random) -> Features:
+    return Features(
+        new_tokens=rng.uniform(10, 4000),
+        pending_prefill=rng.uniform(0, 8000),
+        waiting=rng.randint(0, 5),
+        running=rng.randint(0, 20),
+        kv_utilisation=rng.random(),
+        kv_shortfall=rng.choice([0.0, 0.0, rng.uniform(0, 3000)]),
+        decoding=rng.randint(0, 20),
+    )
+
+
+def true_ttft(coef: list[float], f: Features) -> float:
+    return sum(a * b for a, b in zip(coef, f.ttft(), strict=True))
+
+
+def rel_errors(p: LatencyPredictor, truths: dict[str, list[float]], rng: random.Random) -> list[float]:
+    errs = []
+    for _ in range(500):
+        name = rng.choice(sorted(truths))
+        f = feats(rng)
+        y = true_ttft(truths[name], f)
+        errs.append(abs(p.predict_ttft(name, f) - y) / y)
+    return sorted(errs)
+
+
+def test_learns_a_known_linear_truth_per_endpoint_without_configuration() -> None:
+    rng = random.Random(1)
+    slow = [3 * c for c in FAST]  # a replica three times slower in every respect
+    truths = {"fast": FAST, "slow": slow}
+    p = LatencyPredictor()
+    assert not p.warm
+    for _ in range(2000):
+        name = rng.choice(["fast", "slow"])
+        f = feats(rng)
+        p.observe(name, f, true_ttft(truths[name], f) * rng.lognormvariate(0, 0.05), None)
+    assert p.warm and p.endpoints() == 2
+    errs = rel_errors(p, truths, rng)
+    assert errs[len(errs) // 2] < 0.05 and errs[int(0.9 * len(errs))] < 0.1
+    # The pooled model alone cannot tell the classes apart: an unseen endpoint gets the pool's
+    # prediction, between the two, while the known ones get their own.
+    f = feats(rng)
+    unseen = p.predict_ttft("new", f)
+    assert p.predict_ttft("fast", f) < unseen < p.predict_ttft("slow", f)
+
+
+def test_forgetting_follows_a_replica_that_slows_down() -> None:
+    rng = random.Random(2)
+    p = LatencyPredictor(forgetting=0.99)
+    for _ in range(500):
+        f = feats(rng)
+        p.observe("e", f, true_ttft(FAST, f), None)
+    slower = [2 * c for c in FAST]
+    for _ in range(500):
+        f = feats(rng)
+        p.observe("e", f, true_ttft(slower, f), None)
+    errs = rel_errors(p, {"e": slower}, rng)
+    assert errs[len(errs) // 2] < 0.1
+
+
+def test_memory_is_bounded_and_predictions_stay_finite_and_positive() -> None:
+    rng = random.Random(3)
+    p = LatencyPredictor(error_window=100)
+    f0 = feats(rng)
+    for _ in range(5000):  # a constant input: no excitation in most directions (RLS wind-up case)
+        p.observe("e", f0, 0.2, 0.01)
+        p.ttft_errors.add(0.2, 0.25)
+    m = p._models["e"].ttft
+    assert len(m.P) == len(TTFT_FEATURES) and len(p.ttft_errors.recent) == 100
+    assert sum(m.P[i][i] for i in range(m.d)) <= m.max_trace * 1.01
+    assert abs(p.predict_ttft("e", f0) - 0.2) < 1e-3
+    assert all(0 < p.predict_ttft("e", feats(rng)) < 1e6 for _ in range(100))
+    p.forget("e")
+    assert p.endpoints() == 0 and p.samples("e") == 0
+    assert p.ttft_errors.n == 5000 and sum(p.ttft_errors.counts) == 5000
+
+
+def test_online_linear_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError):
+        OnlineLinear(3, 0.0, 1.0)
+    with pytest.raises(ValueError):
+        LatencyPredictor(warmup=0)
+
+
+# -- the scorer ------------------------------------------------------------------------------------
+
+
+def ep(i: int, **m: object) -> Endpoint:
+    e = Endpoint(name=f"e{i}", host="127.0.0.1", port=9000 + i)
+    e.metrics = EndpointMetrics(block_size=16, num_gpu_blocks=800, **m)  # type: ignore[arg-type]
+    return e
+
+
+def req(chars: int, headers: dict[str, str] | None = None, priority: int = 0) -> InferenceRequest:
+    body = {"model": "m", "prompt": "abcd" * (chars // 4), "max_tokens": 16, "stream": True}
+    r = parse_request(COMPLETIONS, headers or {}, orjson.dumps(body), now=100.0)
+    r.target_model = "m"
+    r.priority = priority
+    return r
+
+
+def serve(
+    s: PredictedTTFTScorer,
+    eps: list[Endpoint],
+    speed: dict[Endpoint, float],
+    rng: random.Random,
+    backlog: list[tuple[CycleState, InferenceRequest, Endpoint, float]] | None = None,
+) -> None:
+    """Route one request through the scorer's hooks as the director would, with a TTFT that grows with
+    the prefill queued there (its own included), `speed` times slower on slow endpoints. With a
+    `backlog`, up to 3 earlier requests are still in prefill when the next one is routed."""
+    s.clock = lambda: 100.0  # the requests' arrival: none waited in the gateway
+    r = req(rng.randint(100, 8000))
+    ctx = CycleState()
+    scores = s.score(ctx, r, eps)
+    target = max(eps, key=lambda e: (scores[e], rng.random())) if rng.random() < 0.7 else rng.choice(eps)
+    s.post_schedule(ctx, r, SchedulingResult([target], "p"))
+    ttft = speed[target] * (0.02 + 0.0001 * s.load(target).pending_prefill)
+    pending = backlog if backlog is not None else []
+    pending.append((ctx, r, target, ttft))
+    while len(pending) > (rng.randint(0, 3) if backlog is not None else 0):
+        c, rq, t, y = pending.pop(0)
+        s.on_first_token(c, rq, t)
+        s.post_response(c, rq, t, ResponseInfo(200, None, 16, 0, ttft_s=y, e2e_s=y + 15 * 0.01))
+
+
+def test_scorer_falls_back_to_predicted_latency_before_warmup_then_learns_slow_replicas() -> None:
+    a, b = ep(0), ep(1)
+    s = PredictedTTFTScorer(warmup=30)
+    base = PredictedLatencyScorer()
+    r = req(2000)
+    assert s.score(CycleState(), r, [a, b]) == base.score(CycleState(), r, [a, b])
+    assert s.predictions == {"model": 0, "fallback": 1}
+    # b is four times slower; the hand-tuned cost cannot know it, the model learns it.
+    rng = random.Random(5)
+    for _ in range(200):
+        serve(s, [a, b], {a: 1.0, b: 4.0}, rng)
+    assert s.predictor.warm and s.predictions["model"] > 0
+    sc = s.score(CycleState(), req(2000), [a, b])
+    assert sc[a] == 1.0 and sc[b] < 0.6
+    assert s.predictor.ttft_errors.n > 0
+    # All charges were released: the accounting the features read is back to idle.
+    assert s.load(a).pending_prefill == s.load(b).pending_prefill == 0
+
+
+def warm_scorer(**kw: object) -> tuple[PredictedTTFTScorer, Endpoint, Endpoint]:
+    a, b = ep(0), ep(1)
+    s = PredictedTTFTScorer(warmup=30, **kw)  # type: ignore[arg-type]
+    rng = random.Random(6)
+    for _ in range(300):
+        serve(s, [a, b], {a: 1.0, b: 10.0}, rng)
+    return s, a, b
+
+
+def test_slo_headroom_and_shedding_of_sheddable_requests_only() -> None:
+    s, a, b = warm_scorer()
+    s.clock = lambda: 100.0  # the request has not waited in the gateway
+    # A generous SLO: both meet it, the faster one has more headroom.
+    sc = s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "5000"}), [a, b])
+    assert 0.5 < sc[b] < sc[a] <= 1.0
+    # Only a meets 100 ms: b scores below 0.5.
+    sc = s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "100"}), [a, b])
+    assert sc[a] > 0.5 > sc[b]
+    # 1 ms is unattainable: a sheddable request is shed with 429 and Retry-After...
+    with pytest.raises(GatewayError) as ei:
+        s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "1"}, priority=-1), [a, b])
+    assert ei.value.status == 429 and ei.value.code == SLO_UNATTAINABLE and ei.value.retry_after == 1.0
+    assert s.shed == 1
+    # ...a standard one still goes to the endpoint closest to meeting it.
+    sc = s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "1"}), [a, b])
+    assert sc[a] > sc[b]
+    # Time already spent in the gateway counts against the budget.
+    s.clock = lambda: 110.0
+    with pytest.raises(GatewayError):
+        s.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "5000"}, priority=-1), [a, b])
+    s2, a2, b2 = warm_scorer(shed_unattainable=False)
+    s2.clock = lambda: 100.0
+    s2.score(CycleState(), req(400, {"x-llm-d-slo-ttft-ms": "1"}, priority=-1), [a2, b2])
+    assert s2.shed == 0
+
+
+def test_tpot_slo_counts_when_given() -> None:
+    s, a, b = warm_scorer()
+    s.clock = lambda: 100.0
+    hdr = {"x-llm-d-slo-ttft-ms": "5000", "x-llm-d-slo-tpot-ms": "0.001"}
+    sc = s.score(CycleState(), req(400, hdr), [a, b])
+    assert max(sc.values()) < 0.5  # nobody makes 1 us per token
+
+
+def test_non_streamed_and_failed_responses_train_nothing() -> None:
+    a = ep(0)
+    s = PredictedTTFTScorer()
+    s.clock = lambda: 100.0
+    body = {"model": "m", "prompt": "x" * 400, "max_tokens": 16}
+    r = parse_request(COMPLETIONS, {}, orjson.dumps(body), now=100.0)
+    for st, rq in ((200, r), (500, req(400)), (200, req(400))):
+        ctx = CycleState()
+        s.score(ctx, rq, [a])
+        s.post_schedule(ctx, rq, SchedulingResult([a], "p"))
+        s.post_response(ctx, rq, a, ResponseInfo(st, ttft_s=0.1, e2e_s=0.2, completion_tokens=16))
+    assert s.predictor.samples() == 1  # the streamed success only
+
+
+def test_slo_aware_profile_is_built_in_and_exports_prediction_metrics() -> None:
+    assert "predicted-ttft" in plugins("scorer")
+    eps = [ep(0), ep(1)]
+    sched = build_scheduler(SchedulerConfig(), Datastore(eps))
+    prof = sched.profiles["slo-aware"]
+    scorer = next(s for s, _ in prof.scorers if isinstance(s, PredictedTTFTScorer))
+    assert sched.profiles["default"].scorers[0][0].name == "prefix-cache"  # default unchanged
+    rng = random.Random(7)
+    for _ in range(120):
+        serve(scorer, eps, {eps[0]: 1.0, eps[1]: 2.0}, rng)
+    assert isinstance(scorer, ExposesMetrics)
+    fams: dict[str, Metric] = {m.name: m for m in scorer.collect_metrics("slo-aware", eps)}
+    hist = fams["ingate_latency_prediction_error_ratio"]
+    count = [x for x in hist.samples if x.name.endswith("_count") and x.labels["kind"] == "ttft"]
+    assert count and count[0].value == scorer.predictor.ttft_errors.n > 0
+    q = {
+        (x.labels["kind"], x.labels["quantile"])
+        for x in fams["ingate_latency_prediction_error_ratio_quantile"].samples
+    }
+    assert ("ttft", "0.5") in q and ("ttft", "0.9") in q
+    src = {x.labels["source"]: x.value for x in fams["ingate_latency_predictions"].samples}
+    assert src["fallback"] == 50 and src["model"] == 70
+
+
+async def test_bench_reads_the_prediction_errors_a_gateway_exports() -> None:
+    """`ingate bench run` scrapes ingate_latency_prediction_error_ratio* from a gateway's /metrics
+    (real HTTP on loopback) to print the latency model's error."""
+    import asyncio
+
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ingate.bench.runner import latency_model_errors
+    from ingate.scheduling.plugins.registry import PluginMetricsCollector
+
+    eps = [ep(0), ep(1)]
+    ds = Datastore(eps)
+    sched = build_scheduler(SchedulerConfig(), ds)
+    scorer = next(s for s, _ in sched.profiles["slo-aware"].scorers if isinstance(s, PredictedTTFTScorer))
+    rng = random.Random(8)
+    for _ in range(120):
+        serve(scorer, eps, {eps[0]: 1.0, eps[1]: 2.0}, rng)
+    reg = CollectorRegistry()
+    reg.register(PluginMetricsCollector(sched.plugins(), ds))
+    body = generate_latest(reg)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="text/plain")
+
+    async def garbage(_: web.Request) -> web.Response:
+        return web.Response(text="<html>not metrics {{{</html>\n", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/peer/metrics", garbage)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        got = await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}")
+        # A peer router's page that is not Prometheus text, or none at all: nothing, no error.
+        assert await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}/peer") == {}
+        assert await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}/none") == {}
+    finally:
+        await runner.cleanup()
+    win = scorer.predictor.ttft_errors
+    assert got["slo-aware/ttft"]["n"] == win.n > 0
+    assert got["slo-aware/ttft"]["0.5"] == round(win.quantile(0.5) or -1, 4)
+    assert "default/ttft" not in got  # the default profile has no latency model
+    assert await asyncio.to_thread(latency_model_errors, "http://127.0.0.1:1") == {}
+
+
+def _slo_director(hold_s: float) -> tuple[Any, PredictedTTFTScorer, list[Endpoint]]:
+    from ingate.config import parse_config
+    from ingate.director import Director
+    from ingate.telemetry import Telemetry
+
+    cfg = parse_config(
+        {
+            "pool": {"endpoints": [{"address": "127.0.0.1:9001"}, {"address": "127.0.0.1:9002"}]},
+            "objectives": [{"name": "batch", "priority": -1, "slo": {"ttftMs": 1}}],
+            "scheduler": {
+                "defaultProfile": "slo",
+                "profiles": {
+                    "slo": {
+                        "scorers": [
+                            {
+                                "type": "predicted-ttft",
+                                "parameters": {"warmup": 30, "holdS": hold_s, "holdPollS": 0.02},
+                            }
+                        ]
+                    }
+                },
+            },
+        }
+    )
+    ds = Datastore([Endpoint(name=f"e{i}", host="127.0.0.1", port=9001 + i) for i in range(2)])
+    d = Director(cfg, ds, build_scheduler(cfg.scheduler, ds), Telemetry(ds, "p"), rng=random.Random(1))
+    scorer = d.scheduler.profiles["slo"].scorers[0][0]
+    assert isinstance(scorer, PredictedTTFTScorer)
+    eps = ds.endpoints()
+    rng = random.Random(9)
+    backlog: list[tuple[CycleState, InferenceRequest, Endpoint, float]] = []
+    for _ in range(400):
+        serve(scorer, eps, {eps[0]: 1.0, eps[1]: 10.0}, rng, backlog)
+    while backlog:
+        c, rq, t, y = backlog.pop()
+        scorer.post_response(c, rq, t, ResponseInfo(200, None, 16, 0, ttft_s=y, e2e_s=y + 0.15))
+    scorer.clock = time.monotonic  # as in production: the requests' arrival clock
+    return d, scorer, eps
+
+
+def _slo_body() -> bytes:
+    return orjson.dumps({"model": "m", "prompt": "abcd" * 100, "max_tokens": 16, "stream": True})
+
+
+async def test_director_holds_a_request_until_an_endpoint_is_predicted_to_meet_its_slo() -> None:
+    import asyncio
+
+    d, scorer, (fast, slow) = _slo_director(hold_s=2.0)
+    # Long prefills queued on both endpoints: ~0.8 s predicted on the fast one, ~8 s on the slow one.
+    big = req(32_000)
+    ctx = CycleState()
+    scorer.post_schedule(ctx, big, SchedulingResult([fast], "slo"))
+    scorer.post_schedule(CycleState(), req(32_000), SchedulingResult([slow], "slo"))
+    hdr = {"x-llm-d-slo-ttft-ms": "500"}
+    task = asyncio.create_task(d.handle("/v1/completions", hdr, _slo_body()))
+    await asyncio.sleep(0.15)
+    assert not task.done() and scorer.held > 0  # held: nobody meets 100 ms now
+    scorer.on_first_token(ctx, big, fast)  # the prefill ahead is done
+    t0 = time.monotonic()
+    dec = await asyncio.wait_for(task, 1.0)
+    # Dispatched at the next poll (its remaining budget, ~0.35 s, fits the fast endpoint's ~0.03 s),
+    # long before the 2 s hold ends.
+    assert time.monotonic() - t0 < 0.5
+    assert dec.target is fast
+    d.finish(dec, ResponseInfo(200))
+
+
+async def test_held_request_is_dispatched_when_its_hold_ends_and_sheddable_ones_are_shed() -> None:
+    d, scorer, (fast, _slow) = _slo_director(hold_s=0.2)
+    t0 = time.monotonic()
+    dec = await d.handle("/v1/completions", {"x-llm-d-slo-ttft-ms": "1"}, _slo_body())
+    assert 0.15 <= time.monotonic() - t0 < 1.0  # waited out its hold, then went to the best endpoint
+    assert dec.target is fast and scorer.held > 0
+    d.finish(dec, ResponseInfo(200))
+    # Without hold (holdS 0) the same request is dispatched at once.
+    d0, scorer0, (fast0, _) = _slo_director(hold_s=0.0)
+    t0 = time.monotonic()
+    dec0 = await d0.handle("/v1/completions", {"x-llm-d-slo-ttft-ms": "1"}, _slo_body())
+    assert time.monotonic() - t0 < 0.1 and dec0.target is fast0 and scorer0.held == 0
+    # A sheddable request (objective priority < 0, its SLO from the objective) is never held: 429.
+    with pytest.raises(GatewayError) as ei:
+        await d.handle("/v1/completions", {"x-llm-d-inference-objective": "batch"}, _slo_body())
+    assert ei.value.status == 429 and ei.value.code == SLO_UNATTAINABLE
+    assert ei.value.headers()["retry-after"] == "1"
+    assert ei.value.headers()["x-llm-d-request-dropped-reason"] == SLO_UNATTAINABLE
+    assert fast.in_flight == 0  # the shed request took nothing
