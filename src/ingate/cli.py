@@ -14,6 +14,10 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ingate.serve:serve", "Run the gateway (endpoint picker + data plane) from a YAML config."),
     "quickstart": ("ingate.quickstart:quickstart", "Demo: simulated fleet + gateway vs round robin."),
     "bench": ("ingate.bench.cli:bench", "Benchmark harness: load sweeps, reports and plots."),
+    "db": (
+        "ingate.bench.dbcli:db_group",
+        "Benchmark database: import curves (ingate bench, inference-perf).",
+    ),
 }
 
 

@@ -36,8 +36,25 @@ def bench() -> None:
     "on a fresh fleet, and each point pools them.",
 )
 @click.option("--no-report", is_flag=True, help="Skip the table and PNG.")
-def run_cmd(config: str, out_dir: str, systems: str | None, streams: int | None, no_report: bool) -> None:
-    """Run the workload in CONFIG against each system; write JSON (and a PNG + table) under --out."""
+@click.option(
+    "--db",
+    "db_target",
+    default=None,
+    help="Also record the curves into this benchmark database (SQLite path or SQLAlchemy URL; default "
+    "$INGATE_DB, else ~/.local/share/ingate/bench.db). See `ingate db`.",
+)
+@click.option("--no-db", is_flag=True, help="Do not record into the benchmark database.")
+def run_cmd(
+    config: str,
+    out_dir: str,
+    systems: str | None,
+    streams: int | None,
+    no_report: bool,
+    db_target: str | None,
+    no_db: bool,
+) -> None:
+    """Run the workload in CONFIG against each system; write JSON (and a PNG + table) under --out, and
+    record the curves into the benchmark database."""
     wl = load_workload(config)
     if systems:
         wl.systems = [s.strip() for s in systems.split(",") if s.strip()]
@@ -46,6 +63,11 @@ def run_cmd(config: str, out_dir: str, systems: str | None, streams: int | None,
     console = Console()
     path = run_workload(wl, Path(out_dir), console)
     console.print(f"results: {path}")
+    if not no_db:
+        from ingate.bench.dbcli import record_results
+
+        n, where = record_results(path, db_target)
+        console.print(f"benchmark database: {n} point(s) recorded into {where}")
     if not no_report:
         _report([path], path.with_suffix(".png"), None, console)
 
