@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: quickstart test unit bench peers inference-perf clean
+.PHONY: quickstart quickstart-seed test unit bench peers inference-perf clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "ingate needs Python 3.11+"'
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 ## quickstart: set up and run the gateway in front of a simulated fleet (the main job)
 quickstart: $(STAMP)
 	$(BIN)/ingate quickstart
+
+## quickstart-seed: regenerate the Inference Quickstart's seed curves (virtual-time sweeps, ~2 min)
+quickstart-seed: $(STAMP)
+	$(BIN)/python benchmarks/quickstart/seed.py
 
 ## test: set up, lint, type-check and run the whole test suite
 test: $(STAMP)

@@ -238,6 +238,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
             for r in [r for r in live if r.state == FINISHED]:
                 rec, req, ctx, j = live.pop(r)
                 rec["e2e"] = now + NET_S - rec["send"]
+                rec["completion_tokens"] = r.generated
                 eps[j].in_flight -= 1
                 info = ResponseInfo(
                     status=200,

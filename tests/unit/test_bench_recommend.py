@@ -149,7 +149,7 @@ def test_interpolation_never_claims_a_point_beyond_the_measured_range(series: li
         if x < lo:
             assert e.where == "below-range" and e.ttft_p90 == pts[0][1].ttft_p90
         elif any(r == x for r, _ in pts):
-            assert e.where == "measured"
+            assert e.where == "on-curve"
         else:
             assert e.where == "interpolated"
             i = next(j for j, (r, _) in enumerate(pts) if r > x)

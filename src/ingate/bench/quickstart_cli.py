@@ -200,31 +200,37 @@ def _print(console: Console, opts: list[Option], t: Targets, model: str, workloa
     title = f"{model}, {workload}: {t.rps:g} req/s with p90 TTFT <= {t.ttft_p90:g} s"
     title += f", p90 TPOT <= {t.tpot_p90:g} s" if t.tpot_p90 is not None else ""
     tab = Table(title=title)
-    cols = ["#", "accelerator", "replicas", "server args", "gateway", "p90 TTFT (margin)", "p90 TPOT"]
-    cols += ["$/h", "$/M out tok", "source", "notes"]
+    cols = ["#", "accelerator", "replicas", "profile", "gateway", "req/s each", "p90 TTFT (margin)"]
+    cols += ["p90 TPOT", "$/h", "$/M out tok", "source", "curve"]
     for c in cols:
         tab.add_column(c)
     for i, o in enumerate(opts, 1):
         k, e = o.series.key, o.estimate
         src = o.series.run.kind + (" (estimated)" if o.series.run.estimated else "")
+        curve = f"{k.replicas} replicas, {e.where}"
         tab.add_row(
             str(i),
             f"{k.accelerator} x{k.accelerators_per_replica}",
             str(o.replicas),
-            " ".join(k.server_args),
+            k.accelerator_profile,
             f"{k.gateway}/{k.scheduler_profile}",
+            f"{e.rate:.3g}",
             f"{_fmt(e.ttft_p90, '.3f')} s ({_fmt(o.ttft_margin(t), '+.3f')})",
             f"{_fmt(e.tpot_p90, '.4f')} s",
             _fmt(o.cost_per_hour, ".2f"),
             _fmt(o.cost_per_million_output_tokens, ".2f"),
             src,
-            "; ".join(o.notes),
+            curve,
         )
     console.print(tab)
     best = opts[0]
+    console.print(f"choice: {describe(best)}")
     console.print(
-        f"choice: {describe(best)}; {best.estimate.rate:.3g} req/s per replica ({best.estimate.where})"
+        f"  {best.estimate.rate:.3g} req/s per replica; predicted p90 TTFT {_fmt(best.estimate.ttft_p90, '.3f')} s "
+        f"({best.estimate.where}; the curve spans {best.estimate.lo:.3g}-{best.estimate.hi:.3g} req/s per replica)"
     )
+    for n in best.notes:
+        console.print(f"  note: {n}")
     if best.price is not None:
-        console.print(f"price: {best.price.name or best.series.key.accelerator} {best.price.usd_per_hour}/h "
+        console.print(f"  price: {best.price.name or best.series.key.accelerator} {best.price.usd_per_hour}/h "
                       f"({best.price.source}, {best.price.date})")  # fmt: skip

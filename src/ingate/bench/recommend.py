@@ -73,7 +73,8 @@ class Estimate:
     rate: float
     """Per-replica request rate asked for."""
     where: str
-    """`measured` (a measured rate), `interpolated` (between two), or `below-range` (lowest point used)."""
+    """`on-curve` (a rate the curve has a point at), `interpolated` (between two), or `below-range`
+    (below the lowest point, whose latencies are used)."""
     ttft_p90: float | None
     tpot_p90: float | None
     e2e_p90: float | None
@@ -114,7 +115,7 @@ def estimate(points: Sequence[tuple[float, Point]], x: float) -> Estimate | None
     if i < len(points) and rates[i] == x:
         p = points[i][1]
         return Estimate(
-            x, "measured", p.ttft_p90, p.tpot_p90, p.e2e_p90, p.error_rate, _tokens_per_request(p), lo, hi
+            x, "on-curve", p.ttft_p90, p.tpot_p90, p.e2e_p90, p.error_rate, _tokens_per_request(p), lo, hi
         )
     if i == 0:
         p = points[0][1]
