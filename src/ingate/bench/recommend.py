@@ -349,7 +349,9 @@ def check_names(value: str | None, available: Sequence[str], what: str) -> None:
     low = [a.lower() for a in available]
     if value.lower() in low:
         return
-    close = difflib.get_close_matches(value.lower(), low, n=3, cutoff=0.4)
+    close = [a for a in low if value.lower() in a][:3] or difflib.get_close_matches(
+        value.lower(), low, n=3, cutoff=0.4
+    )
     hint = f" Did you mean {', '.join(repr(available[low.index(c)]) for c in close)}?" if close else ""
     avail = ", ".join(available) if available else "none"
     raise RecommendError(f"unknown {what} {value!r}; the database has: {avail}.{hint}")
