@@ -194,3 +194,14 @@ def test_latest_run_of_a_curve_wins(tmp_path: Path) -> None:
     assert len(db.series(latest_only=False)) == 2
     assert db.distinct("model") == ["m"]
     db.close()
+
+
+def test_db_seed_loads_the_committed_curves(tmp_path: Path) -> None:
+    db = str(tmp_path / "seed.db")
+    r = CliRunner().invoke(db_group, ["seed", "--db", db])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(db_group, ["list", "--db", db, "--workload", "rag"])
+    assert r.exit_code == 0 and "estimated" in r.output and "ingate-replay" in r.output
+    got = BenchDB(db)
+    assert {s.key.workload for s in got.series()} == {"chat", "rag", "batch"}
+    got.close()

@@ -322,9 +322,7 @@ def closest_feasible(series: Sequence[Series], t: Targets, over_budget: Sequence
                 if p.tpot_p90 is not None
             ]
             if lows:
-                return (
-                    f"no curve reaches p90 TPOT <= {t.tpot_p90:g} s; the lowest measured is {min(lows):.3g} s"
-                )
+                return f"no curve reaches p90 TPOT <= {t.tpot_p90:g} s; the lowest on any curve is {min(lows):.3g} s"
         return "no curve has a valid point (p90 TTFT with under 1% errors)"
     ttft, s, r, p = best
     return (
