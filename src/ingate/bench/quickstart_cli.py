@@ -75,16 +75,18 @@ def select(
     check_names(accelerator, sorted({s.key.accelerator for s in mine}), f"accelerator for {model}")
     if accelerator:
         mine = [s for s in mine if s.key.accelerator.lower() == accelerator.lower()]
-    check_names(workload, sorted({s.key.workload for s in mine}), f"workload for {model}")
-    if workload:
-        mine = [s for s in mine if s.key.workload.lower() == workload.lower()]
+    wanted = [w.strip().lower() for w in (workload or "").split(",") if w.strip()]
+    for w in wanted:
+        check_names(w, sorted({s.key.workload for s in mine}), f"workload for {model}")
+    if wanted:
+        mine = [s for s in mine if s.key.workload.lower() in wanted]
     return mine
 
 
 @click.command("curves")
 @click.option("--model", required=True, help="Model name (as served).")
 @click.option("--accelerator", default=None, help="Only this accelerator (e.g. h100, l4).")
-@click.option("--workload", default=None, help="Only this workload (e.g. chat, rag, batch).")
+@click.option("--workload", default=None, help="Only this workload (e.g. chat, rag, batch), or a comma list.")
 @db_option
 @click.option("--no-seed", is_flag=True, help="Leave out the committed seed curves.")
 @click.option(
