@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/ingate quickstart
 
-## quickstart-seed: regenerate the Inference Quickstart's seed curves (virtual-time sweeps, ~2 min)
+## quickstart-seed: regenerate the Inference Quickstart's seed curves (virtual-time sweeps, ~5 min)
 quickstart-seed: $(STAMP)
 	$(BIN)/python benchmarks/quickstart/seed.py
 

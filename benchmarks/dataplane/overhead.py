@@ -73,15 +73,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ingate.dataplane.envoy import EnvoyProcess, EnvoySettings
-from ingate.dataplane.extproc import (
-    RESPONSE_MODES,
-    TRANSPORTS,
-    ExtProcServer,
-    ExtProcServicer,
-    ResponseMode,
-    Transport,
-)
+from ingate.dataplane.envoy_bootstrap import EnvoySettings
+from ingate.dataplane.envoy_process import EnvoyProcess
+from ingate.dataplane.extproc import RESPONSE_MODES, ExtProcServicer, ResponseMode
+from ingate.dataplane.extproc_server import TRANSPORTS, ExtProcServer, Transport
 from ingate.serve import freeze_startup_heap
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,7 +216,7 @@ async def _run_builtin(port: int, upstream: str) -> None:
 
     gw = _gateway(upstream)
     await gw.start()
-    await BuiltinProxy(gw, "127.0.0.1", port).start()
+    await BuiltinProxy.serving(gw, "127.0.0.1", port).start()
     freeze_startup_heap()  # as `ingate serve` does
     await asyncio.Event().wait()
 

@@ -32,7 +32,7 @@ import yaml
 from ingate.bench.db import Point, Series, series_to_json
 from ingate.bench.dbcli import SEED_FILE
 from ingate.bench.importers import Triple, from_bench_results
-from ingate.bench.report import summarize
+from ingate.bench.stats import summarize
 from ingate.bench.workload import Workload
 from ingate.scheduling.config import SchedulerConfig
 
@@ -57,9 +57,18 @@ SEED_CONFIGS: list[tuple[str, str, dict[str, list[float]]]] = [
         "meta-llama/Llama-3.1-8B-Instruct",
         "l4-llama3-8b",
         {
-            "chat": [0.25, 0.5, 1, 1.5, 2, 2.5, 3],
-            "rag": [0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3],
-            "batch": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+            "chat": [0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2],
+            "rag": [0.25, 0.5, 0.75, 1, 1.25, 1.5, 2],
+            "batch": [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4],
+        },
+    ),
+    (
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "tpu-v6e-llama3-8b",
+        {
+            "chat": [2, 4, 6, 8, 10, 12, 14, 16, 18, 20],
+            "rag": [2, 4, 8, 12, 16, 20, 24, 28],
+            "batch": [0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 5],
         },
     ),
     (

@@ -86,13 +86,20 @@ def measure(
     # Every timed decision sees a prompt it has not scheduled before (warm-up prompts are separate).
     warmup = 500
     reqs = make_requests(warmup + decisions, prompt_bytes, rng, shared)
+    hooks = sched.hooks(sched.default.name)
+
+    def decide(r: InferenceRequest) -> None:
+        # What the director runs per request: the decision, then the profile's post-schedule hooks.
+        result, ctx = sched.schedule(r)
+        hooks.run_post_schedule(ctx, r, result)
+
     for r in reqs[:warmup]:  # warm the prefix index and the interpreter's caches
-        sched.schedule(r)
+        decide(r)
     samples = []
     clock = time.perf_counter_ns
     for r in reqs[warmup:]:
         t0 = clock()
-        sched.schedule(r)
+        decide(r)
         samples.append(clock() - t0)
     samples.sort()
 

@@ -36,19 +36,22 @@ from rich.table import Table
 
 import ingate.sim.engine as sim_engine
 from ingate.bench.runner import STREAM_SHIFT
-from ingate.bench.workload import BenchRequest, RequestStream, Workload, load_workload
+from ingate.bench.stats import percentile
+from ingate.bench.workload import EVAL_WORKLOADS_DIR, BenchRequest, RequestStream, Workload, load_workload
 from ingate.datastore import Datastore, Endpoint
+from ingate.lifecycle import ResponseInfo
+from ingate.metrics.kvevents import block_hashes, none_hash
 from ingate.request import parse_request
 from ingate.scheduling.config import SchedulerConfig
-from ingate.scheduling.framework import ResponseInfo
 from ingate.scheduling.scheduler import Scheduler, build_scheduler
 from ingate.sim.engine import FINISHED, Engine, EngineConfig, SimRequest
 from ingate.sim.profiles import get_profile
-from ingate.sim.tokenizer import block_hashes, tokenize
+from ingate.sim.tokenizer import token_ids, tokenize
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 NET_S = 0.002
 SCRAPE_S = 0.05
+HASH_ROOT = none_hash("0")  # as `ingate sim`'s default --kv-hash-seed
 
 
 class _VirtualClock:
@@ -204,10 +207,14 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
             req = parse_request(path, {}, orjson.dumps(br.body), now=now)
             text = br.body.get("prompt") or br.body["messages"][0]["content"]
             if fleet.emu is not None:
-                hashes = block_hashes(tokenize(text), 16, wl.model)
+                hashes = block_hashes(token_ids(tokenize(text)), 16, HASH_ROOT)
                 i, ctx = fleet.emu.pick(hashes, [ep.in_flight for ep in eps]), None
             else:
-                result, ctx = fleet.sched.schedule(req, profile=fleet.profile)
+                result, cycle = fleet.sched.schedule(req, profile=fleet.profile)
+                # What the director does after a decision: the profile's post-schedule hooks.
+                hooks = fleet.sched.hooks(result.profile)
+                hooks.run_post_schedule(cycle, req, result)
+                ctx = (cycle, hooks)
                 i = eps.index(result.target)
             eps[i].in_flight += 1
             rec = {"send": now, "ep": i, "group": br.group, "prompt_tokens": 0, "ttft": None, "e2e": None}
@@ -218,7 +225,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
             toks = tokenize(text)
             rec["prompt_tokens"] = len(toks)
             sr = engines[i].submit(
-                str(len(recs)), len(toks), block_hashes(toks, 16, wl.model), max_tokens, None
+                str(len(recs)), len(toks), block_hashes(token_ids(toks), 16, HASH_ROOT), max_tokens, None
             )
             live[sr] = (rec, req, ctx, i)
             if not busy[i]:
@@ -234,7 +241,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                     rec["ttft"] = now + NET_S - rec["send"]
                     rec["cached_tokens"] = r.num_cached
                     if ctx is not None:
-                        fleet.sched.on_first_token(ctx, req, eps[j])
+                        ctx[1].run_first_token(ctx[0], req, eps[j])
             for r in [r for r in live if r.state == FINISHED]:
                 rec, req, ctx, j = live.pop(r)
                 rec["e2e"] = now + NET_S - rec["send"]
@@ -247,7 +254,7 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
                     cached_tokens=rec.get("cached_tokens"),
                 )
                 if ctx is not None:
-                    fleet.sched.post_response(ctx, req, eps[j], info)
+                    ctx[1].run_post_response(ctx[0], req, eps[j], info)
                 left -= 1
             start_step(i)
     fleet.t0 = now + 1.0
@@ -257,18 +264,19 @@ def run_stage(fleet: Fleet, wl: Workload, rate: float, stage: int, shift: int) -
     return recs
 
 
-def summarize(recs: list[dict[str, Any]], slo_s: float) -> dict[str, float]:
-    ttfts = sorted(r["ttft"] for r in recs)
+def summarize(recs: list[dict[str, Any]], slo_s: float, duration_s: float) -> dict[str, float]:
+    """The live report's definitions (`ingate.bench.stats`): goodput = requests within the SLO per
+    offered second, nearest-rank percentiles."""
+    ttfts = [r["ttft"] for r in recs]
     good = sum(1 for t in ttfts if t <= slo_s)
-    span = max(r["send"] + r["e2e"] for r in recs)
     prompt = sum(r["prompt_tokens"] for r in recs)
     return {
         "sent": len(recs),
         "good": good,
         "cached_token_share": sum(r["cached_tokens"] for r in recs) / prompt if prompt else 0.0,
-        "goodput_rps": good / span,
-        "ttft_p50": ttfts[len(ttfts) // 2],
-        "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+        "goodput_rps": good / duration_s,
+        "ttft_p50": percentile(ttfts, 0.5) or 0.0,
+        "ttft_p99": percentile(ttfts, 0.99) or 0.0,
     }
 
 
@@ -289,7 +297,12 @@ def main() -> None:
     ap.add_argument("--profiles", default="round-robin,guarded-affinity,default")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    # The replay tunes and selects profiles: it reads tuning seeds only, never the held-out ones.
+    if EVAL_WORKLOADS_DIR in args.workload.resolve().as_posix():
+        ap.error(f"{args.workload} is a held-out evaluation workload: no tuning step may read it")
     wl = load_workload(args.workload)
+    if wl.seed_set != "tuning":
+        ap.error("the replay reads tuning seeds only (seed_set: tuning)")
     stage = args.stage % len(wl.load.rates)
     rate = float(wl.load.rates[stage])
     sim_engine.time = CLOCK  # type: ignore[assignment]
@@ -301,7 +314,8 @@ def main() -> None:
             fleet = Fleet(wl, cfg, prof, seed=1234 + 100 * k)
             for s in range(stage):
                 run_stage(fleet, wl, float(wl.load.rates[s]), s, STREAM_SHIFT * k)
-            rows[name].append(summarize(run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k), wl.slo.ttft_s))
+            recs = run_stage(fleet, wl, rate, stage, STREAM_SHIFT * k)
+            rows[name].append(summarize(recs, wl.slo.ttft_s, wl.load.duration_s))
     table = Table(title=f"{wl.name} @ {rate:g} req/s, {args.streams} streams (virtual-time replay)")
     cols = (
         "profile",

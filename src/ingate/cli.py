@@ -14,6 +14,7 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("ingate.serve:serve", "Run the gateway (endpoint picker + data plane) from a YAML config."),
     "quickstart": ("ingate.quickstart:quickstart", "Demo: simulated fleet + gateway vs round robin."),
     "bench": ("ingate.bench.cli:bench", "Benchmark harness: load sweeps, reports and plots."),
+    "k8s": ("ingate.kube.render:k8s", "Kubernetes packaging: render the endpoint picker's manifests."),
     "db": (
         "ingate.bench.dbcli:db_group",
         "Benchmark database: import curves (ingate bench, inference-perf).",
@@ -32,6 +33,15 @@ class _LazyGroup(click.Group):
         module, attr = spec[0].split(":")
         cmd: Any = getattr(importlib.import_module(module), attr)
         return cmd
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # An upstream picker Deployment runs the image with its flags and no subcommand
+        # (`ingate --pool-name P ...`): that is `ingate serve` with those flags.
+        from ingate.epp_flags import looks_like_epp_args
+
+        if looks_like_epp_args(args):
+            args = ["serve", *args]
+        return super().parse_args(ctx, args)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Show help lines without importing every subcommand's module.

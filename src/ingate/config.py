@@ -50,7 +50,9 @@ class EndpointConfig(_Model):
 class PoolConfig(_Model):
     name: str = "default-pool"
     engine: Literal["vllm", "sglang", "tgi", "trtllm", "triton-trtllm"] = "vllm"
-    endpoints: list[EndpointConfig] = Field(min_length=1)
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
+    """The static pool; empty when endpoints are discovered (Kubernetes mode). `ingate serve` without
+    discovery needs at least one."""
     model_server_priority: Literal["none", "vllm", "sglang"] = "none"
     """Send the objective's priority to the model servers in the body's `priority` field: `vllm`
     (servers started with `--scheduling-policy priority`; lower value first, so the value is the
@@ -140,9 +142,29 @@ class DataplaneConfig(_Model):
     """Data-plane specific settings (see docs/envoy.md)."""
 
 
+class ServingConfig(_Model):
+    """The picker's production ports, in every data-plane mode (all off by default for standalone use;
+    `ingate serve` with the upstream picker flags turns them on with upstream's defaults: 9003, 9090, TLS)."""
+
+    host: str = "127.0.0.1"
+    """Address the health and metrics ports bind (a pod binds 0.0.0.0)."""
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """`grpc.health.v1.Health` (upstream `--grpc-health-port`, 9003); None = off."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """HTTP `/metrics`, `/health`, `/ready` (upstream `--metrics-port`, 9090); None = off."""
+    metrics_auth_token_file: str | None = None
+    """A file with the bearer token scrapes must present; None = no auth."""
+    secure_serving: bool = False
+    """TLS on the ext_proc port (upstream `--secure-serving`, on by default there)."""
+    cert_path: str | None = None
+    """Directory with tls.crt / tls.key; None with secure serving = a self-signed certificate."""
+    enable_cert_reload: bool = False
+    """Re-read the certificate files when they change (upstream `--enable-cert-reload`)."""
+
+
 class GatewayConfig(_Model):
     listen: ListenConfig = Field(default_factory=ListenConfig)
-    pool: PoolConfig
+    pool: PoolConfig = Field(default_factory=PoolConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     objectives: list[ObjectiveConfig] = Field(default_factory=list)
     default_objective: str | None = None
@@ -150,6 +172,7 @@ class GatewayConfig(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     dataplane: DataplaneConfig = Field(default_factory=DataplaneConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     flow_control: FlowControlConfig | None = None
     """Fair queuing, priority bands and shedding (docs/flow-control.md); absent = no flow control."""
 
@@ -185,13 +208,17 @@ def parse_config(data: Any, source: str = "<config>") -> GatewayConfig:
         raise ConfigError(f"{source}: invalid configuration:\n{_format(e)}") from None
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read and validate a gateway YAML file."""
+def read_yaml(path: str | Path) -> Any:
+    """One YAML document from a file (ConfigError when unreadable or not YAML)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_config(data, str(p))
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate a gateway YAML file."""
+    return parse_config(read_yaml(path), str(path))

@@ -14,6 +14,10 @@ reached the client), reports the first token with `on_first_token`, and calls `f
     director.retarget(decision) -> Endpoint | None                  # next fallback after a connect failure
     director.on_first_token(decision)                               # TTFT bookkeeping
     director.finish(decision, info: ResponseInfo)                   # idempotent; releases in-flight once
+
+`Decision`, `ResponseInfo` and the data planes' view of this class (`DirectorLike`) live in
+`ingate.lifecycle`. The director drives the lifecycle hooks of the profile that scheduled the request
+(post-schedule after the decision, first token, post-response at `finish`) and nothing else's.
 """
 
 from __future__ import annotations
@@ -21,16 +25,16 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ingate.config import GatewayConfig
 from ingate.datastore import Datastore, Endpoint
 from ingate.errors import GatewayError
+from ingate.flowcontrol.preemption import PriorityPlacement
+from ingate.lifecycle import Decision, ResponseInfo
 from ingate.request import InferenceRequest, parse_request
-from ingate.scheduling.framework import CycleState, ResponseInfo, SchedulingResult
 from ingate.scheduling.scheduler import Scheduler
-from ingate.telemetry import ModelSeries, Telemetry, get_logger, kv
+from ingate.telemetry import Telemetry, get_logger, kv
 
 log = get_logger("ingate.director")
 
@@ -41,30 +45,6 @@ class FlowControl(Protocol):
     async def admit(self, request: InferenceRequest) -> Any: ...
 
     def release(self, ticket: Any, info: ResponseInfo) -> None: ...
-
-
-@dataclass(eq=False, slots=True)
-class Decision:
-    """One request's routing decision and its bookkeeping."""
-
-    request: InferenceRequest
-    result: SchedulingResult
-    ctx: CycleState
-    upstream_body: bytes
-    started: float
-    series: ModelSeries
-    """The request's metric children, looked up once."""
-    target_index: int = 0
-    first_token_at: float | None = None
-    ticket: Any = None
-    finished: bool = field(default=False)
-
-    @property
-    def target(self) -> Endpoint:
-        return self.result.endpoints[self.target_index]
-
-    def fallbacks(self) -> list[Endpoint]:
-        return self.result.endpoints[self.target_index + 1 :]
 
 
 class _Rewrite:
@@ -120,8 +100,35 @@ class Director:
         # The priority field the model servers read: vLLM serves lower values first, SGLang higher.
         self._priority_sign = {"none": None, "vllm": -1, "sglang": 1}[config.pool.model_server_priority]
         fc = config.flow_control
-        self._by_priority = fc is not None and fc.enabled and fc.preemption
-        self._peak_running: dict[str, int] = {}  # address -> most running requests ever scraped
+        self.placement = PriorityPlacement() if fc is not None and fc.enabled and fc.preemption else None
+        """flowControl.preemption: per-priority in-flight accounting and the preemption preference."""
+        if self.placement is not None:
+            placement = self.placement
+            datastore.on_remove(lambda ep: placement.forget(ep.address))
+
+    def models(self) -> list[dict[str, Any]]:
+        """The OpenAI `/v1/models` entries of this pool: served models, adapters (with their parent)
+        and the model names that rewrite rules accept."""
+        m = self.config.models
+        created = int(time.time())
+        data: list[dict[str, Any]] = [
+            {"id": n, "object": "model", "created": created, "owned_by": "ingate"} for n in m.served
+        ]
+        data += [
+            {
+                "id": a,
+                "object": "model",
+                "created": created,
+                "owned_by": "ingate",
+                "parent": m.served[0] if m.served else None,
+            }
+            for a in m.adapters
+        ]
+        data += [
+            {"id": r.matches[0].model.value, "object": "model", "created": created, "owned_by": "ingate"}
+            for r in m.rewrites
+        ]
+        return data
 
     def resolve(self, req: InferenceRequest) -> None:
         """Apply model rewrite / traffic split, adapter detection and the objective (priority, SLOs)."""
@@ -165,22 +172,18 @@ class Director:
             ticket = None
             if self.flow_control is not None:
                 ticket = await self.flow_control.admit(req)
-            adjust = None
-            if self._by_priority:
-                preempting = bool(getattr(ticket, "preempting", False))
-                prio = req.priority
-
-                def adjust(result: SchedulingResult) -> None:
-                    if preempting or self._looks_full(result.endpoints[0], prio):
-                        _prefer_preemptable(result, prio)
-
             t0 = time.perf_counter()
             try:
-                result, ctx = self.scheduler.schedule(req, profile=profile, adjust=adjust)
+                result, ctx = self.scheduler.schedule(req, profile=profile)
             except GatewayError:
                 if ticket is not None and self.flow_control is not None:
                     self.flow_control.release(ticket, ResponseInfo(status=503))
                 raise
+            placement = self.placement
+            if placement is not None:
+                placement.place(result, ticket, req.priority)
+            hooks = self.scheduler.hooks(result.profile)
+            hooks.run_post_schedule(ctx, req, result)
             tel.scheduling.observe(time.perf_counter() - t0)
         except GatewayError as e:
             tel.errors.labels(req.model, req.target_model, str(e.status)).inc()
@@ -188,10 +191,10 @@ class Director:
         sign = self._priority_sign
         body = req.body_for_upstream(None if sign is None else sign * req.priority)
         series = tel.series(req.model, req.target_model)
-        d = Decision(req, result, ctx, body, now, series, ticket=ticket)
-        if self._by_priority:
-            _count(d.target, req.priority, 1)
+        d = Decision(req, result, ctx, body, now, series, hooks, ticket=ticket)
         ep = d.target
+        if placement is not None:
+            placement.count(ep, req.priority, 1)
         ep.in_flight += 1
         series.requests.inc()
         tel.decision(ep.address, result.profile).inc()
@@ -207,31 +210,18 @@ class Director:
             )
         return d
 
-    def _looks_full(self, ep: Endpoint, priority: int) -> bool:
-        """Whether a request of ``priority`` would wait on ``ep`` behind work it cannot displace: the
-        replica queues requests, or this gateway's requests of at least this priority there already fill
-        as many batch slots as the replica has ever been seen running (its learned batch size)."""
-        m = ep.metrics
-        if m.waiting > 0:
-            return True
-        peak = self._peak_running.get(ep.address, 0)
-        if m.running > peak:
-            self._peak_running[ep.address] = peak = m.running
-        mine = sum(n for p, n in ep.in_flight_by_priority.items() if p >= priority)
-        return mine >= max(1, peak)
-
     def retarget(self, d: Decision) -> Endpoint | None:
         """Move the request to its next fallback (after a connection failure); None when none is left."""
         if d.finished or d.target_index + 1 >= len(d.result.endpoints):
             return None
-        d.target.in_flight -= 1
-        if self._by_priority:
-            _count(d.target, d.request.priority, -1)
+        old = d.target
+        old.in_flight -= 1
         d.target_index += 1
         new = d.target
         new.in_flight += 1
-        if self._by_priority:
-            _count(new, d.request.priority, 1)
+        if self.placement is not None:
+            self.placement.count(old, d.request.priority, -1)
+            self.placement.count(new, d.request.priority, 1)
         self.telemetry.retries.inc()
         return new
 
@@ -240,7 +230,7 @@ class Director:
             d.first_token_at = time.monotonic()
             req = d.request
             d.series.ttft.observe(d.first_token_at - d.started)
-            self.scheduler.on_first_token(d.ctx, req, d.target)
+            d.hooks.run_first_token(d.ctx, req, d.target)
 
     def finish(self, d: Decision, info: ResponseInfo) -> None:
         """Release in-flight accounting and feed the outcome back; runs once per decision."""
@@ -250,8 +240,8 @@ class Director:
         ep = d.target
         req = d.request
         ep.in_flight -= 1
-        if self._by_priority:
-            _count(ep, req.priority, -1)
+        if self.placement is not None:
+            self.placement.count(ep, req.priority, -1)
         tel = self.telemetry
         now = time.monotonic()
         if info.e2e_s is None:
@@ -269,7 +259,7 @@ class Director:
                 series.output_tokens.observe(info.completion_tokens)
         if self.flow_control is not None and d.ticket is not None:
             self.flow_control.release(d.ticket, info)
-        self.scheduler.post_response(d.ctx, req, ep, info)
+        d.hooks.run_post_response(d.ctx, req, ep, info)
         if log.isEnabledFor(10):
             log.debug(
                 kv(
@@ -280,28 +270,3 @@ class Director:
                     e2e_s=round(info.e2e_s, 4),
                 )
             )
-
-
-def _count(ep: Endpoint, priority: int, delta: int) -> None:
-    by = ep.in_flight_by_priority
-    n = by.get(priority, 0) + delta
-    if n:
-        by[priority] = n
-    else:
-        del by[priority]
-
-
-def _lower(ep: Endpoint, priority: int) -> int:
-    return sum(n for p, n in ep.in_flight_by_priority.items() if p < priority)
-
-
-def _prefer_preemptable(result: SchedulingResult, priority: int) -> None:
-    """A request that would otherwise wait should land where lower-priority work runs (the model server
-    displaces it): the scheduler's first choice (target, then fallbacks, so its filters still hold)
-    that has some goes first; without one the order stays."""
-    eps = result.endpoints
-    for i, ep in enumerate(eps):
-        if _lower(ep, priority) > 0:
-            if i:
-                eps.insert(0, eps.pop(i))
-            return

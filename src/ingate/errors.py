@@ -10,6 +10,7 @@ import orjson
 
 _TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
     404: "not_found_error",
     408: "timeout_error",
     413: "invalid_request_error",
@@ -19,6 +20,12 @@ _TYPES = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+HDR_DROPPED_REASON = "x-llm-d-request-dropped-reason"
+"""Why the gateway dropped a request (429 shed / queue full, 503 no endpoint / queue TTL): the error
+code, as a header that proxies and clients can read without parsing the body (upstream's name)."""
+_DROPPED = frozenset({429, 503})
 
 
 class GatewayError(Exception):
@@ -47,6 +54,8 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         h = {"content-type": "application/json"}
+        if self.status in _DROPPED and self.code:
+            h[HDR_DROPPED_REASON] = self.code
         if self.retry_after is not None:
             h["retry-after"] = str(max(1, round(self.retry_after)))
         return h

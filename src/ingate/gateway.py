@@ -1,18 +1,21 @@
 """Assembles a gateway from its config: datastore, metrics scraper, scheduler, director, telemetry.
 
-Data planes (built-in proxy, Envoy) take a started `Gateway` and serve its director.
+Data planes (built-in proxy, Envoy) are built around a started `Gateway` by
+`ingate.dataplane.factory.make_dataplane`, which sees it only through the `PickerCore` protocol.
 """
 
 from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
 
 from ingate.config import GatewayConfig
 from ingate.datastore import Datastore
 from ingate.director import Director, FlowControl
 from ingate.discovery import endpoints_from_config
+from ingate.flowcontrol.build import flow_controller
 from ingate.flowcontrol.controller import FlowController
-from ingate.flowcontrol.metrics import FlowControlMetrics
 from ingate.metrics.scraper import MetricsScraper
-from ingate.scheduling.plugins.prefix import PrefixCacheScorer, PrefixMemoryCollector
+from ingate.scheduling.plugins.registry import PluginMetricsCollector
 from ingate.scheduling.scheduler import build_scheduler
 from ingate.telemetry import Telemetry
 
@@ -25,14 +28,10 @@ class Gateway:
         self.datastore = Datastore(endpoints_from_config(cfg))
         self.scheduler = build_scheduler(cfg.scheduler, self.datastore)
         self.telemetry = Telemetry(self.datastore, cfg.pool.name)
-        prefix = [
-            (name, sc)
-            for name, prof in self.scheduler.profiles.items()
-            for sc, _ in prof.scorers
-            if isinstance(sc, PrefixCacheScorer)
-        ]
-        if prefix:
-            self.telemetry.registry.register(PrefixMemoryCollector(prefix, self.datastore))
+        plugin_metrics = PluginMetricsCollector(self.scheduler.plugins(), self.datastore)
+        if plugin_metrics.plugins:
+            self.telemetry.registry.register(plugin_metrics)
+        self.telemetry.registry.register(self.scheduler.timings())
         m = cfg.metrics
         self.scraper = MetricsScraper(
             self.datastore,
@@ -40,14 +39,15 @@ class Gateway:
             timeout_s=m.timeout_ms / 1000,
             stale_after_s=m.stale_after_ms / 1000,
         )
-        if flow_control is None and cfg.flow_control is not None and cfg.flow_control.enabled:
-            fc = FlowController(
-                cfg.flow_control, self.datastore, metrics=FlowControlMetrics(self.telemetry.registry)
-            )
-            self.datastore.on_remove(lambda ep: fc.detector.forget(ep.address))
-            flow_control = fc
+        if flow_control is None and cfg.flow_control is not None:
+            flow_control = flow_controller(cfg.flow_control, self.datastore, self.telemetry.registry)
         self.flow_control = flow_control
         self.director = Director(cfg, self.datastore, self.scheduler, self.telemetry, flow_control)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The gateway's Prometheus registry (what `/metrics` serves)."""
+        return self.telemetry.registry
 
     def ready(self) -> bool:
         """At least one healthy endpoint with fresh metrics."""

@@ -137,7 +137,7 @@ async def run_profile(profile: str, spec: LoadSpec, workdir: Path) -> RunResult:
         })  # fmt: skip
         gw = Gateway(cfg)
         await gw.start()
-        proxy = BuiltinProxy(gw)
+        proxy = BuiltinProxy.serving(gw)
         await proxy.start()
         try:
             for _ in range(500):  # the gateway needs one metrics scrape before it routes well

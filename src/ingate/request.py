@@ -19,12 +19,18 @@ import orjson
 
 from ingate.errors import GatewayError
 
-# Header names the ecosystem uses (DESIGN.md, "Protocol facts").
-HDR_OBJECTIVE = "x-gateway-inference-objective"
-HDR_FAIRNESS_ID = "x-gateway-inference-fairness-id"
-HDR_MODEL_REWRITE = "x-gateway-model-name-rewrite"
-HDR_SLO_TTFT = "x-slo-ttft-ms"
-HDR_SLO_TPOT = "x-slo-tpot-ms"
+# Header names the ecosystem uses (DESIGN.md, "Protocol facts"): upstream's current `x-llm-d-*` names,
+# each with the older name it replaced as an alias (the current name wins when both are sent).
+HDR_OBJECTIVE = "x-llm-d-inference-objective"
+HDR_FAIRNESS_ID = "x-llm-d-inference-fairness-id"
+HDR_MODEL_REWRITE = "x-llm-d-model-name-rewrite"
+HDR_SLO_TTFT = "x-llm-d-slo-ttft-ms"
+HDR_SLO_TPOT = "x-llm-d-slo-tpot-ms"
+HDR_OBJECTIVE_OLD = "x-gateway-inference-objective"
+HDR_FAIRNESS_ID_OLD = "x-gateway-inference-fairness-id"
+HDR_MODEL_REWRITE_OLD = "x-gateway-model-name-rewrite"
+HDR_SLO_TTFT_OLD = "x-slo-ttft-ms"
+HDR_SLO_TPOT_OLD = "x-slo-tpot-ms"
 HDR_TIMEOUT = "x-gateway-request-timeout-ms"
 """The request's own deadline, in ms from arrival: flow control answers 503 if it is still queued then."""
 HDR_REQUEST_ID = "x-request-id"
@@ -175,11 +181,14 @@ def parse_request(
         body=body,
         raw_body=raw_body,
         headers=headers,
-        target_model=headers.get(HDR_MODEL_REWRITE) or model,
-        objective=headers.get(HDR_OBJECTIVE) or None,
-        fairness_id=headers.get(HDR_FAIRNESS_ID) or api_key_flow(headers) or DEFAULT_FLOW,
-        slo_ttft_ms=_float_header(headers, HDR_SLO_TTFT),
-        slo_tpot_ms=_float_header(headers, HDR_SLO_TPOT),
+        target_model=headers.get(HDR_MODEL_REWRITE) or headers.get(HDR_MODEL_REWRITE_OLD) or model,
+        objective=headers.get(HDR_OBJECTIVE) or headers.get(HDR_OBJECTIVE_OLD) or None,
+        fairness_id=headers.get(HDR_FAIRNESS_ID)
+        or headers.get(HDR_FAIRNESS_ID_OLD)
+        or api_key_flow(headers)
+        or DEFAULT_FLOW,
+        slo_ttft_ms=_float_header(headers, HDR_SLO_TTFT, HDR_SLO_TTFT_OLD),
+        slo_tpot_ms=_float_header(headers, HDR_SLO_TPOT, HDR_SLO_TPOT_OLD),
         arrival=now,
     )
     timeout_ms = _float_header(headers, HDR_TIMEOUT)
@@ -201,8 +210,11 @@ def api_key_flow(headers: Mapping[str, str]) -> str | None:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _float_header(headers: Mapping[str, str], name: str) -> float | None:
+def _float_header(headers: Mapping[str, str], name: str, alias: str | None = None) -> float | None:
     v = headers.get(name)
+    if v is None and alias is not None:
+        v = headers.get(alias)
+        name = alias
     if v is None:
         return None
     try:

@@ -1,4 +1,6 @@
-"""`ingate serve`: the gateway from one YAML file, with Envoy (ext_proc) or the built-in proxy."""
+"""`ingate serve`: the gateway from one YAML file, with Envoy (ext_proc) or the built-in proxy.
+
+The data planes themselves live in `ingate.dataplane` (`make_dataplane` picks one)."""
 
 from __future__ import annotations
 
@@ -6,27 +8,18 @@ import asyncio
 import contextlib
 import gc
 import logging
-import re
 import signal
-from dataclasses import fields
-from typing import Any, Protocol
+from typing import Any
 
 import click
+import yaml
 
-from ingate.config import ConfigError, GatewayConfig, load_config
+from ingate.config import ConfigError, GatewayConfig, parse_config, read_yaml
+from ingate.dataplane.factory import make_dataplane
+from ingate.dataplane.services import PickerServices
+from ingate.epp_config import is_endpoint_picker_config, scheduler_from_epp
+from ingate.epp_flags import EppOptions, FlagError, deep_merge
 from ingate.gateway import Gateway
-
-
-class DataPlane(Protocol):
-    @property
-    def url(self) -> str: ...
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
-_CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
 
 def freeze_startup_heap() -> None:
@@ -38,118 +31,124 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def make_dataplane(gateway: Gateway, kind: str, port: int | None = None) -> DataPlane:
-    """Build the data plane `kind` ("envoy", "builtin" or "extproc") around a gateway's director."""
-    cfg = gateway.config
-    listen_port = cfg.listen.port if port is None else port
-    if kind == "builtin":
-        from ingate.dataplane.proxy import BuiltinProxy
-
-        return BuiltinProxy(gateway, cfg.listen.host, listen_port)
-    if kind == "extproc":
-        return ExtProcOnly(gateway, cfg.listen.host, listen_port)
-    from ingate.dataplane.envoy import EnvoyDataPlane, EnvoySettings
-
-    allowed = {f.name for f in fields(EnvoySettings)}
-    opts: dict[str, Any] = {}
-    for k, v in cfg.dataplane.options.items():
-        key = _CAMEL.sub("_", k).lower()
-        if key not in allowed:
-            raise ConfigError(
-                f"dataplane.options.{k}: unknown Envoy setting (known: {', '.join(sorted(allowed))})"
-            )
-        opts[key] = v
-    settings = EnvoySettings(
-        **{
-            "listen_host": cfg.listen.host,
-            "listen_port": listen_port,
-            "failure_mode": cfg.dataplane.failure_mode,
-            "pool": [ep.address for ep in gateway.datastore.endpoints()],
-            "max_body_bytes": cfg.proxy.max_body_bytes,
-            "connect_timeout_s": cfg.proxy.connect_timeout_s,
-            **opts,
-        }
-    )
-    return EnvoyDataPlane(
-        gateway.director,
-        settings,
-        pool_addresses=lambda: [ep.address for ep in gateway.datastore.endpoints()],
-        fallbacks=0,  # ORIGINAL_DST takes one address; fallbacks need a subset-aware LB (see docs/envoy.md)
-    )
-
-
-class ExtProcOnly:
-    """The picker alone as an ext_proc gRPC server, for an Envoy run by someone else.
-
-    This is how ingate runs in a cluster: Envoy Gateway, Istio, kgateway or GKE own the proxy and call
-    the picker named by the InferencePool's endpointPickerRef.
-    """
-
-    def __init__(self, gateway: Gateway, host: str, port: int) -> None:
-        from ingate.dataplane.extproc import ExtProcServer, ExtProcServicer, first_of
-
-        svc = ExtProcServicer(
-            gateway.director,
-            max_body_bytes=gateway.config.proxy.max_body_bytes,
-            any_endpoint=first_of(lambda: [ep.address for ep in gateway.datastore.endpoints()]),
-        )
-        self.server = ExtProcServer(svc, host=host, port=port)
-
-    @property
-    def url(self) -> str:
-        return f"grpc://{self.server.host}:{self.server.port}"
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self) -> None:
-        await self.server.stop(1.0)
-
-
 async def run_gateway(cfg: GatewayConfig, kind: str, port: int | None, stop: asyncio.Event) -> None:
     """Run until `stop` is set."""
     gw = Gateway(cfg)
+    dp = make_dataplane(gw, kind, port)  # config errors surface before anything starts
+    services = PickerServices(gw, cfg.serving)
     await gw.start()
-    dp = make_dataplane(gw, kind, port)
     try:
+        await services.start()
         await dp.start()
         freeze_startup_heap()
+        extra = services.describe()
         click.echo(
-            f"ingate: {kind} data plane listening on {dp.url} for pool {cfg.pool.name!r} ({len(cfg.pool.endpoints)} endpoints)",
+            f"ingate: {kind} data plane listening on {dp.url} for pool {cfg.pool.name!r} "
+            f"({len(cfg.pool.endpoints)} endpoints){'; ' + extra if extra else ''}",
             err=True,
         )
         await stop.wait()
     finally:
         with contextlib.suppress(Exception):
             await dp.stop()
+        with contextlib.suppress(Exception):
+            await services.stop()
         await gw.stop()
 
 
-@click.command("serve")
+def build_config(config_path: str | None, epp: EppOptions | None) -> GatewayConfig:
+    """The gateway config from `--config` (ingate YAML or an upstream EndpointPickerConfig) and the
+    upstream picker flags (which override the file: ports, TLS, scraping)."""
+    path = config_path or (epp.get("config-file") if epp is not None else "") or None
+    doc: Any = {}
+    source = "<flags>"
+    if path:
+        doc, source = read_yaml(path), str(path)
+    elif epp is not None and epp.get("config-text"):
+        try:
+            doc, source = yaml.safe_load(epp.get("config-text")), "--config-text"
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config-text: not valid YAML: {e}") from None
+    if doc is None:
+        doc = {}
+    if is_endpoint_picker_config(doc):
+        doc = {"scheduler": scheduler_from_epp(doc, source)}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    if epp is not None:
+        doc = deep_merge(doc, epp.overrides())
+        if epp.get("pool-name"):
+            doc = deep_merge(doc, {"pool": {"name": epp.get("pool-name")}})
+    cfg = parse_config(doc, source)
+    kube = epp is not None and epp.kubernetes
+    if not cfg.pool.endpoints and not kube:
+        raise ConfigError(
+            f"{source}: pool.endpoints: list at least one endpoint "
+            "(or run in Kubernetes mode with --pool-name / --endpoint-selector)"
+        )
+    return cfg
+
+
+@click.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": False})
 @click.option(
     "--config",
     "config_path",
-    required=True,
+    required=False,
     type=click.Path(exists=True, dir_okay=False),
-    help="Gateway YAML file.",
+    help="Gateway YAML file (ingate's format, or an upstream EndpointPickerConfig).",
 )
 @click.option(
     "--proxy",
     type=click.Choice(["envoy", "builtin", "extproc"]),
     default=None,
-    help="Data plane (default: the config's dataplane.type, envoy).",
+    help="Data plane (default: the config's dataplane.type, envoy; extproc with upstream flags).",
 )
 @click.option("--port", type=int, default=None, help="Override listen.port.")
 @click.option(
-    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+    "--log-level",
+    default=None,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Default: info.",
 )
-def serve(config_path: str, proxy: str | None, port: int | None, log_level: str) -> None:
-    """Run the gateway: endpoint picker + data plane in front of the pool in CONFIG."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+@click.argument("upstream_flags", nargs=-1, type=click.UNPROCESSED)
+def serve(
+    config_path: str | None,
+    proxy: str | None,
+    port: int | None,
+    log_level: str | None,
+    upstream_flags: tuple[str, ...],
+) -> None:
+    """Run the gateway: endpoint picker + data plane in front of the pool in CONFIG.
+
+    Also accepts the upstream endpoint picker's flags (UPSTREAM_FLAGS: `--pool-name`, `--grpc-port`,
+    `--config-file`, `-poolName`, ...; docs/kubernetes.md), so an upstream Deployment's arguments run
+    ingate unchanged: the picker-only ext_proc server with gRPC health, metrics and TLS."""
     try:
-        cfg = load_config(config_path)
+        epp = EppOptions.from_args(upstream_flags) if upstream_flags else None
+    except FlagError as e:
+        raise click.ClickException(str(e)) from None
+    level = log_level or (epp.log_level if epp is not None else "info")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if epp is not None and epp.noops():
+        logging.getLogger("ingate.serve").info(
+            "accepted without effect (upstream-only features): %s", ", ".join("--" + n for n in epp.noops())
+        )
+    if config_path is None and epp is None:
+        raise click.UsageError("give --config FILE (or the upstream picker flags, e.g. --pool-name)")
+    try:
+        cfg = build_config(config_path, epp)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    if epp is not None and epp.kubernetes:
+        raise click.ClickException(
+            "Kubernetes mode (--pool-name / --endpoint-selector) needs the pool controller, which this "
+            "build does not include yet; run with --config FILE listing pool.endpoints"
+        )
+    if epp is not None and epp.get("metrics-endpoint-auth"):
+        raise click.ClickException(
+            "--metrics-endpoint-auth=true authenticates scrapes against the Kubernetes API; outside "
+            "Kubernetes pass --metrics-endpoint-auth=false (or serving.metricsAuthTokenFile in the config)"
+        )
     kind = proxy or cfg.dataplane.type
     with contextlib.suppress(ImportError):
         import uvloop

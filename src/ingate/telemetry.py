@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ingate.datastore import Datastore
@@ -60,6 +60,59 @@ class _PoolCollector(Collector):
             g = GaugeMetricFamily(name, doc, labels=["name"])
             g.add_metric([self.pool], value)
             yield g
+
+
+LLM_D_NAMES: dict[str, str] = {
+    "inference_objective_request": "llm_d_epp_request",
+    "inference_objective_request_error": "llm_d_epp_request_error",
+    "inference_objective_request_duration_seconds": "llm_d_epp_request_duration_seconds",
+    "ingate_time_to_first_token_seconds": "llm_d_epp_request_ttft_seconds",
+    "inference_objective_input_tokens": "llm_d_epp_request_input_tokens",
+    "inference_objective_output_tokens": "llm_d_epp_request_output_tokens",
+    "inference_pool_average_kv_cache_utilization": "llm_d_epp_average_kv_cache_utilization",
+    "inference_pool_average_queue_size": "llm_d_epp_average_queue_size",
+    "inference_pool_ready_pods": "llm_d_epp_ready_endpoints",
+    "inference_extension_scheduler_e2e_duration_seconds": "llm_d_epp_scheduler_e2e_duration_seconds",
+    "inference_extension_plugin_duration_seconds": "llm_d_epp_plugin_duration_seconds",
+    "inference_extension_flow_control_queue_size": "llm_d_epp_flow_control_queue_size",
+    "inference_extension_flow_control_queue_bytes": "llm_d_epp_flow_control_queue_bytes",
+    "inference_extension_flow_control_request_queue_duration_seconds": (
+        "llm_d_epp_flow_control_request_queue_duration_seconds"
+    ),
+}
+"""Metric families exported again under upstream's current `llm_d_epp_` names (llm-d-router), beside
+the older `inference_*` names existing dashboards use."""
+
+
+class UpstreamNames(Collector):
+    """Re-exports the registry's families named in `LLM_D_NAMES` under their new names, at scrape
+    time: nothing is counted twice on the request path, and both names always agree."""
+
+    def __init__(self, registry: CollectorRegistry, names: dict[str, str] = LLM_D_NAMES) -> None:
+        self.registry = registry
+        self.names = names
+        self._collecting = False
+
+    def describe(self) -> list[Metric]:
+        # Names are known up front: the registry must not call `collect` while registering us.
+        return [Metric(new, "", "untyped") for new in self.names.values()]
+
+    def collect(self) -> Iterator[Metric]:
+        if self._collecting:  # the registry's own collect (below) reaches us again
+            return
+        self._collecting = True
+        try:
+            families = list(self.registry.collect())
+        finally:
+            self._collecting = False
+        for fam in families:
+            new = self.names.get(fam.name)
+            if new is None:
+                continue
+            m = Metric(new, fam.documentation, fam.type, fam.unit)
+            cut = len(fam.name)
+            m.samples = [s._replace(name=new + s.name[cut:]) for s in fam.samples]
+            yield m
 
 
 SERIES_CACHE = 4096
@@ -132,6 +185,7 @@ class Telemetry:
             "ingate_upstream_retries", "Requests re-sent to a fallback endpoint.", registry=r
         )
         r.register(_PoolCollector(datastore, pool))
+        r.register(UpstreamNames(r))
         self._series: dict[tuple[str, str], ModelSeries] = {}
         self._decisions: dict[tuple[str, str], Any] = {}
 

@@ -49,7 +49,7 @@ def gateway_config(addresses: list[str], **extra: Any) -> GatewayConfig:
 async def _run_gateway(cfg: GatewayConfig) -> AsyncIterator[tuple[Gateway, BuiltinProxy]]:
     gw = Gateway(cfg)
     await gw.start()
-    proxy = BuiltinProxy(gw)
+    proxy = BuiltinProxy.serving(gw)
     await proxy.start()
     try:
         deadline = time.monotonic() + 10

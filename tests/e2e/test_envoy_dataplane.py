@@ -17,10 +17,10 @@ import orjson
 import pytest
 
 from ingate.config import GatewayConfig
-from ingate.dataplane.envoy import HDR_UPSTREAM_DEBUG
+from ingate.dataplane.envoy_bootstrap import HDR_UPSTREAM_DEBUG
+from ingate.dataplane.factory import make_dataplane
 from ingate.gateway import Gateway
-from ingate.scheduling.framework import ResponseInfo
-from ingate.serve import make_dataplane
+from ingate.lifecycle import ResponseInfo
 from ingate.sim.fleet import SimFleetConfig, start_fleet
 from ingate.sim.profiles import get_profile
 from ingate.sim.server import ReplicaConfig

@@ -7,9 +7,11 @@ from collections.abc import Callable
 import aiohttp
 from conftest import MODEL, SimProcess, gateway_config
 
-from ingate.dataplane.envoy import EnvoyProcess, EnvoySettings
+from ingate.dataplane.envoy_bootstrap import EnvoySettings
+from ingate.dataplane.envoy_process import EnvoyProcess
+from ingate.dataplane.extproc_server import ExtProcOnly
+from ingate.dataplane.factory import make_dataplane
 from ingate.gateway import Gateway
-from ingate.serve import ExtProcOnly, make_dataplane
 
 
 async def test_external_envoy_routes_through_extproc_only_picker(

@@ -164,6 +164,30 @@ async def test_streaming_chat_is_well_formed_sse(session: aiohttp.ClientSession)
         assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
+async def test_streaming_chat_role_chunk_comes_with_the_first_token_after_prefill(
+    session: aiohttp.ClientSession,
+) -> None:
+    # vLLM sends the role chunk on the request's first engine output (with the first token, after
+    # prefill), so a client timing its first chunk measures TTFT, not the time to accept the request.
+    scale = 2.0
+    async with start_fleet(_cfg(time_scale=scale)) as fleet:
+        words = " ".join(f"w{i}" for i in range(4000))
+        body = {"model": MODEL, "messages": [{"role": "user", "content": words}], "max_tokens": 3,
+                "stream": True}  # fmt: skip
+        prefill_s = get_profile("h100").step_ms(4003, 4003.0**2, 0, 0) / 1000 / scale  # ~65 ms
+        arrivals: list[tuple[float, dict[str, object]]] = []
+        t0 = time.perf_counter()
+        async with session.post(f"http://{fleet.addresses[0]}/v1/chat/completions", json=body) as r:
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    arrivals.append((time.perf_counter() - t0, json.loads(line[6:])))
+        (t_role, role), (t_tok, tok) = arrivals[0], arrivals[1]
+        assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # type: ignore[index]
+        assert tok["choices"][0]["delta"]["content"]  # type: ignore[index]
+        assert t_role >= 0.8 * prefill_s, (t_role, prefill_s)
+        assert t_tok - t_role < 0.01
+
+
 async def test_metrics_parse_and_carry_every_vllm_name(session: aiohttp.ClientSession) -> None:
     async with start_fleet(_cfg(time_scale=10.0, max_loras=1, lora_adapters=["a1"])) as fleet:
         addr = fleet.addresses[0]
@@ -234,7 +258,8 @@ def test_cli_subprocess_ready_file(tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ingate", "sim", "--replicas", "2", "--base-port", "0", "--time-scale", "10",
-         "--profile", "h100,l4", "--ready-file", str(ready)],
+         "--profile", "h100,l4", "--kv-events-port", "0", "--kv-events-replay-port", "0",
+         "--ready-file", str(ready)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:
@@ -245,6 +270,10 @@ def test_cli_subprocess_ready_file(tmp_path: Path) -> None:
             time.sleep(0.05)
         info = json.loads(ready.read_text())
         assert [r["profile"] for r in info["replicas"]] == ["h100-llama3-8b", "l4-llama3-8b"]
+        kv = [r["kv_events"] for r in info["replicas"]]
+        assert [k["topic"] for k in kv] == [f"kv@{r['address']}@{MODEL}" for r in info["replicas"]]
+        assert all(k["endpoint"].startswith("tcp://127.0.0.1:") and k["replay_endpoint"] for k in kv)
+        assert len({k["endpoint"] for k in kv} | {k["replay_endpoint"] for k in kv}) == 4
         import urllib.request
 
         for r in info["replicas"]:
@@ -253,3 +282,50 @@ def test_cli_subprocess_ready_file(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_render_returns_the_token_ids_the_replica_caches_by(session: aiohttp.ClientSession) -> None:
+    from ingate.sim.tokenizer import chat_prompt, token_ids, tokenize
+
+    async with start_fleet(_cfg(time_scale=20.0)) as fleet:
+        addr = fleet.addresses[0]
+        text = " ".join(f"doc{i}" for i in range(100))
+        async with session.post(
+            f"http://{addr}/v1/completions/render", json={"model": MODEL, "prompt": text, "max_tokens": 7}
+        ) as r:
+            assert r.status == 200
+            rendered = await r.json()
+        # vLLM's shape: a list of GenerateRequest, one per prompt.
+        assert isinstance(rendered, list) and len(rendered) == 1
+        g = rendered[0]
+        assert g["token_ids"] == token_ids(tokenize(text)) and len(g["token_ids"]) == 100
+        assert g["request_id"].startswith("cmpl-") and g["model"] == MODEL
+        assert g["sampling_params"]["max_tokens"] == 7
+        # The ids are the ones the replica hashes: text first, then the rendered ids hit its cache.
+        _, u1 = await _ttft(session, addr, {"model": MODEL, "prompt": text, "max_tokens": 1})
+        _, u2 = await _ttft(session, addr, {"model": MODEL, "prompt": g["token_ids"], "max_tokens": 1})
+        assert u1["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert u2["prompt_tokens_details"] == {"cached_tokens": 96}  # 6 full blocks of 16
+        async with session.post(
+            f"http://{addr}/v1/completions/render", json={"model": MODEL, "prompt": ["a b", [5, 6, 7]]}
+        ) as r:
+            batch = await r.json()
+        assert [b["token_ids"] for b in batch] == [token_ids(["a", "b"]), [5, 6, 7]]
+        assert batch[0]["request_id"] != batch[1]["request_id"]
+        messages = [{"role": "user", "content": "hello there"}]
+        async with session.post(
+            f"http://{addr}/v1/chat/completions/render", json={"model": MODEL, "messages": messages}
+        ) as r:
+            chat = await r.json()
+        assert chat["token_ids"] == token_ids(tokenize(chat_prompt(messages)))
+        assert chat["request_id"].startswith("chatcmpl-")
+        async with session.post(f"http://{addr}/tokenize", json={"model": MODEL, "prompt": text}) as r:
+            tok = await r.json()
+        assert tok["count"] == 100 and tok["tokens"] == g["token_ids"]
+        for path, body, status in (
+            ("/v1/completions/render", {"model": "nope", "prompt": "x"}, 404),
+            ("/v1/completions/render", {"model": MODEL, "prompt": []}, 400),
+            ("/v1/chat/completions/render", {"model": MODEL, "messages": []}, 400),
+        ):
+            async with session.post(f"http://{addr}{path}", json=body) as r:
+                assert r.status == status and "error" in await r.json()

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from aiohttp import web
-from loopback_http import completions_server
+from loopback_http import completions_server, stream_completion
 
 from ingate.bench.loadgen import make_session, run_concurrent, run_poisson, send_one
-from ingate.bench.report import HEADERS, markdown_table, max_sustainable_rate, rows, summarize
+from ingate.bench.stats import max_sustainable_rate, summarize
+from ingate.bench.tables import HEADERS, markdown_table, rows
 from ingate.bench.workload import Load, RequestStream, Workload
 from ingate.sim.tokenizer import count_tokens
 
@@ -21,18 +22,11 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     if body.get("model") != "m":
         return web.json_response({"error": {"message": "unknown model"}}, status=404)
-    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await resp.prepare(request)
     n = int(body["max_tokens"])
-    for _ in range(n):
-        await asyncio.sleep(0.002)
-        await resp.write(b'data: {"choices":[{"index":0,"text":"the "}],"usage":null}\n\n')
     usage: dict[str, object] = {"prompt_tokens": count_tokens(body["prompt"]), "completion_tokens": n}
     if "cached" in body:  # a server that reports its prefix-cache hits, as vLLM does
         usage["prompt_tokens_details"] = {"cached_tokens": body["cached"]}
-    await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
-    return resp
+    return await stream_completion(request, n, usage, 0.002)
 
 
 @pytest.fixture
@@ -168,8 +162,10 @@ def test_summary_goodput_and_max_rate() -> None:
 
 
 def test_pooled_streams_sum_their_spans() -> None:
-    # Two streams of one stage, each from its own start: goodput is good requests over both spans
-    # (13 s + 12 s), not over the longest one, and the tail is the pooled requests' tail.
+    # Two streams of one stage, each from its own start: achieved throughput is completions over both
+    # spans (13 s + 12 s), not over the longest one; goodput is the good requests, counted, per offered
+    # second (10 s offered per stream: never a span that includes the drain); the tail is the pooled
+    # requests' tail.
     def rec(stream: int, send: float, ttft: float, e2e: float) -> dict[str, object]:
         return {
             "send": send,
@@ -185,10 +181,60 @@ def test_pooled_streams_sum_their_spans() -> None:
     recs = [rec(0, 1.0, 0.5, 2.0), rec(0, 9.0, 3.0, 4.0), rec(1, 0.5, 0.2, 1.0), rec(1, 8.0, 0.4, 4.0)]
     s = summarize(recs, 10.0, {"ttft_s": 1.0, "e2e_s": None})
     assert s["streams"] == 2 and s["sent"] == 4
-    assert s["goodput_rps"] == pytest.approx(3 / (13.0 + 12.0))
+    assert s["throughput_rps"] == pytest.approx(4 / (13.0 + 12.0))
+    assert s["good"] == 3 and s["offered_s"] == 20.0 and s["goodput_rps"] == pytest.approx(3 / 20.0)
     assert s["ttft_p99"] == 3.0
     one = summarize(recs[:2], 10.0, {"ttft_s": 1.0, "e2e_s": None})
-    assert one["streams"] == 1 and one["goodput_rps"] == pytest.approx(1 / 13.0)
+    assert one["streams"] == 1 and one["goodput_rps"] == pytest.approx(1 / 10.0)
+    assert one["throughput_rps"] == pytest.approx(2 / 13.0)
+
+
+def test_reports_recompute_summaries_from_records() -> None:
+    """A results file written with older definitions is summarised anew from its records."""
+    from ingate.bench.stats import percentile, resummarize
+
+    recs = [
+        {"send": 0.1 * i, "status": 200, "error": "", "ttft": 0.1 * i, "e2e": 0.2 * i + 0.1, "itl_mean": None,
+         "completion_tokens": 1, "prompt_tokens": 10, "stream": 0}
+        for i in range(1, 31)
+    ]  # fmt: skip
+    res = {
+        "workload": {"slo": {"ttft_s": 1.0, "e2e_s": None}},
+        "systems": [
+            {
+                "name": "x",
+                "stages": [{"rate": 3, "duration_s": 10.0, "summary": {"goodput_rps": 99}, "records": recs}],
+            }
+        ],
+    }
+    s = resummarize(res)["systems"][0]["stages"][0]["summary"]
+    assert s["good"] == 10 and s["goodput_rps"] == pytest.approx(1.0)  # ttft <= 1.0 s: 10 of 30
+    assert s["ttft_p50"] == percentile([r["ttft"] for r in recs], 0.5) == pytest.approx(1.5)
+    assert res["systems"][0]["max_sustainable_rate"] is None  # 33% within the SLO
+
+
+def test_tuning_and_evaluation_seeds_are_disjoint_and_the_replay_refuses_eval() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ingate.bench.workload import load_workload, with_seed_set
+
+    root = Path(__file__).resolve().parents[2]
+    wl = load_workload(root / "benchmarks/workloads/shared-prefix.yaml")
+    ev = with_seed_set(wl, "eval")
+    assert (ev.seed, ev.seed_set) == (wl.seed + 10_000, "eval") and ev.data == wl.data
+    tune = [RequestStream(wl, seed_offset=k).next().body["prompt"] for k in range(3)]
+    held = [RequestStream(ev, seed_offset=k).next().body["prompt"] for k in range(3)]
+    assert not set(tune) & set(held)  # other system prompts and questions altogether
+    with pytest.raises(ValueError, match="unknown seed set"):
+        with_seed_set(wl, "test")
+    for target in ("benchmarks/workloads/eval/b2b-large-groups.yaml",):
+        r = subprocess.run(
+            [sys.executable, "benchmarks/scheduling/replay.py", target, "--streams", "1"],
+            cwd=root, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode != 0 and "held-out evaluation workload" in r.stderr
 
 
 def test_committed_workloads_parse_and_generate() -> None:
@@ -209,7 +255,8 @@ def test_committed_workloads_parse_and_generate() -> None:
 
 
 def test_headline_compares_at_round_robin_saturation() -> None:
-    from ingate.bench.report import headline, headline_markdown
+    from ingate.bench.stats import headline
+    from ingate.bench.tables import headline_markdown
 
     def stage(rate: float, att: float, p99: float, good: float) -> dict[str, object]:
         summary = {"slo_attainment": att, "ttft_p99": p99, "goodput_rps": good, "sent": 10}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,13 +10,14 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from loopback_http import completions_server
+from loopback_http import completions_server, stream_completion
 from pydantic import ValidationError
 
 from ingate.bench.loadgen import make_session
-from ingate.bench.report import isolation, tenant_markdown, tenant_summaries
 from ingate.bench.runner import _run_tenants
+from ingate.bench.stats import isolation, tenant_summaries
 from ingate.bench.systems import ingate_config
+from ingate.bench.tables import tenant_markdown
 from ingate.bench.workload import Workload
 from ingate.config import parse_config
 
@@ -29,14 +29,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     SEEN.append(dict(request.headers))
     if request.headers.get("x-gateway-inference-objective") == "sheddable":
         return web.json_response({"error": {"message": "shed", "code": "shed"}}, status=429)
-    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await resp.prepare(request)
-    await asyncio.sleep(0.001)
-    await resp.write(b'data: {"choices":[{"index":0,"text":"the "}],"usage":null}\n\n')
-    usage = {"prompt_tokens": 3, "completion_tokens": int(body["max_tokens"])}
-    await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
-    return resp
+    usage: dict[str, object] = {"prompt_tokens": 3, "completion_tokens": int(body["max_tokens"])}
+    return await stream_completion(request, 1, usage, 0.001)
 
 
 @pytest.fixture

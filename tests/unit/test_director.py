@@ -12,8 +12,8 @@ from ingate.config import GatewayConfig, parse_config
 from ingate.datastore import Datastore, Endpoint
 from ingate.director import Director
 from ingate.errors import GatewayError
+from ingate.lifecycle import ResponseInfo
 from ingate.request import InferenceRequest
-from ingate.scheduling.framework import ResponseInfo
 from ingate.scheduling.scheduler import build_scheduler
 from ingate.telemetry import Telemetry
 
@@ -269,7 +269,8 @@ async def test_request_avoids_a_replica_full_of_equal_priority_work() -> None:
         assert dec.target is e1
         d.finish(dec, ResponseInfo(status=200))
     e0.in_flight, e0.in_flight_by_priority = 1, {10: 1}  # a free slot on e0 again
-    assert d._looks_full(e1, 10) and not d._looks_full(e0, 10)
+    assert d.placement is not None
+    assert d.placement.looks_full(e1, 10) and not d.placement.looks_full(e0, 10)
 
 
 async def test_request_metrics_per_model_and_endpoint() -> None:
@@ -307,3 +308,56 @@ async def test_request_metrics_per_model_and_endpoint() -> None:
     assert sum(per_endpoint.values()) == 4
     assert per_endpoint[bad.target.address] >= 1
     assert b"inference_objective_request_total" in generate_latest(reg)
+
+
+async def test_lifecycle_hooks_run_for_the_scheduling_profile_only() -> None:
+    """The director runs post-schedule, first-token and post-response hooks of the plugins of the
+    profile that scheduled the request, once each, and no other profile's (docs/scheduling.md)."""
+    from dataclasses import dataclass, field
+
+    from ingate.lifecycle import CycleState, SchedulingResult
+    from ingate.scheduling.plugins.registry import register
+
+    @register("scorer", "test-hook-recorder")
+    @dataclass
+    class Recorder:
+        tag: str = ""
+        name: str = "test-hook-recorder"
+        calls: list[str] = field(default_factory=list)
+
+        def score(self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> dict:
+            return dict.fromkeys(endpoints, 0.5)
+
+        def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+            self.calls.append("post_schedule")
+
+        def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None:
+            self.calls.append("first_token")
+
+        def post_response(
+            self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo
+        ) -> None:
+            self.calls.append("post_response")
+
+    cfg = _cfg(
+        scheduler={
+            "defaultProfile": "a",
+            "profiles": {
+                p: {"scorers": [{"type": "test-hook-recorder", "parameters": {"tag": p}}]} for p in ("a", "b")
+            },
+        }
+    )
+    d, _ = _director(cfg)
+    a = d.scheduler.profiles["a"].scorers[0][0]
+    b = d.scheduler.profiles["b"].scorers[0][0]
+    dec = await d.handle("/v1/completions", {}, _body())
+    d.on_first_token(dec)
+    d.on_first_token(dec)
+    d.finish(dec, ResponseInfo(status=200))
+    d.finish(dec, ResponseInfo(status=200))
+    assert a.calls == ["post_schedule", "first_token", "post_response"]  # type: ignore[attr-defined]
+    assert b.calls == []  # type: ignore[attr-defined]
+    dec = await d.handle("/v1/completions", {}, _body(), profile="b")
+    d.finish(dec, ResponseInfo(status=200))
+    assert b.calls == ["post_schedule", "post_response"]  # type: ignore[attr-defined]
+    assert len(a.calls) == 3  # type: ignore[attr-defined]

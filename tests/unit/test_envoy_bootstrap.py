@@ -9,16 +9,16 @@ from typing import Any
 import orjson
 import pytest
 
-from ingate.dataplane.envoy import (
+from ingate.dataplane.envoy_bootstrap import (
     ACCESS_LOG_FORMAT,
     CLUSTER_PICKED,
     CLUSTER_POOL,
     OBSERVER_FILTER,
     EnvoySettings,
-    find_envoy,
     pool_assignment,
     render_bootstrap,
 )
+from ingate.dataplane.envoy_process import find_envoy
 
 
 def _hcm(b: dict[str, Any]) -> Any:

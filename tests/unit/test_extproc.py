@@ -307,7 +307,7 @@ async def test_both_transports_carry_the_same_exchange(transport: str) -> None:
     import grpc
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-    from ingate.dataplane.extproc import ExtProcServer
+    from ingate.dataplane.extproc_server import ExtProcServer
 
     d = _Director()
     server = ExtProcServer(_servicer(d), port=0, transport=transport)  # type: ignore[arg-type]
@@ -350,7 +350,7 @@ async def test_both_transports_carry_the_same_exchange(transport: str) -> None:
 
 
 def test_unknown_transport_is_refused() -> None:
-    from ingate.dataplane.extproc import ExtProcServer
+    from ingate.dataplane.extproc_server import ExtProcServer
 
     with pytest.raises(ValueError, match="unknown ext_proc transport"):
         ExtProcServer(_servicer(_Director()), transport="nope")  # type: ignore[arg-type]

@@ -633,3 +633,44 @@ async def test_request_timeout_header_is_its_queue_deadline() -> None:
         with pytest.raises(GatewayError) as e:
             parse_request("/v1/completions", {"x-gateway-request-timeout-ms": bad}, body)
         assert e.value.status == 400 and "x-gateway-request-timeout-ms" in e.value.message
+
+
+async def test_scale_from_zero_requests_wait_for_the_first_ready_endpoint() -> None:
+    """With no ready endpoint every request waits (sheddable ones too) and is dispatched as soon as
+    one is ready; past `noEndpointTtlS` it gets 503 `no_endpoint` with Retry-After and the drop reason."""
+    import time as _time
+
+    from ingate.datastore import Datastore, Endpoint
+    from ingate.flowcontrol.config import FlowControlConfig
+    from ingate.flowcontrol.controller import FlowController
+    from ingate.request import parse_request
+
+    ds = Datastore([])
+    fc = FlowController(FlowControlConfig(noEndpointTtlS=0.3, pollIntervalS=0.01), ds)
+    await fc.start()
+    try:
+        body = b'{"model": "m", "prompt": "hi"}'
+        normal = asyncio.create_task(fc.admit(parse_request("/v1/completions", {}, body)))
+        shed = parse_request("/v1/completions", {}, body)
+        shed.priority = -1
+        sheddable = asyncio.create_task(fc.admit(shed))
+        await asyncio.sleep(0.05)
+        assert not normal.done() and not sheddable.done() and fc.queued() == 2
+        ep = Endpoint(name="e", host="127.0.0.1", port=1)
+        ep.metrics.updated_at = _time.monotonic()
+        ds.upsert(ep)  # a pod turned ready and was scraped
+        t1, t2 = await asyncio.wait_for(asyncio.gather(normal, sheddable), 2)
+        assert t1.queued and t2.queued and fc.queued() == 0
+        fc.release(t1)
+        fc.release(t2)
+        ds.remove(ep.address)  # scaled back to zero
+        with pytest.raises(GatewayError) as ei:
+            await asyncio.wait_for(fc.admit(parse_request("/v1/completions", {}, body)), 2)
+        e = ei.value
+        assert e.status == 503 and e.code == "no_endpoint" and "became ready within 0.3 s" in e.message
+        assert (
+            e.headers()["retry-after"] == "1"
+            and e.headers()["x-llm-d-request-dropped-reason"] == "no_endpoint"
+        )
+    finally:
+        await fc.stop()

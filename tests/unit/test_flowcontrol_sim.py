@@ -12,8 +12,8 @@ from ingate.datastore import Datastore, Endpoint
 from ingate.errors import GatewayError
 from ingate.flowcontrol import FlowControlConfig, FlowController, Ticket, jain_index
 from ingate.flowcontrol.metrics import FlowControlMetrics
+from ingate.lifecycle import ResponseInfo
 from ingate.request import InferenceRequest
-from ingate.scheduling.framework import ResponseInfo
 
 THROUGHPUT = 2000.0  # tokens per virtual second, prompt and completion alike
 DT = 0.01

@@ -163,3 +163,45 @@ async def test_stop_returns_even_if_a_cancellation_comes_back_as_a_timeout() -> 
     assert swallowed == 1
     await asyncio.sleep(0.1)
     assert calls == 1  # the loop ended instead of scraping on
+
+
+def test_gateway_metrics_carry_upstream_llm_d_names_beside_the_older_ones() -> None:
+    """Every family in telemetry.LLM_D_NAMES is exported under both names with the same samples."""
+    from prometheus_client import CollectorRegistry
+
+    from ingate.datastore import Datastore
+    from ingate.flowcontrol.metrics import FlowControlMetrics
+    from ingate.telemetry import LLM_D_NAMES, Telemetry
+
+    t = Telemetry(Datastore([]), "pool")
+    fcm = FlowControlMetrics(t.registry)
+    fcm.queue_size.labels("f", "0").set(3)
+    fcm.queue_bytes.labels("f", "0").set(300)
+    fcm.wait.labels("f", "0", "dispatched").observe(0.01)
+    s = t.series("m", "m2")
+    s.requests.inc()
+    s.duration.observe(0.3)
+    t.errors.labels("m", "m2", "503").inc()
+    t.scheduling.observe(1e-4)
+    reg: CollectorRegistry = t.registry
+    for old, new in LLM_D_NAMES.items():
+        olds = {
+            (x.name[len(old) :], tuple(sorted(x.labels.items())), x.value)
+            for f in reg.collect()
+            if f.name == old
+            for x in f.samples
+            if not x.name.endswith("_created")
+        }
+        news = {
+            (x.name[len(new) :], tuple(sorted(x.labels.items())), x.value)
+            for f in reg.collect()
+            if f.name == new
+            for x in f.samples
+            if not x.name.endswith("_created")
+        }
+        if old == "inference_extension_plugin_duration_seconds":
+            continue  # the scheduler's collector (registered by the gateway): tests/unit/test_scheduling.py
+        assert olds and olds == news, old
+    assert (
+        reg.get_sample_value("llm_d_epp_request_total", {"model_name": "m", "target_model_name": "m2"}) == 1
+    )

@@ -46,7 +46,7 @@ async def _gateway(addresses: list[str], **extra: Any) -> AsyncIterator[tuple[Ga
         }
     )
     gw = Gateway(cfg)  # scraper not started: these tests exercise the proxy, not the metrics
-    proxy = BuiltinProxy(gw)
+    proxy = BuiltinProxy.serving(gw)
     await proxy.start()
     try:
         yield gw, proxy

@@ -77,3 +77,38 @@ def test_body_limit_is_413() -> None:
     with pytest.raises(GatewayError) as ei:
         parse_request(COMPLETIONS, {}, _body(model="m", prompt="x" * 100), max_body_bytes=50)
     assert ei.value.status == 413
+
+
+def test_upstream_header_names_and_their_older_aliases() -> None:
+    """The x-llm-d-* names llm-d-router reads, the older x-gateway-* / x-slo-* names as aliases; the
+    current name wins when a client sends both."""
+    body = b'{"model": "m", "prompt": "hi"}'
+    new = {
+        "x-llm-d-inference-objective": "critical",
+        "x-llm-d-inference-fairness-id": "tenant-a",
+        "x-llm-d-model-name-rewrite": "m2",
+        "x-llm-d-slo-ttft-ms": "250",
+        "x-llm-d-slo-tpot-ms": "40",
+    }
+    old = {
+        "x-gateway-inference-objective": "batch",
+        "x-gateway-inference-fairness-id": "tenant-b",
+        "x-gateway-model-name-rewrite": "m3",
+        "x-slo-ttft-ms": "900",
+        "x-slo-tpot-ms": "90",
+    }
+    for headers, want in (
+        (new, ("critical", "tenant-a", "m2", 250.0, 40.0)),
+        (old, ("batch", "tenant-b", "m3", 900.0, 90.0)),
+        ({**old, **new}, ("critical", "tenant-a", "m2", 250.0, 40.0)),
+    ):
+        r = parse_request("/v1/completions", headers, body)
+        assert (r.objective, r.fairness_id, r.target_model, r.slo_ttft_ms, r.slo_tpot_ms) == want
+    with pytest.raises(GatewayError, match="x-slo-ttft-ms"):
+        parse_request("/v1/completions", {"x-slo-ttft-ms": "soon"}, body)
+
+
+def test_dropped_requests_say_why_in_a_header() -> None:
+    e = GatewayError(429, "shed", "shed", retry_after=2)
+    assert e.headers()["x-llm-d-request-dropped-reason"] == "shed" and e.headers()["retry-after"] == "2"
+    assert "x-llm-d-request-dropped-reason" not in GatewayError(400, "bad", "invalid_json").headers()

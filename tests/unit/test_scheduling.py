@@ -10,9 +10,9 @@ import pytest
 
 from ingate.datastore import Datastore, Endpoint, EndpointMetrics
 from ingate.errors import GatewayError
+from ingate.lifecycle import CycleState, ResponseInfo, SchedulingResult
 from ingate.request import COMPLETIONS, InferenceRequest, parse_request
 from ingate.scheduling.config import PluginSpec, ProfileConfig, SchedulerConfig
-from ingate.scheduling.framework import CycleState, ResponseInfo, SchedulingResult
 from ingate.scheduling.plugins.load import KVCacheScorer, LeastInFlightScorer, LoadGuardFilter, QueueScorer
 from ingate.scheduling.plugins.lora import LoraAffinityFilter, LoraAffinityScorer
 from ingate.scheduling.plugins.pickers import MaxScorePicker, RoundRobinPicker, WeightedRandomPicker
@@ -20,16 +20,23 @@ from ingate.scheduling.plugins.prefix import (
     PrefixCacheScorer,
     PrefixHasher,
     PrefixIndex,
-    PrefixMemoryCollector,
     prompt_block_hashes,
 )
-from ingate.scheduling.scheduler import build_scheduler
+from ingate.scheduling.plugins.registry import PluginMetricsCollector
+from ingate.scheduling.scheduler import Scheduler, build_scheduler
 
 
 def ep(i: int, **m: object) -> Endpoint:
     e = Endpoint(name=f"e{i}", host="127.0.0.1", port=9000 + i)
     e.metrics = EndpointMetrics(**m)  # type: ignore[arg-type]
     return e
+
+
+def decide(sched: Scheduler, r: InferenceRequest) -> tuple[SchedulingResult, CycleState]:
+    """A decision as the director takes it: schedule, then the profile's post-schedule hooks."""
+    result, ctx = sched.schedule(r)
+    sched.hooks(result.profile).run_post_schedule(ctx, r, result)
+    return result, ctx
 
 
 def req(prompt: str = "hello", model: str = "m", adapter: str | None = None) -> InferenceRequest:
@@ -236,7 +243,7 @@ def test_prefix_memory_gauges_show_each_profiles_memory_per_endpoint() -> None:
     _served(sc, "j" * 2048, [a, b], a, cached=500)  # 32 blocks remembered on a, which grows its memory
     samples = {
         (m.name, s.labels["profile"], s.labels["endpoint"]): s.value
-        for m in PrefixMemoryCollector([("p", sc)], Datastore([a, b])).collect()
+        for m in PluginMetricsCollector([("p", sc)], Datastore([a, b])).collect()
         for s in m.samples
     }
     assert samples == {
@@ -263,8 +270,10 @@ def test_prefix_memory_learns_only_from_its_own_decisions() -> None:
     mine = sched.profiles["p"].scorers[0][0]
     other = sched.profiles["q"].scorers[0][0]
     r = req("i" * 2048)
-    result, ctx = sched.schedule(r)
-    sched.post_response(ctx, r, result.target, ResponseInfo(status=200, prompt_tokens=512, cached_tokens=500))
+    result, ctx = decide(sched, r)
+    sched.hooks(result.profile).run_post_response(
+        ctx, r, result.target, ResponseInfo(status=200, prompt_tokens=512, cached_tokens=500)
+    )
     assert mine.scale == {a: pytest.approx(1.1)} and other.scale == {}  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="maxScale"):
         build_scheduler(
@@ -297,14 +306,14 @@ def test_default_profile_sticks_to_prefix_until_loaded() -> None:
     ds = Datastore([ep(i) for i in range(4)])
     sched = build_scheduler(SchedulerConfig(), ds)
     shared = "system prompt " * 100
-    first, _ = sched.schedule(req(shared + "q0"))
+    first, _ = decide(sched, req(shared + "q0"))
     target = first.target
     for i in range(1, 5):
-        res, _ = sched.schedule(req(shared + f"q{i}"))
+        res, _ = decide(sched, req(shared + f"q{i}"))
         assert res.target is target
         target.in_flight += 1  # still within the load guard's margin for the first few
     target.metrics.waiting = 20  # now the affine replica is overloaded: spill over
-    res, _ = sched.schedule(req(shared + "q9"))
+    res, _ = decide(sched, req(shared + "q9"))
     assert res.target is not target
     assert len(res.endpoints) == 3  # target + 2 fallbacks
 
@@ -343,3 +352,111 @@ def test_yaml_parameters_reach_plugins() -> None:
     sched = build_scheduler(cfg, Datastore([ep(0)]))
     scorer, weight = sched.profiles["p"].scorers[0]
     assert weight == 3 and scorer.block_chars == 32  # type: ignore[attr-defined]
+
+
+def test_registry_lists_builtin_plugins_and_rejects_duplicates() -> None:
+    from ingate.scheduling.plugins.registry import plugins, register
+
+    assert {"queue", "kv-cache", "prefix-cache", "predicted-latency", "size-band"} <= set(plugins("scorer"))
+    assert {"load-guard", "lora-affinity"} <= set(plugins("filter"))
+    assert {"max-score", "random", "round-robin", "weighted-random"} <= set(plugins("picker"))
+    assert plugins("scorer")["prefix-cache"] is PrefixCacheScorer
+
+    class Other:
+        pass
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register("scorer", "prefix-cache")(Other)
+    with pytest.raises(ValueError, match="unknown scorer type 'nope'"):
+        build_scheduler(
+            SchedulerConfig.model_validate({"profiles": {"p": {"scorers": [{"type": "nope"}]}}}),
+            Datastore([]),
+        )
+
+
+def test_plugin_metrics_of_several_profiles_share_one_family() -> None:
+    """Two profiles with a prefix scorer each: one family per metric name, a sample per profile."""
+    a = ep(0, block_size=16, num_gpu_blocks=64)
+    cfg = SchedulerConfig.model_validate(
+        {"profiles": {p: {"scorers": [{"type": "prefix-cache"}]} for p in ("p", "q")}}
+    )
+    sched = build_scheduler(cfg, Datastore([a]))
+    fams = list(PluginMetricsCollector(sched.plugins(), Datastore([a])).collect())
+    names = [f.name for f in fams]
+    assert sorted(names) == ["ingate_prefix_memory_blocks", "ingate_prefix_memory_scale"]
+    blocks = next(f for f in fams if f.name == "ingate_prefix_memory_blocks")
+    profiles = {s.labels["profile"] for s in blocks.samples}
+    assert {"p", "q", "default"} <= profiles  # the built-in default profile has one too
+
+
+def test_plugin_durations_are_exported_per_extension_point_and_plugin() -> None:
+    """inference_extension_plugin_duration_seconds: one series per plugin that ran, cumulative buckets."""
+    from ingate.scheduling.timing import BUCKETS, NAME
+
+    ds = Datastore([ep(0), ep(1)])
+    sched = build_scheduler(SchedulerConfig(), ds)
+    for i in range(3):
+        decide(sched, req(f"prompt {i}"))
+    (fam,) = list(sched.timings().collect())
+    assert fam.name == NAME
+    counts = {
+        (s.labels["extension_point"], s.labels["plugin_name"]): s.value
+        for s in fam.samples
+        if s.name.endswith("_count")
+    }
+    assert counts[("Filter", "default/load-guard")] == 3
+    assert counts[("Scorer", "default/prefix-cache")] == 3
+    assert counts[("Picker", "default/max-score")] == 3
+    assert not any(name.startswith("round-robin/") for _, name in counts)  # never ran: no series
+    buckets = [
+        s.value
+        for s in fam.samples
+        if s.name.endswith("_bucket") and s.labels["plugin_name"] == "default/max-score"
+    ]
+    assert len(buckets) == len(BUCKETS) + 1 and buckets == sorted(buckets) and buckets[-1] == 3
+
+
+def test_endpoint_weight_is_a_capacity_hint_for_load_scorers() -> None:
+    """Weight 2 = twice the capacity: the same load counts half (queue, in-flight, predicted latency)."""
+    from ingate.scheduling.plugins.latency import PredictedLatencyScorer
+
+    small, big = ep(0, waiting=4), ep(1, waiting=4)
+    big.weight = 2.0
+    small.in_flight = big.in_flight = 6
+    q = QueueScorer(scale=1).score(CycleState(), req(), [small, big])
+    assert q[big] > q[small]
+    lif = LeastInFlightScorer(scale=1).score(CycleState(), req(), [small, big])
+    assert lif[big] > lif[small]
+    lat = PredictedLatencyScorer()
+    assert lat.cost(big, 1000, 0, 10) == pytest.approx(lat.cost(small, 1000, 0, 10) / 2)
+    equal = ep(2, waiting=4)
+    equal.in_flight = 6
+    assert QueueScorer(scale=1).score(CycleState(), req(), [small, equal]) == {small: 0.0, equal: 0.0}
+
+
+def test_label_selector_filter_serves_a_profile_from_part_of_the_pool() -> None:
+    a, b, c = ep(0), ep(1), ep(2)
+    a.labels, b.labels, c.labels = {"accelerator": "h100"}, {"accelerator": "l4"}, {}
+    cfg = SchedulerConfig.model_validate(
+        {
+            "defaultProfile": "fast",
+            "profiles": {
+                "fast": {
+                    "filters": [
+                        {"type": "label-selector", "parameters": {"matchLabels": {"accelerator": "h100"}}}
+                    ],
+                    "scorers": [{"type": "least-in-flight"}],
+                }
+            },
+        }
+    )
+    sched = build_scheduler(cfg, Datastore([a, b, c]))
+    assert {decide(sched, req(f"q{i}"))[0].target for i in range(10)} == {a}
+    a.healthy = False
+    with pytest.raises(GatewayError, match="label-selector"):
+        sched.schedule(req())
+    with pytest.raises(ValueError, match="matchLabels"):
+        build_scheduler(
+            SchedulerConfig.model_validate({"profiles": {"p": {"filters": [{"type": "label-selector"}]}}}),
+            Datastore([a]),
+        )

@@ -8,9 +8,10 @@ import orjson
 import pytest
 
 from ingate.datastore import Datastore, Endpoint, EndpointMetrics
+from ingate.lifecycle import CycleState, ResponseInfo, SchedulingResult
 from ingate.request import COMPLETIONS, InferenceRequest, parse_request
 from ingate.scheduling.config import PluginSpec, ProfileConfig, SchedulerConfig
-from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, ResponseInfo, SchedulingResult
+from ingate.scheduling.framework import PREFIX_MATCH_KEY
 from ingate.scheduling.plugins.latency import PredictedLatencyScorer
 from ingate.scheduling.plugins.sizeband import SizeBandScorer
 from ingate.scheduling.scheduler import build_scheduler
@@ -126,9 +127,11 @@ def test_scheduler_releases_charges_through_its_hooks_once_per_profile() -> None
     assert isinstance(sa, PredictedLatencyScorer) and isinstance(sb, PredictedLatencyScorer)
     r = req(8_000)
     res, ctx = sched.schedule(r, profile="a")
+    hooks = sched.hooks(res.profile)
+    hooks.run_post_schedule(ctx, r, res)
     assert sa.load(res.target).pending_prefill == 2_000 and sb.load(res.target).pending_prefill == 0
-    sched.on_first_token(ctx, r, res.target)
-    sched.post_response(ctx, r, res.target, ResponseInfo(status=200))
+    hooks.run_first_token(ctx, r, res.target)
+    hooks.run_post_response(ctx, r, res.target, ResponseInfo(status=200))
     for s in (sa, sb):
         ld = s.load(res.target)
         assert (ld.pending_prefill, ld.kv_demand, ld.requests) == (0, 0, 0)

@@ -4,11 +4,18 @@ import asyncio
 
 import pytest
 
+from ingate.metrics import kvevents
 from ingate.sim.engine import Engine, EngineConfig
 from ingate.sim.kvcache import KVCache
 from ingate.sim.lora import LoraSlots
 from ingate.sim.profiles import H100_LLAMA3_8B, NULL_PROFILE
-from ingate.sim.tokenizer import block_hashes, count_tokens, output_text, tokenize
+from ingate.sim.tokenizer import count_tokens, output_text, token_ids, tokenize
+
+ROOT = kvevents.none_hash("0")
+
+
+def block_hashes(tokens: list[str], block_size: int, adapter: str | None = None) -> list[int]:
+    return kvevents.block_hashes(token_ids(tokens), block_size, ROOT, adapter)
 
 
 def test_tokenizer_rule_and_output_retokenises() -> None:
@@ -22,7 +29,7 @@ def test_block_hashes_are_chained_and_seeded() -> None:
     a = tokenize(" ".join(f"w{i}" for i in range(40)))
     b = list(a)
     b[0] = "different"
-    ha, hb = block_hashes(a, 16, "m"), block_hashes(b, 16, "m")
+    ha, hb = block_hashes(a, 16), block_hashes(b, 16)
     assert len(ha) == 2  # 40 tokens -> 2 full blocks of 16
     assert ha[0] != hb[0] and ha[1] != hb[1]  # a change in block 0 changes every later hash
     assert block_hashes(a, 16, "adapter-x") != ha  # caches of different models/adapters never mix
@@ -74,7 +81,7 @@ async def test_engine_prefix_hit_skips_prefill() -> None:
     e = Engine(EngineConfig(H100_LLAMA3_8B, time_scale=5))
     e.start()
     toks = [f"t{i}" for i in range(2000)]
-    h = block_hashes(toks, 16, "m")
+    h = block_hashes(toks, 16)
     r1 = e.submit("1", len(toks), h, 2, None)
     await _run(e, [r1])
     r2 = e.submit("2", len(toks), h, 2, None)
@@ -95,14 +102,14 @@ async def test_a_prefix_hit_that_needs_eviction_keeps_its_matched_blocks() -> No
     e = Engine(EngineConfig(p, time_scale=1))
     e.start()
     a = [f"a{i}" for i in range(160)]
-    r1 = e.submit("1", len(a), block_hashes(a, 16, "m"), 1, None)
+    r1 = e.submit("1", len(a), block_hashes(a, 16), 1, None)
     await _run(e, [r1])
     b = a[:80] + [f"b{i}" for i in range(190)]
-    r2 = e.submit("2", len(b), block_hashes(b, 16, "m"), 1, None)
+    r2 = e.submit("2", len(b), block_hashes(b, 16), 1, None)
     await _run(e, [r2])
     await e.stop()
     assert r2.state == "finished" and r2.num_cached == 80
-    assert e.kv.used_blocks == 0 and e.kv.match_prefix(block_hashes(b, 16, "m")) == 16
+    assert e.kv.used_blocks == 0 and e.kv.match_prefix(block_hashes(b, 16)) == 16
 
 
 async def test_engine_kv_exhaustion_queues_requests() -> None:

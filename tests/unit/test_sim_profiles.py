@@ -9,7 +9,16 @@ from types import ModuleType
 
 import pytest
 
-from ingate.sim.profiles import H100_LLAMA3_8B, L4_LLAMA3_8B, get_profile
+from ingate.sim.profiles import (
+    H100_LLAMA3_8B,
+    H100_SXM,
+    L4_LLAMA3_8B,
+    PROFILES,
+    TPU_V6E_LLAMA3_8B,
+    estimate_profile,
+    get_profile,
+    kv_cache_blocks,
+)
 
 CAL = Path(__file__).resolve().parents[2] / "calibration"
 
@@ -72,6 +81,28 @@ def test_l4_is_slower_everywhere_and_smaller() -> None:
     assert l4.step_ms(0, 0, 32, 32 * 1000) > 5 * h.step_ms(0, 0, 32, 32 * 1000)
     assert l4.step_ms(4096, 4096**2, 0, 0) > 5 * h.step_ms(4096, 4096**2, 0, 0)
     assert l4.num_gpu_blocks < h.num_gpu_blocks
+
+
+def test_estimates_reproduce_the_h100_from_its_own_specs() -> None:
+    # The memory model gives the measured KV capacity back, and scaling by ratios of 1 is the identity.
+    assert kv_cache_blocks(H100_SXM.memory_bytes, 8192) == pytest.approx(27_925, rel=0.001)
+    same = estimate_profile("h100-again", H100_SXM)
+    for f in ("decode_base", "step_floor", "decode_per_seq", "decode_per_ctx_token", "prefill_base",
+              "prefill_per_token", "prefill_quadratic"):  # fmt: skip
+        assert getattr(same, f) == pytest.approx(getattr(H100_LLAMA3_8B, f))
+
+
+def test_estimated_profiles_are_labelled_and_ordered_by_their_specs() -> None:
+    h, l4, v6e = H100_LLAMA3_8B, L4_LLAMA3_8B, TPU_V6E_LLAMA3_8B
+    assert all(p.source.startswith("estimate") for p in (l4, v6e))
+    assert h.source.startswith("measured")
+    decode = [p.step_ms(0, 0, 32, 32 * 1000) for p in (h, v6e, l4)]
+    assert decode[0] < decode[1] < decode[2]
+    # v6e: 1,638 GB/s against 3,350 -> about 2x slower decode; 918 vs 989 TFLOP/s -> prefill within 10%.
+    assert decode[1] / decode[0] == pytest.approx(3350 / 1638, rel=0.05)
+    assert v6e.step_ms(4096, 4096**2, 0, 0) == pytest.approx(h.step_ms(4096, 4096**2, 0, 0), rel=0.1)
+    assert l4.num_gpu_blocks < v6e.num_gpu_blocks < h.num_gpu_blocks
+    assert PROFILES["v6e"] is v6e and PROFILES["l4"] is l4
 
 
 def test_unknown_profile_names_the_known_ones() -> None:

@@ -9,9 +9,11 @@ import click
 import orjson
 from rich.console import Console
 
-from ingate.bench.report import headline_markdown, markdown_table, plot, print_table
+from ingate.bench.plots import plot
 from ingate.bench.runner import run_workload
-from ingate.bench.workload import load_workload
+from ingate.bench.stats import resummarize
+from ingate.bench.tables import headline_markdown, markdown_table, print_table
+from ingate.bench.workload import load_workload, with_seed_set
 
 RESULTS_DIR = Path("benchmarks/results")
 ALL_WORKLOADS = ("benchmarks/workloads/shared-prefix.yaml", "benchmarks/workloads/mixed.yaml")
@@ -35,6 +37,13 @@ def bench() -> None:
     help="Request streams per system (overrides load.streams): each reruns the sweep with new seeds "
     "on a fresh fleet, and each point pools them.",
 )
+@click.option(
+    "--eval",
+    "evaluation",
+    is_flag=True,
+    help="Use the held-out evaluation seeds (seed + 10,000) instead of the tuning seeds: what every "
+    "published number comes from.",
+)
 @click.option("--no-report", is_flag=True, help="Skip the table and PNG.")
 @click.option(
     "--db",
@@ -49,6 +58,7 @@ def run_cmd(
     out_dir: str,
     systems: str | None,
     streams: int | None,
+    evaluation: bool,
     no_report: bool,
     db_target: str | None,
     no_db: bool,
@@ -56,6 +66,8 @@ def run_cmd(
     """Run the workload in CONFIG against each system; write JSON (and a PNG + table) under --out, and
     record the curves into the benchmark database."""
     wl = load_workload(config)
+    if evaluation:
+        wl = with_seed_set(wl, "eval")
     if systems:
         wl.systems = [s.strip() for s in systems.split(",") if s.strip()]
     if streams is not None:
@@ -73,7 +85,9 @@ def run_cmd(
 
 
 def _report(paths: list[Path], png: Path, md: Path | None, console: Console) -> None:
-    results: list[dict[str, Any]] = [orjson.loads(p.read_bytes()) for p in paths]
+    # Summaries are recomputed from the records: one definition of goodput and percentiles for every
+    # file, whichever version of the harness wrote it.
+    results: list[dict[str, Any]] = [resummarize(orjson.loads(p.read_bytes())) for p in paths]
     print_table(results, console)
     console.print(f"plot: {plot(results, png)}")
     if md is not None:
@@ -102,12 +116,33 @@ def report_cmd(results: tuple[str, ...], png: str | None, markdown: str | None) 
 
 @bench.command("all")
 def all_cmd() -> None:
-    """Regenerate the committed results (shared-prefix and mixed workloads) and the markdown table."""
+    """Regenerate the committed results (shared-prefix and mixed workloads, evaluation seeds) and the
+    markdown table."""
     console = Console()
-    paths = [run_workload(load_workload(w), RESULTS_DIR, console) for w in ALL_WORKLOADS]
+    paths = [
+        run_workload(with_seed_set(load_workload(w), "eval"), RESULTS_DIR, console) for w in ALL_WORKLOADS
+    ]
     for p in paths:
         plot([orjson.loads(p.read_bytes())], p.with_suffix(".png"))
     _report(paths, RESULTS_DIR / "bench_all.png", RESULTS_DIR / "bench_table.md", console)
+
+
+@bench.command("archive")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--index",
+    type=click.Path(dir_okay=False),
+    default=str(RESULTS_DIR / "archive.json"),
+    show_default=True,
+    help="The archive index the summaries are appended to.",
+)
+def archive_cmd(results: tuple[str, ...], index: str) -> None:
+    """Replace superseded RESULTS files (and their PNGs) by compact summaries in the archive index;
+    the full files stay in git history (the index names the commit)."""
+    from ingate.bench.archive import archive
+
+    added = archive([Path(p) for p in results], Path(index), Path.cwd())
+    click.echo(f"archived {len(added)} result file(s) into {index}")
 
 
 @bench.command("install-peers")

@@ -10,7 +10,20 @@ from ingate.bench.importers import SIM_SERVER
 from ingate.bench.recommend import Option, Targets
 
 GKE_ACCELERATOR = {"h100": "nvidia-h100-80gb", "l4": "nvidia-l4"}
-"""The `cloud.google.com/gke-accelerator` node label of each priced accelerator."""
+"""The `cloud.google.com/gke-accelerator` node label of each priced GPU."""
+GKE_TPU = {"tpu-v6e": "tpu-v6e-slice"}
+"""The `cloud.google.com/gke-tpu-accelerator` node label of each priced TPU."""
+
+
+def _device_resource(accelerator: str) -> str:
+    return "google.com/tpu" if accelerator.startswith("tpu") else "nvidia.com/gpu"
+
+
+def _node_selector(accelerator: str) -> dict[str, str]:
+    if accelerator.startswith("tpu"):
+        return {"cloud.google.com/gke-tpu-accelerator": GKE_TPU.get(accelerator, accelerator)}
+    return {"cloud.google.com/gke-accelerator": GKE_ACCELERATOR.get(accelerator, accelerator)}
+
 
 SIM_BASE_PORT = 8100
 
@@ -75,10 +88,8 @@ def helm_values(o: Option, t: Targets) -> str:
             "model": k.model,
             "replicas": o.replicas,
             "args": [*(["--tensor-parallel-size", str(k.accelerators_per_replica)] if sim else []), *args],
-            "resources": {"limits": {"nvidia.com/gpu": k.accelerators_per_replica}},
-            "nodeSelector": {
-                "cloud.google.com/gke-accelerator": GKE_ACCELERATOR.get(k.accelerator, k.accelerator)
-            },
+            "resources": {"limits": {_device_resource(k.accelerator): k.accelerators_per_replica}},
+            "nodeSelector": _node_selector(k.accelerator),
         },
         "inferencePool": {
             "modelServers": {"matchLabels": {"app": "quickstart-model-server"}},

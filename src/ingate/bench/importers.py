@@ -16,6 +16,7 @@ import orjson
 import yaml
 
 from ingate.bench.db import CurveKey, Point, RunInfo
+from ingate.bench.stats import resummarize
 from ingate.sim.profiles import get_profile
 
 Triple = tuple[CurveKey, RunInfo, list[Point]]
@@ -106,9 +107,12 @@ def _bench_point(stage: dict[str, Any], slo: dict[str, Any]) -> Point:
 
 
 def from_bench_results(res: dict[str, Any], source: str) -> list[Triple]:
-    """One curve per system of an `ingate bench` results document (format `ingate-bench/1`)."""
+    """One curve per system of an `ingate bench` results document (format `ingate-bench/1`). Stage
+    summaries are recomputed from the stored request records with today's definitions, as
+    `ingate bench report` does (`resummarize`), so files from older harness versions agree."""
     if res.get("format") != "ingate-bench/1" or "workload" not in res:
         raise ImportError_(f"{source}: not an `ingate bench` results file (format ingate-bench/1)")
+    res = resummarize(res)
     wl = res["workload"]
     fleet = wl.get("fleet") or {}
     profile, scale, server_args = fleet_settings(fleet.get("args") or [])
@@ -127,6 +131,8 @@ def from_bench_results(res: dict[str, Any], source: str) -> list[Triple]:
     )
     load = wl.get("load") or {}
     seeds = f"seed={wl.get('seed', 0)} streams={load.get('streams', 1)}"
+    if wl.get("seed_set", "tuning") != "tuning":
+        seeds += f" set={wl['seed_set']}"
     slo = wl.get("slo") or {}
     out: list[Triple] = []
     for system in res.get("systems") or []:

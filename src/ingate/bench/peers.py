@@ -70,11 +70,10 @@ PEERS: dict[str, PeerSpec] = {
         ),
         default_policy="power_of_two",
         notes={
-            "power_of_two": "two random workers, the less loaded one (the router's own in-flight "
-            "counts); chosen because its cache_aware cannot see prefixes here (see cache_aware)",
-            "cache_aware": "needs POST /v1/completions/render returning token ids (real vLLM with "
-            "--enable-scale-out); the simulator has no such route, so every request logs "
-            "render_unavailable and is routed by load alone",
+            "power_of_two": "two random workers, the less loaded one (the router's own in-flight counts)",
+            "cache_aware": "radix tree over token ids it gets from the workers' POST "
+            "/v1/completions/render (real vLLM with --enable-scale-out; the simulator serves it), "
+            "switching to least-load past its imbalance thresholds",
         },
         extra_args=("--log-level", "warning"),
     ),

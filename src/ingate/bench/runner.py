@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ingate.bench import systems as sysmod
 from ingate.bench.loadgen import RequestRecord, StageResult, make_session, run_concurrent, run_poisson
-from ingate.bench.report import max_sustainable_rate, summarize, tenant_summaries
+from ingate.bench.stats import max_sustainable_rate, summarize, tenant_summaries
 from ingate.bench.workload import BenchRequest, RequestStream, Tenant, Workload
 
 STREAM_SHIFT = 100

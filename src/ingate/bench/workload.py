@@ -128,6 +128,27 @@ class Tenant(_Strict):
     rates: list[float]
 
 
+SEED_SETS: dict[str, int] = {"tuning": 0, "eval": 10_000}
+"""Seeds are split in two disjoint sets (docs/benchmarks.md, "Tuning and evaluation seeds"):
+
+- `tuning`: the workload's own `seed` (streams k = 0, 1, ... shift it by 100 k): what the scheduler
+  replay, profile tuning and default selection read;
+- `eval`: `seed + 10,000` (its streams likewise), and the workload variants under
+  `benchmarks/workloads/eval/`: what every headline number in the README and docs comes from. No
+  tuning step may read them (the replay refuses to).
+"""
+EVAL_WORKLOADS_DIR = "workloads/eval"
+"""Held-out workload shapes (other length distributions and prefix-group sizes) live here."""
+
+
+def with_seed_set(wl: Workload, seed_set: str) -> Workload:
+    """`wl` with the seeds of `seed_set` (`tuning` leaves it as is); records the set on the workload."""
+    if seed_set not in SEED_SETS:
+        raise ValueError(f"unknown seed set {seed_set!r} (known: {', '.join(SEED_SETS)})")
+    out = wl.model_copy(update={"seed": wl.seed + SEED_SETS[seed_set], "seed_set": seed_set})
+    return out
+
+
 # Keys of the generated gateway config a workload may not override (the harness owns them).
 _HARNESS_KEYS = frozenset({"listen", "dataplane"})
 
@@ -138,6 +159,8 @@ class Workload(_Strict):
     name: str
     description: str = ""
     seed: int = 0
+    seed_set: Literal["tuning", "eval"] = "tuning"
+    """Which seed set `seed` belongs to (`with_seed_set`; written into results for the record)."""
     api: Literal["completion", "chat"] = "completion"
     model: str = "meta-llama/Llama-3.1-8B-Instruct"
     data: SharedPrefixData | RandomData = Field(discriminator="type")

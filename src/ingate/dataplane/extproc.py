@@ -47,54 +47,53 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, get_args
 
-import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
-from ingate.dataplane.grpc_h2 import GrpcH2Server, StreamMethod
+from ingate.dataplane.extproc_messages import (
+    ANSWER_CACHE,
+    DEFAULT_MAX_BODY,
+    EMPTY_REQ_HEADERS,
+    EMPTY_REQ_TRAILERS,
+    EMPTY_RESP_EOS,
+    EMPTY_RESP_HEADERS,
+    EMPTY_RESP_TRAILERS,
+    INGATE_NAMESPACE,
+    KEY_FIELD,
+    LB_NAMESPACE,
+    MAX_CHUNK,
+    body_chunk,
+    echo_body,
+    gateway_error_response,
+    header_map,
+    immediate_error,
+    lb_metadata,
+    set_header,
+)
 from ingate.errors import GatewayError
+from ingate.lifecycle import Decision, DirectorLike, ResponseInfo
 from ingate.request import HDR_DESTINATION, HDR_DESTINATION_SERVED
-from ingate.scheduling.framework import ResponseInfo
 from ingate.usage import USAGE_TAIL, parse_usage_tail
 
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "INGATE_NAMESPACE",
+    "LB_NAMESPACE",
+    "MAX_CHUNK",
+    "RESPONSE_MODES",
+    "ExtProcServicer",
+    "InfoFactory",
+    "ResponseMode",
+    "ResponseOutcome",
+    "immediate_error",
+    "to_response_info",
+]
+
 log = logging.getLogger(__name__)
-
-MAX_CHUNK = 62_000
-"""Largest body chunk sent back to Envoy in one streamed mutation (stays under gRPC's default frame)."""
-LB_NAMESPACE = "envoy.lb"
-DEFAULT_MAX_BODY = 16 * 1024 * 1024
-ANSWER_CACHE = 4096
-"""Prebuilt per-destination answers kept (a pool has at most a few thousand endpoints)."""
-
-# Prebuilt constant answers: one allocation at import, none per message.
-_EMPTY_REQ_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-_EMPTY_RESP_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-_EMPTY_REQ_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-_EMPTY_RESP_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-_EMPTY_RESP_EOS = pb.ProcessingResponse(
-    response_body=pb.BodyResponse(
-        response=pb.CommonResponse(
-            body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(end_of_stream=True))
-        )
-    )
-)
-
-
-class DirectorLike(Protocol):
-    """What the processor needs from `ingate.director.Director` (see its module docstring)."""
-
-    async def handle(self, path: str, headers: Mapping[str, str], raw_body: bytes) -> Any: ...
-
-    def on_first_token(self, decision: Any) -> None: ...
-
-    def finish(self, decision: Any, info: Any) -> None: ...
 
 
 @dataclass(slots=True)
@@ -114,12 +113,12 @@ class ResponseOutcome:
     body_bytes: int = 0
 
 
-InfoFactory = Callable[[Any, ResponseOutcome], Any]
+InfoFactory = Callable[[Decision, ResponseOutcome], ResponseInfo]
 """Builds the director's `ResponseInfo` from what the processor observed."""
 
 
-def to_response_info(decision: Any, o: ResponseOutcome) -> ResponseInfo:
-    """The default `InfoFactory`: `ingate.scheduling.framework.ResponseInfo` with TTFT and e2e times.
+def to_response_info(decision: Decision, o: ResponseOutcome) -> ResponseInfo:
+    """The default `InfoFactory`: `ingate.lifecycle.ResponseInfo` with TTFT and e2e times.
 
     A stream that ended early (client gone, reset) reports status 499 when the upstream had answered
     with success, so learning plugins do not count a cut-off response as a complete one.
@@ -135,44 +134,7 @@ def to_response_info(decision: Any, o: ResponseOutcome) -> ResponseInfo:
     )
 
 
-def _header_map(headers: base_pb2.HeaderMap) -> dict[str, str]:
-    """Envoy sends values in `raw_value` (bytes) since 1.27; older ones use `value`."""
-    out: dict[str, str] = {}
-    for h in headers.headers:
-        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
-    return out
-
-
-def _set_header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, raw_value=value.encode("latin-1")),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-    )
-
-
-def _lb_metadata(destination: str) -> struct_pb2.Struct:
-    md = struct_pb2.Struct()
-    md.fields[LB_NAMESPACE].struct_value.fields[HDR_DESTINATION].string_value = destination
-    return md
-
-
-def immediate_error(status: int, body: bytes, headers: Mapping[str, str]) -> pb.ProcessingResponse:
-    """An `ImmediateResponse` that ends the request with `status` and a JSON error body."""
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),
-            headers=pb.HeaderMutation(set_headers=[_set_header(k, v) for k, v in headers.items()]),
-            body=body,
-            details="ingate_" + str(status),
-        )
-    )
-
-
-def _gateway_error_response(e: GatewayError) -> pb.ProcessingResponse:
-    return immediate_error(e.status, e.body(), e.headers())
-
-
-def _destination(decision: Any, fallbacks: int) -> str:
+def _destination(decision: Decision, fallbacks: int) -> str:
     """`ip:port[,ip:port...]`: the target, then up to `fallbacks` alternatives in order."""
     primary: str = decision.target.address
     if fallbacks <= 0:
@@ -194,9 +156,6 @@ def _destination(decision: Any, fallbacks: int) -> str:
 ResponseMode = Literal["observe", "full", "none"]
 """How Envoy shows the picker the response (see the module docstring and `ingate.dataplane.envoy`)."""
 RESPONSE_MODES: tuple[str, ...] = get_args(ResponseMode)
-INGATE_NAMESPACE = "ingate"
-"""Dynamic-metadata namespace of the request key that ties an observer stream to its request."""
-KEY_FIELD = "key"
 LINGER_S = 0.5
 """observe: how long a request outlives its request-side stream for the observer stream to finish it
 (the observer's last messages may still be queued); after that it is released as cut off."""
@@ -206,7 +165,7 @@ LINGER_S = 0.5
 class _Exchange:
     """One routed request: the decision and what was seen of its response, until `finish` ran once."""
 
-    decision: Any
+    decision: Decision
     outcome: ResponseOutcome
     key: str = ""
     tail: bytearray = field(default_factory=bytearray)
@@ -248,6 +207,24 @@ class _Exchange:
 
     def complete(self, eos: bool) -> bool:
         return eos or 0 <= self.resp_len <= self.outcome.body_bytes
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One ext_proc stream's state, shared by its request- and response-phase handlers."""
+
+    ex: _Exchange | None = None
+    started: float = 0.0
+    path: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    closed: bool = False
+    """The answers just produced end the stream (an error answer: nothing more will be processed)."""
+    first_pending: bool = False
+    """full: the first token was seen and `director.on_first_token` is still to run."""
+    unaccounted: bool = False
+    """full: the response completed and `director.finish` is still to run."""
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
@@ -302,33 +279,33 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def _headers_only(self) -> pb.ProcessingResponse:
         dest = self.any_endpoint() if self.any_endpoint is not None else None
         if not dest:
-            return _EMPTY_REQ_HEADERS
+            return EMPTY_REQ_HEADERS
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(
-                    header_mutation=pb.HeaderMutation(set_headers=[_set_header(HDR_DESTINATION, dest)]),
+                    header_mutation=pb.HeaderMutation(set_headers=[set_header(HDR_DESTINATION, dest)]),
                     clear_route_cache=True,
                 )
             ),
-            dynamic_metadata=_lb_metadata(dest),
+            dynamic_metadata=lb_metadata(dest),
         )
 
-    async def _decide(
-        self, path: str, headers: Mapping[str, str], chunks: list[bytes], started: float
-    ) -> tuple[_Exchange | None, list[pb.ProcessingResponse]]:
-        """Hand the complete body to the director (clearing `chunks`); the exchange and the answers to
-        send, or (None, [error]) when the director refuses the request."""
+    async def _decide(self, st: _Stream) -> list[pb.ProcessingResponse]:
+        """Hand the complete body to the director (clearing the buffered chunks); the answers to send.
+        A refused request (`GatewayError`) gets its error answer and closes the stream."""
+        chunks = st.chunks
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         try:
-            decision = await self.director.handle(path, headers, raw)
+            decision = await self.director.handle(st.path, st.headers, raw)
         except GatewayError as e:
-            return None, [_gateway_error_response(e)]
-        ex = _Exchange(decision, ResponseOutcome(started_at=started))
+            st.closed = True
+            return [gateway_error_response(e)]
+        ex = st.ex = _Exchange(decision, ResponseOutcome(started_at=st.started))
         if self.responses == "observe":
             ex.key = str(next(self._keys))
             self._exchanges[ex.key] = ex
-        return ex, self._decided(ex, len(raw))
+        return self._decided(ex, len(raw))
 
     def _headers_answer(self, dest: str, new_length: int | None, key: str) -> pb.ProcessingResponse:
         """The request-headers answer routing to `dest`. Constant per destination when the body is
@@ -353,9 +330,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
 
     @staticmethod
     def _build_headers_answer(dest: str, new_length: int | None) -> pb.ProcessingResponse:
-        sets = [_set_header(HDR_DESTINATION, dest)]
+        sets = [set_header(HDR_DESTINATION, dest)]
         if new_length is not None:
-            sets.append(_set_header("content-length", str(new_length)))
+            sets.append(set_header("content-length", str(new_length)))
         return pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(
                 response=pb.CommonResponse(
@@ -363,7 +340,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     clear_route_cache=True,
                 )
             ),
-            dynamic_metadata=_lb_metadata(dest),
+            dynamic_metadata=lb_metadata(dest),
         )
 
     def _served_answer(self, address: str) -> pb.ProcessingResponse:
@@ -374,7 +351,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 response_headers=pb.HeadersResponse(
                     response=pb.CommonResponse(
                         header_mutation=pb.HeaderMutation(
-                            set_headers=[_set_header(HDR_DESTINATION_SERVED, address)]
+                            set_headers=[set_header(HDR_DESTINATION_SERVED, address)]
                         )
                     )
                 )
@@ -392,12 +369,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         n = len(body)
         out = [self._headers_answer(dest, None if n == original_len else n, ex.key)]
         if n == 0:
-            out.append(_body_chunk(b"", True))
+            out.append(body_chunk(b"", True))
             return out
         view = memoryview(body)
         for off in range(0, n, MAX_CHUNK):
             end = min(off + MAX_CHUNK, n)
-            out.append(_body_chunk(bytes(view[off:end]), end == n))
+            out.append(body_chunk(bytes(view[off:end]), end == n))
         return out
 
     # --- the streams --------------------------------------------------------------------------
@@ -406,114 +383,133 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
         """Serve one ext_proc stream: a request's (see the module docstring for the sequence) or, when
-        it starts with an observability-mode response, an observer's (`_observe`)."""
+        it starts with an observability-mode response, an observer's (`_observe`). Request-phase
+        messages go to `_request_message`, response-phase ones to the `_response_*` handlers."""
         self.active_streams += 1
         director = self.director
-        ex: _Exchange | None = None
-        started = 0.0
-        path = ""
-        headers: dict[str, str] = {}
-        chunks: list[bytes] = []
-        size = 0
-        first_pending = False
-        """full: the first token was seen and `director.on_first_token` is still to run."""
-        unaccounted = False
-        """full: the response completed and `director.finish` is still to run."""
+        st = _Stream()
         loop = asyncio.get_running_loop()
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
                 if kind == "response_body":
-                    rb = msg.response_body
-                    data = rb.body
-                    if ex is not None and not ex.done:
-                        first_pending = ex.on_body(data)
-                        if ex.complete(rb.end_of_stream):
-                            # Accounted as complete even if Envoy closes the stream as soon as it has
-                            # this chunk and the generator never resumes (see finally).
-                            ex.done = unaccounted = True
-                            ex.outcome.ended_at = time.monotonic()
-                    if rb.end_of_stream:
-                        yield _echo_body(data, True) if data else _EMPTY_RESP_EOS
-                    else:
-                        yield _echo_body(data, False)
+                    yield self._response_body(st, msg.response_body)
                     # The echo is queued with the transport; the feedback work (metrics, plugins'
                     # post-response hooks) runs after it, off the token's path (FIFO callbacks).
-                    if first_pending:
-                        first_pending = False
-                        loop.call_soon(director.on_first_token, ex.decision)  # type: ignore[union-attr]
-                    if unaccounted:
-                        unaccounted = False
-                        loop.call_soon(self._report, ex, None)  # type: ignore[arg-type]
-                elif kind == "request_body":
-                    rb2 = msg.request_body
-                    if rb2.body:
-                        size += len(rb2.body)
-                        if size > self.max_body_bytes:
-                            yield _gateway_error_response(self._too_large)
-                            return
-                        chunks.append(rb2.body)
-                    if rb2.end_of_stream:
-                        ex, answers = await self._decide(path, headers, chunks, started)
-                        for r in answers:
-                            yield r
-                        if ex is None:
-                            return
-                elif kind == "request_headers":
-                    rh = msg.request_headers
-                    started = time.monotonic()
-                    headers = _header_map(rh.headers)
-                    path = headers.get(":path", "")
-                    cl = headers.get("content-length")
-                    if cl is not None and cl.isdigit() and int(cl) > self.max_body_bytes:
-                        yield _gateway_error_response(self._too_large)
-                        return
-                    if rh.end_of_stream:
-                        yield self._headers_only()  # nothing to account: no decision is made
+                    if st.first_pending:
+                        st.first_pending = False
+                        loop.call_soon(director.on_first_token, st.ex.decision)  # type: ignore[union-attr]
+                    if st.unaccounted:
+                        st.unaccounted = False
+                        loop.call_soon(self._report, st.ex, None)  # type: ignore[arg-type]
                 elif kind == "response_headers":
-                    if msg.observability_mode and not path:
+                    if msg.observability_mode and not st.path:
                         await self._observe(msg, request_iterator)
                         return
-                    end = ex is not None and not ex.done and ex.on_headers(msg.response_headers)
-                    if self.report_served and ex is not None:
-                        yield self._served_answer(ex.decision.target.address)
-                    else:
-                        yield _EMPTY_RESP_HEADERS
+                    answer, end = self._response_headers(st, msg.response_headers)
+                    yield answer
                     if end:
-                        self._finish(ex, None)  # type: ignore[arg-type]
+                        self._finish(st.ex, None)  # type: ignore[arg-type]
                 elif kind == "response_trailers":
-                    if ex is not None and self.responses == "full":
-                        self._finish(ex, None)
-                    yield _EMPTY_RESP_TRAILERS
-                elif kind == "request_trailers":
-                    # Trailers end the request body; decide now if the body had no end_of_stream chunk.
-                    if ex is None and path:
-                        ex, answers = await self._decide(path, headers, chunks, started)
-                        for r in answers:
-                            yield r
-                        if ex is None:
-                            return
-                    yield _EMPTY_REQ_TRAILERS
+                    yield self._response_trailers(st)
+                else:
+                    for r in await self._request_message(st, kind, msg):
+                        yield r
+                    if st.closed:
+                        return
         except asyncio.CancelledError:
             # Envoy resets the stream at the end of the HTTP stream (observe, none) and right after a
             # completed response (full): an error only when a full-mode response is cut off.
+            ex = st.ex
             if ex is not None and not ex.done and self.responses == "full":
                 ex.outcome.error = "cancelled"
             raise
         except Exception as e:  # never leave a decision unreleased; Envoy applies its failure mode
+            ex = st.ex
             if ex is not None and not ex.done:
                 ex.outcome.error = f"processor error: {e!r}"
             log.exception("ext_proc stream failed")
             raise
         finally:
             self.active_streams -= 1
+            ex = st.ex
             if ex is not None:
-                if first_pending:
+                if st.first_pending:
                     director.on_first_token(ex.decision)
-                if unaccounted:
+                if st.unaccounted:
                     self._report(ex, None)
                 elif not ex.done:
                     self._request_ended(ex, loop)
+
+    # --- request phase ------------------------------------------------------------------------
+
+    async def _request_message(
+        self, st: _Stream, kind: str | None, msg: pb.ProcessingRequest
+    ) -> list[pb.ProcessingResponse]:
+        """Answers to one request-phase message; sets `st.closed` when the stream ends with them."""
+        if kind == "request_body":
+            rb = msg.request_body
+            if rb.body:
+                st.size += len(rb.body)
+                if st.size > self.max_body_bytes:
+                    st.closed = True
+                    return [gateway_error_response(self._too_large)]
+                st.chunks.append(rb.body)
+            if rb.end_of_stream:
+                return await self._decide(st)
+            return []
+        if kind == "request_headers":
+            rh = msg.request_headers
+            st.started = time.monotonic()
+            st.headers = headers = header_map(rh.headers)
+            st.path = headers.get(":path", "")
+            cl = headers.get("content-length")
+            if cl is not None and cl.isdigit() and int(cl) > self.max_body_bytes:
+                st.closed = True
+                return [gateway_error_response(self._too_large)]
+            if rh.end_of_stream:
+                return [self._headers_only()]  # nothing to account: no decision is made
+            return []
+        if kind == "request_trailers":
+            # Trailers end the request body; decide now if the body had no end_of_stream chunk.
+            out: list[pb.ProcessingResponse] = []
+            if st.ex is None and st.path:
+                out = await self._decide(st)
+                if st.closed:
+                    return out
+            out.append(EMPTY_REQ_TRAILERS)
+            return out
+        return []
+
+    # --- response phase -----------------------------------------------------------------------
+
+    def _response_headers(self, st: _Stream, rsh: pb.HttpHeaders) -> tuple[pb.ProcessingResponse, bool]:
+        """The answer, and whether the response ended with its headers (no body)."""
+        ex = st.ex
+        end = ex is not None and not ex.done and ex.on_headers(rsh)
+        if self.report_served and ex is not None:
+            return self._served_answer(ex.decision.target.address), end
+        return EMPTY_RESP_HEADERS, end
+
+    def _response_body(self, st: _Stream, rb: pb.HttpBody) -> pb.ProcessingResponse:
+        """Account one response chunk (first token, completion) and echo it."""
+        data = rb.body
+        ex = st.ex
+        if ex is not None and not ex.done:
+            st.first_pending = ex.on_body(data)
+            if ex.complete(rb.end_of_stream):
+                # Accounted as complete even if Envoy closes the stream as soon as it has this chunk
+                # and the generator never resumes (see Process's finally).
+                ex.done = st.unaccounted = True
+                ex.outcome.ended_at = time.monotonic()
+        if rb.end_of_stream:
+            return echo_body(data, True) if data else EMPTY_RESP_EOS
+        return echo_body(data, False)
+
+    def _response_trailers(self, st: _Stream) -> pb.ProcessingResponse:
+        if st.ex is not None and self.responses == "full":
+            self._finish(st.ex, None)
+        return EMPTY_RESP_TRAILERS
 
     def _request_ended(self, ex: _Exchange, loop: asyncio.AbstractEventLoop) -> None:
         """The request's own stream ended before its response was reported."""
@@ -588,114 +584,3 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             self.director.finish(ex.decision, self.info_factory(ex.decision, outcome))
         except Exception:
             log.exception("director.finish failed")
-
-
-def _body_chunk(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)
-                )
-            )
-        )
-    )
-
-
-def _echo_body(data: bytes, eos: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        response_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=data, end_of_stream=eos)
-                )
-            )
-        )
-    )
-
-
-PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-Transport = Literal["h2", "grpcio"]
-TRANSPORTS: tuple[str, ...] = get_args(Transport)
-
-
-class ExtProcServer:
-    """Hosts `ExtProcServicer` on one address (loopback by default) over a gRPC transport.
-
-    The servicer's `Process` is the whole protocol; the transport only carries messages:
-
-    - ``"h2"`` (default): `ingate.dataplane.grpc_h2`, a small HTTP/2 gRPC server in the caller's event
-      loop (no thread hop per message; see that module and docs/envoy.md for the measured difference);
-    - ``"grpcio"``: `grpc.aio`, the reference implementation (its own poller thread).
-    """
-
-    def __init__(
-        self, servicer: ExtProcServicer, host: str = "127.0.0.1", port: int = 0, transport: Transport = "h2"
-    ) -> None:
-        if transport not in TRANSPORTS:
-            raise ValueError(f"unknown ext_proc transport {transport!r} (known: {', '.join(TRANSPORTS)})")
-        self.servicer = servicer
-        self.host = host
-        self.port = port
-        self.transport = transport
-        self._server: grpc.aio.Server | None = None
-        self._h2: GrpcH2Server | None = None
-
-    async def start(self) -> int:
-        """Bind and start serving; returns the bound port (useful when `port` was 0)."""
-        if self.transport == "h2":
-            svc = self.servicer
-            h2 = GrpcH2Server(
-                {
-                    PROCESS_METHOD: StreamMethod(
-                        decode=pb.ProcessingRequest.FromString,
-                        handler=lambda requests: svc.Process(requests, None),
-                        encode=pb.ProcessingResponse.SerializeToString,
-                    )
-                }
-            )
-            try:
-                self.port = await h2.start(self.host, self.port)
-            except OSError as e:
-                raise OSError(f"ext_proc server could not bind {self.host}:{self.port}: {e}") from e
-            self._h2 = h2
-            return self.port
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_concurrent_streams", 10_000),
-            ]
-        )
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
-        if bound == 0:
-            raise OSError(f"ext_proc server could not bind {self.host}:{self.port}")
-        await server.start()
-        self.port = bound
-        self._server = server
-        return bound
-
-    async def stop(self, grace: float = 1.0) -> None:
-        """Stop accepting streams; in-flight ones get `grace` seconds, then are cancelled."""
-        if self._h2 is not None:
-            await self._h2.stop(grace)
-            self._h2 = None
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
-
-
-def first_of(addresses: Callable[[], Sequence[str]]) -> Callable[[], str | None]:
-    """An `any_endpoint` for headers-only requests that rotates over the current pool addresses."""
-    state = [0]
-
-    def pick() -> str | None:
-        addrs = addresses()
-        if not addrs:
-            return None
-        state[0] = (state[0] + 1) % len(addrs)
-        return addrs[state[0]]
-
-    return pick

@@ -33,6 +33,7 @@ import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -712,12 +713,12 @@ class GrpcH2Server:
         self._stopping = False
         self.port = 0
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Bind and serve; returns the bound port."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, ssl: SSLContext | None = None) -> int:
+        """Bind and serve (over TLS with `ssl`, which must offer ALPN `h2`); returns the bound port."""
         loop = asyncio.get_running_loop()
         self._stopping = False
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True
+            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True, ssl=ssl
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port

@@ -3,22 +3,26 @@
 Streams responses through as they arrive (no buffering), forwards status codes and bodies faithfully,
 retries on a fallback endpoint when a connection is refused before any byte reached the client, turns a
 client disconnect into a cancelled upstream request, and answers its own errors OpenAI-style.
+
+It talks to the picker only through `ingate.lifecycle.DirectorLike` (the seam the Envoy data plane
+uses too), plus a readiness check, a metrics registry and the model list.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ingate.director import Decision
+from ingate.config import ProxyConfig
+from ingate.dataplane.base import PickerCore
 from ingate.errors import GatewayError
-from ingate.gateway import Gateway
+from ingate.lifecycle import Decision, DirectorLike, ResponseInfo
 from ingate.request import HDR_DESTINATION_SERVED, HDR_REQUEST_ID, INFERENCE_PATHS
-from ingate.scheduling.framework import ResponseInfo
 from ingate.telemetry import get_logger, kv
 from ingate.usage import USAGE_TAIL, parse_usage_tail
 
@@ -46,19 +50,45 @@ def _error_response(e: GatewayError) -> web.Response:
 
 
 class BuiltinProxy:
-    """Serves the gateway's director on one HTTP port."""
+    """Serves a director on one HTTP port (`BuiltinProxy.serving(gateway)` wires a whole gateway)."""
 
-    def __init__(self, gateway: Gateway, host: str | None = None, port: int | None = None) -> None:
-        self.gateway = gateway
-        cfg = gateway.config
-        self.host = host if host is not None else cfg.listen.host
-        self.port = port if port is not None else cfg.listen.port
-        p = cfg.proxy
+    def __init__(
+        self,
+        director: DirectorLike,
+        settings: ProxyConfig,
+        host: str,
+        port: int,
+        *,
+        ready: Callable[[], bool] = lambda: True,
+        registry: CollectorRegistry | None = None,
+        models: Callable[[], list[dict[str, Any]]] = list,
+    ) -> None:
+        self.director = director
+        self.host = host
+        self.port = port
+        self._ready_check = ready
+        self._registry = registry
+        self._model_list = models
+        p = settings
         self._timeout = aiohttp.ClientTimeout(total=p.request_timeout_s, connect=p.connect_timeout_s)
         self._retries = p.retries
         self._max_body = p.max_body_bytes
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+
+    @classmethod
+    def serving(cls, core: PickerCore, host: str | None = None, port: int | None = None) -> BuiltinProxy:
+        """The proxy for a gateway core, on `host`/`port` or its config's `listen` address."""
+        cfg = core.config
+        return cls(
+            core.director,
+            cfg.proxy,
+            cfg.listen.host if host is None else host,
+            cfg.listen.port if port is None else port,
+            ready=core.ready,
+            registry=core.registry,
+            models=core.director.models,
+        )
 
     @property
     def url(self) -> str:
@@ -103,34 +133,19 @@ class BuiltinProxy:
         return web.json_response({"status": "ok"})
 
     async def _ready(self, request: web.Request) -> web.Response:
-        if self.gateway.ready():
+        if self._ready_check():
             return web.json_response({"status": "ready"})
         err = GatewayError(503, "no endpoint with fresh metrics yet", "not_ready")
         return _error_response(err)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.gateway.telemetry.registry)
+        if self._registry is None:
+            raise web.HTTPNotFound()
+        body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _models(self, request: web.Request) -> web.Response:
-        m = self.gateway.config.models
-        created = int(time.time())
-        data = [{"id": n, "object": "model", "created": created, "owned_by": "ingate"} for n in m.served]
-        data += [
-            {
-                "id": a,
-                "object": "model",
-                "created": created,
-                "owned_by": "ingate",
-                "parent": m.served[0] if m.served else None,
-            }
-            for a in m.adapters
-        ]
-        data += [
-            {"id": r.matches[0].model.value, "object": "model", "created": created, "owned_by": "ingate"}
-            for r in m.rewrites
-        ]
-        return web.json_response({"object": "list", "data": data})
+        return web.json_response({"object": "list", "data": self._model_list()})
 
     # -- inference ------------------------------------------------------------------------------------
     async def _inference(self, request: web.Request) -> web.StreamResponse:
@@ -144,7 +159,7 @@ class BuiltinProxy:
             return _error_response(
                 GatewayError(413, f"request body exceeds the limit of {self._max_body} bytes", "too_large")
             )
-        director = self.gateway.director
+        director = self.director
         try:
             decision = await director.handle(request.path, request.headers, raw)
         except GatewayError as e:
@@ -168,7 +183,7 @@ class BuiltinProxy:
 
     async def _forward(self, request: web.Request, d: Decision, info: ResponseInfo) -> web.StreamResponse:
         assert self._session is not None
-        director = self.gateway.director
+        director = self.director
         fwd = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         fwd[HDR_REQUEST_ID] = d.request.request_id
         fwd["Content-Type"] = "application/json"

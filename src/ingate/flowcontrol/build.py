@@ -19,7 +19,14 @@ def build_flow_controller(
     """A controller for ``raw`` (None or ``enabled: false`` -> None); raises pydantic ValidationError."""
     if raw is None:
         return None
-    cfg = FlowControlConfig.model_validate(dict(raw))
+    return flow_controller(FlowControlConfig.model_validate(dict(raw)), datastore, registry)
+
+
+def flow_controller(
+    cfg: FlowControlConfig, datastore: Datastore, registry: CollectorRegistry | None = None
+) -> FlowController | None:
+    """A controller for a validated config (None when not enabled), forgetting endpoints that leave
+    the pool and exporting its metrics to `registry`."""
     if not cfg.enabled:
         return None
     fc = FlowController(cfg, datastore, metrics=FlowControlMetrics(registry))

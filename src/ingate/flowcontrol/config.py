@@ -54,6 +54,10 @@ class FlowControlConfig(_Model):
     vtc_output_weight: float = Field(default=2.0, ge=0)
     queue_ttl_s: float = Field(default=30.0, gt=0)
     """A request queued longer than this is answered 503."""
+    no_endpoint_ttl_s: float = Field(default=60.0, gt=0)
+    """Scale from zero (upstream `noEndpointRequestTTL`): while the pool has no ready endpoint, every
+    request (sheddable ones too) waits up to this long for one and is dispatched as soon as one is
+    ready; past it, 503 `no_endpoint` with Retry-After."""
     saturation: SaturationConfig = Field(default_factory=SaturationConfig)
     dispatch_headroom: int = Field(default=0, ge=0)
     """Extra requests per endpoint the dispatcher may send beyond the queue-depth threshold."""

@@ -47,6 +47,8 @@ class _Item:
     expires_at: float
     expiry_reason: str
     future: asyncio.Future[Ticket]
+    expiry_code: str = "queue_ttl_expired"
+    """The 503's error code (and drop reason) at expiry: `no_endpoint` for scale-from-zero waits."""
     queued: bool = True
     """False once the item left its queue (dispatched, expired, cancelled): its heap entry is stale."""
 
@@ -122,6 +124,9 @@ class FlowController:
         flow = request.fairness_id
         size = len(request.raw_body) if size_bytes is None else size_bytes
         tokens = request.estimated_prompt_tokens if est_tokens is None else est_tokens
+        no_endpoint = not any(ep.healthy for ep in self.datastore.endpoints())
+        if no_endpoint:
+            return await self._wait_for_endpoint(flow, prio, size, tokens, now, deadline)
         if not self._queued_at_or_above(prio) and self._band_room(prio):
             if self._capacity(now) > 0:
                 return self._dispatched(flow, prio, tokens, now, now, queued=False)
@@ -159,8 +164,54 @@ class FlowController:
         expires, reason = now + c.queue_ttl_s, f"queued longer than the queue TTL ({c.queue_ttl_s:g} s)"
         if deadline is not None and deadline < expires:
             expires, reason = deadline, "request deadline passed while queued"
+        return await self._enqueue(band, fq, fbytes, flow, prio, size, tokens, now, expires, reason)
+
+    async def _wait_for_endpoint(
+        self,
+        flow: str,
+        prio: int,
+        size: int,
+        tokens: int,
+        now: float,
+        deadline: float | None,
+    ) -> Ticket:
+        """Scale from zero: no endpoint is ready, so the request waits for one (any priority)."""
+        c = self.config
+        band = self._band(prio)
+        fq = band.flows.get(flow)
+        fbytes = band.flow_bytes.get(flow, 0)
+        if band.count >= band.max_requests or band.bytes + size > band.max_bytes:
+            self.metrics.rejected.labels(str(prio), "queue_full").inc()
+            raise GatewayError(
+                503,
+                "no model-server endpoint is ready and the wait queue is full",
+                "no_endpoint",
+                retry_after=c.retry_after_s,
+            )
+        expires = now + c.no_endpoint_ttl_s
+        reason = f"no model-server endpoint became ready within {c.no_endpoint_ttl_s:g} s"
+        if deadline is not None and deadline < expires:
+            expires, reason = deadline, "request deadline passed while waiting for an endpoint"
+        return await self._enqueue(
+            band, fq, fbytes, flow, prio, size, tokens, now, expires, reason, code="no_endpoint"
+        )
+
+    async def _enqueue(
+        self,
+        band: _Band,
+        fq: deque[_Item] | None,
+        fbytes: int,
+        flow: str,
+        prio: int,
+        size: int,
+        tokens: int,
+        now: float,
+        expires: float,
+        reason: str,
+        code: str = "queue_ttl_expired",
+    ) -> Ticket:
         item = _Item(
-            flow, prio, size, tokens, now, expires, reason, asyncio.get_running_loop().create_future()
+            flow, prio, size, tokens, now, expires, reason, asyncio.get_running_loop().create_future(), code
         )
         if fq is None:
             fq = band.flows[flow] = deque()
@@ -457,8 +508,11 @@ class FlowController:
                 now - item.enqueued_at
             )
             if not item.future.done():
+                retry = self.config.retry_after_s if item.expiry_code == "no_endpoint" else None
                 item.future.set_exception(
-                    GatewayError(503, f"flow control: {item.expiry_reason}", "queue_ttl_expired")
+                    GatewayError(
+                        503, f"flow control: {item.expiry_reason}", item.expiry_code, retry_after=retry
+                    )
                 )
 
     def _gauges(self, band: _Band, flow: str) -> None:

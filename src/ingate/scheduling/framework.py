@@ -3,26 +3,27 @@
 A plugin is a small class with a `name`, typed parameters from config and one method of its protocol.
 Plugins are pure and fast: no I/O, no awaits; everything they read comes from the request and the
 endpoints' latest metrics in the datastore. Scores are in [0, 1]; profiles weight and sum them.
+
+Plugins that learn from outcomes also implement the lifecycle hooks of `ingate.lifecycle`
+(`PostSchedule`, `FirstToken`, `PostResponse`), which the director runs for the profile that scheduled
+the request. `CycleState` and `SchedulingResult` live there too (they travel with the request) and are
+re-exported here for plugin authors. Plugins register themselves by name in
+`ingate.scheduling.plugins.registry`; one that keeps state worth watching can expose Prometheus
+metrics through `ingate.scheduling.plugins.registry.ExposesMetrics`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ingate.datastore import Endpoint
+from ingate.lifecycle import CycleState, SchedulingResult
 from ingate.request import InferenceRequest
+
+__all__ = ["PREFIX_MATCH_KEY", "CycleState", "Filter", "Picker", "SchedulingResult", "Scorer"]
 
 PREFIX_MATCH_KEY = "prefix.matched_chars"
 """CycleState key: {endpoint: leading prompt characters the prefix index matched there} (nonzero only)."""
-
-
-class CycleState(dict[str, Any]):
-    """Scratch space shared by the plugins of one scheduling cycle (one request).
-
-    E.g. the prefix scorer stores the request's block hashes here so its post-schedule hook does not
-    hash the prompt twice.
-    """
 
 
 @runtime_checkable
@@ -45,19 +46,6 @@ class Scorer(Protocol):
         ...
 
 
-@dataclass(slots=True)
-class SchedulingResult:
-    """The decision: `endpoints[0]` is the target, the rest are fallbacks in order."""
-
-    endpoints: list[Endpoint]
-    profile: str
-    scores: dict[Endpoint, float] = field(default_factory=dict)
-
-    @property
-    def target(self) -> Endpoint:
-        return self.endpoints[0]
-
-
 @runtime_checkable
 class Picker(Protocol):
     name: str
@@ -67,38 +55,3 @@ class Picker(Protocol):
     ) -> list[Endpoint]:
         """Order candidates: the first is the target, the next few are fallbacks. Ties break randomly."""
         ...
-
-
-@dataclass(slots=True)
-class ResponseInfo:
-    """What the data plane learned from the model server's answer, fed back to learning plugins."""
-
-    status: int
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cached_tokens: int | None = None
-    ttft_s: float | None = None
-    e2e_s: float | None = None
-
-
-@runtime_checkable
-class PostSchedule(Protocol):
-    """Runs after the decision (e.g. the prefix index records where the prompt's blocks went)."""
-
-    def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None: ...
-
-
-@runtime_checkable
-class FirstToken(Protocol):
-    """Runs when the request's first token reached the gateway (at most once per request)."""
-
-    def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None: ...
-
-
-@runtime_checkable
-class PostResponse(Protocol):
-    """Runs once the response is complete (or failed)."""
-
-    def post_response(
-        self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo
-    ) -> None: ...

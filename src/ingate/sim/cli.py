@@ -13,7 +13,7 @@ import click
 
 from ingate.sim.fleet import SimFleet, SimFleetConfig
 from ingate.sim.profiles import PROFILES, get_profile
-from ingate.sim.server import ReplicaConfig
+from ingate.sim.server import Replica, ReplicaConfig
 
 
 def _csv(value: str) -> list[str]:
@@ -25,7 +25,13 @@ def _csv(value: str) -> list[str]:
 @click.option(
     "--base-port", default=8100, show_default=True, help="Replica i listens on base-port + i; 0 = ephemeral."
 )
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Bind address, or a comma list cycled over replicas; replicas on different addresses share "
+    "port numbers (--host 127.0.0.2,127.0.0.3 --replicas 2: both on --base-port, like two pods).",
+)
 @click.option(
     "--model", default="meta-llama/Llama-3.1-8B-Instruct", show_default=True, help="Base model name."
 )
@@ -74,6 +80,54 @@ def _csv(value: str) -> list[str]:
     help="With --scheduling-policy priority: a waiting request that finds no batch slot or KV room "
     "preempts the lowest-priority running request (as SGLang's priority scheduling; vLLM V1 does not).",
 )
+@click.option(
+    "--kv-events-port",
+    type=int,
+    default=None,
+    help="Publish vLLM-format KV-cache events (ZMQ PUB, msgpack) on this port; replica i uses port + i; "
+    "0 = ephemeral ports (see --ready-file). Off by default.",
+)
+@click.option(
+    "--kv-events-replay-port",
+    type=int,
+    default=None,
+    help="With --kv-events-port: a ROUTER socket replaying missed batches on this port (+ i per replica).",
+)
+@click.option(
+    "--kv-events-topic",
+    default="kv@{host}:{port}@{model}",
+    show_default=True,
+    help="Topic of the event messages; {host}, {port} (the replica's HTTP port) and {model} are filled in.",
+)
+@click.option(
+    "--kv-events-buffer-steps",
+    default=10_000,
+    show_default=True,
+    help="Batches each replica keeps for replay (vLLM's buffer_steps).",
+)
+@click.option(
+    "--kv-events-layout",
+    type=click.Choice(["map", "array"]),
+    default="map",
+    show_default=True,
+    help="Event encoding: 'map' (current vLLM: events are maps tagged by 'type') or 'array' "
+    "(earlier vLLM's array_like events, which llm-d's kv-cache decoder reads).",
+)
+@click.option(
+    "--kv-hash-seed",
+    default="0",
+    show_default=True,
+    help="Root of the block-hash chains, as vLLM's PYTHONHASHSEED.",
+)
+@click.option(
+    "--prefix-caching-hash-algo",
+    "kv_hash_algo",
+    type=click.Choice(["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]),
+    default="sha256_cbor",
+    show_default=True,
+    help="Block hash function, as vLLM's flag (vLLM defaults to sha256, i.e. pickle + SHA-256; "
+    "precise-prefix routers such as llm-d need sha256_cbor).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--ready-file",
@@ -102,6 +156,13 @@ def sim(
     stream_interval_ms: float,
     scheduling_policy: str,
     priority_preemption: bool,
+    kv_events_port: int | None,
+    kv_events_replay_port: int | None,
+    kv_events_topic: str,
+    kv_events_buffer_steps: int,
+    kv_events_layout: str,
+    kv_hash_seed: str,
+    kv_hash_algo: str,
     seed: int,
     ready_file: str | None,
 ) -> None:
@@ -114,10 +175,17 @@ def sim(
         raise click.BadParameter(str(e), param_hint="--profile") from None
     if time_scale <= 0:
         raise click.BadParameter("must be positive", param_hint="--time-scale")
+    if kv_events_replay_port is not None and kv_events_port is None:
+        raise click.BadParameter("needs --kv-events-port", param_hint="--kv-events-replay-port")
+    if kv_events_buffer_steps < 1:
+        raise click.BadParameter("must be positive", param_hint="--kv-events-buffer-steps")
+    hosts = _csv(host)
+    if not hosts:
+        raise click.BadParameter("needs an address", param_hint="--host")
     template = ReplicaConfig(
         profile=get_profile(profiles[0]),
         model=model,
-        host=host,
+        host=hosts[0],
         time_scale=time_scale,
         max_loras=max_loras,
         lora_adapters=_csv(lora_adapters),
@@ -130,6 +198,13 @@ def sim(
         seed=seed,
         scheduling_policy=scheduling_policy,
         priority_preemption=priority_preemption,
+        kv_hash_seed=kv_hash_seed,
+        kv_hash_algo=kv_hash_algo,
+        kv_events_port=kv_events_port,
+        kv_events_replay_port=kv_events_replay_port,
+        kv_events_topic=kv_events_topic,
+        kv_events_buffer_steps=kv_events_buffer_steps,
+        kv_events_layout=kv_events_layout,
     )
     cfg = SimFleetConfig(
         replicas=replicas,
@@ -142,6 +217,7 @@ def sim(
             "block_size": block_size,
         },
         replica=template,
+        hosts=hosts,
     )
     _run(cfg, ready_file)
 
@@ -163,6 +239,17 @@ def _write_ready(path: str, info: Mapping[str, object]) -> None:
     os.replace(tmp, path)  # atomic: readers never see a half-written file
 
 
+def _replica_info(r: Replica) -> dict[str, object]:
+    out: dict[str, object] = {"index": r.cfg.index, "address": r.address, "profile": r.cfg.profile.name}
+    if r.kv_publisher is not None:
+        out["kv_events"] = {
+            "endpoint": r.kv_publisher.endpoint,
+            "replay_endpoint": r.kv_publisher.replay_endpoint,
+            "topic": r.kv_publisher.topic.decode(),
+        }
+    return out
+
+
 async def _main(cfg: SimFleetConfig, ready_file: str | None) -> None:
     fleet = SimFleet(cfg)
     await fleet.start()
@@ -170,12 +257,7 @@ async def _main(cfg: SimFleetConfig, ready_file: str | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    info = {
-        "replicas": [
-            {"index": r.cfg.index, "address": r.address, "profile": r.cfg.profile.name}
-            for r in fleet.replicas
-        ]
-    }
+    info = {"replicas": [_replica_info(r) for r in fleet.replicas]}
     if ready_file:
         _write_ready(ready_file, info)
     click.echo(f"ingate sim: {len(fleet.replicas)} replicas ready: {' '.join(fleet.addresses)}", err=True)

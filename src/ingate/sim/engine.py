@@ -23,9 +23,10 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from ingate.metrics.kvevents import KVEvent
 from ingate.sim.kvcache import KVCache
 from ingate.sim.lora import LoraSlots
 from ingate.sim.profiles import SimProfile
@@ -63,6 +64,9 @@ class SimRequest:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     notify: Callable[[], None] | None = None
     """Called instead of setting `event` when set (streaming responses are written by a flusher)."""
+    token_ids: Sequence[int] = ()
+    """Prompt token ids (only for the KV-cache events' BlockStored)."""
+    lora_id: int | None = None
 
     def signal(self) -> None:
         if self.notify is not None:
@@ -172,6 +176,8 @@ class Engine:
         self.lag_s = 0.0  # how much later than modelled steps ended (event-loop overload shows here)
         self.max_lag_s = 0.0
         self.itl_observer: Callable[[float], None] | None = None
+        self.kv_event_sink: Callable[[list[KVEvent]], object] | None = None
+        """Receives each step's KV-cache events (one batch per step, as vLLM publishes them)."""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -184,6 +190,8 @@ class Engine:
         max_tokens: int,
         adapter: str | None,
         priority: int = 0,
+        token_ids: Sequence[int] = (),
+        lora_id: int | None = None,
     ) -> SimRequest:
         """Queue a request; progress is signalled on `request.event`."""
         if priority and not self.by_priority:
@@ -198,6 +206,8 @@ class Engine:
         req = SimRequest(rid, prompt_len, hashes, max_tokens, adapter, time.monotonic(), priority)
         req.seq = next(self._seq)
         req.prefill_target = prompt_len
+        req.token_ids = token_ids
+        req.lora_id = lora_id
         self.waiting.push(req)
         self._wake.set()
         return req
@@ -272,6 +282,24 @@ class Engine:
             self.steps += 1
             self.busy_s += dur
             self._apply(prefill, decode, now)
+            self.flush_kv_events()
+
+    def enable_kv_events(self, sink: Callable[[list[KVEvent]], object]) -> None:
+        """Record the KV cache's events and hand them to `sink` once per step."""
+        self.kv_event_sink = sink
+        self.kv.events = []
+
+    def flush_kv_events(self) -> None:
+        events = self.kv.events
+        if events and self.kv_event_sink is not None:
+            self.kv.events = []
+            self.kv_event_sink(events)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block (vLLM's reset_prefix_cache): only when no block is in use."""
+        ok = self.kv.reset_prefix_cache()
+        self.flush_kv_events()
+        return ok
 
     def _schedule(self) -> tuple[list[tuple[SimRequest, int, int]], list[SimRequest], int]:
         p = self.profile
@@ -421,9 +449,18 @@ class Engine:
             if req.computed < req.prefill_target:
                 continue
             # Register the prompt's full blocks now that they are computed, so later requests hit them.
-            new = req.hashes[len(req.cached_refs) :]
+            k = len(req.cached_refs)
+            new = req.hashes[k:]
             if new and req.private_blocks >= len(new):
-                req.cached_refs = req.cached_refs + self.kv.register(new)
+                bs = self.profile.block_size
+                stored = self.kv.register(
+                    new,
+                    req.hashes[k - 1] if k else None,
+                    req.token_ids[k * bs : len(req.hashes) * bs],
+                    req.lora_id,
+                    req.adapter,
+                )
+                req.cached_refs = req.cached_refs + stored
                 req.private_blocks -= len(new)
             req.generated += 1
             if req.first_token_at is None:

@@ -23,21 +23,40 @@ class SimFleetConfig:
     """Profile fields to override (num_gpu_blocks, block_size, max_num_seqs, max_num_batched_tokens)."""
     replica: ReplicaConfig | None = None
     """Template for the rest (model, time scale, LoRA, faults); its profile is replaced per replica."""
+    hosts: list[str] = field(default_factory=list)
+    """Bind addresses cycled over replicas (default: the template's host). Replicas on different
+    addresses share port numbers, like pods on their own IPs: replica i binds hosts[i % H] and takes
+    port slot i // H (HTTP port base_port + slot, KV-event ports likewise)."""
 
     def replica_configs(self) -> list[ReplicaConfig]:
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
         base = self.replica or ReplicaConfig(profile=get_profile(self.profiles[0]))
+        hosts = self.hosts or [base.host]
         out = []
         for i in range(self.replicas):
             prof: SimProfile = get_profile(self.profiles[i % len(self.profiles)]).with_overrides(
                 **self.overrides
             )
-            port = self.base_port + i if self.base_port else 0
+            slot = i // len(hosts)
             out.append(
-                replace(base, profile=prof, index=i, port=port, lora_adapters=list(base.lora_adapters))
+                replace(
+                    base,
+                    profile=prof,
+                    index=i,
+                    host=hosts[i % len(hosts)],
+                    port=_nth_port(self.base_port, slot) or 0,
+                    lora_adapters=list(base.lora_adapters),
+                    # Like the HTTP port: the given port + slot (0 stays ephemeral).
+                    kv_events_port=_nth_port(base.kv_events_port, slot),
+                    kv_events_replay_port=_nth_port(base.kv_events_replay_port, slot),
+                )
             )
         return out
+
+
+def _nth_port(port: int | None, i: int) -> int | None:
+    return port + i if port else port
 
 
 class SimFleet:

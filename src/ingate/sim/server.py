@@ -14,12 +14,21 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ingate.metrics.kvevents import block_hashes, none_hash
+from ingate.sim.api import (
+    DEFAULT_MAX_TOKENS,
+    RenderAPI,
+    chat_token_ids,
+    check_model,
+    prompt_token_ids,
+    read_json,
+)
+from ingate.sim.api import error as _error
 from ingate.sim.engine import Engine, EngineConfig, SimRequest
+from ingate.sim.kvpublisher import KVEventPublisher
 from ingate.sim.metrics import SimMetrics
 from ingate.sim.profiles import SimProfile
-from ingate.sim.tokenizer import block_hashes, chat_prompt, output_text, tokenize
-
-DEFAULT_MAX_TOKENS = 16
+from ingate.sim.tokenizer import output_text
 
 
 @dataclass(slots=True)
@@ -43,6 +52,20 @@ class ReplicaConfig:
     seed: int = 0
     scheduling_policy: str = "fcfs"
     priority_preemption: bool = False
+    kv_hash_seed: str = "0"
+    """Plays vLLM's PYTHONHASHSEED: the root of every block-hash chain (`ingate.metrics.kvevents`)."""
+    kv_hash_algo: str = "sha256_cbor"
+    """vLLM's --prefix-caching-hash-algo: sha256 (vLLM's default), sha256_cbor, xxhash, xxhash_cbor."""
+    kv_events_port: int | None = None
+    """Publish vLLM KV-cache events on this ZMQ PUB port (0 = ephemeral); None = off."""
+    kv_events_replay_port: int | None = None
+    """ROUTER port answering replay requests (0 = ephemeral); None = no replay socket."""
+    kv_events_topic: str = "kv@{host}:{port}@{model}"
+    """Topic template ({host}, {port} = the HTTP port, {model}); llm-d's convention is kv@<pod>@<model>."""
+    kv_events_buffer_steps: int = 10_000
+    """Batches kept for replay (vLLM's buffer_steps)."""
+    kv_events_layout: str = "map"
+    """Event encoding: "map" (current vLLM) or "array" (earlier vLLM's array_like; llm-d reads it)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -57,14 +80,10 @@ class _Stream:
     mid_last: bytes
     include_usage: bool
     done: asyncio.Future[None]
+    first: bytes = b""
+    """Written just before the first tokens (chat: the role chunk, which vLLM sends with the first token)."""
     sent: int = 0
     queued: bool = False
-
-
-def _error(status: int, message: str, code: str) -> web.Response:
-    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "internal_error")
-    body = orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
-    return web.Response(status=status, body=body, content_type="application/json")
 
 
 class Replica:
@@ -87,6 +106,10 @@ class Replica:
         self.metrics = SimMetrics(self.engine, cfg.model, cfg.max_loras)
         self.engine.on_finish = self.metrics.on_finish
         self._adapters = frozenset(cfg.lora_adapters)
+        # vLLM numbers --lora-modules adapters from 1 (lora_int_id); BlockStored carries it as lora_id.
+        self._lora_ids = {name: i + 1 for i, name in enumerate(dict.fromkeys(cfg.lora_adapters))}
+        self._hash_root = none_hash(cfg.kv_hash_seed, cfg.kv_hash_algo)
+        self.kv_publisher: KVEventPublisher | None = None
         self._rng = random.Random(cfg.seed * 1_000_003 + cfg.index)
         self.requests_seen = 0
         self.crashed = False
@@ -113,6 +136,8 @@ class Replica:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/reset_prefix_cache", self._reset_prefix_cache)
+        RenderAPI(self._check_model, self.cfg.profile).add_routes(app)
         return app
 
     async def start(self) -> None:
@@ -128,12 +153,37 @@ class Replica:
         sockets = getattr(server, "sockets", None)  # asyncio and uvloop servers both expose .sockets
         assert sockets, "replica failed to listen"
         self.port = sockets[0].getsockname()[1]
+        if self.cfg.kv_events_port is not None:
+            await self._start_kv_events()
+
+    async def _start_kv_events(self) -> None:
+        cfg = self.cfg
+        assert cfg.kv_events_port is not None
+        topic = cfg.kv_events_topic.format(host=cfg.host, port=self.port, model=cfg.model)
+        try:
+            pub = KVEventPublisher(
+                cfg.host,
+                cfg.kv_events_port,
+                cfg.kv_events_replay_port,
+                topic,
+                cfg.kv_events_buffer_steps,
+                layout=cfg.kv_events_layout,
+            )
+        except BaseException:
+            await self.stop()
+            raise
+        self.kv_publisher = pub
+        pub.start()
+        self.engine.enable_kv_events(pub.publish)
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         await self.engine.stop()
+        if self.kv_publisher is not None:
+            await self.kv_publisher.aclose()
+            self.kv_publisher = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -187,8 +237,10 @@ class Replica:
         last = req.state == "finished"
         if n > 0 or last:
             # Tokens produced since the last write go out in one chunk (coalesced when we fall behind).
+            first, st.first = st.first, b""
             await st.resp.write(
-                b"data: "
+                first
+                + b"data: "
                 + st.pre
                 + orjson.dumps(output_text(st.sent, n))
                 + (st.mid_last if last else st.mid_open)
@@ -220,6 +272,12 @@ class Replica:
         return web.Response(
             body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+    async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
+        # vLLM's (dev-mode) endpoint; like vLLM's block pool it refuses while blocks are in use.
+        if not self.engine.reset_prefix_cache():
+            return _error(409, "prefix cache is in use by running requests; retry when idle", "cache_in_use")
+        return web.Response(text="")
 
     async def _models(self, request: web.Request) -> web.Response:
         created = int(time.time())
@@ -261,16 +319,16 @@ class Replica:
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError  # the connection is gone; nothing to answer
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            return _error(400, "request body is not valid JSON", "invalid_json")
-        if not isinstance(body, dict):
-            return _error(400, "request body must be a JSON object", "invalid_json")
+        body = await read_json(request)
+        if isinstance(body, web.Response):
+            return body
         parsed = self._parse(body, chat)
         if isinstance(parsed, web.Response):
             return parsed
-        model, tokens, max_tokens = parsed
+        model, ids, max_tokens = parsed
+        salt = body.get("cache_salt")
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            return _error(400, "'cache_salt' must be a non-empty string if provided", "invalid_cache_salt")
         priority = body.get("priority", 0)
         if not isinstance(priority, int) or isinstance(priority, bool):
             return _error(400, "'priority' must be an integer", "invalid_priority")
@@ -286,10 +344,11 @@ class Replica:
         if cfg.hang_rate > 0 and self._rng.random() < cfg.hang_rate:
             await self._hang.wait()
         adapter = model if model != cfg.model else None
-        hashes = block_hashes(tokens, cfg.profile.block_size, model)
+        hashes = block_hashes(ids, cfg.profile.block_size, self._hash_root, adapter, salt, cfg.kv_hash_algo)
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        lora_id = self._lora_ids.get(adapter) if adapter is not None else None
         try:
-            req = self.engine.submit(rid, len(tokens), hashes, max_tokens, adapter, priority)
+            req = self.engine.submit(rid, len(ids), hashes, max_tokens, adapter, priority, ids, lora_id)
         except ValueError as e:
             return _error(400, str(e), "context_length_exceeded")
         try:
@@ -299,12 +358,10 @@ class Replica:
         finally:
             self.engine.abort(req)  # no-op when finished; frees KV when the client went away
 
-    def _parse(self, body: dict[str, Any], chat: bool) -> tuple[str, list[str], int] | web.Response:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return _error(400, "'model' is required", "missing_model")
-        if model != self.cfg.model and model not in self._adapters:
-            return _error(404, f"The model `{model}` does not exist.", "model_not_found")
+    def _parse(self, body: dict[str, Any], chat: bool) -> tuple[str, list[int], int] | web.Response:
+        model = self._check_model(body)
+        if isinstance(model, web.Response):
+            return model
         if body.get("n", 1) not in (1, None):
             return _error(400, "only n=1 is supported", "invalid_n")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
@@ -313,29 +370,20 @@ class Replica:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, "'max_tokens' must be a positive integer", "invalid_max_tokens")
         if chat:
-            messages = body.get("messages")
-            if (
-                not isinstance(messages, list)
-                or not messages
-                or not all(isinstance(m, dict) for m in messages)
-            ):
-                return _error(400, "'messages' must be a non-empty list of objects", "invalid_messages")
-            tokens = tokenize(chat_prompt(messages))
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if isinstance(prompt, str) and prompt:
-                tokens = tokenize(prompt)
-            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-                tokens = [str(t) for t in prompt]
-            else:
-                return _error(
-                    400, "'prompt' must be a non-empty string or list of token ids", "invalid_prompt"
-                )
-            if not tokens:
-                return _error(400, "'prompt' has no tokens", "invalid_prompt")
-        return model, tokens, max_tokens
+            chat_ids = chat_token_ids(body)
+            if isinstance(chat_ids, web.Response):
+                return chat_ids
+            return model, chat_ids, max_tokens
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        ids = prompt_token_ids(prompt)
+        if ids is None:
+            return _error(400, "'prompt' must be a non-empty string or list of token ids", "invalid_prompt")
+        return model, ids, max_tokens
+
+    def _check_model(self, body: dict[str, Any]) -> str | web.Response:
+        return check_model(body, self.cfg.model, self._adapters)
 
     @staticmethod
     def _usage(req: SimRequest) -> dict[str, Any]:
@@ -387,7 +435,9 @@ class Replica:
             )[:-1]
             pre = head + b',"choices":[{"index":0,"delta":{"content":'
             mid_open, mid_last = b'},"finish_reason":null}]}\n\n', b'},"finish_reason":"length"}]}\n\n'
-            await resp.write(
+            # vLLM sends the role chunk on the first engine output of the request, i.e. together with the
+            # first generated token, after prefill (serving_chat's first_iteration), not at stream start.
+            first = (
                 b"data: "
                 + head
                 + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
@@ -401,6 +451,7 @@ class Replica:
                 b',"logprobs":null,"finish_reason":null}]}\n\n',
                 b',"logprobs":null,"finish_reason":"length"}]}\n\n',
             )
+            first = b""
         st = _Stream(
             req,
             resp,
@@ -410,6 +461,7 @@ class Replica:
             mid_last,
             include_usage,
             asyncio.get_running_loop().create_future(),
+            first,
         )
         req.notify = lambda: self._mark(st)
         self._mark(st)  # tokens may already exist

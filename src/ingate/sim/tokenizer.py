@@ -5,6 +5,7 @@ into chunks of 8. Whitespace only separates tokens. So ``"hello   wonderful-worl
 ``["hello", "wonderfu", "l-world"]``. Generated output is made of short vocabulary words separated by a
 single space, so re-tokenising a completion gives exactly ``completion_tokens``. The same rule is
 reproduced as a Hugging Face `tokenizers` tokenizer by ``ingate bench tokenizer`` for inference-perf.
+Token ids (`token_id`) are what KV block hashes, KV-cache events and ``/v1/completions/render`` use.
 """
 
 from __future__ import annotations
@@ -53,19 +54,23 @@ def chat_prompt(messages: list[dict[str, object]]) -> str:
     return "\n".join(parts)
 
 
-def block_hashes(tokens: list[str], block_size: int, seed: str) -> list[int]:
-    """Chained hashes of the full blocks of `tokens` (vLLM's prefix-caching scheme).
+VOCAB_SIZE = 128_256
+"""Token ids lie in [0, VOCAB_SIZE), the size of Llama 3's vocabulary."""
 
-    Block i's hash covers its parent's hash and its own tokens, so equal hashes mean equal prefixes.
-    `seed` separates caches of different models / LoRA adapters.
+
+def token_id(token: str) -> int:
+    """The id of one token: a fixed hash of its text into the vocabulary (no vocabulary file).
+
+    Different strings can share an id (as in no real tokenizer), but a prompt's ids, and so its KV block
+    hashes, are a pure function of its text: equal prompts give equal blocks on every replica and in
+    every run.
     """
-    parent = xxhash.xxh64_intdigest(seed.encode())
-    out: list[int] = []
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        h = xxhash.xxh64_intdigest(" ".join(tokens[start : start + block_size]).encode(), seed=parent)
-        out.append(h)
-        parent = h
-    return out
+    return xxhash.xxh32_intdigest(token.encode()) % VOCAB_SIZE
+
+
+def token_ids(tokens: list[str]) -> list[int]:
+    """`token_id` of each token."""
+    return [xxhash.xxh32_intdigest(t.encode()) % VOCAB_SIZE for t in tokens]
 
 
 _CYCLE_TOKENS = len(VOCAB) * 64

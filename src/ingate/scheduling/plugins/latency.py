@@ -33,8 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ingate.datastore import Datastore, Endpoint
+from ingate.lifecycle import ResponseInfo
 from ingate.request import InferenceRequest
-from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, ResponseInfo, SchedulingResult
+from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, SchedulingResult
+from ingate.scheduling.plugins.registry import register
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class _Load:
 _EMPTY = _Load()
 
 
+@register("scorer", "predicted-latency")
 @dataclass
 class PredictedLatencyScorer:
     """Scores endpoints by predicted prefill work ahead of the request plus its KV-cache shortfall."""
@@ -118,7 +121,8 @@ class PredictedLatencyScorer:
             shortfall = demand + new + output_tokens - capacity
             if shortfall > 0:
                 cost += self.kv_weight * shortfall
-        return cost
+        # weight: relative capacity (pool.endpoints[].weight); a faster replica works its queue faster.
+        return cost if ep.weight == 1.0 else cost / ep.weight
 
     # -- plugin hooks -------------------------------------------------------------------------------
     def _request_tokens(self, request: InferenceRequest) -> tuple[int, int]:

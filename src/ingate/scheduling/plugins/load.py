@@ -1,5 +1,8 @@
 """Load-based plugins: queue depth, KV-cache utilisation, the gateway's in-flight count, load guard.
 
+An endpoint's `weight` (`pool.endpoints[].weight`, default 1) is its relative capacity: queue and
+in-flight counts are divided by it, so a replica of weight 2 scores like one with half its load.
+
 Between two metric scrapes (50 ms by default) a burst can arrive that the model servers' gauges don't
 show yet. The gateway counts what it has in flight per endpoint; requests in flight beyond what the
 server reports as waiting + running were dispatched since the last scrape and are counted as queued.
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from ingate.datastore import Endpoint
 from ingate.request import InferenceRequest
 from ingate.scheduling.framework import CycleState
+from ingate.scheduling.plugins.registry import register
 
 
 def effective_queue(ep: Endpoint) -> int:
@@ -30,6 +34,7 @@ def _inverse_scaled(values: dict[Endpoint, float], scale: float) -> dict[Endpoin
     return {ep: 1.0 - v / top for ep, v in values.items()}
 
 
+@register("scorer", "queue")
 @dataclass
 class QueueScorer:
     """Shorter effective queue scores higher: 1 - queue / max(scale, longest queue)."""
@@ -40,9 +45,10 @@ class QueueScorer:
     def score(
         self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
     ) -> dict[Endpoint, float]:
-        return _inverse_scaled({ep: float(effective_queue(ep)) for ep in endpoints}, self.scale)
+        return _inverse_scaled({ep: effective_queue(ep) / ep.weight for ep in endpoints}, self.scale)
 
 
+@register("scorer", "kv-cache")
 @dataclass
 class KVCacheScorer:
     """Free KV cache scores higher: 1 - utilisation (absolute, so a full cache is 0 everywhere)."""
@@ -55,6 +61,7 @@ class KVCacheScorer:
         return {ep: 1.0 - min(1.0, max(0.0, ep.metrics.kv_usage)) for ep in endpoints}
 
 
+@register("scorer", "least-in-flight")
 @dataclass
 class LeastInFlightScorer:
     """Fewer requests in flight from this gateway scores higher (least-request balancing)."""
@@ -65,9 +72,10 @@ class LeastInFlightScorer:
     def score(
         self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
     ) -> dict[Endpoint, float]:
-        return _inverse_scaled({ep: float(ep.in_flight) for ep in endpoints}, self.scale)
+        return _inverse_scaled({ep: ep.in_flight / ep.weight for ep in endpoints}, self.scale)
 
 
+@register("filter", "load-guard")
 @dataclass
 class LoadGuardFilter:
     """Keep only endpoints not far more loaded than the least-loaded candidate.
@@ -90,3 +98,25 @@ class LoadGuardFilter:
         out = [ep for ep, q in zip(endpoints, queues, strict=True) if q <= limit]
         cool = [ep for ep in out if ep.metrics.kv_usage <= self.kv_threshold]
         return cool or out
+
+
+@register("filter", "label-selector")
+@dataclass
+class LabelSelectorFilter:
+    """Keep endpoints whose labels include every `match_labels` pair (`matchLabels` in YAML): a profile
+    can serve from part of the pool (e.g. `{accelerator: h100}`). Labels come from the static config
+    (`pool.endpoints[].labels`) or the pods' labels in Kubernetes."""
+
+    match_labels: dict[str, str] | None = None
+    name: str = "label-selector"
+
+    def __post_init__(self) -> None:
+        if not self.match_labels or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.match_labels.items()
+        ):
+            raise ValueError("matchLabels: a non-empty mapping of label names to string values")
+        self._items = tuple(self.match_labels.items())
+
+    def filter(self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+        items = self._items
+        return [ep for ep in endpoints if all(ep.labels.get(k) == v for k, v in items)]

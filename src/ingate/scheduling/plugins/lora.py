@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ingate.datastore import Endpoint
 from ingate.request import InferenceRequest
 from ingate.scheduling.framework import CycleState
+from ingate.scheduling.plugins.registry import register
 
 ACTIVE, FREE_SLOT, WAITING = 1.0, 0.8, 0.6
 
@@ -23,6 +24,7 @@ def lora_affinity(ep: Endpoint, adapter: str) -> float:
     return 0.0
 
 
+@register("scorer", "lora-affinity")
 @dataclass
 class LoraAffinityScorer:
     name: str = "lora-affinity"
@@ -36,6 +38,7 @@ class LoraAffinityScorer:
         return {ep: lora_affinity(ep, adapter) for ep in endpoints}
 
 
+@register("filter", "lora-affinity")
 @dataclass
 class LoraAffinityFilter:
     """Keep the endpoints with the best affinity class (resident > free slot > waiting); all if none."""

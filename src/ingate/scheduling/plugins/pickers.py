@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from ingate.datastore import Endpoint
 from ingate.request import InferenceRequest
 from ingate.scheduling.framework import CycleState
+from ingate.scheduling.plugins.registry import register
 
 
+@register("picker", "max-score")
 @dataclass
 class MaxScorePicker:
     """Highest total score first; equal scores are ordered randomly, never by list order."""
@@ -24,6 +26,7 @@ class MaxScorePicker:
         return [ep for ep, _ in sorted(scored, key=lambda es: (-round(es[1], 9), rnd()))]
 
 
+@register("picker", "random")
 @dataclass
 class RandomPicker:
     name: str = "random"
@@ -37,6 +40,7 @@ class RandomPicker:
         return eps
 
 
+@register("picker", "weighted-random")
 @dataclass
 class WeightedRandomPicker:
     """Target drawn with probability proportional to score (all-zero scores: uniform)."""
@@ -57,6 +61,7 @@ class WeightedRandomPicker:
         return [ep for _, ep in keys]
 
 
+@register("picker", "round-robin")
 @dataclass
 class RoundRobinPicker:
     """Cycles through the candidates by address order (the baseline a Kubernetes Service gives)."""

@@ -32,15 +32,16 @@ from dataclasses import dataclass, field
 
 import xxhash
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from ingate.datastore import Datastore, Endpoint
+from ingate.lifecycle import ResponseInfo
 from ingate.request import InferenceRequest
-from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, ResponseInfo, SchedulingResult
+from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, SchedulingResult
+from ingate.scheduling.plugins.registry import register
 
 _CTX_KEY = "prefix.hashes"
 _OWNER_KEY = "prefix.scorer"
-"""Which scorer instance matched this cycle (several profiles may each have one)."""
+"""Which scorer instance matched this cycle (a scorer of weight 0 is not asked to score)."""
 _OLD_KEY = "prefix.old"
 _GROW = 1.1
 _CONFIRM = 1.05
@@ -252,6 +253,7 @@ class PrefixIndex:
         return len(g) if g else 0
 
 
+@register("scorer", "prefix-cache")
 @dataclass
 class PrefixCacheScorer:
     """Score = matched leading blocks / prompt blocks; records the target's blocks after scheduling."""
@@ -288,6 +290,26 @@ class PrefixCacheScorer:
 
     def _forget_scale(self, ep: Endpoint) -> None:
         self.scale.pop(ep, None)
+
+    def collect_metrics(self, profile: str, endpoints: Sequence[Endpoint]) -> Iterator[GaugeMetricFamily]:
+        """`ExposesMetrics`: the memory per endpoint, at scrape time: how many blocks the index
+        remembers and the learned scale of its size (1 until learned, or when not adaptive)."""
+        labels = ["profile", "endpoint"]
+        blocks = GaugeMetricFamily(
+            "ingate_prefix_memory_blocks",
+            "Prompt blocks the prefix index remembers per endpoint.",
+            labels=labels,
+        )
+        scale = GaugeMetricFamily(
+            "ingate_prefix_memory_scale",
+            "Learned size of the prefix index's memory per endpoint, as a multiple of its KV-derived size.",
+            labels=labels,
+        )
+        for ep in endpoints:
+            blocks.add_metric([profile, ep.address], self.index.size(ep))
+            scale.add_metric([profile, ep.address], self.scale.get(ep, 1.0))
+        yield blocks
+        yield scale
 
     def _hashes(self, ctx: CycleState, request: InferenceRequest) -> list[int]:
         hashes: list[int] | None = ctx.get(_CTX_KEY)
@@ -350,32 +372,3 @@ class PrefixCacheScorer:
             return
         sc = self.scale.get(endpoint, 1.0) * step
         self.scale[endpoint] = min(self.max_scale, max(self.min_scale, sc))
-
-
-class PrefixMemoryCollector(Collector):
-    """Prometheus gauges of each prefix scorer's memory per endpoint, computed at scrape time: how many
-    blocks it remembers and the learned scale of its size (1 until learned, or when not adaptive)."""
-
-    def __init__(self, scorers: Sequence[tuple[str, PrefixCacheScorer]], datastore: Datastore) -> None:
-        self.scorers = scorers
-        self.ds = datastore
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels = ["profile", "endpoint"]
-        blocks = GaugeMetricFamily(
-            "ingate_prefix_memory_blocks",
-            "Prompt blocks the prefix index remembers per endpoint.",
-            labels=labels,
-        )
-        scale = GaugeMetricFamily(
-            "ingate_prefix_memory_scale",
-            "Learned size of the prefix index's memory per endpoint, as a multiple of its KV-derived size.",
-            labels=labels,
-        )
-        eps = self.ds.endpoints()
-        for profile, sc in self.scorers:
-            for ep in eps:
-                blocks.add_metric([profile, ep.address], sc.index.size(ep))
-                scale.add_metric([profile, ep.address], sc.scale.get(ep, 1.0))
-        yield blocks
-        yield scale

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from ingate.datastore import Datastore, Endpoint
 from ingate.request import InferenceRequest
 from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState
+from ingate.scheduling.plugins.registry import register
 
 
+@register("scorer", "size-band")
 @dataclass
 class SizeBandScorer:
     """Long prompts prefer the long band of endpoints, short prompts the rest (see module docstring)."""

@@ -1,0 +1,87 @@
+"""Superseded benchmark runs, kept as a compact index instead of megabytes of request records.
+
+`ingate bench archive FILE...` appends each run's summary (workload, seed set, time, machine, per
+system and stage: offered rate, requests sent, within the SLO, goodput, TTFT and e2e percentiles,
+cached share; for other result kinds their top-level numbers) to
+`benchmarks/results/archive.json` and deletes the file: the full file stays in git history (the
+index records the commit to look in).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ingate.bench.stats import resummarize
+
+KEEP = ("sent", "ok", "good", "goodput_rps", "slo_attainment", "ttft_p50", "ttft_p90", "ttft_p99", "e2e_p99",
+        "cached_token_share")  # fmt: skip
+
+
+def _git_head(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def summary_of(path: Path) -> dict[str, Any]:
+    """A compact record of one results file."""
+    data = orjson.loads(path.read_bytes())
+    entry: dict[str, Any] = {"file": path.name}
+    if data.get("format") == "ingate-bench/1":
+        resummarize(data)
+        wl = data["workload"]
+        entry.update(
+            kind="bench",
+            workload=wl["name"],
+            seed=wl.get("seed"),
+            seed_set=wl.get("seed_set", "tuning"),
+            streams=wl.get("load", {}).get("streams", 1),
+            started_utc=data.get("started_utc"),
+            machine=data.get("machine"),
+            systems=[
+                {
+                    "name": s["name"],
+                    **({"unavailable": s["unavailable"]} if s.get("unavailable") else {}),
+                    "stages": [
+                        {"rate": st.get("rate"), **{k: st["summary"].get(k) for k in KEEP}}
+                        for st in s.get("stages") or []
+                    ],
+                }
+                for s in data["systems"]
+            ],
+        )
+    else:
+        entry.update(
+            kind=data.get("benchmark", "other"),
+            **{k: v for k, v in data.items() if k in ("machine", "note", "rows", "duration_s", "target_met")},
+        )
+        if isinstance(entry.get("rows"), list):
+            entry["rows"] = [
+                {k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in entry["rows"]
+            ]
+    return entry
+
+
+def archive(paths: list[Path], index: Path, repo: Path) -> list[dict[str, Any]]:
+    """Append summaries of `paths` to `index` and delete them (and a PNG beside each)."""
+    existing: list[dict[str, Any]] = orjson.loads(index.read_bytes()) if index.exists() else []
+    commit = _git_head(repo)
+    added = []
+    for p in paths:
+        e = summary_of(p)
+        e["git_commit"] = commit
+        added.append(e)
+    existing.extend(added)
+    index.write_bytes(orjson.dumps(existing, option=orjson.OPT_INDENT_2))
+    for p in paths:
+        p.unlink()
+        p.with_suffix(".png").unlink(missing_ok=True)
+    return added

@@ -1,0 +1,65 @@
+"""The picker's production ports beside any data plane: gRPC health and the admin HTTP port
+(metrics, liveness, readiness), configured by the `serving:` section (`ingate.config.ServingConfig`).
+They behave the same whether the data plane is Envoy, the picker-only ext_proc server or the built-in
+proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ingate.config import ConfigError, ServingConfig
+from ingate.dataplane.admin import AdminServer
+from ingate.dataplane.base import PickerCore
+from ingate.dataplane.health import HealthServer, HealthState
+
+
+class PickerServices:
+    """Starts and stops what `serving:` turns on."""
+
+    def __init__(
+        self,
+        core: PickerCore,
+        cfg: ServingConfig,
+        *,
+        synced: Callable[[], bool] = lambda: True,
+        leader: Callable[[], bool] = lambda: True,
+        leader_election: bool = False,
+    ) -> None:
+        self.health: HealthServer | None = None
+        self.admin: AdminServer | None = None
+        if cfg.health_port is not None:
+            state = HealthState(synced=synced, leader=leader, leader_election=leader_election)
+            self.health = HealthServer(state, cfg.host, cfg.health_port)
+        if cfg.metrics_port is not None:
+            token = None
+            if cfg.metrics_auth_token_file:
+                try:
+                    token = Path(cfg.metrics_auth_token_file).read_text().strip()
+                except OSError as e:
+                    raise ConfigError(f"serving.metricsAuthTokenFile: cannot read: {e}") from None
+                if not token:
+                    raise ConfigError("serving.metricsAuthTokenFile: the file is empty")
+            self.admin = AdminServer(
+                core.registry, core.ready, cfg.host, cfg.metrics_port, bearer_token=token
+            )
+
+    async def start(self) -> None:
+        if self.health is not None:
+            await self.health.start()
+        if self.admin is not None:
+            await self.admin.start()
+
+    async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
+        if self.health is not None:
+            await self.health.stop()
+
+    def describe(self) -> str:
+        parts = []
+        if self.health is not None:
+            parts.append(f"gRPC health on {self.health.host}:{self.health.port}")
+        if self.admin is not None:
+            parts.append(f"metrics on {self.admin.url}/metrics")
+        return ", ".join(parts)

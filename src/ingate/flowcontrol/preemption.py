@@ -1,0 +1,72 @@
+"""Placement by priority (`flowControl.preemption`): per-priority in-flight counts per endpoint and the
+preference for endpoints where lower-priority work runs.
+
+With preemption on, model servers displace lower-priority work (vLLM `--scheduling-policy priority`,
+SGLang priority scheduling), so a request that would otherwise wait should land where such work runs.
+Flow control decides *that* a request may go past saturation (its ticket is `preempting`); this
+decides *where*, after the scheduler picked, before the lifecycle hooks record the target.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ingate.datastore import Endpoint
+from ingate.lifecycle import SchedulingResult
+
+
+class PriorityPlacement:
+    """Keeps `Endpoint.in_flight_by_priority` and reorders a decision's endpoints by priority."""
+
+    def __init__(self) -> None:
+        self._peak_running: dict[str, int] = {}  # address -> most running requests ever scraped
+
+    def place(self, result: SchedulingResult, ticket: Any, priority: int) -> None:
+        """Prefer a preemptable endpoint when the request is dispatched to preempt, or when the
+        scheduler's choice looks full for its priority."""
+        if bool(getattr(ticket, "preempting", False)) or self.looks_full(result.endpoints[0], priority):
+            prefer_preemptable(result, priority)
+
+    def looks_full(self, ep: Endpoint, priority: int) -> bool:
+        """Whether a request of ``priority`` would wait on ``ep`` behind work it cannot displace: the
+        replica queues requests, or this gateway's requests of at least this priority there already fill
+        as many batch slots as the replica has ever been seen running (its learned batch size)."""
+        m = ep.metrics
+        if m.waiting > 0:
+            return True
+        peak = self._peak_running.get(ep.address, 0)
+        if m.running > peak:
+            self._peak_running[ep.address] = peak = m.running
+        mine = sum(n for p, n in ep.in_flight_by_priority.items() if p >= priority)
+        return mine >= max(1, peak)
+
+    @staticmethod
+    def count(ep: Endpoint, priority: int, delta: int) -> None:
+        """Add ``delta`` requests of ``priority`` in flight on ``ep``."""
+        by = ep.in_flight_by_priority
+        n = by.get(priority, 0) + delta
+        if n:
+            by[priority] = n
+        else:
+            del by[priority]
+
+    def forget(self, address: str) -> None:
+        """Drop state for an endpoint that left the pool."""
+        self._peak_running.pop(address, None)
+
+
+def lower_in_flight(ep: Endpoint, priority: int) -> int:
+    """Requests of lower priority than ``priority`` this gateway has in flight on ``ep``."""
+    return sum(n for p, n in ep.in_flight_by_priority.items() if p < priority)
+
+
+def prefer_preemptable(result: SchedulingResult, priority: int) -> None:
+    """A request that would otherwise wait should land where lower-priority work runs (the model server
+    displaces it): the scheduler's first choice (target, then fallbacks, so its filters still hold)
+    that has some goes first; without one the order stays."""
+    eps = result.endpoints
+    for i, ep in enumerate(eps):
+        if lower_in_flight(ep, priority) > 0:
+            if i:
+                eps.insert(0, eps.pop(i))
+            return
