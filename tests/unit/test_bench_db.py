@@ -212,3 +212,13 @@ def test_db_seed_loads_the_committed_curves(tmp_path: Path) -> None:
     got = BenchDB(db)
     assert {s.key.workload for s in got.series()} == {"chat", "rag", "batch"}
     got.close()
+
+
+def test_a_sqlalchemy_url_works_like_a_path(tmp_path: Path) -> None:
+    s = _series(1.0)
+    url = f"sqlite:///{tmp_path / 'by-url.db'}"
+    db = BenchDB(url)
+    db.record(s.key, s.run, s.points)
+    db.close()
+    (got,) = BenchDB(tmp_path / "by-url.db").series()  # the same file, opened by path
+    assert got.key == s.key and got.points == s.points
