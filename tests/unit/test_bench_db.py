@@ -222,3 +222,23 @@ def test_a_sqlalchemy_url_works_like_a_path(tmp_path: Path) -> None:
     db.close()
     (got,) = BenchDB(tmp_path / "by-url.db").series()  # the same file, opened by path
     assert got.key == s.key and got.points == s.points
+
+
+def test_another_schema_version_is_refused(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    BenchDB(tmp_path / "v.db").close()
+    eng = sa.create_engine(f"sqlite:///{tmp_path / 'v.db'}")
+    with eng.begin() as conn:
+        conn.execute(sa.text("UPDATE meta SET value = '99' WHERE key = 'schema_version'"))
+    eng.dispose()
+    with pytest.raises(ValueError, match="schema version 99"):
+        BenchDB(tmp_path / "v.db")
+
+
+def test_an_unusable_database_url_is_a_clear_cli_error(tmp_path: Path) -> None:
+    r = CliRunner().invoke(db_group, ["list", "--db", "nosuchdialect://x/y"])
+    assert r.exit_code != 0 and "cannot open the benchmark database" in r.output
+    args = ["quickstart", "recommend", "--db", "nosuchdialect://x/y", "--model", "m", "--rps", "1"]
+    r = CliRunner().invoke(main, [*args, "--ttft-p90", "1"])
+    assert r.exit_code != 0 and "cannot open the benchmark database" in r.output

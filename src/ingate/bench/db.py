@@ -166,7 +166,17 @@ class Series:
         return replace(self, points=pts, run=replace(self.run, time_scale=1.0))
 
 
+SCHEMA_VERSION = 1
+"""Bumped on any incompatible schema change; a database of another version is refused, not misread."""
+
 _meta = sa.MetaData()
+
+meta_t = sa.Table(
+    "meta",
+    _meta,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
 
 runs_t = sa.Table(
     "runs",
@@ -243,8 +253,21 @@ class BenchDB:
 
     def __init__(self, target: str | Path) -> None:
         self.target = str(target)
-        self.engine = sa.create_engine(_engine_url(target))
-        _meta.create_all(self.engine)
+        try:
+            self.engine = sa.create_engine(_engine_url(target))
+            _meta.create_all(self.engine)
+        except (sa.exc.SQLAlchemyError, ImportError) as e:  # bad URL, missing driver, unreachable server
+            raise ValueError(f"{target}: cannot open the benchmark database: {e}") from None
+        with self.engine.begin() as conn:
+            found = conn.execute(sa.select(meta_t.c.value).where(meta_t.c.key == "schema_version")).scalar()
+            if found is None:
+                conn.execute(sa.insert(meta_t).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif found != str(SCHEMA_VERSION):
+                self.engine.dispose()
+                raise ValueError(
+                    f"{target}: benchmark database schema version {found}, this ingate reads version "
+                    f"{SCHEMA_VERSION}"
+                )
 
     def close(self) -> None:
         """Release the connection pool."""

@@ -28,8 +28,11 @@ def db_option(f: click.decorators.FC) -> click.decorators.FC:
 
 
 def open_db(target: str | None) -> BenchDB:
-    """Open (create) the database `target` or the default one."""
-    return BenchDB(target or default_db_path())
+    """Open (create) the database `target` or the default one; a clear CLI error if it cannot."""
+    try:
+        return BenchDB(target or default_db_path())
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def record_all(db: BenchDB, triples: list[Triple]) -> int:

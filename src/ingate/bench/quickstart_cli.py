@@ -42,7 +42,10 @@ def gather(db_target: str | None, seed: bool) -> Catalog:
     sources: list[str] = []
     target = str(db_target or default_db_path())
     if db_target or Path(target).exists() or "://" in target:
-        db = BenchDB(target)
+        try:
+            db = BenchDB(target)
+        except ValueError as e:
+            raise RecommendError(str(e)) from None
         try:
             series += db.series()
         finally:
