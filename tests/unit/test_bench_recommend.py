@@ -4,6 +4,7 @@ tests on random curves), and interpolation never claims a point beyond the measu
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -262,21 +263,65 @@ def test_cli_recommends_and_emits_a_valid_config(tmp_path: Path) -> None:
     helm = tmp_path / "values.yaml"
     r = CliRunner().invoke(main, [*args[:-4], "--emit", "helm", "--out", str(helm)])
     assert r.exit_code == 0, r.output
-    values = yaml.safe_load(helm.read_text())
-    assert values["modelServer"]["replicas"] == 3
-    assert values["modelServer"]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert values["modelServer"]["nodeSelector"]["cloud.google.com/gke-accelerator"] == "nvidia-h100-80gb"
+    text = helm.read_text()
+    values = yaml.safe_load(text)
+    _chart_schema_validates(values)
+    assert values["router"]["epp"]["config"]["models"]["served"] == ["m0"]
+    # The chart renders with them, and the picker's config in its ConfigMap is a valid ingate config.
+    from ingate.kube.render import render
+
+    cm = next(d for d in render(values) if d["kind"] == "ConfigMap")
+    picker = GatewayConfig.model_validate(yaml.safe_load(cm["data"]["config.yaml"]))
+    assert picker.models.served == ["m0"]
+    assert values["router"]["modelServers"]["type"] == "vllm"
+    assert "3 vllm pod(s)" in text and "nvidia.com/gpu: 1" in text and "nvidia-h100-80gb" in text
+
+
+def _chart_schema_validates(values: dict[str, object]) -> None:
+    import jsonschema
+
+    root = Path(__file__).resolve().parents[2]
+    schema = json.loads((root / "deploy/helm/ingate/values.schema.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(values)  # what `helm install -f` checks (draft-07)
 
 
 def test_helm_values_name_the_device_and_node_label_of_the_accelerator() -> None:
     from ingate.bench.emit import helm_values
 
-    for acc, resource, label, value in (
-        ("tpu-v6e", "google.com/tpu", "cloud.google.com/gke-tpu-accelerator", "tpu-v6e-slice"),
-        ("l4", "nvidia.com/gpu", "cloud.google.com/gke-accelerator", "nvidia-l4"),
+    for acc, resource, value in (
+        ("tpu-v6e", "google.com/tpu: 1", "cloud.google.com/gke-tpu-accelerator: tpu-v6e-slice"),
+        ("l4", "nvidia.com/gpu: 1", "cloud.google.com/gke-accelerator: nvidia-l4"),
     ):
         s = _series(1, acc, 1, 1, _pts([2, 4], [0.1, 0.3]))
         rec = recommend([s], Targets(rps=4, ttft_p90=0.5), {acc: Price(1.0)})
-        values = yaml.safe_load(helm_values(rec.options[0], Targets(rps=4, ttft_p90=0.5)))
-        assert values["modelServer"]["resources"]["limits"] == {resource: 1}
-        assert values["modelServer"]["nodeSelector"] == {label: value}
+        text = helm_values(rec.options[0], Targets(rps=4, ttft_p90=0.5))
+        _chart_schema_validates(yaml.safe_load(text))
+        assert resource in text and value in text
+
+
+def test_emit_bench_reruns_the_choice_on_the_simulated_fleet() -> None:
+    from ingate.bench.emit import bench_workload
+    from ingate.bench.importers import load_bench_file
+    from ingate.bench.workload import Workload
+
+    root = Path(__file__).resolve().parents[2]
+    path = sorted((root / "benchmarks/results").glob("mixed_*.json"))[-1]
+    series = [
+        Series(i, i, k, r, p) for i, (k, r, p) in enumerate(load_bench_file(path)) if k.gateway == "ingate"
+    ]
+    t = Targets(rps=30, ttft_p90=2.0)
+    rec = recommend(series, t, PRICES)
+    o = rec.options[0]
+    wl = Workload.model_validate(yaml.safe_load(bench_workload(o, t, time_scale=0.1, duration_s=60)))
+    src = json.loads(path.read_text())["workload"]
+    assert wl.data.model_dump() == src["data"] and wl.model == src["model"]  # the curve's request shape
+    assert wl.seed_set == "eval" and wl.seed == src["seed"] + 10_000  # held-out seeds
+    assert wl.load.rates == [pytest.approx(3.0)] and wl.load.duration_s == 60
+    assert wl.slo.ttft_s == pytest.approx(20.0)  # 2 s of modelled time at a tenth of real speed
+    assert wl.fleet.replicas == o.replicas and wl.fleet.args[-2:] == ["--time-scale", "0.1"]
+    assert "--time-scale" not in wl.fleet.args[:-2] and wl.systems == ["ingate"]
+    # A curve that does not record its request shape cannot be re-run.
+    bare = _series(1, "h100", 1, 1, _pts([2, 4], [0.1, 0.3]))
+    o2 = recommend([bare], Targets(rps=4, ttft_p90=0.5), PRICES).options[0]
+    with pytest.raises(ValueError, match="does not record its request shape"):
+        bench_workload(o2, Targets(rps=4, ttft_p90=0.5))

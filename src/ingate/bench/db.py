@@ -87,6 +87,9 @@ class RunInfo:
     machine: str = ""
     recorded_utc: str = ""
     time_scale: float = 1.0
+    workload_spec: str = ""
+    """The workload's request shape as `ingate bench` workload YAML keys, JSON (`name`, `api`, `model`,
+    `data`, `slo`, `seed`, ...), when known: lets a recommendation be re-run (`--emit bench`)."""
 
 
 @dataclass(slots=True)
@@ -190,6 +193,7 @@ runs_t = sa.Table(
     sa.Column("machine", sa.Text, nullable=False),
     sa.Column("recorded_utc", sa.String(32), nullable=False),
     sa.Column("time_scale", sa.Float, nullable=False),
+    sa.Column("workload_spec", sa.Text, nullable=False, server_default=""),
 )
 
 curves_t = sa.Table(
@@ -384,6 +388,7 @@ def _run_from_row(r: Any) -> RunInfo:
         machine=r.machine,
         recorded_utc=r.recorded_utc,
         time_scale=float(r.time_scale),
+        workload_spec=r.workload_spec or "",
     )
 
 

@@ -75,36 +75,91 @@ def ingate_config(o: Option, t: Targets) -> str:
     return head + yaml.safe_dump(cfg, sort_keys=False)
 
 
+CHART_SERVER_TYPES = ("vllm", "sglang", "tgi", "trtllm-serve", "triton-tensorrt-llm")
+"""`router.modelServers.type` values the chart (deploy/helm/ingate) accepts."""
+
+
 def helm_values(o: Option, t: Targets) -> str:
-    """Helm values for the choice: `modelServer` (replicas, engine arguments, one pod per replica with
-    its accelerators) and `inferencePool` / `inferenceExtension` in the upstream InferencePool chart's
-    terms, with ingate's scheduler profile."""
+    """Values for ingate's chart (deploy/helm/ingate) for the choice: the pool's model servers
+    (`router.modelServers`: engine type, pod labels, port) and the picker's config (the model, and the
+    scheduler profile when not the default). The chart deploys the picker, not the model servers: the
+    header says what to run for them (replicas, accelerators per pod, GKE node label)."""
     k = o.series.key
     sim = k.model_server == SIM_SERVER
-    args = [a for a in k.server_args if not sim]
+    engine = "vllm" if sim or k.model_server not in CHART_SERVER_TYPES else k.model_server
+    app = "ms-" + "".join(c if c.isalnum() else "-" for c in k.model.split("/")[-1].lower()).strip("-")
+    config: dict[str, Any] = {"models": {"served": [k.model]}}
+    if k.gateway.startswith("ingate") and k.scheduler_profile not in ("default", "-"):
+        config["scheduler"] = {"defaultProfile": k.scheduler_profile}
     values: dict[str, Any] = {
-        "modelServer": {
-            "engine": "vllm" if sim else k.model_server,
-            "model": k.model,
-            "replicas": o.replicas,
-            "args": [*(["--tensor-parallel-size", str(k.accelerators_per_replica)] if sim else []), *args],
-            "resources": {"limits": {_device_resource(k.accelerator): k.accelerators_per_replica}},
-            "nodeSelector": _node_selector(k.accelerator),
-        },
-        "inferencePool": {
-            "modelServers": {"matchLabels": {"app": "quickstart-model-server"}},
-            "targetPorts": [{"number": 8000}],
-            "modelServerType": "vllm" if sim else k.model_server,
-        },
-        "inferenceExtension": {
-            "image": "ghcr.io/ingate/ingate:0.1.0",
-            "schedulerProfile": k.scheduler_profile if k.scheduler_profile != "-" else "default",
-        },
+        "router": {
+            "epp": {"config": config},
+            "modelServers": {"type": engine, "matchLabels": {"app": app}, "targetPorts": [{"number": 8000}]},
+        }
     }
-    head = _header(o, t)
+    node = ", ".join(f"{a}: {b}" for a, b in _node_selector(k.accelerator).items())
+    args = "" if sim else " " + " ".join(k.server_args)
+    tp = f" --tensor-parallel-size {k.accelerators_per_replica}" if k.accelerators_per_replica > 1 else ""
+    head = _header(o, t) + (
+        "# Model servers (not deployed by the chart): a Deployment of "
+        f"{o.replicas} {engine} pod(s) labelled app: {app}, port 8000,\n"
+        f"#   serving {k.model}{tp}{args}, each with "
+        f"{_device_resource(k.accelerator)}: {k.accelerators_per_replica} on nodes {{{node}}}.\n"
+    )
     if sim:
         head += (
-            f"# The curve is simulated ({k.accelerator_profile}); engine arguments of the simulator are not\n"
-            "# carried over: size the real engine (vllm serve) for the same model and accelerators.\n"
+            f"# The curve is simulated ({k.accelerator_profile}): size the real engine for the same model and\n"
+            "# accelerators; the simulator's own arguments are not engine flags.\n"
         )
     return head + yaml.safe_dump(values, sort_keys=False)
+
+
+def bench_workload(o: Option, t: Targets, time_scale: float = 0.2, duration_s: float = 150.0) -> str:
+    """An `ingate bench` workload that runs the choice on the simulated fleet: the curve's request shape
+    on the held-out evaluation seeds (not the requests the curve was made from), `t.rps` Poisson
+    arrivals of modelled time, the recommended replicas with the curve's simulator arguments, and the
+    TTFT target as the SLO. The simulator runs at `time_scale` (below 1 = slower than real time, so a
+    small machine keeps up): rates and the SLO are in wall-clock terms, and the benchmark database
+    scales them back (`Series.normalised`). Raises ValueError when the curve is not simulated or its
+    request shape is unknown."""
+    import json
+
+    from ingate.bench.workload import SEED_SETS, Workload
+
+    k = o.series.key
+    if k.model_server != SIM_SERVER:
+        raise ValueError(
+            f"the choice was measured on {k.model_server}, not the simulator: nothing to emulate"
+        )
+    if not o.series.run.workload_spec:
+        raise ValueError(f"the {k.workload!r} curve does not record its request shape (imported without it)")
+    if time_scale <= 0 or duration_s <= 0:
+        raise ValueError("--time-scale and --duration must be positive")
+    spec = json.loads(o.series.run.workload_spec)
+    base_seed = int(spec.get("seed", 0)) - SEED_SETS.get(str(spec.get("seed_set", "tuning")), 0)
+    doc: dict[str, Any] = {
+        **spec,
+        "name": f"{k.workload}-check",
+        "description": f"ingate quickstart recommend's choice for {t.rps:g} req/s of {k.model}, re-run",
+        "seed": base_seed + SEED_SETS["eval"],
+        "seed_set": "eval",
+        "model": k.model,
+        "load": {
+            "type": "poisson",
+            "rates": [round(t.rps * time_scale, 6)],
+            "duration_s": duration_s,
+            "timeout_s": 600,
+        },
+        "slo": {**(spec.get("slo") or {}), "ttft_s": round(t.ttft_p90 / time_scale, 6)},
+        "fleet": {"replicas": o.replicas, "args": [*k.server_args, "--time-scale", str(time_scale)]},
+        "systems": [
+            k.gateway if k.scheduler_profile in ("default", "-") else f"{k.gateway}:{k.scheduler_profile}"
+        ],
+    }
+    Workload.model_validate(doc)  # what `ingate bench run` will load
+    head = _header(o, t) + (
+        f"# Simulator at --time-scale {time_scale:g}: {t.rps:g} req/s and p90 TTFT {t.ttft_p90:g} s of modelled "
+        f"time are {t.rps * time_scale:g} req/s and {t.ttft_p90 / time_scale:g} s of wall clock.\n"
+        "# Run: ingate bench run THIS_FILE   (then `ingate db list` shows it in modelled time)\n"
+    )
+    return head + yaml.safe_dump(doc, sort_keys=False)

@@ -7,6 +7,7 @@ replicas, gateway): the caller supplies those (`ingate db import --model ... --a
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,9 @@ from ingate.bench.stats import resummarize
 from ingate.sim.profiles import get_profile
 
 Triple = tuple[CurveKey, RunInfo, list[Point]]
+
+SPEC_KEYS = ("name", "api", "model", "data", "lora", "slo", "seed", "seed_set", "tenants", "gateway")
+"""The keys of an `ingate bench` workload that shape its requests (not its load, fleet or systems)."""
 
 SIM_SERVER = "ingate-sim"
 """The model server of simulated curves (`ingate sim`, vLLM-compatible)."""
@@ -128,6 +132,7 @@ def from_bench_results(res: dict[str, Any], source: str) -> list[Triple]:
         machine=machine_s,
         recorded_utc=str(res.get("started_utc") or ""),
         time_scale=scale,
+        workload_spec=json.dumps({k: wl[k] for k in SPEC_KEYS if wl.get(k) not in (None, [], {})}),
     )
     load = wl.get("load") or {}
     seeds = f"seed={wl.get('seed', 0)} streams={load.get('streams', 1)}"

@@ -143,9 +143,29 @@ def curves_cmd(
 @click.option("--no-seed", is_flag=True, help="Leave out the committed seed curves.")
 @click.option("--top", type=int, default=5, show_default=True, help="Options to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the options as JSON.")
-@click.option("--emit", type=click.Choice(["helm", "config"]), default=None, help="Write the choice out.")
+@click.option(
+    "--emit",
+    type=click.Choice(["helm", "config", "bench"]),
+    default=None,
+    help="Write the choice out: Helm values, an ingate config, or an `ingate bench` workload that re-runs "
+    "it on the simulated fleet (simulated curves).",
+)
 @click.option(
     "--out", type=click.Path(dir_okay=False), default=None, help="File for --emit (default stdout)."
+)
+@click.option(
+    "--time-scale",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="--emit bench: simulator speed (below 1 = slower than real time, for small machines).",
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=150.0,
+    show_default=True,
+    help="--emit bench: wall-clock seconds of load.",
 )
 def recommend_cmd(
     model: str,
@@ -162,6 +182,8 @@ def recommend_cmd(
     as_json: bool,
     emit: str | None,
     out: str | None,
+    time_scale: float,
+    duration: float,
 ) -> None:
     """The cheapest configurations whose curves meet the targets at --rps: accelerator, replicas,
     server arguments and gateway profile, with the margin and the cost per hour and per million output
@@ -187,9 +209,15 @@ def recommend_cmd(
     else:
         _print(console, rec.options[:top], t, model, workload)
     if emit:
-        from ingate.bench.emit import helm_values, ingate_config
+        from ingate.bench.emit import bench_workload, helm_values, ingate_config
 
-        text = (helm_values if emit == "helm" else ingate_config)(rec.options[0], t)
+        if emit == "bench":
+            try:
+                text = bench_workload(rec.options[0], t, time_scale, duration)
+            except ValueError as e:
+                raise click.ClickException(f"--emit bench: {e}") from None
+        else:
+            text = (helm_values if emit == "helm" else ingate_config)(rec.options[0], t)
         if out:
             Path(out).write_text(text)
             click.echo(f"{emit} for the first choice written to {out}", err=as_json)
