@@ -74,6 +74,7 @@ class Datastore:
         self._endpoints: dict[str, Endpoint] = {}
         self._list: list[Endpoint] = []
         self._on_remove: list[Callable[[Endpoint], None]] = []
+        self._on_add: list[Callable[[Endpoint], None]] = []
         for ep in endpoints:
             self.upsert(ep)
 
@@ -92,6 +93,8 @@ class Datastore:
             return cur
         self._endpoints[ep.address] = ep
         self._list = list(self._endpoints.values())
+        for cb in self._on_add:
+            cb(ep)
         return ep
 
     def remove(self, address: str) -> None:
@@ -113,3 +116,8 @@ class Datastore:
 
     def on_remove(self, cb: Callable[[Endpoint], None]) -> None:
         self._on_remove.append(cb)
+
+    def on_add(self, cb: Callable[[Endpoint], None]) -> None:
+        """Call `cb` when a new address joins (e.g. flow control dispatches requests held while the pool
+        was empty the moment a pod turns ready: scale from zero)."""
+        self._on_add.append(cb)

@@ -32,6 +32,7 @@ from ingate.datastore import Datastore, Endpoint
 from ingate.errors import GatewayError
 from ingate.flowcontrol.preemption import PriorityPlacement
 from ingate.lifecycle import Decision, ResponseInfo
+from ingate.objectives import ObjectiveStore
 from ingate.request import InferenceRequest, parse_request
 from ingate.scheduling.scheduler import Scheduler
 from ingate.telemetry import Telemetry, get_logger, kv
@@ -47,26 +48,6 @@ class FlowControl(Protocol):
     def release(self, ticket: Any, info: ResponseInfo) -> None: ...
 
 
-class _Rewrite:
-    __slots__ = ("cum", "targets", "total")
-
-    def __init__(self, targets: list[tuple[str, int]]) -> None:
-        self.targets = [t for t, _ in targets]
-        self.cum = []
-        acc = 0
-        for _, w in targets:
-            acc += w
-            self.cum.append(acc)
-        self.total = acc
-
-    def pick(self, rnd: float) -> str:
-        x = rnd * self.total
-        for t, c in zip(self.targets, self.cum, strict=True):
-            if x < c:
-                return t
-        return self.targets[-1]
-
-
 class Director:
     """Parses, resolves, admits and schedules requests for any data plane."""
 
@@ -78,6 +59,7 @@ class Director:
         telemetry: Telemetry,
         flow_control: FlowControl | None = None,
         rng: random.Random | None = None,
+        objectives: ObjectiveStore | None = None,
     ) -> None:
         self.config = config
         self.datastore = datastore
@@ -88,14 +70,9 @@ class Director:
         m = config.models
         self._adapters = frozenset(m.adapters)
         self._served = frozenset(m.served) | self._adapters if m.served else frozenset()
-        self._rewrites: dict[str, _Rewrite] = {}
-        for rule in m.rewrites:
-            rw = _Rewrite([(t.model_rewrite, t.weight) for t in rule.targets])
-            for match in rule.matches:
-                self._rewrites[match.model.value] = rw
-        self._objectives = {o.name: o for o in config.objectives}
-        self._objective_by_model = {mn: o for o in config.objectives for mn in o.models}
-        self._default_objective = self._objectives.get(config.default_objective or "")
+        self.objectives = objectives if objectives is not None else ObjectiveStore.from_config(config)
+        """Objectives and model rewrites: the config's, plus what discovery (InferenceObjective and
+        InferenceModelRewrite resources) adds and changes while the gateway runs."""
         self._max_body = config.proxy.max_body_bytes
         # The priority field the model servers read: vLLM serves lower values first, SGLang higher.
         self._priority_sign = {"none": None, "vllm": -1, "sglang": 1}[config.pool.model_server_priority]
@@ -132,29 +109,26 @@ class Director:
 
     def resolve(self, req: InferenceRequest) -> None:
         """Apply model rewrite / traffic split, adapter detection and the objective (priority, SLOs)."""
-        if req.target_model == req.model:  # no x-gateway-model-name-rewrite header
-            rw = self._rewrites.get(req.model)
-            if rw is not None:
-                req.target_model = rw.pick(self.rng.random())
+        store = self.objectives
+        if req.target_model == req.model:  # no model-name-rewrite header
+            rewritten = store.rewrite(req.model, self.rng.random)
+            if rewritten is not None:
+                req.target_model = rewritten
         target = req.target_model
         if self._served and target not in self._served:
             raise GatewayError(404, f"The model `{target}` does not exist in this pool.", "model_not_found")
         if target in self._adapters:
             req.adapter = target
-        obj = None
-        if req.objective is not None:
-            obj = self._objectives.get(req.objective)
-            if obj is None:
-                log.debug(kv(event="unknown_objective", objective=req.objective, request_id=req.request_id))
-        if obj is None:
-            obj = self._objective_by_model.get(req.model) or self._default_objective
+        if req.objective is not None and store.get(req.objective) is None:
+            log.debug(kv(event="unknown_objective", objective=req.objective, request_id=req.request_id))
+        obj = store.resolve(req.objective, req.model)
         if obj is not None:
             req.objective = obj.name
             req.priority = obj.priority
             if req.slo_ttft_ms is None:
-                req.slo_ttft_ms = obj.slo.ttft_ms
+                req.slo_ttft_ms = obj.slo_ttft_ms
             if req.slo_tpot_ms is None:
-                req.slo_tpot_ms = obj.slo.tpot_ms
+                req.slo_tpot_ms = obj.slo_tpot_ms
 
     async def handle(
         self, path: str, headers: Mapping[str, str], raw_body: bytes, profile: str | None = None

@@ -6,6 +6,8 @@ Data planes (built-in proxy, Envoy) are built around a started `Gateway` by
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry
 
 from ingate.config import GatewayConfig
@@ -15,6 +17,7 @@ from ingate.discovery import endpoints_from_config
 from ingate.flowcontrol.build import flow_controller
 from ingate.flowcontrol.controller import FlowController
 from ingate.metrics.scraper import MetricsScraper
+from ingate.objectives import ObjectiveStore
 from ingate.scheduling.plugins.registry import PluginMetricsCollector
 from ingate.scheduling.scheduler import build_scheduler
 from ingate.telemetry import Telemetry
@@ -42,7 +45,17 @@ class Gateway:
         if flow_control is None and cfg.flow_control is not None:
             flow_control = flow_controller(cfg.flow_control, self.datastore, self.telemetry.registry)
         self.flow_control = flow_control
-        self.director = Director(cfg, self.datastore, self.scheduler, self.telemetry, flow_control)
+        self.objectives = ObjectiveStore.from_config(cfg)
+        """Objectives and rewrites: the config's, plus what a discovery source adds at run time."""
+        self.synced: Callable[[], bool] = lambda: True
+        """The pool is known (static config: at once; a discovery source replaces this)."""
+        self.director = Director(
+            cfg, self.datastore, self.scheduler, self.telemetry, flow_control, objectives=self.objectives
+        )
+        if isinstance(flow_control, FlowController):
+            fc = flow_control
+            # Scale from zero: a request waiting for an endpoint goes as soon as one appears.
+            self.datastore.on_add(lambda ep: fc.wake())
 
     @property
     def registry(self) -> CollectorRegistry:

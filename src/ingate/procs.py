@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ class ChildProcess:
             return ""
 
 
-def spawn(cmd: Sequence[str], log: Path | None = None) -> ChildProcess:
+def spawn(cmd: Sequence[str], log: Path | None = None, env: Mapping[str, str] | None = None) -> ChildProcess:
     """Start `cmd` with unbuffered output into `log` (or nowhere).
 
     Where `setpriv --pdeathsig` exists the child is killed with its parent, so a crashed harness never
@@ -43,7 +43,7 @@ def spawn(cmd: Sequence[str], log: Path | None = None) -> ChildProcess:
     """
     setpriv = shutil.which("setpriv")
     full = [setpriv, "--pdeathsig", "KILL", "--", *cmd] if setpriv else list(cmd)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     if log is None:
         return ChildProcess(
             subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

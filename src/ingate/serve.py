@@ -9,6 +9,7 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
@@ -31,11 +32,37 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-async def run_gateway(cfg: GatewayConfig, kind: str, port: int | None, stop: asyncio.Event) -> None:
-    """Run until `stop` is set."""
+async def run_gateway(
+    cfg: GatewayConfig, kind: str, port: int | None, stop: asyncio.Event, epp: EppOptions | None = None
+) -> None:
+    """Run until `stop` is set. With upstream flags naming a pool (`epp.kubernetes`), the pool's
+    endpoints, objectives and rewrites come from the cluster, and leader election and token-checked
+    metrics run as the flags say."""
     gw = Gateway(cfg)
     dp = make_dataplane(gw, kind, port)  # config errors surface before anything starts
-    services = PickerServices(gw, cfg.serving)
+    kube: Any = None
+    if epp is not None and epp.kubernetes:
+        from ingate.kube.options import KubeOptions
+        from ingate.kube.runtime import KubeRuntime
+
+        try:
+            kube = await KubeRuntime.start(
+                KubeOptions.from_epp(epp),
+                gw.datastore,
+                gw.objectives,
+                metrics_auth=bool(epp.get("metrics-endpoint-auth")),
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        gw.synced = kube.synced
+    services = PickerServices(
+        gw,
+        cfg.serving,
+        synced=gw.synced,
+        leader=kube.leader if kube is not None else (lambda: True),
+        leader_election=epp is not None and bool(epp.get("ha-enable-leader-election")),
+        metrics_auth=_metrics_auth(kube),
+    )
     await gw.start()
     try:
         await services.start()
@@ -49,11 +76,31 @@ async def run_gateway(cfg: GatewayConfig, kind: str, port: int | None, stop: asy
         )
         await stop.wait()
     finally:
+        if kube is not None:
+            # Hand the lease over first, so a standby becomes ready while this one drains.
+            with contextlib.suppress(Exception):
+                await kube.elector.stop()
         with contextlib.suppress(Exception):
             await dp.stop()
         with contextlib.suppress(Exception):
             await services.stop()
+        if kube is not None:
+            with contextlib.suppress(Exception):
+                await kube.stop()
         await gw.stop()
+
+
+def _metrics_auth(kube: Any) -> Callable[[str | None], Awaitable[tuple[int, str]]] | None:
+    """`--metrics-endpoint-auth` in Kubernetes mode: TokenReview + SubjectAccessReview per scrape."""
+    auth = getattr(kube, "metrics_auth", None)
+    if auth is None:
+        return None
+
+    async def check(header: str | None) -> tuple[int, str]:
+        d = await auth.check(header)
+        return d.status, d.message
+
+    return check
 
 
 def build_config(config_path: str | None, epp: EppOptions | None) -> GatewayConfig:
@@ -139,12 +186,7 @@ def serve(
         cfg = build_config(config_path, epp)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    if epp is not None and epp.kubernetes:
-        raise click.ClickException(
-            "Kubernetes mode (--pool-name / --endpoint-selector) needs the pool controller, which this "
-            "build does not include yet; run with --config FILE listing pool.endpoints"
-        )
-    if epp is not None and epp.get("metrics-endpoint-auth"):
+    if epp is not None and epp.get("metrics-endpoint-auth") and not epp.kubernetes:
         raise click.ClickException(
             "--metrics-endpoint-auth=true authenticates scrapes against the Kubernetes API; outside "
             "Kubernetes pass --metrics-endpoint-auth=false (or serving.metricsAuthTokenFile in the config)"
@@ -160,7 +202,7 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_gateway(cfg, kind, port, stop)
+        await run_gateway(cfg, kind, port, stop, epp)
 
     try:
         asyncio.run(main())

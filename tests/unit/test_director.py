@@ -200,7 +200,7 @@ async def test_objective_priority_reaches_the_model_server(mode: str, sent: int)
     assert json.loads(dec.upstream_body)["priority"] == sent
     # A client's own priority is overwritten, also back to the objective's 0 (no self-promotion).
     d.config.default_objective = None
-    d._default_objective = None
+    d.objectives.default_name = None
     raw = _body(priority=-99)
     dec = await d.handle("/v1/completions", {}, raw)
     assert json.loads(dec.upstream_body)["priority"] == 0
@@ -361,3 +361,27 @@ async def test_lifecycle_hooks_run_for_the_scheduling_profile_only() -> None:
     d.finish(dec, ResponseInfo(status=200))
     assert b.calls == ["post_schedule", "post_response"]  # type: ignore[attr-defined]
     assert len(a.calls) == 3  # type: ignore[attr-defined]
+
+
+async def test_objectives_and_rewrites_changed_at_run_time_apply_to_the_next_request() -> None:
+    """Discovery (InferenceObjective / InferenceModelRewrite resources) edits the objective store; the
+    director reads it per request, so a priority change takes effect without a restart."""
+    from ingate.objectives import ObjectiveSpec, RewriteRuleSpec, RewriteSpec
+
+    d, _ = _director()
+    hdr = {"x-llm-d-inference-objective": "live"}
+    dec = await d.handle("/v1/completions", hdr, _body())
+    assert dec.request.priority == -1  # unknown objective: the default (batch, -1)
+    d.finish(dec, ResponseInfo(status=200))
+    d.objectives.put(ObjectiveSpec("live", priority=5, slo_ttft_ms=250))
+    dec = await d.handle("/v1/completions", hdr, _body())
+    assert (dec.request.objective, dec.request.priority, dec.request.slo_ttft_ms) == ("live", 5, 250)
+    d.finish(dec, ResponseInfo(status=200))
+    d.objectives.put(ObjectiveSpec("live", priority=-3))
+    dec = await d.handle("/v1/completions", hdr, _body())
+    assert dec.request.priority == -3
+    d.finish(dec, ResponseInfo(status=200))
+    d.objectives.put_rewrite(RewriteSpec("rw", (RewriteRuleSpec(("alias",), (("base-v2", 1),)),)))
+    dec = await d.handle("/v1/completions", {}, _body("alias"))
+    assert dec.request.target_model == "base-v2"
+    d.finish(dec, ResponseInfo(status=200))

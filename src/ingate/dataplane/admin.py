@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -31,12 +31,16 @@ class AdminServer:
         port: int = 9090,
         *,
         bearer_token: str | None = None,
+        authorize: Callable[[str | None], Awaitable[tuple[int, str]]] | None = None,
     ) -> None:
         self.registry = registry
         self.ready = ready
         self.host = host
         self.port = port
         self._token = bearer_token.encode() if bearer_token else None
+        self._authorize = authorize
+        """Kubernetes mode (`--metrics-endpoint-auth`): the scrape's Authorization header -> (status,
+        message), a TokenReview and a SubjectAccessReview as upstream does."""
         self._runner: web.AppRunner | None = None
 
     @property
@@ -66,6 +70,12 @@ class AdminServer:
             self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self._authorize is not None:
+            status, message = await self._authorize(request.headers.get("Authorization"))
+            if status != 200:
+                code = {401: "unauthorized", 403: "forbidden"}.get(status, "auth_unavailable")
+                err = GatewayError(status, message or "metrics access denied", code)
+                return web.Response(status=status, body=err.body(), headers=err.headers())
         if self._token is not None:
             got = request.headers.get("Authorization", "")
             if not got.startswith("Bearer ") or not hmac.compare_digest(got[7:].encode(), self._token):

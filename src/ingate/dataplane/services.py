@@ -5,7 +5,7 @@ proxy."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ingate.config import ConfigError, ServingConfig
@@ -25,6 +25,7 @@ class PickerServices:
         synced: Callable[[], bool] = lambda: True,
         leader: Callable[[], bool] = lambda: True,
         leader_election: bool = False,
+        metrics_auth: Callable[[str | None], Awaitable[tuple[int, str]]] | None = None,
     ) -> None:
         self.health: HealthServer | None = None
         self.admin: AdminServer | None = None
@@ -41,7 +42,12 @@ class PickerServices:
                 if not token:
                     raise ConfigError("serving.metricsAuthTokenFile: the file is empty")
             self.admin = AdminServer(
-                core.registry, core.ready, cfg.host, cfg.metrics_port, bearer_token=token
+                core.registry,
+                core.ready,
+                cfg.host,
+                cfg.metrics_port,
+                bearer_token=token,
+                authorize=metrics_auth,
             )
 
     async def start(self) -> None:

@@ -266,6 +266,10 @@ class FlowController:
         if served > 0:
             self.metrics.served_tokens.labels(ticket.fairness_id, str(ticket.priority)).inc(served)
 
+    def wake(self) -> None:
+        """Run the dispatcher now (e.g. an endpoint appeared: waiting requests may go)."""
+        self._wake.set()
+
     @property
     def in_flight(self) -> int:
         """Requests admitted and not yet released."""

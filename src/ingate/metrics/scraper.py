@@ -43,6 +43,10 @@ class MetricsScraper:
         self.scrapes = 0
         self.failures = 0
         self._stopping = False
+        # A new endpoint (a pod that just turned ready) is scraped at once rather than at the next
+        # supervisor tick: until its first scrape it counts as saturated, so requests held while the
+        # pool was empty (scale from zero) would wait up to 0.5 s longer.
+        datastore.on_add(self._endpoint_added)
 
     async def __aenter__(self) -> MetricsScraper:
         await self.start()
@@ -128,6 +132,11 @@ class MetricsScraper:
         for ep in current:
             if ep not in self._tasks:
                 self._tasks[ep] = loop.create_task(self._loop(ep), name=f"scrape-{ep.address}")
+
+    def _endpoint_added(self, ep: Endpoint) -> None:
+        if self._session is not None and not self._stopping and ep not in self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks[ep] = loop.create_task(self._loop(ep), name=f"scrape-{ep.address}")
 
     async def _supervise(self) -> None:
         while not self._stopping:
