@@ -28,6 +28,10 @@ Data planes:
   a null director that routes every request to the upstream without reading it (no parsing, flow
   control or scheduling): the floor of an ext_proc picker in Python on this machine, so the rest of
   ``envoy-extproc-req``'s added latency is ingate's own per-request work;
+- ``envoy-extproc-{null,full}-{grpcio,grpclib,h2lib}``: the null-director and ``full`` planes with the
+  picker on another gRPC transport (grpcio; `ingate.dataplane.grpclib_server`, grpclib in the picker's
+  loop; `ingate.dataplane.h2_server`, the `h2` library plus thin gRPC framing in the picker's loop),
+  to compare them with the default in-loop server side by side (``--only``; not run by default);
 - ``builtin``: client -> ingate's built-in asyncio proxy -> upstream.
 
 The upstream, the picker, the built-in proxy and the client each run in their own process (as in
@@ -68,7 +72,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -193,8 +197,35 @@ class _NullDirector:
         pass
 
 
+ALT_TRANSPORTS = ("grpclib", "h2lib")
+"""Transports built here rather than by `ExtProcServer` (the candidates measured against `h2`)."""
+
+
+def _alt_server(svc: ExtProcServicer, transport: str) -> Any:
+    """The servicer's `Process` on one of `ALT_TRANSPORTS` (wired as `ExtProcServer` wires `h2`)."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from ingate.dataplane.extproc_server import PROCESS_METHOD
+    from ingate.dataplane.grpc_h2 import StreamMethod
+
+    methods = {
+        PROCESS_METHOD: StreamMethod(
+            decode=pb.ProcessingRequest.FromString,
+            handler=lambda requests: svc.Process(requests, None),
+            encode=pb.ProcessingResponse.SerializeToString,
+        )
+    }
+    if transport == "grpclib":
+        from ingate.dataplane.grpclib_server import GrpclibServer
+
+        return GrpclibServer(methods)
+    from ingate.dataplane.h2_server import H2Server
+
+    return H2Server(methods)
+
+
 async def _run_picker(
-    port: int, upstream: str, transport: Transport, responses: ResponseMode, null: bool = False
+    port: int, upstream: str, transport: str, responses: ResponseMode, null: bool = False
 ) -> None:
     director: Any
     if null:
@@ -205,10 +236,16 @@ async def _run_picker(
         director = gw.director
     # As EnvoyDataPlane builds it: Envoy adds the served-endpoint header itself.
     svc = ExtProcServicer(director, report_served=False, responses=responses)
-    server = ExtProcServer(svc, port=port, transport=transport)
-    await server.start()
+    server: Any  # held to the end: a grpc.aio server that is garbage-collected stops serving
+    if transport in ALT_TRANSPORTS:
+        server = _alt_server(svc, transport)
+        await server.start("127.0.0.1", port)
+    else:
+        server = ExtProcServer(svc, port=port, transport=cast(Transport, transport))
+        await server.start()
     freeze_startup_heap()  # as `ingate serve` does
     await asyncio.Event().wait()
+    await server.stop(0)
 
 
 async def _run_builtin(port: int, upstream: str) -> None:
@@ -388,19 +425,25 @@ async def _start_targets(
     targets["envoy-rr"] = rr.url
     pids["envoy-rr"] = [rr.proc.pid] if rr.proc is not None else []
     # One picker process per Envoy: the picker's response mode must match its Envoy's.
-    planes: tuple[tuple[str, Transport, ResponseMode], ...] = (
+    planes: tuple[tuple[str, str, ResponseMode], ...] = (
         ("envoy-extproc", "h2", "observe"),
         ("envoy-extproc-full", "h2", "full"),
         ("envoy-extproc-req", "h2", "none"),
         ("envoy-extproc-grpcio", "grpcio", "observe"),
         ("envoy-extproc-null", "h2", "none"),
     )
+    # The transport comparison (docs/envoy.md "The gRPC transport"): only with --only.
+    compare = tuple(
+        (f"envoy-extproc-{mode}-{t}", t, cast(ResponseMode, "none" if mode == "null" else mode))
+        for mode in ("null", "full")
+        for t in ("grpcio", *ALT_TRANSPORTS)
+    )
     only = [t for t in args.only.split(",") if t]
-    for name, transport, responses in planes:
-        if only and name not in only:
+    for name, transport, responses in planes + compare:
+        if (only and name not in only) or (not only and (name, transport, responses) in compare):
             continue
         port = _free_port()
-        extra = ["--null-director"] if name == "envoy-extproc-null" else []
+        extra = ["--null-director"] if name.startswith("envoy-extproc-null") else []
         procs.append(
             _spawn(
                 "picker",
@@ -449,7 +492,7 @@ def _row(rset: str, name: str, c: int, r: dict[str, float], base: dict[str, floa
 
 
 def _print_row(row: dict[str, Any]) -> None:
-    head = f"{row['set']:<6} c={row['concurrency']:<4} {row['dataplane']:<21} rps={row['rps']:7.0f}"
+    head = f"{row['set']:<6} c={row['concurrency']:<4} {row['dataplane']:<28} rps={row['rps']:7.0f}"
     cpu = row.get("dataplane_cpu_us_per_request")
     if cpu is not None:
         head += f" cpu/req={cpu:6.0f}us"
@@ -518,7 +561,7 @@ def _print_phases(row: dict[str, Any]) -> None:
     cells = "  ".join(
         f"{k.removesuffix('_us')}={ph[k]['p50']:.0f}/{ph[k]['p99']:.0f}" for k in PHASES if k in ph
     )
-    print(f"  phases {row['set']:<6} c={row['concurrency']:<4} {row['dataplane']:<21} p50/p99 us: {cells}")
+    print(f"  phases {row['set']:<6} c={row['concurrency']:<4} {row['dataplane']:<28} p50/p99 us: {cells}")
 
 
 def _cpus(spec: str) -> set[int]:
@@ -687,7 +730,12 @@ def main() -> None:
     ap.add_argument("--role", choices=["bench", "upstream", "picker", "builtin"], default="bench")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--upstream", default="")
-    ap.add_argument("--transport", choices=TRANSPORTS, default="h2", help="picker role: ext_proc gRPC server")
+    ap.add_argument(
+        "--transport",
+        choices=(*TRANSPORTS, *ALT_TRANSPORTS),
+        default="h2",
+        help="picker role: ext_proc gRPC server",
+    )
     ap.add_argument(
         "--responses", choices=RESPONSE_MODES, default="observe", help="picker role: response mode"
     )

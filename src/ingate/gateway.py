@@ -6,7 +6,8 @@ Data planes (built-in proxy, Envoy) are built around a started `Gateway` by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -15,6 +16,7 @@ from ingate.datastore import Datastore
 from ingate.director import Director, FlowControl
 from ingate.discovery import endpoints_from_config
 from ingate.flowcontrol.build import flow_controller
+from ingate.flowcontrol.capacity import CapacityCollector, SlotTracker, capacity_snapshot
 from ingate.flowcontrol.controller import FlowController
 from ingate.metrics.scraper import MetricsScraper
 from ingate.objectives import ObjectiveStore
@@ -52,15 +54,26 @@ class Gateway:
         self.director = Director(
             cfg, self.datastore, self.scheduler, self.telemetry, flow_control, objectives=self.objectives
         )
-        if isinstance(flow_control, FlowController):
-            fc = flow_control
+        fc_ctl = flow_control if isinstance(flow_control, FlowController) else None
+        if fc_ctl is not None:
             # Scale from zero: a request waiting for an endpoint goes as soon as one appears.
-            self.datastore.on_add(lambda ep: fc.wake())
+            self.datastore.on_add(lambda ep: fc_ctl.wake())
+        # The capacity signal async processors dispatch into (GET /v1/capacity, ingate_pool_* gauges),
+        # for the bands the objectives use.
+        self._bands = sorted({o.priority for o in cfg.objectives} | {0})
+        self._slots = SlotTracker()
+        self.telemetry.registry.register(CapacityCollector(self.datastore, fc_ctl, priorities=self._bands))
 
     @property
     def registry(self) -> CollectorRegistry:
         """The gateway's Prometheus registry (what `/metrics` serves)."""
         return self.telemetry.registry
+
+    def capacity(self, priorities: Iterable[int] = ()) -> dict[str, Any]:
+        """The pool's free capacity document (`ingate.flowcontrol.capacity`), e.g. for `ingate async`."""
+        fc = self.flow_control if isinstance(self.flow_control, FlowController) else None
+        bands = (*self._bands, *priorities)
+        return capacity_snapshot(self.datastore, fc, priorities=bands, slots=self._slots)
 
     def ready(self) -> bool:
         """At least one healthy endpoint with fresh metrics."""

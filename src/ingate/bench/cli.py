@@ -164,3 +164,46 @@ def tokenizer_cmd(out_dir: str) -> None:
     from ingate.bench.tokenizer import build_tokenizer
 
     click.echo(f"tokenizer written to {build_tokenizer(out_dir)}")
+
+
+@bench.command("async")
+@click.option(
+    "--out", "out_dir", default=str(RESULTS_DIR / "async"), show_default=True, help="Results folder."
+)
+@click.option("--duration", "duration_s", default=60.0, show_default=True, help="Seconds per scenario.")
+@click.option("--backlog", default=10_000, show_default=True, help="Async messages queued at the start.")
+@click.option("--replicas", default=2, show_default=True)
+@click.option("--max-num-seqs", default=8, show_default=True)
+@click.option("--time-scale", default=1.0, show_default=True)
+@click.option("--rt-load", default=0.35, show_default=True, help="Real-time rate as a fraction of capacity.")
+@click.option("--capacity-s", default=20.0, show_default=True, help="Seconds of the capacity measurement.")
+@click.option(
+    "--gates",
+    default=",".join(("ingate", "ingate-window-only", "prometheus-saturation", "prometheus-budget")),
+    show_default=True,
+    help="Comma list of async gates to compare.",
+)
+@click.option(
+    "--preemption", is_flag=True, help="Replicas preempt lower-priority work; the gateway sends priorities."
+)
+def async_cmd(out_dir: str, gates: str, **kw: Any) -> None:
+    """Real-time p99 TTFT alone vs with an async backlog; idle capacity used; llm-d-async's gates."""
+    from ingate.bench.asyncbench import GATES, HEADER, Params, run_bench, table
+
+    chosen = tuple(g for g in gates.split(",") if g)
+    bad = [g for g in chosen if g not in GATES]
+    if bad:
+        raise click.BadParameter(f"unknown gates {bad}; known: {', '.join(GATES)}", param_hint="--gates")
+    console = Console()
+    results = run_bench(Params(gates=chosen, **kw), Path(out_dir), log=console.print)
+    from rich.table import Table
+
+    t = Table(*HEADER, title=f"ingate bench async ({results['started']})")
+    rows = table(results)
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    md = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    (Path(out_dir) / "results.md").write_text("\n".join(md) + "\n")
+    console.print(f"wrote {out_dir}/results.json, results.md, async.png")

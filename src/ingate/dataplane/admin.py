@@ -7,13 +7,17 @@
 - `GET /health`: the process is up (200).
 - `GET /ready`: 200 when the picker can route (the same check as the built-in proxy's `/ready`),
   else 503 with an OpenAI-style error body.
+- `GET /v1/capacity`: the pool's free capacity per priority band (docs/async.md), what `ingate async`
+  dispatches into.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -32,6 +36,7 @@ class AdminServer:
         *,
         bearer_token: str | None = None,
         authorize: Callable[[str | None], Awaitable[tuple[int, str]]] | None = None,
+        capacity: Callable[[Iterable[int]], dict[str, Any]] | None = None,
     ) -> None:
         self.registry = registry
         self.ready = ready
@@ -41,6 +46,7 @@ class AdminServer:
         self._authorize = authorize
         """Kubernetes mode (`--metrics-endpoint-auth`): the scrape's Authorization header -> (status,
         message), a TokenReview and a SubjectAccessReview as upstream does."""
+        self._capacity = capacity
         self._runner: web.AppRunner | None = None
 
     @property
@@ -52,6 +58,8 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
+        if self._capacity is not None:
+            app.router.add_get("/v1/capacity", capacity_route(self._capacity))
         return app
 
     async def start(self) -> int:
@@ -93,3 +101,15 @@ class AdminServer:
             return web.json_response({"status": "ready"})
         err = GatewayError(503, "no endpoint with fresh metrics yet", "not_ready")
         return web.Response(status=503, body=err.body(), headers=err.headers())
+
+
+def capacity_route(
+    capacity: Callable[[Iterable[int]], dict[str, Any]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """`GET /v1/capacity[?priority=P...]`: the pool's free capacity document as JSON."""
+
+    async def handle(request: web.Request) -> web.Response:
+        extra = [int(p) for p in request.query.getall("priority", []) if p.lstrip("-").isdigit()]
+        return web.Response(body=orjson.dumps(capacity(extra)), content_type="application/json")
+
+    return handle

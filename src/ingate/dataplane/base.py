@@ -8,6 +8,7 @@ readiness and the metrics registry. Nothing in `ingate.dataplane` imports the ga
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -51,4 +52,8 @@ class PickerCore(Protocol):
 
     def ready(self) -> bool:
         """At least one endpoint can take requests (readiness probes)."""
+        ...
+
+    def capacity(self, priorities: Iterable[int] = ()) -> dict[str, Any]:
+        """The pool's free capacity document (`GET /v1/capacity`)."""
         ...

@@ -11,7 +11,7 @@ uses too), plus a readiness check, a metrics registry and the model list.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingate.config import ProxyConfig
+from ingate.dataplane.admin import capacity_route
 from ingate.dataplane.base import PickerCore
 from ingate.errors import GatewayError
 from ingate.lifecycle import Decision, DirectorLike, ResponseInfo
@@ -62,6 +63,7 @@ class BuiltinProxy:
         ready: Callable[[], bool] = lambda: True,
         registry: CollectorRegistry | None = None,
         models: Callable[[], list[dict[str, Any]]] = list,
+        capacity: Callable[[Iterable[int]], dict[str, Any]] | None = None,
     ) -> None:
         self.director = director
         self.host = host
@@ -69,6 +71,7 @@ class BuiltinProxy:
         self._ready_check = ready
         self._registry = registry
         self._model_list = models
+        self._capacity = capacity
         p = settings
         self._timeout = aiohttp.ClientTimeout(total=p.request_timeout_s, connect=p.connect_timeout_s)
         self._retries = p.retries
@@ -88,6 +91,7 @@ class BuiltinProxy:
             ready=core.ready,
             registry=core.registry,
             models=core.director.models,
+            capacity=core.capacity,
         )
 
     @property
@@ -103,6 +107,8 @@ class BuiltinProxy:
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)
+        if self._capacity is not None:
+            app.router.add_get("/v1/capacity", capacity_route(self._capacity))
         return app
 
     async def start(self) -> None:

@@ -48,6 +48,7 @@ class PickerServices:
                 cfg.metrics_port,
                 bearer_token=token,
                 authorize=metrics_auth,
+                capacity=core.capacity,
             )
 
     async def start(self) -> None:

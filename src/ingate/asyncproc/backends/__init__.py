@@ -1,0 +1,55 @@
+"""Queue backends behind one interface (:class:`~ingate.asyncproc.backends.base.QueueBackend`).
+
+``open_backend(url)`` picks one from a queue URL:
+
+- ``PATH``, ``sqlite:PATH`` or ``sqlite:///ABS/PATH``: the embedded SQLite queue (the default);
+- ``redis://HOST:PORT/DB?stream=NAME&group=NAME``: Redis Streams with a consumer group;
+- ``redis-sortedset://HOST:PORT/DB?queue=request-sortedset&results=result-list&retry=retry-sortedset``:
+  llm-d-async's sorted-set layout (drop-in next to its producers and result consumers).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from ingate.asyncproc.backends.base import QueueBackend
+
+
+def open_backend(url: str) -> QueueBackend:
+    """The backend a queue URL names (see the module docstring). Raises ValueError on a bad URL."""
+    if url.startswith(("redis-sortedset://", "rediss-sortedset://")):
+        from ingate.asyncproc.backends.llmd_sortedset import LlmdSortedSetBackend
+
+        parts = urlsplit(url)
+        q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        base = parts._replace(scheme=parts.scheme.replace("-sortedset", ""), query="").geturl()
+        return LlmdSortedSetBackend(
+            base,
+            queue=q.get("queue", "request-sortedset"),
+            results=q.get("results", "result-list"),
+            retry=q.get("retry", "retry-sortedset"),
+        )
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from ingate.asyncproc.backends.redis_streams import RedisStreamsBackend
+
+        parts = urlsplit(url)
+        q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        base = parts._replace(query="").geturl()
+        return RedisStreamsBackend(
+            base,
+            stream=q.get("stream", "ingate-async"),
+            group=q.get("group", "ingate-async"),
+        )
+    from ingate.asyncproc.backends.sqlite import SqliteBackend
+
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://") :]
+    elif url.startswith("sqlite:"):
+        path = url[len("sqlite:") :]
+    elif "://" in url:
+        raise ValueError(f"unknown queue URL scheme in {url!r} (use a file path, sqlite:PATH or redis://...)")
+    else:
+        path = url
+    if not path:
+        raise ValueError("sqlite queue URL without a path")
+    return SqliteBackend(path)

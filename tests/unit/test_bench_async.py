@@ -1,0 +1,34 @@
+"""`ingate bench async` arithmetic: per-scenario summary and the derived ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingate.bench.asyncbench import Params, Scenario, _summary, derive, table
+from ingate.bench.loadgen import RequestRecord
+
+
+def rec(ttft: float, tokens: int = 64, status: int = 200) -> RequestRecord:
+    return RequestRecord(send=0.0, group=0, status=status, ttft=ttft, e2e=1.0, completion_tokens=tokens)
+
+
+def test_summary_and_idle_capacity_share() -> None:
+    p = Params(max_num_seqs=4)
+    alone = Scenario("realtime-alone", duration_s=10.0)
+    alone.rt_records = [rec(0.1 * (i + 1)) for i in range(10)] + [rec(0.1, status=429)]
+    # Two replicas sampled twice: one busy sample of four, two slots of eight in use on average.
+    alone.samples = [(0.0, [2, 0], [0, 0]), (0.1, [0, 0], [1, 0])]
+    with_async = Scenario("ingate", duration_s=10.0, async_done=50)
+    with_async.rt_records = [rec(0.1 * (i + 1) * 1.05) for i in range(10)]
+    with_async.samples = [(0.0, [4, 4], [0, 0])]
+    scen = {"realtime-alone": _summary(alone, p), "ingate": _summary(with_async, p)}
+    a = scen["realtime-alone"]
+    assert (a["rt_requests"], a["rt_ok"]) == (11, 10)
+    assert a["rt_ttft_p99_s"] == pytest.approx(1.0) and a["rt_tokens_per_s"] == pytest.approx(64.0)
+    assert a["busy_fraction"] == pytest.approx(0.25) and a["slot_utilisation"] == pytest.approx(0.125)
+    assert scen["ingate"]["async_tokens_per_s"] == pytest.approx(320.0)  # 50 x 64 tokens / 10 s
+    derive(scen, capacity_tokens_per_s=464.0)  # idle when alone: 464 - 64 = 400 tokens/s
+    assert scen["ingate"]["idle_capacity_used"] == pytest.approx(0.8)
+    assert scen["ingate"]["rt_p99_vs_alone"] == pytest.approx(1.05)
+    rows = table({"scenarios": scen})
+    assert rows[1][0] == "ingate" and rows[1][3] == "1.05x" and rows[1][-1] == "80%"
