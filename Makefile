@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: quickstart test unit bench peers inference-perf clean system-deps
+.PHONY: quickstart quickstart-seed test unit bench peers inference-perf clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "ingate needs Python 3.11+"'
@@ -17,12 +17,21 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/ingate quickstart
 
-## system-deps: Debian packages the tests use (redis-server), installed when missing and root
+## quickstart-seed: regenerate the Inference Quickstart's seed curves (virtual-time sweeps, ~5 min)
+quickstart-seed: $(STAMP)
+	$(BIN)/python benchmarks/quickstart/seed.py
+
+## system-deps: Debian packages the tests use (redis-server; chromium for the quickstart page test),
+## installed when missing and root; otherwise those tests are skipped (the page test fails under CI=true)
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -q && apt-get install -y -q redis-server; \
 	  else echo "note: redis-server is missing (apt-get install -y redis-server): Redis tests will be skipped"; fi; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
+	  else echo "note: chromium is missing (apt-get install -y chromium): the quickstart page test will be skipped"; fi; }
 
 ## test: set up, lint, type-check and run the whole test suite
 test: $(STAMP) system-deps

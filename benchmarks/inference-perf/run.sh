@@ -14,7 +14,14 @@ TOKENIZER_DIR=${TOKENIZER_DIR:-/tmp/ingate-tokenizer}
 WORK=$(mktemp -d /tmp/ingate-iperf-XXXXXX)
 
 if [ ! -x "$IPERF_VENV/bin/inference-perf" ]; then
-  PY312=$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1 || true)
+  # The first candidate that runs: a pyenv shim named python3.12 exists even where no 3.12 is selected.
+  PY312=""
+  for c in $(command -v python3.12) /root/.pyenv/versions/3.12*/bin/python3.12; do
+    if [ -x "$c" ] && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      PY312=$c
+      break
+    fi
+  done
   if [ -n "$PY312" ]; then
     "$PY312" -m venv "$IPERF_VENV"
     "$IPERF_VENV/bin/pip" install -q inference-perf==0.7.0

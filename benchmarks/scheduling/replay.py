@@ -292,6 +292,7 @@ def run_stage(
             for r in [r for r in live if r.state == FINISHED]:
                 rec, req, ctx, j = live.pop(r)
                 rec["e2e"] = now + NET_S - rec["send"]
+                rec["completion_tokens"] = r.generated
                 eps[j].in_flight -= 1
                 info = ResponseInfo(
                     status=200,

@@ -16,6 +16,10 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("ingate.bench.cli:bench", "Benchmark harness: load sweeps, reports and plots."),
     "k8s": ("ingate.kube.render:k8s", "Kubernetes packaging: render the endpoint picker's manifests."),
     "async": ("ingate.asyncproc.cli:async_", "Async inference on idle capacity: queue processor, batches."),
+    "db": (
+        "ingate.bench.dbcli:db_group",
+        "Benchmark database: import curves (ingate bench, inference-perf).",
+    ),
 }
 
 

@@ -198,7 +198,7 @@ def render(results: list[RunResult], spec: LoadSpec, console: Console) -> None:
                       else f"p99 TTFT: {results[0].profile} is not lower than {results[1].profile} on this run.")  # fmt: skip
 
 
-@click.command("quickstart")
+@click.group("quickstart", invoke_without_command=True)
 @click.option(
     "--rate", type=float, default=LoadSpec.rate, show_default=True, help="Requests per second (wall clock)."
 )
@@ -220,8 +220,16 @@ def render(results: list[RunResult], spec: LoadSpec, console: Console) -> None:
 @click.option(
     "--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON."
 )
-def quickstart(rate: float, duration: float, replicas: int, time_scale: float, json_out: str | None) -> None:
-    """Run a simulated fleet behind ingate and behind round robin, and compare latencies."""
+@click.pass_context
+def quickstart(
+    ctx: click.Context, rate: float, duration: float, replicas: int, time_scale: float, json_out: str | None
+) -> None:
+    """Run a simulated fleet behind ingate and behind round robin, and compare latencies.
+
+    The subcommands are the Inference Quickstart over the benchmark database: `curves` plots latency vs
+    throughput per configuration, `recommend` picks the cheapest configuration that meets a target."""
+    if ctx.invoked_subcommand is not None:
+        return
     if rate <= 0 or duration <= 0 or replicas < 1 or time_scale <= 0:
         raise click.BadParameter("--rate, --duration, --replicas and --time-scale must be positive")
     spec = LoadSpec(rate=rate, duration_s=duration, replicas=replicas, time_scale=time_scale)
@@ -243,3 +251,13 @@ def quickstart(rate: float, duration: float, replicas: int, time_scale: float, j
     render(results, spec, console)
     if json_out:
         Path(json_out).write_text(json.dumps([r.__dict__ for r in results]))
+
+
+def _add_database_commands() -> None:
+    from ingate.bench.quickstart_cli import curves_cmd, recommend_cmd
+
+    quickstart.add_command(curves_cmd)
+    quickstart.add_command(recommend_cmd)
+
+
+_add_database_commands()

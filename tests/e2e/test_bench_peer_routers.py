@@ -31,7 +31,7 @@ def test_quick_bench_runs_peers_and_ingate_envoy(tmp_path: Path) -> None:
         pytest.skip(f"peers not installed in {venv} (ingate bench install-peers)")
     systems = "sglang-router,vllm-router,ingate-envoy,vllm-router:no_such_policy"
     cmd = [sys.executable, "-m", "ingate", "bench", "run", str(ROOT / "benchmarks/configs/quick.yaml")]
-    cmd += ["--out", str(tmp_path), "--systems", systems, "--no-report"]
+    cmd += ["--out", str(tmp_path), "--systems", systems, "--no-report", "--no-db"]
     env = {**os.environ, "INGATE_PEERS_VENV": str(venv)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ingate.bench.db import BenchDB
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,6 +26,8 @@ def test_quick_bench_writes_results_and_plot(tmp_path: Path) -> None:
         str(ROOT / "benchmarks/configs/quick.yaml"),
         "--out",
         str(tmp_path),
+        "--db",
+        str(tmp_path / "bench.db"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -39,6 +43,16 @@ def test_quick_bench_writes_results_and_plot(tmp_path: Path) -> None:
             assert st["summary"]["ok"] == st["summary"]["sent"]
             assert all(r["completion_tokens"] == 8 for r in st["records"])
     assert files[0].with_suffix(".png").stat().st_size > 1000
+    # The run's curves are in the benchmark database, one per system, every stage a point.
+    db = BenchDB(tmp_path / "bench.db")
+    series = {s.key.gateway: s for s in db.series()}
+    db.close()
+    assert sorted(series) == ["ingate", "round-robin"]
+    for s in res["systems"]:
+        got = series[s["name"]]
+        assert got.run.tool == "ingate-bench" and got.run.kind == "simulated"
+        assert [p.rate for p in got.points] == [st["rate"] for st in s["stages"]]
+        assert [p.ttft_p90 for p in got.points] == [st["summary"]["ttft_p90"] for st in s["stages"]]
 
 
 def test_streams_rerun_the_sweep_with_new_seeds_and_pool_it(tmp_path: Path) -> None:
@@ -46,7 +60,7 @@ def test_streams_rerun_the_sweep_with_new_seeds_and_pool_it(tmp_path: Path) -> N
     # requests (tagged with their stream), the second stream has its own arrivals, and the simulator's
     # prefix-cache hits come back per request.
     cmd = [sys.executable, "-m", "ingate", "bench", "run", str(ROOT / "benchmarks/configs/quick.yaml")]
-    cmd += ["--out", str(tmp_path), "--systems", "ingate", "--streams", "2", "--no-report"]
+    cmd += ["--out", str(tmp_path), "--systems", "ingate", "--streams", "2", "--no-report", "--no-db"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (res,) = [json.loads(f.read_text()) for f in tmp_path.glob("quick_*.json")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 
@@ -299,3 +300,26 @@ def test_headline_compares_at_round_robin_saturation() -> None:
     assert "(10 / 10 requests within the SLO), p99 TTFT 0.20 / 0.25 s (at least as good: met)" in (
         headline_markdown([res])
     )
+
+
+async def _chat_with_role_chunk(request: web.Request) -> web.StreamResponse:
+    # As vLLM's chat stream: an empty role delta at once, the first token 0.3 s later.
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n')
+    await asyncio.sleep(0.3)
+    for _ in range(3):
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"the "}}]}\n\n')
+        await asyncio.sleep(0.01)
+    usage = {"prompt_tokens": 4, "completion_tokens": 3}
+    await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    return resp
+
+
+async def test_chat_role_chunk_is_not_the_first_token() -> None:
+    async with completions_server(_chat_with_role_chunk) as url, make_session(4) as s:
+        req = RequestStream(_wl(api="chat")).next()
+        rec = await send_one(s, url, req, 0.0, 10)
+    assert rec.ok and rec.chunks == 3 and rec.completion_tokens == 3
+    assert rec.ttft is not None and rec.ttft >= 0.3

@@ -45,10 +45,26 @@ def bench() -> None:
     "published number comes from.",
 )
 @click.option("--no-report", is_flag=True, help="Skip the table and PNG.")
+@click.option(
+    "--db",
+    "db_target",
+    default=None,
+    help="Also record the curves into this benchmark database (SQLite path or SQLAlchemy URL; default "
+    "$INGATE_DB, else ~/.local/share/ingate/bench.db). See `ingate db`.",
+)
+@click.option("--no-db", is_flag=True, help="Do not record into the benchmark database.")
 def run_cmd(
-    config: str, out_dir: str, systems: str | None, streams: int | None, evaluation: bool, no_report: bool
+    config: str,
+    out_dir: str,
+    systems: str | None,
+    streams: int | None,
+    evaluation: bool,
+    no_report: bool,
+    db_target: str | None,
+    no_db: bool,
 ) -> None:
-    """Run the workload in CONFIG against each system; write JSON (and a PNG + table) under --out."""
+    """Run the workload in CONFIG against each system; write JSON (and a PNG + table) under --out, and
+    record the curves into the benchmark database."""
     wl = load_workload(config)
     if evaluation:
         wl = with_seed_set(wl, "eval")
@@ -59,6 +75,11 @@ def run_cmd(
     console = Console()
     path = run_workload(wl, Path(out_dir), console)
     console.print(f"results: {path}")
+    if not no_db:
+        from ingate.bench.dbcli import record_results
+
+        n, where = record_results(path, db_target)
+        console.print(f"benchmark database: {n} point(s) recorded into {where}")
     if not no_report:
         _report([path], path.with_suffix(".png"), None, console)
     _print_prediction_errors(path, console)

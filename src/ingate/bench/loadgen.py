@@ -99,6 +99,8 @@ async def send_one(
                             usage = obj["usage"]
                             if not obj.get("choices"):
                                 continue
+                    if b'"role"' in payload and b'"content":""' in payload:
+                        continue  # a chat stream's role announcement (vLLM sends it first): no token yet
                     if b'"error"' in payload:
                         obj = orjson.loads(payload)
                         if "error" in obj:

@@ -37,6 +37,15 @@ class SimProfile:
     max_num_batched_tokens: int = 8192
     lora_load_ms: float = 25.0
     source: str = ""
+    accelerator: str = "h100"
+    """Accelerator type of one replica, as the benchmark database prices it (bench/prices.yaml)."""
+    accelerators: int = 1
+    """Accelerators per replica (tensor parallelism)."""
+
+    @property
+    def estimated(self) -> bool:
+        """True unless the profile was fitted to measurements on its hardware."""
+        return not self.source.startswith("measured")
 
     def step_ms(self, prefill_tokens: int, prefill_quad: float, decode_seqs: int, decode_ctx: int) -> float:
         """Duration of one engine step (see module docstring)."""
@@ -137,6 +146,7 @@ def estimate_profile(
     name: str,
     accel: Accelerator,
     *,
+    accelerator: str | None = None,
     max_num_seqs: int = 256,
     max_num_batched_tokens: int = 8192,
     base: SimProfile | None = None,
@@ -166,6 +176,7 @@ def estimate_profile(
         num_gpu_blocks=kv_cache_blocks(accel.memory_bytes, max_num_batched_tokens, b.block_size),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        accelerator=accelerator or b.accelerator,  # the key the price table uses
         source=f"estimate: the H100 fit scaled by {accel.name} / H100 peak specs "
         f"(bandwidth x{bw:.2f}, bf16 FLOP/s x{fl:.2f}; {accel.source})",
     )
@@ -173,9 +184,33 @@ def estimate_profile(
 
 # Estimates, not measurements (see estimate_profile). L4: decode about 11x and prefill about 8x slower
 # than the H100, 2,036 blocks of KV; its smaller batch limits are the ones used for it before.
-L4_LLAMA3_8B = estimate_profile("l4-llama3-8b", L4, max_num_seqs=128, max_num_batched_tokens=4096)
+L4_LLAMA3_8B = estimate_profile(
+    "l4-llama3-8b", L4, accelerator="l4", max_num_seqs=128, max_num_batched_tokens=4096
+)
 # TPU v6e, one chip: decode about 2x slower (half the H100's bandwidth), prefill about the same.
-TPU_V6E_LLAMA3_8B = estimate_profile("tpu-v6e-llama3-8b", TPU_V6E)
+TPU_V6E_LLAMA3_8B = estimate_profile("tpu-v6e-llama3-8b", TPU_V6E, accelerator="tpu-v6e")
+
+# An estimate, not a measurement: Llama-3.1-70B (80 layers, hidden 8192, 8 KV heads) in bf16 on four
+# H100s with tensor parallelism 4. Per GPU a decode step streams 35.3 GB of weights against 16.06 GB for
+# the 8B fit (x2.2) and adds ~2.4 ms of all-reduces (2 per layer x 80 layers x ~15 us); per-sequence
+# compute scales by layers x hidden^2 / TP (x2.5); per context token each GPU reads 2 of 8 KV heads of
+# 80 layers (80 KiB against 128 KiB: x0.625). Prefill FLOPs per token x70/8/4 (x2.2) plus all-reduces
+# (x2.4 in all); attention's quadratic term scales by layers x hidden / TP (x1.25). KV per GPU:
+# 72 GB (0.9 x 80) - 35.3 GB weights - ~3 GB activations/graphs = ~33.7 GB / 80 KiB = ~411k tokens.
+H100X4_LLAMA3_70B = SimProfile(
+    name="h100x4-llama3-70b",
+    decode_base=9.83 * 2.2 + 2.4,
+    decode_per_seq=0.01111 * 2.5,
+    decode_per_ctx_token=4.307e-5 * 0.625,
+    prefill_base=2.905 * 2.2 + 2.4,
+    prefill_per_token=0.02777 * 2.4,
+    prefill_quadratic=5.39e-7 * 1.25,
+    step_floor=9.8 * 2.2 + 2.4,
+    num_gpu_blocks=25_700,
+    source="estimate: H100 8B fit scaled to 70B shapes over 4 GPUs (TP4) by bytes and FLOPs per GPU",
+    accelerator="h100",
+    accelerators=4,
+)
 
 # A nearly free engine, for measuring the gateway's own overhead.
 NULL_PROFILE = SimProfile(
@@ -190,10 +225,12 @@ NULL_PROFILE = SimProfile(
     num_gpu_blocks=1_000_000,
     lora_load_ms=0.0,
     source="synthetic: near-zero step time",
+    accelerator="none",
+    accelerators=0,
 )
 
 PROFILES: dict[str, SimProfile] = {
-    p.name: p for p in (H100_LLAMA3_8B, L4_LLAMA3_8B, TPU_V6E_LLAMA3_8B, NULL_PROFILE)
+    p.name: p for p in (H100_LLAMA3_8B, L4_LLAMA3_8B, TPU_V6E_LLAMA3_8B, H100X4_LLAMA3_70B, NULL_PROFILE)
 }
 PROFILES["h100"] = H100_LLAMA3_8B
 PROFILES["l4"] = L4_LLAMA3_8B
