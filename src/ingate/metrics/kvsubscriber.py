@@ -88,6 +88,10 @@ class BlockIndex:
         """Forget what `endpoint` holds (it restarted, or its event stream lost batches)."""
         self._blocks.pop(endpoint, None)
 
+    def tracks(self, endpoint: str) -> bool:
+        """Whether `endpoint`'s events are being indexed: a batch was applied since it was last cleared."""
+        return endpoint in self._blocks
+
     def contains(self, endpoint: str, block_hash: int) -> bool:
         blocks = self._blocks.get(endpoint)
         return blocks is not None and block_hash in blocks

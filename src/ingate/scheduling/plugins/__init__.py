@@ -1,6 +1,6 @@
 """Scheduling plugins, one module per family. Importing the package registers the built-in ones
 (see `registry`)."""
 
-from ingate.scheduling.plugins import latency, load, lora, pickers, prefix, registry, sizeband
+from ingate.scheduling.plugins import latency, load, lora, pickers, precise_prefix, prefix, registry, sizeband
 
-__all__ = ["latency", "load", "lora", "pickers", "prefix", "registry", "sizeband"]
+__all__ = ["latency", "load", "lora", "pickers", "precise_prefix", "prefix", "registry", "sizeband"]

@@ -1,0 +1,300 @@
+"""Precise prefix-cache affinity from the model servers' own KV-cache events.
+
+The approximate `prefix-cache` scorer remembers where the gateway sent which prompt blocks and guesses
+how long each server keeps them. This scorer knows: it subscribes to every endpoint's vLLM KV-event
+stream (`ingate.metrics.kvsubscriber`: ZMQ, replay on gaps) and keeps an exact, bounded index of the
+blocks each one holds. A request is tokenised as the server tokenises it (`ingate.scheduling.tokenization`), its
+full blocks hashed as vLLM hashes them (`ingate.metrics.kvevents.block_hashes`: algorithm, seed, LoRA
+name, cache salt), and each endpoint scores ``leading blocks it holds / prompt blocks``.
+
+**Fallback.** It carries an approximate `prefix-cache` scorer inside (same parameters as that scorer,
+under ``fallback``) that scores and records every request. Endpoints whose events the index is not
+tracking (no batch applied yet, or cleared after a publisher restart or lost batches) get the
+approximate score, and every endpoint does when the request cannot be tokenised (e.g. a chat request
+with the ``huggingface`` tokenizer). One scorer slot keeps one weight for both, and the approximate
+index stays warm for when events stop.
+
+**Lifecycle.** The subscriptions start lazily on the first request this scorer scores (inside the
+running event loop), so a built-in profile that no request selects opens no sockets. They follow the
+pool: whenever the datastore's membership changes (`Datastore.endpoints()` returns a new list), a
+background sync subscribes new endpoints and drops departed ones with their index entries. The gateway
+calls `aclose` on shutdown. A subscriber that connects late replays what the publisher still buffers.
+
+**Where the events are.** ``eventsPort`` (vLLM's default publisher binds ``tcp://*:5557``) on the
+endpoint's host, or ``eventsPortOffset`` from the endpoint's HTTP port (simulated fleets on one host:
+``ingate sim --port P --kv-events-port P+k``); the replay socket likewise (``replayPort`` /
+``replayPortOffset``; none by default, as in vLLM). ``topic`` filters messages by prefix (``""``: all).
+
+The matched prefix goes into the cycle state for the predicted-latency and size-band scorers: in
+tokens under `PREFIX_MATCH_TOKENS_KEY`, and converted to characters (this prompt's own characters per
+token) under `PREFIX_MATCH_KEY`, which is what they read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
+
+from ingate.datastore import Datastore, Endpoint
+from ingate.lifecycle import ResponseInfo
+from ingate.metrics.kvevents import HASH_ALGOS, block_hashes, none_hash
+from ingate.metrics.kvsubscriber import BlockIndex, EventSource, KVEventSubscriptions
+from ingate.naming import camel_to_snake
+from ingate.request import InferenceRequest
+from ingate.scheduling.framework import (
+    PREFIX_MATCH_KEY,
+    PREFIX_MATCH_TOKENS_KEY,
+    CycleState,
+    SchedulingResult,
+)
+from ingate.scheduling.plugins.prefix import PrefixCacheScorer
+from ingate.scheduling.plugins.registry import register
+from ingate.scheduling.tokenization import Tokenizer, make_tokenizer
+
+log = logging.getLogger(__name__)
+
+_INNER_KEY = "precise_prefix.fallback_ctx"
+"""The fallback scorer's own cycle state (it reads and writes PREFIX_MATCH_KEY in its own terms)."""
+_HASHES_KEY = "precise_prefix.hashes"
+
+
+@register("scorer", "precise-prefix")
+@dataclass
+class PrecisePrefixScorer:
+    """Score = leading blocks the endpoint holds (from its KV events) / prompt blocks; see module doc."""
+
+    events_port: int = 5557
+    events_port_offset: int | None = None
+    """When set, the publisher is at the endpoint's HTTP port plus this offset (overrides eventsPort)."""
+    replay_port: int | None = None
+    replay_port_offset: int | None = None
+    topic: str = ""
+    """ZMQ topic prefix to subscribe to; ``{host}``, ``{port}`` are the endpoint's."""
+    hash_algo: str = "sha256_cbor"
+    """The servers' ``--prefix-caching-hash-algo``."""
+    hash_seed: str = "0"
+    """The servers' ``PYTHONHASHSEED`` (vLLM's first-block parent hash depends on it)."""
+    block_size: int = 0
+    """Tokens per KV block; 0 = the endpoint's reported ``cache_config_info`` block size, else 16."""
+    tokenizer: str = "sim"
+    """``sim`` or ``huggingface`` (with ``tokenizerPath``): see `ingate.scheduling.tokenization`."""
+    tokenizer_path: str = ""
+    max_blocks: int = 2048
+    """Blocks of a prompt to hash and match at most (bounds the per-request cost)."""
+    max_blocks_per_endpoint: int = 1_000_000
+    """Index bound per endpoint; at least the servers' num_gpu_blocks for an exact index."""
+    replay_timeout_ms: float = 1000.0
+    fallback: dict[str, Any] = field(default_factory=dict)
+    """Parameters of the inner approximate `prefix-cache` scorer (camelCase, as in its own spec)."""
+    name: str = "precise-prefix"
+    index: BlockIndex = field(init=False)
+    approx: PrefixCacheScorer = field(init=False)
+    subscriptions: KVEventSubscriptions | None = field(init=False, default=None)
+    _tok: Tokenizer = field(init=False, repr=False)
+    _root: bytes = field(init=False, repr=False)
+    _ds: Datastore | None = field(init=False, default=None, repr=False)
+    _synced: list[Endpoint] | None = field(init=False, default=None, repr=False)
+    _lock: asyncio.Lock | None = field(init=False, default=None, repr=False)
+    _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.hash_algo not in HASH_ALGOS:
+            raise ValueError(f"hashAlgo must be one of {', '.join(HASH_ALGOS)}")
+        if self.block_size < 0 or self.max_blocks < 1 or self.max_blocks_per_endpoint < 1:
+            raise ValueError("blockSize must be >= 0, maxBlocks and maxBlocksPerEndpoint positive")
+        for p in (self.events_port, self.replay_port):
+            if p is not None and not 0 < p < 65536:
+                raise ValueError("eventsPort and replayPort must be valid TCP ports")
+        if self.replay_timeout_ms <= 0:
+            raise ValueError("replayTimeoutMs must be positive")
+        self._tok = make_tokenizer(self.tokenizer, self.tokenizer_path)
+        self._root = none_hash(self.hash_seed, self.hash_algo)
+        self.index = BlockIndex(self.max_blocks_per_endpoint)
+        try:
+            self.approx = PrefixCacheScorer(**{camel_to_snake(k): v for k, v in self.fallback.items()})
+        except TypeError as e:
+            raise ValueError(f"fallback: {e}") from None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def attach(self, datastore: Datastore) -> None:
+        self._ds = datastore
+        self.approx.attach(datastore)
+
+    def source(self, ep: Endpoint) -> EventSource:
+        """Where `ep` publishes its KV events (from the parameters)."""
+        port = ep.port + self.events_port_offset if self.events_port_offset is not None else self.events_port
+        replay: str | None = None
+        if self.replay_port_offset is not None:
+            replay = f"tcp://{ep.host}:{ep.port + self.replay_port_offset}"
+        elif self.replay_port is not None:
+            replay = f"tcp://{ep.host}:{self.replay_port}"
+        topic = self.topic.format(host=ep.host, port=ep.port) if self.topic else ""
+        return EventSource(f"tcp://{ep.host}:{port}", replay, topic)
+
+    def _follow_pool(self) -> None:
+        """Start (first call) or resync the subscriptions when the pool's membership changed."""
+        ds = self._ds
+        if ds is None or ds.endpoints() is self._synced:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # scored outside an event loop (offline tools): approximate only
+        self._synced = ds.endpoints()
+        if self.subscriptions is None:
+            self.subscriptions = KVEventSubscriptions(self.index, self.replay_timeout_ms / 1000)
+            self._lock = asyncio.Lock()
+        task = loop.create_task(self._sync(), name="precise-prefix-sync")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sync(self) -> None:
+        assert self._lock is not None and self.subscriptions is not None and self._ds is not None
+        async with self._lock:  # serialised; each sync uses the pool as it is then
+            try:
+                await self.subscriptions.sync({ep.address: self.source(ep) for ep in self._ds.endpoints()})
+            except Exception:  # e.g. an unresolvable host: keep scoring (approximately) and retry later
+                log.exception("precise-prefix: subscribing to KV events failed")
+                self._synced = None
+
+    async def aclose(self) -> None:
+        """Stop every subscription (the gateway calls this on shutdown)."""
+        for t in list(self._tasks):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.subscriptions is not None:
+            await self.subscriptions.close()
+        self._synced = None
+
+    # -- scoring ------------------------------------------------------------------------------------
+    def block_size_of(self, ep: Endpoint) -> int:
+        return self.block_size or ep.metrics.block_size or 16
+
+    def _hashes(self, ctx: CycleState, request: InferenceRequest, bs: int) -> list[int] | None:
+        """The prompt's block hashes for block size `bs` (None: cannot tokenise), once per request."""
+        per_bs: dict[int, list[int] | None] | None = ctx.get(_HASHES_KEY)
+        if per_bs is None:
+            per_bs = ctx[_HASHES_KEY] = {}
+        if bs in per_bs:
+            return per_bs[bs]
+        ids_key = "precise_prefix.ids"
+        if ids_key not in ctx:
+            ctx[ids_key] = self._tok.encode(request)
+        ids: list[int] | None = ctx[ids_key]
+        out = None
+        if ids is not None:
+            salt = request.body.get("cache_salt")
+            out = block_hashes(
+                ids[: self.max_blocks * bs],
+                bs,
+                self._root,
+                request.adapter,
+                salt if isinstance(salt, str) and salt else None,
+                self.hash_algo,
+            )
+        per_bs[bs] = out
+        return out
+
+    def score(
+        self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> dict[Endpoint, float]:
+        self._follow_pool()
+        inner = CycleState()
+        ctx[_INNER_KEY] = inner
+        scores = self.approx.score(inner, request, endpoints)
+        approx_chars: dict[Endpoint, int] = inner.get(PREFIX_MATCH_KEY, {})
+        tracks = self.index.tracks
+        live = [ep for ep in endpoints if tracks(ep.address)]
+        if not live:
+            ctx[PREFIX_MATCH_KEY] = dict(approx_chars)
+            return scores
+        matched_chars = dict(approx_chars)
+        matched_tokens: dict[Endpoint, int] = {}
+        n_ids = 0
+        for ep in live:
+            bs = self.block_size_of(ep)
+            hashes = self._hashes(ctx, request, bs)
+            if hashes is None:  # cannot tokenise this request: approximate for every endpoint
+                ctx[PREFIX_MATCH_KEY] = dict(approx_chars)
+                return scores
+            matched_chars.pop(ep, None)
+            if not hashes:
+                scores[ep] = 0.0
+                continue
+            k = self.index.prefix_blocks(ep.address, hashes)
+            scores[ep] = k / len(hashes)
+            if k:
+                matched_tokens[ep] = k * bs
+        if matched_tokens:
+            n_ids = len(ctx["precise_prefix.ids"] or ())
+            per_token = len(request.prompt_text) / n_ids if n_ids else 0.0
+            for ep, t in matched_tokens.items():
+                matched_chars[ep] = round(t * per_token)
+        ctx[PREFIX_MATCH_TOKENS_KEY] = matched_tokens
+        ctx[PREFIX_MATCH_KEY] = matched_chars
+        return scores
+
+    def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        inner = ctx.get(_INNER_KEY)
+        if inner is not None:
+            self.approx.post_schedule(inner, request, result)
+
+    def post_response(
+        self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo
+    ) -> None:
+        inner = ctx.get(_INNER_KEY)
+        if inner is not None:
+            self.approx.post_response(inner, request, endpoint, info)
+
+    # -- metrics ------------------------------------------------------------------------------------
+    def collect_metrics(self, profile: str, endpoints: Sequence[Endpoint]) -> Iterator[GaugeMetricFamily]:
+        """`ExposesMetrics`: per endpoint, the indexed blocks, whether events are tracked, and the
+        subscription's counters (batches, gaps, lost batches, publisher restarts), and the fallback
+        index's memory. Nothing before the scorer first scored a request inside the gateway (a built-in
+        profile that no request selects exports no series)."""
+        if self.subscriptions is None:
+            return
+        yield from self.approx.collect_metrics(profile, endpoints)
+        labels = ["profile", "endpoint"]
+        fams = {
+            "blocks": GaugeMetricFamily(
+                "ingate_kv_index_blocks",
+                "KV blocks the precise prefix index holds per endpoint.",
+                labels=labels,
+            ),
+            "tracked": GaugeMetricFamily(
+                "ingate_kv_events_tracked",
+                "1 while the endpoint's KV events are indexed (precise scoring), 0 while it falls back.",
+                labels=labels,
+            ),
+            "batches": GaugeMetricFamily(
+                "ingate_kv_events_batches", "KV event batches applied (live and replayed).", labels=labels
+            ),
+            "gaps": GaugeMetricFamily("ingate_kv_events_gaps", "Sequence gaps seen.", labels=labels),
+            "lost": GaugeMetricFamily(
+                "ingate_kv_events_lost", "Batches neither received nor replayable.", labels=labels
+            ),
+            "restarts": GaugeMetricFamily(
+                "ingate_kv_events_publisher_restarts", "Publisher sequence restarts.", labels=labels
+            ),
+        }
+        subs = self.subscriptions.subscribers
+        for ep in endpoints:
+            lv = [profile, ep.address]
+            fams["blocks"].add_metric(lv, self.index.size(ep.address))
+            fams["tracked"].add_metric(lv, 1.0 if self.index.tracks(ep.address) else 0.0)
+            sub = subs.get(ep.address)
+            if sub is not None:
+                st = sub.stats
+                fams["batches"].add_metric(lv, st.batches)
+                fams["gaps"].add_metric(lv, st.gaps)
+                fams["lost"].add_metric(lv, st.lost)
+                fams["restarts"].add_metric(lv, st.restarts)
+        yield from fams.values()

@@ -1,0 +1,108 @@
+"""Prompt token ids as the model server computes them, for precise prefix-cache routing.
+
+vLLM hashes KV blocks over token ids, so a router that wants to reproduce its block hashes must tokenise
+the prompt exactly as the server does. A `Tokenizer` turns a parsed request into those ids, or None when
+it cannot (then the precise scorer falls back to the approximate one for that request):
+
+- `SimTokenizer` (``kind: sim``): the simulator's rule (`ingate.sim.tokenizer`), completions and chat;
+- `HFTokenizer` (``kind: huggingface``): a Hugging Face ``tokenizer.json`` from a local path (Rust
+  `tokenizers`, no download). It encodes completion prompts as vLLM does (special tokens added, e.g.
+  Llama's BOS). Chat requests need the model's chat template, which it does not apply: it returns None
+  for them.
+
+Token-id prompts (``"prompt": [1, 2, 3]``) are taken as given by both. Tokenisation runs inside the
+scheduling decision (it is synchronous and CPU-bound); its cost is measured in
+``benchmarks/scheduling/decision_latency.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from ingate.request import CHAT_COMPLETIONS, InferenceRequest
+
+
+class Tokenizer(Protocol):
+    """Token ids of a request's prompt as the model server computes them, or None if unknown."""
+
+    def encode(self, request: InferenceRequest) -> list[int] | None: ...
+
+
+def _id_prompt(prompt: Any) -> list[int] | None:
+    if isinstance(prompt, list) and prompt and all(type(t) is int and t >= 0 for t in prompt):
+        return prompt
+    return None
+
+
+def _text_prompt(prompt: Any) -> str | None:
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) and prompt else None
+
+
+class SimTokenizer:
+    """The simulator's tokenisation (`ingate.sim.tokenizer`): exact for simulated fleets."""
+
+    def encode(self, request: InferenceRequest) -> list[int] | None:
+        # Imported here: the gateway does not otherwise load the simulator.
+        from ingate.sim.tokenizer import chat_prompt, token_ids, tokenize
+
+        body = request.body
+        if request.path == CHAT_COMPLETIONS:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                return None
+            return token_ids(tokenize(chat_prompt(messages)))
+        prompt = body.get("prompt")
+        ids = _id_prompt(prompt)
+        if ids is not None:
+            return ids
+        text = _text_prompt(prompt)
+        return token_ids(tokenize(text)) if text is not None else None
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (local file or a directory holding one); completions only."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            from tokenizers import Tokenizer as _HF
+        except ImportError:  # an optional dependency (pip install 'ingate[bench]' or tokenizers)
+            raise ValueError("tokenizer 'huggingface' needs the tokenizers package") from None
+
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise ValueError(f"tokenizerPath {path!r}: no tokenizer.json there")
+        self._tok = _HF.from_file(str(p))
+
+    def encode(self, request: InferenceRequest) -> list[int] | None:
+        if request.path == CHAT_COMPLETIONS:
+            return None  # needs the chat template, which tokenizer.json does not carry
+        prompt = request.body.get("prompt")
+        ids = _id_prompt(prompt)
+        if ids is not None:
+            return ids
+        text = _text_prompt(prompt)
+        if text is None:
+            return None
+        out: list[int] = self._tok.encode(text, add_special_tokens=True).ids
+        return out
+
+
+TOKENIZER_KINDS = ("sim", "huggingface")
+
+
+def make_tokenizer(kind: str, path: str = "") -> Tokenizer:
+    """The tokenizer of `kind` (``sim`` or ``huggingface`` with a local `path`)."""
+    if kind == "sim":
+        return SimTokenizer()
+    if kind == "huggingface":
+        if not path:
+            raise ValueError(
+                "tokenizer 'huggingface' needs tokenizerPath (a tokenizer.json or its directory)"
+            )
+        return HFTokenizer(path)
+    raise ValueError(f"unknown tokenizer {kind!r} (known: {', '.join(TOKENIZER_KINDS)})")
