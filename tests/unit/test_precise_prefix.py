@@ -231,3 +231,22 @@ def test_scoring_outside_an_event_loop_does_not_subscribe() -> None:
     sc, (a, _, _) = _setup()
     sc.score(CycleState(), _req(_text("z", 40)), [a])
     assert sc.subscriptions is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "hello   wonderful-world",
+        " lead and trail ",
+        "x" * 5000,
+        " ".join(f"w{i}" for i in range(3000)),
+        "a\\nb\\tc " * 900 + "supercalifragilistic " * 200,
+    ],
+)
+def test_sim_tokenizer_pieces_give_the_simulators_ids(text: str) -> None:
+    from ingate.scheduling.tokenization import SimTokenizer
+
+    tok = SimTokenizer(segment_chars=64)
+    assert tok.ids(text) == token_ids(tokenize(text))
+    assert tok.ids(text) == token_ids(tokenize(text))  # again, from the memo
+    assert tok.ids(text + " more words") == token_ids(tokenize(text + " more words"))

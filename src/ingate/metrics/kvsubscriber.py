@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -91,6 +91,10 @@ class BlockIndex:
     def tracks(self, endpoint: str) -> bool:
         """Whether `endpoint`'s events are being indexed: a batch was applied since it was last cleared."""
         return endpoint in self._blocks
+
+    def blocks_of(self, endpoint: str) -> Mapping[int, int] | None:
+        """`endpoint`'s hashes (to copies held), read-only, for lookups on the hot path (None: not tracked)."""
+        return self._blocks.get(endpoint)
 
     def contains(self, endpoint: str, block_hash: int) -> bool:
         blocks = self._blocks.get(endpoint)

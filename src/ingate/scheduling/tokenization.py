@@ -17,6 +17,7 @@ scheduling decision (it is synchronous and CPU-bound); its cost is measured in
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,24 +43,63 @@ def _text_prompt(prompt: Any) -> str | None:
 
 
 class SimTokenizer:
-    """The simulator's tokenisation (`ingate.sim.tokenizer`): exact for simulated fleets."""
+    """The simulator's tokenisation (`ingate.sim.tokenizer`): exact for simulated fleets.
+
+    Made cheap for shared heads: the rule splits at whitespace only, so a prompt cut at whitespace
+    tokenises piece by piece. Prompts are cut at the first whitespace after every `segment_chars`
+    characters (positions that depend only on the text before them, so two prompts with the same head
+    cut it the same way) and each piece's ids are memoised (bounded LRU): a system prompt seen before
+    costs a dictionary lookup per piece.
+    """
+
+    def __init__(self, segment_chars: int = 2048, segments: int = 1024) -> None:
+        from ingate.sim import (
+            tokenizer as simtok,
+        )  # imported here: the gateway does not otherwise load the sim
+
+        self._sim = simtok
+        self.segment_chars = segment_chars
+        self.segments = segments
+        self._memo: OrderedDict[str, list[int]] = OrderedDict()
+
+    def _ids(self, text: str) -> list[int]:
+        words = text.split()
+        if max(map(len, words), default=0) > self._sim.MAX_TOKEN_CHARS:
+            words = self._sim.tokenize(text)  # long runs are cut into 8-character tokens
+        return self._sim.token_ids(words)
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids of `text`, as `ingate.sim.tokenizer.token_ids(tokenize(text))`."""
+        out: list[int] = []
+        memo, step, n, start = self._memo, self.segment_chars, len(text), 0
+        while start < n:
+            cut = text.find(" ", start + step) if start + step < n else -1
+            end = n if cut < 0 else cut
+            seg = text[start:end]
+            got = memo.get(seg)
+            if got is None:
+                got = memo[seg] = self._ids(seg)
+                if len(memo) > self.segments:
+                    memo.popitem(last=False)
+            else:
+                memo.move_to_end(seg)
+            out += got
+            start = end
+        return out
 
     def encode(self, request: InferenceRequest) -> list[int] | None:
-        # Imported here: the gateway does not otherwise load the simulator.
-        from ingate.sim.tokenizer import chat_prompt, token_ids, tokenize
-
         body = request.body
         if request.path == CHAT_COMPLETIONS:
             messages = body.get("messages")
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 return None
-            return token_ids(tokenize(chat_prompt(messages)))
+            return self.ids(self._sim.chat_prompt(messages))
         prompt = body.get("prompt")
         ids = _id_prompt(prompt)
         if ids is not None:
             return ids
         text = _text_prompt(prompt)
-        return token_ids(tokenize(text)) if text is not None else None
+        return self.ids(text) if text is not None else None
 
 
 class HFTokenizer:

@@ -43,7 +43,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ingate.datastore import Datastore, Endpoint
 from ingate.lifecycle import ResponseInfo
-from ingate.metrics.kvevents import HASH_ALGOS, block_hashes, none_hash
+from ingate.metrics.kvevents import HASH_ALGOS, iter_block_hashes, none_hash
 from ingate.metrics.kvsubscriber import BlockIndex, EventSource, KVEventSubscriptions
 from ingate.naming import camel_to_snake
 from ingate.request import InferenceRequest
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 _INNER_KEY = "precise_prefix.fallback_ctx"
 """The fallback scorer's own cycle state (it reads and writes PREFIX_MATCH_KEY in its own terms)."""
-_HASHES_KEY = "precise_prefix.hashes"
+_IDS_KEY = "precise_prefix.ids"
 
 
 @register("scorer", "precise-prefix")
@@ -177,30 +177,42 @@ class PrecisePrefixScorer:
     def block_size_of(self, ep: Endpoint) -> int:
         return self.block_size or ep.metrics.block_size or 16
 
-    def _hashes(self, ctx: CycleState, request: InferenceRequest, bs: int) -> list[int] | None:
-        """The prompt's block hashes for block size `bs` (None: cannot tokenise), once per request."""
-        per_bs: dict[int, list[int] | None] | None = ctx.get(_HASHES_KEY)
-        if per_bs is None:
-            per_bs = ctx[_HASHES_KEY] = {}
-        if bs in per_bs:
-            return per_bs[bs]
-        ids_key = "precise_prefix.ids"
-        if ids_key not in ctx:
-            ctx[ids_key] = self._tok.encode(request)
-        ids: list[int] | None = ctx[ids_key]
-        out = None
-        if ids is not None:
-            salt = request.body.get("cache_salt")
-            out = block_hashes(
-                ids[: self.max_blocks * bs],
-                bs,
-                self._root,
-                request.adapter,
-                salt if isinstance(salt, str) and salt else None,
-                self.hash_algo,
-            )
-        per_bs[bs] = out
-        return out
+    def token_ids(self, ctx: CycleState, request: InferenceRequest) -> list[int] | None:
+        """The prompt's token ids as the servers see them (None: cannot tokenise), once per request."""
+        if _IDS_KEY not in ctx:
+            ctx[_IDS_KEY] = self._tok.encode(request)
+        ids: list[int] | None = ctx[_IDS_KEY]
+        return ids
+
+    def match(
+        self, ids: list[int], request: InferenceRequest, bs: int, eps: list[Endpoint]
+    ) -> dict[Endpoint, int]:
+        """Leading blocks (of `bs` tokens) of the prompt each of `eps` holds.
+
+        Hashes lazily and stops at the first block that none of them holds: a shared head is hashed
+        (memoised by `kvevents`, so a system prompt seen before costs a lookup per block), the unique
+        rest of the prompt is never hashed.
+        """
+        salt = request.body.get("cache_salt")
+        hashes = iter_block_hashes(
+            ids[: self.max_blocks * bs],
+            bs,
+            self._root,
+            request.adapter,
+            salt if isinstance(salt, str) and salt else None,
+            self.hash_algo,
+        )
+        matched = dict.fromkeys(eps, 0)
+        held = [(ep, b) for ep in eps if (b := self.index.blocks_of(ep.address))]
+        k = 0
+        for h in hashes:
+            if not held:
+                break
+            held = [(ep, b) for ep, b in held if h in b]
+            k += 1
+            for ep, _ in held:
+                matched[ep] = k
+        return matched
 
     def score(
         self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
@@ -212,31 +224,25 @@ class PrecisePrefixScorer:
         approx_chars: dict[Endpoint, int] = inner.get(PREFIX_MATCH_KEY, {})
         tracks = self.index.tracks
         live = [ep for ep in endpoints if tracks(ep.address)]
-        if not live:
+        ids = self.token_ids(ctx, request) if live else None
+        if ids is None:  # no endpoint's events indexed, or cannot tokenise: approximate for all
             ctx[PREFIX_MATCH_KEY] = dict(approx_chars)
             return scores
+        by_bs: dict[int, list[Endpoint]] = {}
+        for ep in live:
+            by_bs.setdefault(self.block_size_of(ep), []).append(ep)
         matched_chars = dict(approx_chars)
         matched_tokens: dict[Endpoint, int] = {}
-        n_ids = 0
-        for ep in live:
-            bs = self.block_size_of(ep)
-            hashes = self._hashes(ctx, request, bs)
-            if hashes is None:  # cannot tokenise this request: approximate for every endpoint
-                ctx[PREFIX_MATCH_KEY] = dict(approx_chars)
-                return scores
-            matched_chars.pop(ep, None)
-            if not hashes:
-                scores[ep] = 0.0
-                continue
-            k = self.index.prefix_blocks(ep.address, hashes)
-            scores[ep] = k / len(hashes)
-            if k:
-                matched_tokens[ep] = k * bs
-        if matched_tokens:
-            n_ids = len(ctx["precise_prefix.ids"] or ())
-            per_token = len(request.prompt_text) / n_ids if n_ids else 0.0
-            for ep, t in matched_tokens.items():
-                matched_chars[ep] = round(t * per_token)
+        per_token = len(request.prompt_text) / len(ids) if ids else 0.0
+        for bs, eps in by_bs.items():
+            nblocks = min(len(ids) // bs, self.max_blocks)
+            matched = self.match(ids, request, bs, eps) if nblocks else dict.fromkeys(eps, 0)
+            for ep, k in matched.items():
+                matched_chars.pop(ep, None)
+                scores[ep] = k / nblocks if nblocks else 0.0
+                if k:
+                    matched_tokens[ep] = k * bs
+                    matched_chars[ep] = round(k * bs * per_token)
         ctx[PREFIX_MATCH_TOKENS_KEY] = matched_tokens
         ctx[PREFIX_MATCH_KEY] = matched_chars
         return scores
