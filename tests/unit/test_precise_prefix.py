@@ -250,3 +250,42 @@ def test_sim_tokenizer_pieces_give_the_simulators_ids(text: str) -> None:
     assert tok.ids(text) == token_ids(tokenize(text))
     assert tok.ids(text) == token_ids(tokenize(text))  # again, from the memo
     assert tok.ids(text + " more words") == token_ids(tokenize(text + " more words"))
+
+
+def test_a_new_prefix_counts_as_held_by_its_target_until_its_events_can_show_it() -> None:
+    from ingate.lifecycle import ResponseInfo
+
+    sc, (a, b, _) = _setup(speculative_grace_ms=0.0)
+    _store(sc, a, [])
+    _store(sc, b, [])
+    head = _text("sys", 400)
+    first, second = _req(head + " " + _text("u", 40)), _req(head + " " + _text("v", 40))
+    ctx1 = CycleState()
+    assert sc.score(ctx1, first, [a, b]) == {a: 0.0, b: 0.0}
+    sc.post_schedule(ctx1, first, SchedulingResult([b], "p"))
+    # Its follower goes where the head is being prefilled, before any event says so.
+    ctx2 = CycleState()
+    got = sc.score(ctx2, second, [a, b])
+    assert got[a] == 0.0 and got[b] > 0.8
+    assert ctx2[PREFIX_MATCH_KEY][b] > 0 and ctx2[PREFIX_MATCH_TOKENS_KEY][b] > 0
+    # After the first token (and the grace, here 0) only the events count: b never reported the blocks.
+    sc.on_first_token(ctx1, first, b)
+    assert sc.score(CycleState(), second, [a, b]) == {a: 0.0, b: 0.0}
+    # A failed request's entry is dropped at once.
+    ctx3 = CycleState()
+    sc.score(ctx3, first, [a, b])
+    sc.post_schedule(ctx3, first, SchedulingResult([a], "p"))
+    assert sc.score(CycleState(), second, [a, b])[a] > 0.8
+    sc.post_response(ctx3, first, a, ResponseInfo(status=503))
+    assert sc.score(CycleState(), second, [a, b])[a] == 0.0
+
+
+def test_speculation_can_be_turned_off() -> None:
+    sc, (a, b, _) = _setup(speculative=False)
+    _store(sc, a, [])
+    _store(sc, b, [])
+    head = _text("sys", 400)
+    ctx = CycleState()
+    sc.score(ctx, _req(head + " x"), [a, b])
+    sc.post_schedule(ctx, _req(head + " x"), SchedulingResult([b], "p"))
+    assert sc.score(CycleState(), _req(head + " y"), [a, b]) == {a: 0.0, b: 0.0}

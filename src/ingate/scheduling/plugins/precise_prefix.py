@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,33 @@ log = logging.getLogger(__name__)
 _INNER_KEY = "precise_prefix.fallback_ctx"
 """The fallback scorer's own cycle state (it reads and writes PREFIX_MATCH_KEY in its own terms)."""
 _IDS_KEY = "precise_prefix.ids"
+_PENDING_KEY = "precise_prefix.pending"
+"""The endpoint holding this request's speculative entry (keyed by id(ctx) there)."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A scheduled request's prompt (approximate block hashes), held speculatively by its target."""
+
+    hashes: list[int]
+    expires: float
+
+
+def _common_blocks(a: list[int], b: list[int]) -> int:
+    """Leading blocks two chained hash lists share (equal at i implies equal before: binary search)."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    if a[n - 1] == b[n - 1]:
+        return n
+    lo, hi = 0, n - 1  # a[lo] == b[lo], a[hi] != b[hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[mid] == b[mid]:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 @register("scorer", "precise-prefix")
@@ -90,6 +118,13 @@ class PrecisePrefixScorer:
     max_blocks_per_endpoint: int = 1_000_000
     """Index bound per endpoint; at least the servers' num_gpu_blocks for an exact index."""
     replay_timeout_ms: float = 1000.0
+    speculative: bool = True
+    """Count a request's prompt as held by its target from the decision until its blocks can have been
+    reported (see module docstring), so followers of a new prefix do not scatter meanwhile."""
+    speculative_grace_ms: float = 500.0
+    """How long a speculative entry outlives its request's first token (events follow the prefill)."""
+    speculative_ttl_ms: float = 60_000.0
+    """Upper bound on a speculative entry's life (a request that never reports back)."""
     fallback: dict[str, Any] = field(default_factory=dict)
     """Parameters of the inner approximate `prefix-cache` scorer (camelCase, as in its own spec)."""
     name: str = "precise-prefix"
@@ -102,6 +137,7 @@ class PrecisePrefixScorer:
     _synced: list[Endpoint] | None = field(init=False, default=None, repr=False)
     _lock: asyncio.Lock | None = field(init=False, default=None, repr=False)
     _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set, repr=False)
+    _pending: dict[Endpoint, dict[int, _Pending]] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.hash_algo not in HASH_ALGOS:
@@ -111,8 +147,8 @@ class PrecisePrefixScorer:
         for p in (self.events_port, self.replay_port):
             if p is not None and not 0 < p < 65536:
                 raise ValueError("eventsPort and replayPort must be valid TCP ports")
-        if self.replay_timeout_ms <= 0:
-            raise ValueError("replayTimeoutMs must be positive")
+        if self.replay_timeout_ms <= 0 or self.speculative_grace_ms < 0 or self.speculative_ttl_ms <= 0:
+            raise ValueError("replayTimeoutMs and speculativeTtlMs must be positive, speculativeGraceMs >= 0")
         self._tok = make_tokenizer(self.tokenizer, self.tokenizer_path)
         self._root = none_hash(self.hash_seed, self.hash_algo)
         self.index = BlockIndex(self.max_blocks_per_endpoint)
@@ -125,6 +161,10 @@ class PrecisePrefixScorer:
     def attach(self, datastore: Datastore) -> None:
         self._ds = datastore
         self.approx.attach(datastore)
+        datastore.on_remove(self._forget)
+
+    def _forget(self, ep: Endpoint) -> None:
+        self._pending.pop(ep, None)
 
     def source(self, ep: Endpoint) -> EventSource:
         """Where `ep` publishes its KV events (from the parameters)."""
@@ -243,18 +283,82 @@ class PrecisePrefixScorer:
                 if k:
                     matched_tokens[ep] = k * bs
                     matched_chars[ep] = round(k * bs * per_token)
+        if self.speculative and self._pending:
+            self._speculate(inner, request, live, scores, matched_chars, matched_tokens, per_token)
         ctx[PREFIX_MATCH_TOKENS_KEY] = matched_tokens
         ctx[PREFIX_MATCH_KEY] = matched_chars
         return scores
 
+    def _speculate(
+        self,
+        inner: CycleState,
+        request: InferenceRequest,
+        live: list[Endpoint],
+        scores: dict[Endpoint, float],
+        matched_chars: dict[Endpoint, int],
+        matched_tokens: dict[Endpoint, int],
+        per_token: float,
+    ) -> None:
+        """Raise a tracked endpoint's score to what requests sent there, whose blocks its events may
+        not show yet, share with this one (in the approximate index's character blocks)."""
+        hashes = self.approx.prompt_hashes(inner, request)
+        if not hashes:
+            return
+        now = time.monotonic()
+        bc = self.approx.block_chars
+        for ep in live:
+            entries = self._pending.get(ep)
+            if not entries:
+                continue
+            best = 0
+            for key, p in list(entries.items()):
+                if p.expires < now:
+                    del entries[key]
+                    continue
+                k = _common_blocks(p.hashes, hashes)
+                if k > best:
+                    best = k
+            if best and best / len(hashes) > scores[ep]:
+                scores[ep] = best / len(hashes)
+                matched_chars[ep] = best * bc
+                matched_tokens[ep] = round(best * bc / per_token) if per_token else 0
+
     def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         inner = ctx.get(_INNER_KEY)
-        if inner is not None:
-            self.approx.post_schedule(inner, request, result)
+        if inner is None:
+            return
+        self.approx.post_schedule(inner, request, result)
+        if self.speculative:
+            hashes = self.approx.prompt_hashes(inner, request)
+            if hashes:
+                ep = result.target
+                now = time.monotonic()
+                entries = self._pending.setdefault(ep, {})
+                for key in [k for k, p in entries.items() if p.expires < now]:
+                    del entries[key]
+                entries[id(ctx)] = _Pending(hashes, now + self.speculative_ttl_ms / 1000)
+                ctx[_PENDING_KEY] = ep
+
+    def _settle(self, ctx: CycleState, drop: bool) -> None:
+        """The request's blocks are (or will shortly be) in its server's events: end its entry."""
+        ep: Endpoint | None = ctx.get(_PENDING_KEY)
+        entries = self._pending.get(ep) if ep is not None else None
+        entry = entries.get(id(ctx)) if entries is not None else None
+        if entries is None or entry is None:
+            return
+        if drop:
+            del entries[id(ctx)]
+        else:
+            entry.expires = min(entry.expires, time.monotonic() + self.speculative_grace_ms / 1000)
+
+    def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None:
+        self._settle(ctx, drop=False)
 
     def post_response(
         self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo
     ) -> None:
+        # A failed request (or one moved to a fallback) stored nothing there; a finished one did.
+        self._settle(ctx, drop=info.status != 200 or endpoint is not ctx.get(_PENDING_KEY))
         inner = ctx.get(_INNER_KEY)
         if inner is not None:
             self.approx.post_response(inner, request, endpoint, info)
