@@ -1,7 +1,7 @@
 """Write a tiny, randomly initialised Llama with a local word-level tokenizer (no download).
 
 Run with the Python of the vLLM venv (it has torch and transformers): ``python make_tiny_llama.py DIR``.
-The model (hidden 64, 2 layers, vocabulary 1,000) only has to be served by real vLLM on CPU: its
+The model (hidden 128, 2 layers of 2 heads, vocabulary 1,000) only has to be served by real vLLM on CPU: its
 outputs are noise, its metrics, usage reports and KV-cache events are real.
 """
 
@@ -60,11 +60,11 @@ def main(out: Path) -> None:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=2,  # head_dim 64: vLLM's CPU attention has no kernel for 16
+        num_key_value_heads=2,
         max_position_embeddings=4096,
         bos_token_id=1,
         eos_token_id=2,

