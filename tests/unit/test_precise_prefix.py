@@ -289,3 +289,29 @@ def test_speculation_can_be_turned_off() -> None:
     sc.score(ctx, _req(head + " x"), [a, b])
     sc.post_schedule(ctx, _req(head + " x"), SchedulingResult([b], "p"))
     assert sc.score(CycleState(), _req(head + " y"), [a, b]) == {a: 0.0, b: 0.0}
+
+
+async def test_subscriptions_start_on_the_first_score_and_follow_the_pool() -> None:
+    import asyncio
+
+    eps = [Endpoint(f"e{i}", "127.0.0.1", 18000 + i) for i in range(3)]
+    ds = Datastore(eps)
+    sc = PrecisePrefixScorer(events_port_offset=1000, replay_port_offset=2000)
+    sc.attach(ds)
+    try:
+        sc.score(CycleState(), _req(_text("a", 20)), eps)
+        await asyncio.sleep(0.05)  # the sync runs in the background
+        assert sc.subscriptions is not None
+        subs = sc.subscriptions.subscribers
+        assert sorted(subs) == [e.address for e in eps]
+        assert subs[eps[0].address].endpoint == "tcp://127.0.0.1:19000"
+        assert subs[eps[0].address].replay_endpoint == "tcp://127.0.0.1:20000"
+        _store(sc, eps[2], [1, 2, 3])
+        ds.remove(eps[2].address)
+        sc.score(CycleState(), _req(_text("a", 20)), eps[:2])
+        await asyncio.sleep(0.05)
+        assert sorted(sc.subscriptions.subscribers) == [e.address for e in eps[:2]]
+        assert not sc.index.tracks(eps[2].address)  # its entries went with it
+    finally:
+        await sc.aclose()
+    assert sc.subscriptions.subscribers == {}
