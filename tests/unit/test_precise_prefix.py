@@ -196,6 +196,8 @@ def test_bad_parameters_are_rejected() -> None:
         PrecisePrefixScorer(tokenizer="bpe")
     with pytest.raises(ValueError, match="tokenizerPath"):
         PrecisePrefixScorer(tokenizer="huggingface")
+    with pytest.raises(ValueError, match="topic"):
+        PrecisePrefixScorer(topic="kv@{model}")
     with pytest.raises(ValueError, match="fallback"):
         PrecisePrefixScorer(fallback={"noSuchThing": 1})
     sc = PrecisePrefixScorer(fallback={"blockChars": 32})

@@ -149,6 +149,10 @@ class PrecisePrefixScorer:
                 raise ValueError("eventsPort and replayPort must be valid TCP ports")
         if self.replay_timeout_ms <= 0 or self.speculative_grace_ms < 0 or self.speculative_ttl_ms <= 0:
             raise ValueError("replayTimeoutMs and speculativeTtlMs must be positive, speculativeGraceMs >= 0")
+        try:
+            self.topic.format(host="h", port=1)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("topic may only use the fields {host} and {port}") from None
         self._tok = make_tokenizer(self.tokenizer, self.tokenizer_path)
         self._root = none_hash(self.hash_seed, self.hash_algo)
         self.index = BlockIndex(self.max_blocks_per_endpoint)
