@@ -151,7 +151,10 @@ async def test_requests_go_to_the_replica_holding_their_prefix_and_after_a_resta
         await _until(
             lambda: sub.stats.restarts == 1 and _holds(sc, new, _prompt("gamma", 160)) == 10, "restart"
         )
-        # The index no longer claims what the old process held, and matches the new one's cache.
+        # The index no longer claims what the old process held, and matches the new one's cache (once
+        # every batch published so far is applied: the last pokes' may still be on the way).
+        assert new.kv_publisher is not None
+        await sub.wait_for_seq(new.kv_publisher.next_seq - 1, timeout_s=10)
         assert _holds(sc, new, heads[r0]) == 0
         assert sc.index.hashes(new.address) == new.engine.kv.cached_hashes()
         before = new.requests_seen
