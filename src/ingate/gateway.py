@@ -88,3 +88,8 @@ class Gateway:
         if isinstance(self.flow_control, FlowController):
             await self.flow_control.stop()  # answers still-queued requests with 503
         await self.scraper.stop()
+        # Plugins holding background resources (e.g. precise-prefix's KV-event subscriptions).
+        for _, plugin in self.scheduler.plugins():
+            aclose = getattr(plugin, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -10,7 +10,9 @@ Every process is a child of this (live) process, so Envoy does not shut down wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 import shutil
 import socket
 import sys
@@ -42,6 +44,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_block(n: int, offsets: tuple[int, ...], tries: int = 100) -> int:
+    """A base port B such that B + i + o is free on loopback for every i < n and offset o (random
+    probes in 20000-50000; another process may still take one before it is bound, as with
+    `free_port`)."""
+    rng = random.Random()
+    for _ in range(tries):
+        base = rng.randrange(20_000, 50_000 - n - max(offsets))
+        try:
+            with contextlib.ExitStack() as stack:
+                for o in offsets:
+                    for i in range(n):
+                        s = stack.enter_context(socket.socket())
+                        s.bind(("127.0.0.1", base + o + i))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no free block of {n} ports at offsets {offsets}")
+
+
 Proc = ChildProcess  # a supervised child (gateway, Envoy, fleet) and its log
 
 
@@ -59,6 +80,11 @@ def start_fleet(wl: Workload, workdir: Path, timeout_s: float = 60.0) -> Fleet:
     if wl.lora is not None and "--lora-adapters" not in args:
         args += ["--lora-adapters", ",".join(wl.lora.adapters)]
     args += ["--model", wl.model, "--seed", str(wl.seed)]
+    off = wl.fleet.kv_events_port_offset
+    if off is not None:
+        base = free_port_block(wl.fleet.replicas, (0, off, 2 * off))
+        args += ["--base-port", str(base), "--kv-events-port", str(base + off)]
+        args += ["--kv-events-replay-port", str(base + 2 * off)]
     sp = launch_sim(wl.fleet.replicas, args, workdir, timeout_s=timeout_s, log=workdir / "sim.log")
     return Fleet(sp, sp.addresses)
 

@@ -117,6 +117,10 @@ class Fleet(_Strict):
 
     replicas: int = 8
     args: list[str] = Field(default_factory=list)
+    kv_events_port_offset: int | None = Field(default=None, ge=1, le=20_000)
+    """Publish KV-cache events: the harness picks free HTTP ports P + i and has replica i publish on
+    P + i + offset and replay on P + i + 2 x offset, so a precise-prefix scorer finds them with
+    ``eventsPortOffset: offset, replayPortOffset: 2 x offset`` (None: no events)."""
 
 
 class Tenant(_Strict):

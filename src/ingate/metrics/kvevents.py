@@ -35,7 +35,7 @@ import functools
 import hashlib
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +124,25 @@ def block_digests(
         parent = _block_digest(algo, parent, tuple(token_ids[start : start + block_size]), extra or None)
         out.append(parent)
     return out
+
+
+def iter_block_hashes(
+    token_ids: Sequence[int],
+    block_size: int,
+    root: bytes,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
+    algo: str = "sha256_cbor",
+) -> Iterator[int]:
+    """`block_hashes`, lazily: a router matching a prompt against an index stops hashing at the first
+    block no server holds, so a prompt's unique tail costs one block's hash, not all of them."""
+    _hash_fn(algo)
+    parent = root
+    lora = (lora_name,) if lora_name is not None else ()
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        extra: tuple[str, ...] | None = lora + ((cache_salt,) if start == 0 and cache_salt else ())
+        parent = _block_digest(algo, parent, tuple(token_ids[start : start + block_size]), extra or None)
+        yield int.from_bytes(parent, "big") & _U64
 
 
 def block_hashes(

@@ -4,7 +4,7 @@
 a shared `BlockIndex` in sequence order. A gap in the sequence numbers (messages dropped by ZMQ or missed
 while reconnecting) is filled from the server's replay socket; what the replay can no longer provide
 (its buffer moved on) makes the subscriber clear that server's entries, so the index may miss blocks
-but never claims a block the server has evicted. A server restart (sequence back to 0) clears them too.
+but never claims a block the server has evicted. A server restart (the sequence goes back) clears them too.
 
 The index is exact while a server caches no more than ``max_blocks_per_endpoint`` blocks (size it at
 least to the server's ``num_gpu_blocks``); beyond that the oldest stored entries are dropped. Only
@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -87,6 +87,14 @@ class BlockIndex:
     def clear(self, endpoint: str) -> None:
         """Forget what `endpoint` holds (it restarted, or its event stream lost batches)."""
         self._blocks.pop(endpoint, None)
+
+    def tracks(self, endpoint: str) -> bool:
+        """Whether `endpoint`'s events are being indexed: a batch was applied since it was last cleared."""
+        return endpoint in self._blocks
+
+    def blocks_of(self, endpoint: str) -> Mapping[int, int] | None:
+        """`endpoint`'s hashes (to copies held), read-only, for lookups on the hot path (None: not tracked)."""
+        return self._blocks.get(endpoint)
 
     def contains(self, endpoint: str, block_hash: int) -> bool:
         blocks = self._blocks.get(endpoint)
@@ -199,12 +207,13 @@ class KVEventSubscriber:
     async def _on_batch(self, seq: int, batch: EventBatch) -> None:
         last = self.last_seq
         if last is not None and seq <= last:
-            if seq == 0 and last > 0:  # the publisher restarted: its cache starts empty
-                self.stats.restarts += 1
-                self.index.clear(self.name)
-                last = None
-            else:
-                return  # already applied (came through a replay)
+            # Live batches arrive in order and a replay stops below the live batch that asked for it,
+            # so a sequence number that does not advance means the publisher restarted (its cache
+            # starts empty). Its first batches, if missed while the SUB socket reconnected, are
+            # replayed from 0 below (what its buffer no longer has stays unknown: under-reported).
+            self.stats.restarts += 1
+            self.index.clear(self.name)
+            last = None
         expected = 0 if last is None else last + 1
         if seq > expected:
             # A gap; on the first message, the history before we connected (what replay still has).

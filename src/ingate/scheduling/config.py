@@ -38,6 +38,24 @@ class ProfileConfig(BaseModel):
     picker: PluginSpec = Field(default_factory=lambda: PluginSpec(type="max-score"))
 
 
+def _default_profile(prefix_scorer: str) -> ProfileConfig:
+    return ProfileConfig(
+        filters=[
+            PluginSpec(type="lora-affinity"),
+            PluginSpec(type="load-guard", parameters={"queueMargin": 8, "kvThreshold": 1.0}),
+        ],
+        scorers=[
+            PluginSpec(type=prefix_scorer, weight=3),
+            PluginSpec(type="size-band", weight=1),
+            PluginSpec(type="predicted-latency", weight=2),
+            PluginSpec(type="kv-cache", weight=0.5),
+            PluginSpec(type="least-in-flight", weight=0.5),
+            PluginSpec(type="lora-affinity", weight=1),
+        ],
+        picker=PluginSpec(type="max-score"),
+    )
+
+
 def default_profiles() -> dict[str, ProfileConfig]:
     """The built-in profiles.
 
@@ -51,21 +69,11 @@ def default_profiles() -> dict[str, ProfileConfig]:
     and the predicted-latency scorer accounts for load in tokens.
     """
     return {
-        "default": ProfileConfig(
-            filters=[
-                PluginSpec(type="lora-affinity"),
-                PluginSpec(type="load-guard", parameters={"queueMargin": 8, "kvThreshold": 1.0}),
-            ],
-            scorers=[
-                PluginSpec(type="prefix-cache", weight=3),
-                PluginSpec(type="size-band", weight=1),
-                PluginSpec(type="predicted-latency", weight=2),
-                PluginSpec(type="kv-cache", weight=0.5),
-                PluginSpec(type="least-in-flight", weight=0.5),
-                PluginSpec(type="lora-affinity", weight=1),
-            ],
-            picker=PluginSpec(type="max-score"),
-        ),
+        "default": _default_profile("prefix-cache"),
+        # The default with prefix affinity from the servers' own KV-cache events (vLLM's publisher on
+        # port 5557 of each endpoint by default; see docs/scheduling.md), falling back to the
+        # approximate index per endpoint while events are unavailable.
+        "precise-prefix": _default_profile("precise-prefix"),
         # The default until 2026-12 (request-count load guard, queue/KV/in-flight scorers), kept for
         # side-by-side comparison and for pools where prompt lengths are uniform.
         "guarded-affinity": ProfileConfig(

@@ -20,10 +20,21 @@ from ingate.datastore import Endpoint
 from ingate.lifecycle import CycleState, SchedulingResult
 from ingate.request import InferenceRequest
 
-__all__ = ["PREFIX_MATCH_KEY", "CycleState", "Filter", "Picker", "SchedulingResult", "Scorer"]
+__all__ = [
+    "PREFIX_MATCH_KEY",
+    "PREFIX_MATCH_TOKENS_KEY",
+    "CycleState",
+    "Filter",
+    "Picker",
+    "SchedulingResult",
+    "Scorer",
+]
 
 PREFIX_MATCH_KEY = "prefix.matched_chars"
 """CycleState key: {endpoint: leading prompt characters the prefix index matched there} (nonzero only)."""
+PREFIX_MATCH_TOKENS_KEY = "prefix.matched_tokens"
+"""CycleState key: {endpoint: leading prompt tokens the server holds in its KV cache} (nonzero only; set
+by the precise-prefix scorer, which also converts them to characters under `PREFIX_MATCH_KEY`)."""
 
 
 @runtime_checkable

@@ -311,6 +311,10 @@ class PrefixCacheScorer:
         yield blocks
         yield scale
 
+    def prompt_hashes(self, ctx: CycleState, request: InferenceRequest) -> list[int]:
+        """The request's chained block hashes (computed once per cycle, kept in `ctx`)."""
+        return self._hashes(ctx, request)
+
     def _hashes(self, ctx: CycleState, request: InferenceRequest) -> list[int]:
         hashes: list[int] | None = ctx.get(_CTX_KEY)
         if hashes is None:
