@@ -154,7 +154,8 @@ class Director:
                 except SloHold:
                     result, ctx = await self._hold(req, profile)
                     t0 = time.perf_counter()  # the scheduling histogram times the final decision
-            except GatewayError:
+            except (GatewayError, asyncio.CancelledError):
+                # Also a client gone while the request was held for its SLO: the admission goes back.
                 if ticket is not None and self.flow_control is not None:
                     self.flow_control.release(ticket, ResponseInfo(status=503))
                 raise

@@ -385,3 +385,29 @@ async def test_objectives_and_rewrites_changed_at_run_time_apply_to_the_next_req
     dec = await d.handle("/v1/completions", {}, _body("alias"))
     assert dec.request.target_model == "base-v2"
     d.finish(dec, ResponseInfo(status=200))
+
+
+async def test_a_request_cancelled_while_held_for_its_slo_gives_its_admission_back() -> None:
+    """A client that goes away while the director holds its request (SloHold) must not leak the flow
+    control ticket: the admission is released exactly once."""
+    from ingate.errors import SloHold
+
+    cfg = _cfg()
+    ds = Datastore([Endpoint(name="e0", host="127.0.0.1", port=9001)])
+    flow = _Flow()
+    d = Director(cfg, ds, build_scheduler(cfg.scheduler, ds), Telemetry(ds, "p"), flow_control=flow)
+    import time as _time
+
+    def hold(*a: Any, **k: Any) -> Any:
+        raise SloHold("held", poll_s=0.01, until=_time.monotonic() + 60)
+
+    d.scheduler.schedule = hold  # type: ignore[method-assign]
+    import asyncio
+
+    task = asyncio.create_task(d.handle("/v1/completions", {}, _body()))
+    await asyncio.sleep(0.05)
+    assert not task.done() and flow.admitted and not flow.released
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert flow.released == [1]
