@@ -21,6 +21,7 @@ from ingate.dataplane.services import PickerServices
 from ingate.epp_config import is_endpoint_picker_config, scheduler_from_epp
 from ingate.epp_flags import EppOptions, FlagError, deep_merge
 from ingate.gateway import Gateway
+from ingate.telemetry import setup_logging
 
 
 def freeze_startup_heap() -> None:
@@ -175,7 +176,7 @@ def serve(
     except FlagError as e:
         raise click.ClickException(str(e)) from None
     level = log_level or (epp.log_level if epp is not None else "info")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(level, str(epp.get("zap-encoder")) if epp is not None else "console")
     if epp is not None and epp.noops():
         logging.getLogger("ingate.serve").info(
             "accepted without effect (upstream-only features): %s", ", ".join("--" + n for n in epp.noops())

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -223,6 +224,34 @@ def _keep(cache: dict[Any, Any], key: Any, value: Any) -> Any:
         cache.clear()
     cache[key] = value
     return value
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (`--zap-encoder json`, what log pipelines in a cluster parse): `ts`
+    (unix seconds), `level`, `logger`, `msg`, and `error` with the traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["error"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc).decode()
+
+
+def setup_logging(level: str, encoder: str = "console") -> None:
+    """Root logging for `ingate serve`: key=value text (`console`) or JSON lines (`json`) on stderr."""
+    handler = logging.StreamHandler()
+    if encoder == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 def get_logger(name: str = "ingate") -> logging.Logger:

@@ -122,6 +122,11 @@ async def test_upstream_flags_run_the_picker_behind_an_upstream_style_envoy(
             await envoy.stop()
         picker.stop()
     assert picker.proc.returncode == 0, picker.tail()
+    # --zap-encoder json: the log lines are JSON objects (the `-v 2` debug line about no-op flags).
+    import json
+
+    logged = [json.loads(x) for x in (tmp_path / "picker.log").read_text().splitlines() if x.startswith("{")]
+    assert any("accepted without effect" in x["msg"] and x["level"] == "info" for x in logged), logged
 
 
 def test_bad_upstream_flags_fail_naming_the_flag(tmp_path: Path) -> None:

@@ -157,3 +157,29 @@ def test_endpoint_picker_config_rejects_plugins_without_an_equivalent() -> None:
     bad = {**EPC, "plugins": [{"type": "queue-scorer", "parameters": {"x": 1}}]}
     with pytest.raises(ConfigError, match="parameter 'x' has no ingate equivalent"):
         scheduler_from_epp(bad)
+
+
+def test_zap_encoder_json_writes_one_json_object_per_log_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import logging
+
+    from ingate.telemetry import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("info", "json")
+        logging.getLogger("ingate.test").info("picker ready on %s", "0.0.0.0:9002")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("ingate.test").exception("failed")
+        logging.getLogger("ingate.test").debug("not at info")
+        lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    assert [(x["level"], x["logger"], x["msg"]) for x in lines] == [
+        ("info", "ingate.test", "picker ready on 0.0.0.0:9002"),
+        ("error", "ingate.test", "failed"),
+    ]
+    assert "ValueError: boom" in lines[1]["error"] and isinstance(lines[0]["ts"], float)
