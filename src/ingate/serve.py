@@ -23,6 +23,8 @@ from ingate.epp_flags import EppOptions, FlagError, deep_merge
 from ingate.gateway import Gateway
 from ingate.telemetry import setup_logging
 
+log = logging.getLogger("ingate.serve")
+
 
 def freeze_startup_heap() -> None:
     """Move everything allocated so far (modules, config, the started gateway) out of the cyclic GC's
@@ -34,7 +36,12 @@ def freeze_startup_heap() -> None:
 
 
 async def run_gateway(
-    cfg: GatewayConfig, kind: str, port: int | None, stop: asyncio.Event, epp: EppOptions | None = None
+    cfg: GatewayConfig,
+    kind: str,
+    port: int | None,
+    stop: asyncio.Event,
+    epp: EppOptions | None = None,
+    drain_s: float = 0.0,
 ) -> None:
     """Run until `stop` is set. With upstream flags naming a pool (`epp.kubernetes`), the pool's
     endpoints, objectives and rewrites come from the cluster, and leader election and token-checked
@@ -76,6 +83,19 @@ async def run_gateway(
             err=True,
         )
         await stop.wait()
+        if drain_s > 0:
+            # Upstream's drain: readiness goes NOT_SERVING and the lease is handed over at once, so
+            # the gateway moves new streams elsewhere; open ones keep being served until the drain
+            # timeout (or a second signal) ends it.
+            services.draining = True
+            if kube is not None:
+                with contextlib.suppress(Exception):
+                    await kube.elector.stop()
+            log.info("draining for up to %.1f s", drain_s)
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_s):
+                    await stop.wait()
     finally:
         if kube is not None:
             # Hand the lease over first, so a standby becomes ready while this one drains.
@@ -203,7 +223,8 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_gateway(cfg, kind, port, stop, epp)
+        drain = float(epp.get("drain-timeout")) if epp is not None else 0.0
+        await run_gateway(cfg, kind, port, stop, epp, drain_s=drain)
 
     try:
         asyncio.run(main())

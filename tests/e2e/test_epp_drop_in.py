@@ -55,7 +55,7 @@ async def test_upstream_flags_run_the_picker_behind_an_upstream_style_envoy(
     args = [
         "-grpcPort", str(grpc_port), "--grpc-health-port", str(health_port),
         f"--metrics-port={metrics_port}", "--config-file", str(cfg), "--zap-encoder", "json",
-        "--tracing=false", "--metrics-endpoint-auth=false", "-v", "2",
+        "--tracing=false", "--metrics-endpoint-auth=false", "-v", "2", "--drain-timeout=1s",
     ]  # fmt: skip
     picker = spawn([sys.executable, "-m", "ingate", *args], tmp_path / "picker.log")
     envoy = None
@@ -117,6 +117,13 @@ async def test_upstream_flags_run_the_picker_behind_an_upstream_style_envoy(
             except (ConnectionResetError, TimeoutError):
                 got = b""
             assert not got.startswith(b"\x00\x00")  # no HTTP/2 SETTINGS frame in the clear
+        # SIGTERM: readiness goes NOT_SERVING at once (liveness stays), the process exits after the
+        # drain timeout.
+        picker.proc.terminate()
+        await asyncio.sleep(0.3)
+        assert await _health(health_port, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await _health(health_port, "liveness") == health_pb2.HealthCheckResponse.SERVING
+        await asyncio.to_thread(picker.proc.wait, 15)
     finally:
         if envoy is not None:
             await envoy.stop()

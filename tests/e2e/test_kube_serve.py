@@ -72,7 +72,7 @@ async def test_upstream_deployment_args_discover_the_pool_and_serve_through_envo
     args = [
         "--pool-name", "pool", "--pool-namespace", "ns", "--zap-encoder", "json",
         "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
-        f"--metrics-port={metrics_port}", "--tracing=false",
+        f"--metrics-port={metrics_port}", "--tracing=false", "--drain-timeout=0s",
     ]  # fmt: skip
     picker = spawn(
         [sys.executable, "-m", "ingate", *args],

@@ -43,8 +43,17 @@ class HealthState:
     synced: Callable[[], bool]
     leader: Callable[[], bool] = lambda: True
     leader_election: bool = False
+    draining: Callable[[], bool] = lambda: False
+    """Shutting down (`--drain-timeout`): every service but `liveness` answers NOT_SERVING, so the
+    gateway stops sending new streams while the open ones finish."""
 
     def status(self, service: str) -> int:
+        if self.draining():
+            return (
+                health_pb2.HealthCheckResponse.SERVING
+                if service == LIVENESS
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
         synced = self.synced()
         if not self.leader_election:
             return (

@@ -27,10 +27,14 @@ class PickerServices:
         leader_election: bool = False,
         metrics_auth: Callable[[str | None], Awaitable[tuple[int, str]]] | None = None,
     ) -> None:
+        self.draining = False
+        """Set when shutdown begins: health answers NOT_SERVING (but liveness) while requests drain."""
         self.health: HealthServer | None = None
         self.admin: AdminServer | None = None
         if cfg.health_port is not None:
-            state = HealthState(synced=synced, leader=leader, leader_election=leader_election)
+            state = HealthState(
+                synced=synced, leader=leader, leader_election=leader_election, draining=lambda: self.draining
+            )
             self.health = HealthServer(state, cfg.host, cfg.health_port)
         if cfg.metrics_port is not None:
             token = None
