@@ -108,6 +108,10 @@ async def test_upstream_flags_run_the_picker_behind_an_upstream_style_envoy(
                 f'inference_objective_request_total{{model_name="{MODEL}",target_model_name="{MODEL}"}} 6.0'
                 in text
             )
+            # What the picker costs, without a benchmark: one request-processing sample per request,
+            # one response-processing sample per streamed response message.
+            assert "ingate_picker_request_processing_seconds_count 6.0" in text
+            assert "ingate_picker_response_processing_seconds_count" in text
         # A plaintext client cannot talk to the TLS ext_proc port.
         with socket.create_connection(("127.0.0.1", grpc_port), timeout=2) as raw:
             raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")

@@ -18,6 +18,7 @@ from ingate.dataplane.envoy_bootstrap import EnvoySettings
 from ingate.dataplane.envoy_process import EnvoyProcess
 from ingate.dataplane.extproc import ExtProcServicer, InfoFactory, to_response_info
 from ingate.dataplane.extproc_server import ExtProcServer, first_of
+from ingate.dataplane.extproc_timing import ExtProcTimings
 from ingate.lifecycle import DirectorLike
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class EnvoyDataPlane:
         pool_addresses: Callable[[], Sequence[str]] | None = None,
         fallbacks: int = 0,
         binary: str | None = None,
+        timings: ExtProcTimings | None = None,
     ) -> None:
         self.settings = settings
         if pool_addresses is None:
@@ -55,6 +57,7 @@ class EnvoyDataPlane:
             fallbacks=fallbacks,
             report_served=False,  # the bootstrap's picked route adds it (see render_bootstrap)
             responses=settings.response_processing,
+            timings=timings,
         )
         self.grpc = ExtProcServer(
             self.servicer,

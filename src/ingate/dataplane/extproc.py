@@ -74,6 +74,7 @@ from ingate.dataplane.extproc_messages import (
     lb_metadata,
     set_header,
 )
+from ingate.dataplane.extproc_timing import ExtProcTimings
 from ingate.errors import GatewayError
 from ingate.lifecycle import Decision, DirectorLike, ResponseInfo
 from ingate.request import HDR_DESTINATION, HDR_DESTINATION_SERVED
@@ -247,6 +248,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         fallbacks: int = 0,
         report_served: bool = True,
         responses: ResponseMode = "full",
+        timings: ExtProcTimings | None = None,
     ) -> None:
         if responses not in RESPONSE_MODES:
             raise ValueError(f"unknown response mode {responses!r} (known: {', '.join(RESPONSE_MODES)})")
@@ -259,6 +261,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         """full mode: add the served-endpoint header to the response (an Envoy that adds it itself,
         like ours, does not need it)."""
         self.responses = responses
+        self.timings = timings
+        """What the picker costs per request and per response message (Prometheus histograms)."""
         self.active_streams = 0
         self._answers: dict[str, pb.ProcessingResponse] = {}
         self._served: dict[str, pb.ProcessingResponse] = {}
@@ -296,6 +300,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         chunks = st.chunks
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
+        t0 = time.perf_counter()
         try:
             decision = await self.director.handle(st.path, st.headers, raw)
         except GatewayError as e:
@@ -305,7 +310,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if self.responses == "observe":
             ex.key = str(next(self._keys))
             self._exchanges[ex.key] = ex
-        return self._decided(ex, len(raw))
+        answers = self._decided(ex, len(raw))
+        if self.timings is not None:
+            self.timings.request.observe(time.perf_counter() - t0)
+        return answers
 
     def _headers_answer(self, dest: str, new_length: int | None, key: str) -> pb.ProcessingResponse:
         """The request-headers answer routing to `dest`. Constant per destination when the body is
@@ -393,7 +401,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
                 if kind == "response_body":
-                    yield self._response_body(st, msg.response_body)
+                    if self.timings is None:
+                        yield self._response_body(st, msg.response_body)
+                    else:
+                        t0 = time.perf_counter()
+                        answer = self._response_body(st, msg.response_body)
+                        self.timings.response.observe(time.perf_counter() - t0)
+                        yield answer
                     # The echo is queued with the transport; the feedback work (metrics, plugins'
                     # post-response hooks) runs after it, off the token's path (FIFO callbacks).
                     if st.first_pending:

@@ -11,6 +11,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from ingate.dataplane.extproc import ExtProcServicer
+from ingate.dataplane.extproc_timing import ExtProcTimings
 from ingate.dataplane.grpc_h2 import GrpcH2Server, StreamMethod
 from ingate.dataplane.tls import ServerTLS
 from ingate.lifecycle import DirectorLike
@@ -134,8 +135,11 @@ class ExtProcOnly:
         max_body_bytes: int,
         pool_addresses: Callable[[], Sequence[str]],
         tls: ServerTLS | None = None,
+        timings: ExtProcTimings | None = None,
     ) -> None:
-        svc = ExtProcServicer(director, max_body_bytes=max_body_bytes, any_endpoint=first_of(pool_addresses))
+        svc = ExtProcServicer(
+            director, max_body_bytes=max_body_bytes, any_endpoint=first_of(pool_addresses), timings=timings
+        )
         self.server = ExtProcServer(svc, host=host, port=port, tls=tls)
         self.tls = tls
 

@@ -44,6 +44,7 @@ def make_dataplane(core: PickerCore, kind: str, port: int | None = None) -> Data
             max_body_bytes=cfg.proxy.max_body_bytes,
             pool_addresses=pool,
             tls=tls,
+            timings=_timings(core),
         )
     if kind != "envoy":
         raise ConfigError(f"unknown data plane {kind!r} (known: {', '.join(KINDS)})")
@@ -75,4 +76,15 @@ def make_dataplane(core: PickerCore, kind: str, port: int | None = None) -> Data
         settings,
         pool_addresses=pool,
         fallbacks=0,  # ORIGINAL_DST takes one address; fallbacks need a subset-aware LB (see docs/envoy.md)
+        timings=_timings(core),
     )
+
+
+def _timings(core: PickerCore) -> Any:
+    """The ext_proc path's processing-time histograms, exported with the gateway's metrics."""
+    from ingate.dataplane.extproc_timing import ExtProcTimings
+
+    t = ExtProcTimings()
+    for c in t.collectors():
+        core.registry.register(c)
+    return t
