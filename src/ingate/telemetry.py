@@ -227,32 +227,45 @@ def _keep(cache: dict[Any, Any], key: Any, value: Any) -> Any:
     return value
 
 
-class FastHistogram(Collector):
-    """An unlabelled histogram for per-message paths: `observe` is a bisect, an increment and an
-    addition (no lock, no label lookup); the Prometheus family is built at scrape time."""
+class BucketCounts:
+    """Histogram state for per-request and per-message paths: `observe` is a bisect, an increment and
+    an addition (no lock, no label lookup); `cumulative` gives Prometheus' buckets at scrape time."""
 
-    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(self.buckets, seconds)] += 1
+        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus `le`).
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        acc = 0
+        out: list[tuple[str, float]] = []
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            acc += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+        return out
+
+
+class FastHistogram(BucketCounts, Collector):
+    """An unlabelled histogram on `BucketCounts`, exported as one Prometheus family."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        super().__init__(buckets)
+        self.name = name
+        self.documentation = documentation
 
     def describe(self) -> list[Metric]:
         return [HistogramMetricFamily(self.name, self.documentation)]
 
     def collect(self) -> Iterator[Metric]:
-        acc = 0
-        cumulative = []
-        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            acc += n
-            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), acc))
         fam = HistogramMetricFamily(self.name, self.documentation)
-        fam.add_metric([], cumulative, self.total)
+        fam.add_metric([], self.cumulative(), self.total)
         yield fam
 
 

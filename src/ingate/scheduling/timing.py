@@ -8,31 +8,26 @@ and a sum: no locks, no label lookups); the histogram families are built at scra
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterator
 
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from ingate.telemetry import BucketCounts
 
 BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 NAME = "inference_extension_plugin_duration_seconds"
 LABELS = ["extension_point", "plugin_type", "plugin_name"]
 
 
-class PluginTiming:
-    """Durations of one plugin at one extension point: counts per bucket (the last is +Inf), sum."""
+class PluginTiming(BucketCounts):
+    """Durations of one plugin at one extension point (upstream's buckets)."""
 
-    __slots__ = ("counts", "labels", "total")
+    __slots__ = ("labels",)
 
     def __init__(self, extension_point: str, plugin_type: str, plugin_name: str) -> None:
-        self.labels = [extension_point, plugin_type, plugin_name]
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus `le`).
-        self.counts[bisect_left(BUCKETS, seconds)] += 1
-        self.total += seconds
+        super().__init__(BUCKETS)
+        self.labels = (extension_point, plugin_type, plugin_name)
 
 
 class PluginTimings(Collector):
@@ -56,18 +51,15 @@ class PluginTimings(Collector):
             "and plugin name.",
             labels=LABELS,
         )
-        merged: dict[tuple[str, ...], tuple[list[int], float]] = {}
+        merged: dict[tuple[str, ...], BucketCounts] = {}
         for t in self.timings:
-            if not t.total and not any(t.counts):
+            if not any(t.counts):
                 continue  # a plugin that never ran (a profile no request selects): no series yet
-            key = tuple(t.labels)  # the same plugin twice in one profile shares one series
-            counts, total = merged.get(key, ([0] * (len(BUCKETS) + 1), 0.0))
-            merged[key] = ([a + b for a, b in zip(counts, t.counts, strict=True)], total + t.total)
-        for key, (counts, total) in merged.items():
-            acc = 0
-            buckets = []
-            for bound, n in zip((*BUCKETS, float("inf")), counts, strict=True):
-                acc += n
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
-            fam.add_metric(list(key), buckets, total)
+            m = merged.get(t.labels)  # the same plugin twice in one profile shares one series
+            if m is None:
+                m = merged[t.labels] = BucketCounts(BUCKETS)
+            m.counts = [a + b for a, b in zip(m.counts, t.counts, strict=True)]
+            m.total += t.total
+        for labels, m in merged.items():
+            fam.add_metric(list(labels), m.cumulative(), m.total)
         yield fam
