@@ -243,11 +243,12 @@ async def test_capacity_signal_from_a_real_gateway_drives_the_processor(
         cap_url = f"http://127.0.0.1:{mport}/v1/capacity"  # the admin port; the proxy port serves it too
         deadline = time.monotonic() + 30
         snap: dict[str, object] = {}
-        while not snap:
-            assert gw.proc.poll() is None and time.monotonic() < deadline, gw.tail()
+        # Served from the first moment; the replicas count as ready once their metrics are scraped.
+        while snap.get("ready_endpoints") != 2:
+            assert gw.proc.poll() is None and time.monotonic() < deadline, (snap, gw.tail())
             snap = get_json(cap_url) or {}
             await asyncio.sleep(0.1)
-        assert snap["ready_endpoints"] == 2 and "free_slots" in snap and snap["saturated"] is False
+        assert "free_slots" in snap and snap["saturated"] is False
         proc, _ = start_processor(
             tmp_path, queue, f"http://127.0.0.1:{port}", "cap", "--capacity-url", cap_url, "--exit-when-empty"
         )
