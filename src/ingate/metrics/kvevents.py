@@ -102,6 +102,30 @@ def external_hash(digest: bytes) -> int:
     return int.from_bytes(digest, "big") & _U64
 
 
+def iter_block_digests(
+    token_ids: Sequence[int],
+    block_size: int,
+    root: bytes,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
+    algo: str = "sha256_cbor",
+) -> Iterator[bytes]:
+    """The chained 32-byte digests of the full blocks of ``token_ids`` (partial last block not hashed),
+    computed lazily: a router matching a prompt against an index stops at the first block no server
+    holds, so a prompt's unique tail costs one block's hash, not all of them.
+
+    ``root`` is ``none_hash(seed, algo)``; ``lora_name`` and ``cache_salt`` become the blocks' extra keys as
+    vLLM builds them (the adapter name on every block, the salt on the first).
+    """
+    _hash_fn(algo)
+    parent = root
+    lora = (lora_name,) if lora_name is not None else ()
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        extra: tuple[str, ...] | None = lora + ((cache_salt,) if start == 0 and cache_salt else ())
+        parent = _block_digest(algo, parent, tuple(token_ids[start : start + block_size]), extra or None)
+        yield parent
+
+
 def block_digests(
     token_ids: Sequence[int],
     block_size: int,
@@ -110,20 +134,8 @@ def block_digests(
     cache_salt: str | None = None,
     algo: str = "sha256_cbor",
 ) -> list[bytes]:
-    """The chained 32-byte digests of the full blocks of ``token_ids`` (partial last block not hashed).
-
-    ``root`` is ``none_hash(seed, algo)``; ``lora_name`` and ``cache_salt`` become the blocks' extra keys as
-    vLLM builds them (the adapter name on every block, the salt on the first).
-    """
-    _hash_fn(algo)
-    out: list[bytes] = []
-    parent = root
-    lora = (lora_name,) if lora_name is not None else ()
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        extra: tuple[str, ...] | None = lora + ((cache_salt,) if start == 0 and cache_salt else ())
-        parent = _block_digest(algo, parent, tuple(token_ids[start : start + block_size]), extra or None)
-        out.append(parent)
-    return out
+    """`iter_block_digests`, all of them."""
+    return list(iter_block_digests(token_ids, block_size, root, lora_name, cache_salt, algo))
 
 
 def iter_block_hashes(
@@ -134,15 +146,9 @@ def iter_block_hashes(
     cache_salt: str | None = None,
     algo: str = "sha256_cbor",
 ) -> Iterator[int]:
-    """`block_hashes`, lazily: a router matching a prompt against an index stops hashing at the first
-    block no server holds, so a prompt's unique tail costs one block's hash, not all of them."""
-    _hash_fn(algo)
-    parent = root
-    lora = (lora_name,) if lora_name is not None else ()
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        extra: tuple[str, ...] | None = lora + ((cache_salt,) if start == 0 and cache_salt else ())
-        parent = _block_digest(algo, parent, tuple(token_ids[start : start + block_size]), extra or None)
-        yield int.from_bytes(parent, "big") & _U64
+    """`iter_block_digests` in their event form (64-bit ints), lazily."""
+    for d in iter_block_digests(token_ids, block_size, root, lora_name, cache_salt, algo):
+        yield int.from_bytes(d, "big") & _U64
 
 
 def block_hashes(

@@ -25,14 +25,14 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
-from ingate.asyncproc.backends.base import DeadLetter, Delivery
-from ingate.asyncproc.backends.redisconn import reconnect
+from ingate.asyncproc.backends.base import Delivery
+from ingate.asyncproc.backends.redisconn import RedisResults, reconnect
 from ingate.asyncproc.models import AsyncResult
 
 ATTEMPTS_LABEL = "ingate-attempts"
@@ -127,7 +127,7 @@ def _wire(member: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-class LlmdSortedSetBackend:
+class LlmdSortedSetBackend(RedisResults):
     """:class:`~ingate.asyncproc.backends.base.QueueBackend` on llm-d-async's Redis sorted-set layout."""
 
     name = "llmd-sortedset"
@@ -268,23 +268,6 @@ class LlmdSortedSetBackend:
 
     async def has_result(self, id: str) -> bool:
         return bool(await self.r.hexists(self.k_results, id) or await self.r.hexists(self.k_dead, id))
-
-    async def get_result(self, id: str) -> AsyncResult | None:
-        raw = await self.r.hget(self.k_results, id)
-        return None if raw is None else AsyncResult.from_json(orjson.loads(raw))
-
-    async def results(self) -> AsyncIterator[AsyncResult]:
-        async for _k, v in self.r.hscan_iter(self.k_results, count=500):
-            yield AsyncResult.from_json(orjson.loads(v))
-
-    async def dead_letters(self) -> list[DeadLetter]:
-        out = []
-        for v in (await self.r.hgetall(self.k_dead)).values():
-            d = orjson.loads(v)
-            out.append(
-                DeadLetter(d["id"], d["body"].encode(), int(d["attempts"]), d["error"], float(d["at"]))
-            )
-        return sorted(out, key=lambda d: d.id)
 
     async def cancel(self, id: str) -> None:
         # Upstream marks a cancellation with the request's active token; without one, any value marks it.

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from ingate.asyncproc.backends.base import DeadLetter, Delivery
-from ingate.asyncproc.backends.redisconn import reconnect
+from ingate.asyncproc.backends.base import Delivery
+from ingate.asyncproc.backends.redisconn import RedisResults, reconnect
 from ingate.asyncproc.models import AsyncResult
 
 # KEYS: stream, results, results_log, dead, abandoned, index; ARGV: entry id, request id, result JSON, group
@@ -105,7 +105,7 @@ def _peek_id(body: bytes) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
-class RedisStreamsBackend:
+class RedisStreamsBackend(RedisResults):
     """:class:`~ingate.asyncproc.backends.base.QueueBackend` on a Redis stream and consumer group."""
 
     name = "redis"
@@ -240,23 +240,6 @@ class RedisStreamsBackend:
             p.hexists(self.k_dead, id)
             a, b = await p.execute()
         return bool(a or b)
-
-    async def get_result(self, id: str) -> AsyncResult | None:
-        raw = await self.r.hget(self.k_results, id)
-        return None if raw is None else AsyncResult.from_json(orjson.loads(raw))
-
-    async def results(self) -> AsyncIterator[AsyncResult]:
-        async for _k, v in self.r.hscan_iter(self.k_results, count=500):
-            yield AsyncResult.from_json(orjson.loads(v))
-
-    async def dead_letters(self) -> list[DeadLetter]:
-        out = []
-        for v in (await self.r.hgetall(self.k_dead)).values():
-            d = orjson.loads(v)
-            out.append(
-                DeadLetter(d["id"], d["body"].encode(), int(d["attempts"]), d["error"], float(d["at"]))
-            )
-        return sorted(out, key=lambda d: d.id)
 
     async def cancel(self, id: str) -> None:
         await self.r.sadd(self.k_cancel, id)
