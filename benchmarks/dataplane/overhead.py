@@ -206,7 +206,7 @@ def _alt_server(svc: ExtProcServicer, transport: str) -> Any:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
     from ingate.dataplane.extproc_server import PROCESS_METHOD
-    from ingate.dataplane.grpc_h2 import StreamMethod
+    from ingate.dataplane.grpc_h2_frames import StreamMethod
 
     methods = {
         PROCESS_METHOD: StreamMethod(

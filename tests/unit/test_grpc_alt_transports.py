@@ -11,7 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
-from ingate.dataplane.grpc_h2 import GrpcH2Server, StreamMethod
+from ingate.dataplane.grpc_h2 import GrpcH2Server
+from ingate.dataplane.grpc_h2_frames import StreamMethod
 from ingate.dataplane.grpclib_server import GrpclibServer
 from ingate.dataplane.h2_server import H2Server
 

@@ -19,6 +19,7 @@ import hpack
 import pytest
 
 from ingate.dataplane import grpc_h2 as g
+from ingate.dataplane import grpc_h2_frames as fr
 
 ECHO = "/test.Echo/Chat"
 
@@ -64,7 +65,7 @@ class _Handlers:
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[g.GrpcH2Server, _Handlers]]:
     h = _Handlers()
-    srv = g.GrpcH2Server({ECHO: g.StreamMethod(decode=_ident, handler=h.echo, encode=_ident)})
+    srv = g.GrpcH2Server({ECHO: fr.StreamMethod(decode=_ident, handler=h.echo, encode=_ident)})
     await srv.start("127.0.0.1", 0)
     try:
         yield srv, h
@@ -167,7 +168,7 @@ async def test_errors_are_grpc_statuses(server: tuple[g.GrpcH2Server, _Handlers]
 
 async def test_stop_cancels_open_streams() -> None:
     h = _Handlers()
-    srv = g.GrpcH2Server({ECHO: g.StreamMethod(decode=_ident, handler=h.echo, encode=_ident)})
+    srv = g.GrpcH2Server({ECHO: fr.StreamMethod(decode=_ident, handler=h.echo, encode=_ident)})
     port = await srv.start("127.0.0.1", 0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         call = _chat(ch)()
@@ -194,13 +195,13 @@ class _Raw:
         self.r, self.w, self.buf = r, w, bytearray()
 
     @classmethod
-    async def connect(cls, port: int, preface: bytes = g.PREFACE) -> _Raw:
+    async def connect(cls, port: int, preface: bytes = fr.PREFACE) -> _Raw:
         r, w = await asyncio.open_connection("127.0.0.1", port)
-        w.write(preface + g.frame(g.SETTINGS, 0, 0))
+        w.write(preface + fr.frame(fr.SETTINGS, 0, 0))
         return cls(r, w)
 
     def send(self, ftype: int, flags: int, sid: int, payload: bytes = b"") -> None:
-        self.w.write(g.frame(ftype, flags, sid, payload))
+        self.w.write(fr.frame(ftype, flags, sid, payload))
 
     async def next(self) -> tuple[int, int, int, bytes]:
         while True:
@@ -248,22 +249,22 @@ async def test_raw_ping_continuation_padding(server: tuple[g.GrpcH2Server, _Hand
     srv, h = server
     c = await _Raw.connect(srv.port)
     try:
-        c.send(g.PING, 0, 0, b"12345678")
-        flags, payload = await c.until(g.PING)
-        assert flags & g.F_ACK and payload == b"12345678"
+        c.send(fr.PING, 0, 0, b"12345678")
+        flags, payload = await c.until(fr.PING)
+        assert flags & fr.F_ACK and payload == b"12345678"
         enc = hpack.Encoder()
         for sid in (1, 3, 5):  # later blocks reuse the dynamic table the first one filled (cache hit)
             block = _request_block(enc)
-            c.send(g.HEADERS, 0, sid, block[:5])  # split over HEADERS + CONTINUATION
-            c.send(g.CONTINUATION, g.F_END_HEADERS, sid, block[5:])
+            c.send(fr.HEADERS, 0, sid, block[:5])  # split over HEADERS + CONTINUATION
+            c.send(fr.CONTINUATION, fr.F_END_HEADERS, sid, block[5:])
             msg = _grpc_msg(b"hi")
             pad = 7
-            c.send(g.DATA, g.F_PADDED | g.F_END_STREAM, sid, bytes([pad]) + msg + b"\0" * pad)
-            await c.until(g.HEADERS, sid)  # response headers
-            _, data = await c.until(g.DATA, sid)
+            c.send(fr.DATA, fr.F_PADDED | fr.F_END_STREAM, sid, bytes([pad]) + msg + b"\0" * pad)
+            await c.until(fr.HEADERS, sid)  # response headers
+            _, data = await c.until(fr.DATA, sid)
             assert data == _grpc_msg(b"echo:hi")
-            flags, trailers = await c.until(g.HEADERS, sid)
-            assert flags & g.F_END_STREAM
+            flags, trailers = await c.until(fr.HEADERS, sid)
+            assert flags & fr.F_END_STREAM
             assert (b"grpc-status", b"0") in hpack.Decoder().decode(trailers, raw=True)
     finally:
         c.close()
@@ -278,10 +279,10 @@ async def test_raw_handler_without_answers_ends_with_a_trailers_only_ok(
     srv, h = server
     c = await _Raw.connect(srv.port)
     try:
-        c.send(g.HEADERS, g.F_END_HEADERS, 1, _request_block(hpack.Encoder()))
-        c.send(g.DATA, g.F_END_STREAM, 1, _grpc_msg(b"silent"))
-        flags, block = await c.until(g.HEADERS, 1)
-        assert flags & g.F_END_STREAM
+        c.send(fr.HEADERS, fr.F_END_HEADERS, 1, _request_block(hpack.Encoder()))
+        c.send(fr.DATA, fr.F_END_STREAM, 1, _grpc_msg(b"silent"))
+        flags, block = await c.until(fr.HEADERS, 1)
+        assert flags & fr.F_END_STREAM
         fields = hpack.Decoder().decode(block, raw=True)
         assert (b":status", b"200") in fields and (b"grpc-status", b"0") in fields
         assert (b"content-type", b"application/grpc") in fields
@@ -294,8 +295,8 @@ async def test_raw_bad_preface_gets_goaway(server: tuple[g.GrpcH2Server, _Handle
     srv, _ = server
     c = await _Raw.connect(srv.port, preface=b"GET / HTTP/1.1\r\n\r\n")
     try:
-        _, payload = await c.until(g.GOAWAY)
-        assert struct.unpack(">II", payload[:8])[1] == g.PROTOCOL_ERROR
+        _, payload = await c.until(fr.GOAWAY)
+        assert struct.unpack(">II", payload[:8])[1] == fr.PROTOCOL_ERROR
     finally:
         c.close()
 
@@ -308,16 +309,16 @@ async def test_raw_flow_control_holds_data_until_window_update(
     r, w = await asyncio.open_connection("127.0.0.1", srv.port)
     c = _Raw(r, w)
     try:
-        w.write(g.PREFACE + g.frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 10)))
+        w.write(fr.PREFACE + fr.frame(fr.SETTINGS, 0, 0, struct.pack(">HI", fr.S_INITIAL_WINDOW_SIZE, 10)))
         enc = hpack.Encoder()
-        c.send(g.HEADERS, g.F_END_HEADERS, 1, _request_block(enc))
-        c.send(g.DATA, g.F_END_STREAM, 1, _grpc_msg(b"0123456789"))
-        _, first = await c.until(g.DATA, 1)
+        c.send(fr.HEADERS, fr.F_END_HEADERS, 1, _request_block(enc))
+        c.send(fr.DATA, fr.F_END_STREAM, 1, _grpc_msg(b"0123456789"))
+        _, first = await c.until(fr.DATA, 1)
         assert len(first) == 10
-        c.send(g.WINDOW_UPDATE, 0, 1, struct.pack(">I", 100))
-        _, rest = await c.until(g.DATA, 1)
+        c.send(fr.WINDOW_UPDATE, 0, 1, struct.pack(">I", 100))
+        _, rest = await c.until(fr.DATA, 1)
         assert first + rest == _grpc_msg(b"echo:0123456789")
-        flags, _ = await c.until(g.HEADERS, 1)
-        assert flags & g.F_END_STREAM
+        flags, _ = await c.until(fr.HEADERS, 1)
+        assert flags & fr.F_END_STREAM
     finally:
         c.close()

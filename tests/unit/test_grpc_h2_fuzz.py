@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ingate.dataplane import grpc_h2 as g
+from ingate.dataplane import grpc_h2_frames as fr
 
 ECHO = "/test.Echo/Chat"
 STALL = "/test.Echo/Stall"  # never reads its requests: what a slow handler leaves buffered
@@ -104,8 +105,8 @@ class ServerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         methods = {
-            ECHO: g.StreamMethod(decode=_ident, handler=_echo, encode=_ident),
-            STALL: g.StreamMethod(decode=_ident, handler=_stall, encode=_ident),
+            ECHO: fr.StreamMethod(decode=_ident, handler=_echo, encode=_ident),
+            STALL: fr.StreamMethod(decode=_ident, handler=_stall, encode=_ident),
         }
 
         async def start() -> g.GrpcH2Server:
@@ -235,7 +236,7 @@ class Outcome:
         return [
             struct.unpack(">I", p)[0]
             for t, _, s, p in self.frames
-            if t == g.RST_STREAM and (sid is None or s == sid)
+            if t == fr.RST_STREAM and (sid is None or s == sid)
         ]
 
 
@@ -248,7 +249,7 @@ class Client:
         self.enc = hpack.Encoder()
         self.out = Outcome()
         if preface:
-            self.send(g.PREFACE + frame(g.SETTINGS, 0, 0, settings_payload))
+            self.send(fr.PREFACE + frame(fr.SETTINGS, 0, 0, settings_payload))
 
     def send(self, data: bytes) -> bool:
         """False when the server already closed (it may stop reading a hostile peer at once)."""
@@ -294,10 +295,10 @@ class Client:
             self.out.frames.append(f)
             t, flags, sid, p = f
             assert t in range(10), f"unknown frame type {t} from the server"
-            if t == g.GOAWAY:
+            if t == fr.GOAWAY:
                 assert sid == 0 and len(p) >= 8
                 self.out.goaway = struct.unpack(">II", p[:8])
-            if t == g.PING and flags & g.F_ACK and p == BARRIER:
+            if t == fr.PING and flags & fr.F_ACK and p == BARRIER:
                 self.out.barrier = True
             if pred(f):
                 return self.out
@@ -306,8 +307,8 @@ class Client:
         """Send a barrier PING; wait for its ACK (everything before it was handled) or the close.
         A connection that got GOAWAY must then close."""
         self.out = Outcome()
-        self.send(frame(g.PING, 0, 0, BARRIER))
-        out = self.read_until(lambda f: f[0] == g.PING and bool(f[1] & g.F_ACK) and f[3] == BARRIER, within)
+        self.send(frame(fr.PING, 0, 0, BARRIER))
+        out = self.read_until(lambda f: f[0] == fr.PING and bool(f[1] & fr.F_ACK) and f[3] == BARRIER, within)
         if out.goaway is not None and not out.eof:
             self.read_until(lambda f: False, within)
         return self.out
@@ -324,14 +325,14 @@ class Client:
         """One unary-shaped echo exchange on stream `sid`; the answer's message."""
         self.out = Outcome()
         self.send(
-            frame(g.HEADERS, g.F_END_HEADERS, sid, request_block(self.enc))
-            + frame(g.DATA, g.F_END_STREAM, sid, grpc_msg(msg))
+            frame(fr.HEADERS, fr.F_END_HEADERS, sid, request_block(self.enc))
+            + frame(fr.DATA, fr.F_END_STREAM, sid, grpc_msg(msg))
         )
         got = bytearray()
-        out = self.read_until(lambda f: f[0] == g.HEADERS and f[2] == sid and bool(f[1] & g.F_END_STREAM))
+        out = self.read_until(lambda f: f[0] == fr.HEADERS and f[2] == sid and bool(f[1] & fr.F_END_STREAM))
         assert not out.eof, "closed before the answer"
         for t, _, s, p in out.frames:
-            if t == g.DATA and s == sid:
+            if t == fr.DATA and s == sid:
                 got += p
         assert got[:1] == b"\0"
         return bytes(got[5:])
@@ -358,9 +359,9 @@ def test_arbitrary_bytes_after_the_preface(server: ServerThread, junk: bytes) ->
     c = Client(server.port)
     try:
         c.send(junk)
-        c.send(frame(g.PING, 0, 0, BARRIER))
+        c.send(frame(fr.PING, 0, 0, BARRIER))
         try:
-            c.read_until(lambda f: f[0] == g.PING and f[3] == BARRIER, within=0.3)
+            c.read_until(lambda f: f[0] == fr.PING and f[3] == BARRIER, within=0.3)
         except Hang:
             pass  # a frame header promised more bytes than came: the server waits for them
         if not c.out.eof:
@@ -387,21 +388,21 @@ def _frames(draw: st.DrawFn) -> bytes:
         ftype = draw(st.integers(0, 12))
         return frame(ftype, draw(st.integers(0, 255)), sid, draw(st.binary(max_size=40)))
     if kind == 4:
-        return frame(g.HEADERS, draw(st.sampled_from([4, 5])), sid, request_block(hpack.Encoder()))
+        return frame(fr.HEADERS, draw(st.sampled_from([4, 5])), sid, request_block(hpack.Encoder()))
     if kind == 5:
         msg = grpc_msg(draw(st.binary(max_size=20)))
         cut = draw(st.integers(0, len(msg)))
-        return frame(g.DATA, draw(st.sampled_from([0, 1])), sid, msg[:cut])
+        return frame(fr.DATA, draw(st.sampled_from([0, 1])), sid, msg[:cut])
     if kind == 6:
         inc = draw(st.sampled_from([0, 1, 1 << 16, 0x7FFFFFFF]))
-        return frame(g.WINDOW_UPDATE, 0, sid, struct.pack(">I", inc))
+        return frame(fr.WINDOW_UPDATE, 0, sid, struct.pack(">I", inc))
     if kind == 7:
-        return frame(g.RST_STREAM, 0, sid, struct.pack(">I", draw(st.integers(0, 13))))
+        return frame(fr.RST_STREAM, 0, sid, struct.pack(">I", draw(st.integers(0, 13))))
     if kind == 8:
         key = draw(st.integers(0, 8))
         value = draw(st.sampled_from([0, 1, 16_384, 1 << 24, 0x7FFFFFFF, 0xFFFFFFFF]))
-        return frame(g.SETTINGS, draw(st.sampled_from([0, 1])), 0, struct.pack(">HI", key, value))
-    return frame(g.CONTINUATION, draw(st.sampled_from([0, 4])), sid, request_block(hpack.Encoder())[:10])
+        return frame(fr.SETTINGS, draw(st.sampled_from([0, 1])), 0, struct.pack(">HI", key, value))
+    return frame(fr.CONTINUATION, draw(st.sampled_from([0, 4])), sid, request_block(hpack.Encoder())[:10])
 
 
 @fuzz(120)
@@ -415,7 +416,7 @@ def test_arbitrary_frame_sequences(server: ServerThread, frames: list[bytes]) ->
         out = c.finish()
         assert out.barrier or out.eof
         if out.goaway is not None:
-            assert out.goaway[1] in ERROR_CODES - {g.NO_ERROR, g.INTERNAL_ERROR}
+            assert out.goaway[1] in ERROR_CODES - {fr.NO_ERROR, fr.INTERNAL_ERROR}
     finally:
         c.close()
     server.assert_healthy()
@@ -425,20 +426,20 @@ def test_arbitrary_frame_sequences(server: ServerThread, frames: list[bytes]) ->
 
 
 @fuzz(25)
-@given(length=st.integers(g.MAX_FRAME + 1, (1 << 24) - 1), ftype=st.integers(0, 12))
+@given(length=st.integers(fr.MAX_FRAME + 1, (1 << 24) - 1), ftype=st.integers(0, 12))
 def test_frames_over_max_frame_size_are_frame_size_errors(
     server: ServerThread, length: int, ftype: int
 ) -> None:
     c = Client(server.port)
     try:
         c.send(frame(ftype, 0, 1, b"\0" * 100, length=length))  # the header alone is enough
-        c.expect_goaway(g.FRAME_SIZE_ERROR)
+        c.expect_goaway(fr.FRAME_SIZE_ERROR)
     finally:
         c.close()
     server.assert_healthy()
 
 
-_FIXED_SIZES = {g.PING: 8, g.WINDOW_UPDATE: 4, g.RST_STREAM: 4}
+_FIXED_SIZES = {fr.PING: 8, fr.WINDOW_UPDATE: 4, fr.RST_STREAM: 4}
 
 
 @fuzz(30)
@@ -449,22 +450,22 @@ def test_fixed_size_frames_with_another_size_are_frame_size_errors(
     c = Client(server.port)
     try:
         c.call(1, b"x")  # stream 1 exists (closed), so RST_STREAM/WINDOW_UPDATE on it are legal
-        c.send(frame(ftype, 0, 0 if ftype == g.PING else 1, b"\1" * size))
+        c.send(frame(ftype, 0, 0 if ftype == fr.PING else 1, b"\1" * size))
         if size == _FIXED_SIZES[ftype]:
             assert c.finish().barrier
         else:
-            c.expect_goaway(g.FRAME_SIZE_ERROR)
+            c.expect_goaway(fr.FRAME_SIZE_ERROR)
     finally:
         c.close()
     server.assert_healthy()
 
 
 def test_settings_with_a_partial_entry_or_an_ack_with_payload(server: ServerThread) -> None:
-    for payload, flags in ((b"\0\4\0\0", 0), (b"\0" * 6, g.F_ACK)):
+    for payload, flags in ((b"\0\4\0\0", 0), (b"\0" * 6, fr.F_ACK)):
         c = Client(server.port)
         try:
-            c.send(frame(g.SETTINGS, flags, 0, payload))
-            c.expect_goaway(g.FRAME_SIZE_ERROR)
+            c.send(frame(fr.SETTINGS, flags, 0, payload))
+            c.expect_goaway(fr.FRAME_SIZE_ERROR)
         finally:
             c.close()
     server.assert_healthy()
@@ -473,8 +474,8 @@ def test_settings_with_a_partial_entry_or_an_ack_with_payload(server: ServerThre
 def test_the_preface_must_end_with_settings(server: ServerThread) -> None:
     c = Client(server.port, preface=False)
     try:
-        c.send(g.PREFACE + frame(g.PING, 0, 0, b"12345678"))
-        c.expect_goaway(g.PROTOCOL_ERROR)
+        c.send(fr.PREFACE + frame(fr.PING, 0, 0, b"12345678"))
+        c.expect_goaway(fr.PROTOCOL_ERROR)
     finally:
         c.close()
     server.assert_healthy()
@@ -496,7 +497,7 @@ _BAD_BLOCKS = [
 
 def _reference_rejects(block: bytes) -> bool:
     """What a fresh decoder (the peer's view of a new connection, our advertised limits) says."""
-    d = hpack.Decoder(max_header_list_size=g.MAX_HEADER_BLOCK)
+    d = hpack.Decoder(max_header_list_size=fr.MAX_HEADER_BLOCK)
     try:
         d.decode(block, raw=True)
     except Exception:
@@ -521,12 +522,12 @@ def test_undecodable_header_blocks_are_compression_errors(
     c = Client(server.port)
     try:
         if 0 < split < len(block):
-            c.send(frame(g.HEADERS, g.F_END_STREAM, 1, block[:split]))
-            c.send(frame(g.CONTINUATION, g.F_END_HEADERS, 1, block[split:]))
+            c.send(frame(fr.HEADERS, fr.F_END_STREAM, 1, block[:split]))
+            c.send(frame(fr.CONTINUATION, fr.F_END_HEADERS, 1, block[split:]))
         else:
-            c.send(frame(g.HEADERS, g.F_END_HEADERS | g.F_END_STREAM, 1, block))
+            c.send(frame(fr.HEADERS, fr.F_END_HEADERS | fr.F_END_STREAM, 1, block))
         if _reference_rejects(block):
-            c.expect_goaway(g.COMPRESSION_ERROR)
+            c.expect_goaway(fr.COMPRESSION_ERROR)
         else:
             out = c.finish()
             assert out.barrier and out.goaway is None
@@ -544,9 +545,9 @@ def test_connection_window_overflow_is_a_flow_control_error(server: ServerThread
     c = Client(server.port)
     try:
         for inc in incs:
-            c.send(frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", inc)))
-        if g.DEFAULT_WINDOW + sum(incs) > g.MAX_WINDOW:
-            c.expect_goaway(g.FLOW_CONTROL_ERROR)
+            c.send(frame(fr.WINDOW_UPDATE, 0, 0, struct.pack(">I", inc)))
+        if fr.DEFAULT_WINDOW + sum(incs) > fr.MAX_WINDOW:
+            c.expect_goaway(fr.FLOW_CONTROL_ERROR)
         else:
             assert c.finish().barrier
     finally:
@@ -561,14 +562,18 @@ def test_stream_window_overflow_resets_only_that_stream(server: ServerThread, in
     increment of 0 is a PROTOCOL_ERROR stream error. The connection goes on."""
     c = Client(server.port)
     try:
-        c.send(frame(g.HEADERS, g.F_END_HEADERS, 1, request_block(c.enc, STALL)))
-        window, expect = g.DEFAULT_WINDOW, None
+        c.send(frame(fr.HEADERS, fr.F_END_HEADERS, 1, request_block(c.enc, STALL)))
+        window, expect = fr.DEFAULT_WINDOW, None
         for inc in incs:
-            c.send(frame(g.WINDOW_UPDATE, 0, 1, struct.pack(">I", inc)))
+            c.send(frame(fr.WINDOW_UPDATE, 0, 1, struct.pack(">I", inc)))
             if expect is None:
                 window += inc
                 expect = (
-                    g.PROTOCOL_ERROR if inc == 0 else g.FLOW_CONTROL_ERROR if window > g.MAX_WINDOW else None
+                    fr.PROTOCOL_ERROR
+                    if inc == 0
+                    else fr.FLOW_CONTROL_ERROR
+                    if window > fr.MAX_WINDOW
+                    else None
                 )
         out = c.finish()
         assert out.barrier and out.goaway is None
@@ -580,18 +585,18 @@ def test_stream_window_overflow_resets_only_that_stream(server: ServerThread, in
 
 
 def test_initial_window_changes_are_checked(server: ServerThread) -> None:
-    c = Client(server.port, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 1 << 31))
+    c = Client(server.port, struct.pack(">HI", fr.S_INITIAL_WINDOW_SIZE, 1 << 31))
     try:
-        c.expect_goaway(g.FLOW_CONTROL_ERROR)
+        c.expect_goaway(fr.FLOW_CONTROL_ERROR)
     finally:
         c.close()
     # A stream whose window was grown, then a larger initial window pushes it over 2^31-1.
     c = Client(server.port)
     try:
-        c.send(frame(g.HEADERS, g.F_END_HEADERS, 1, request_block(c.enc, STALL)))
-        c.send(frame(g.WINDOW_UPDATE, 0, 1, struct.pack(">I", g.MAX_WINDOW - g.DEFAULT_WINDOW)))
-        c.send(frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, g.DEFAULT_WINDOW + 1)))
-        c.expect_goaway(g.FLOW_CONTROL_ERROR)
+        c.send(frame(fr.HEADERS, fr.F_END_HEADERS, 1, request_block(c.enc, STALL)))
+        c.send(frame(fr.WINDOW_UPDATE, 0, 1, struct.pack(">I", fr.MAX_WINDOW - fr.DEFAULT_WINDOW)))
+        c.send(frame(fr.SETTINGS, 0, 0, struct.pack(">HI", fr.S_INITIAL_WINDOW_SIZE, fr.DEFAULT_WINDOW + 1)))
+        c.expect_goaway(fr.FLOW_CONTROL_ERROR)
     finally:
         c.close()
     server.assert_healthy()
@@ -604,17 +609,17 @@ def test_data_beyond_the_stream_window_is_a_flow_control_error() -> None:
         window = server.srv.stream_window
         c = Client(server.port)
         try:
-            c.send(frame(g.HEADERS, g.F_END_HEADERS, 1, request_block(c.enc, STALL)))
+            c.send(frame(fr.HEADERS, fr.F_END_HEADERS, 1, request_block(c.enc, STALL)))
             chunk = grpc_msg(b"\0" * 1000)
             sent = 0
             while sent + len(chunk) <= window:
-                c.send(frame(g.DATA, 0, 1, chunk))
+                c.send(frame(fr.DATA, 0, 1, chunk))
                 sent += len(chunk)
             out = c.finish()
             assert out.barrier and out.goaway is None
             assert server.state()["queued"] == sent <= window
-            c.send(frame(g.DATA, 0, 1, chunk[: window - sent + 1]))
-            c.expect_goaway(g.FLOW_CONTROL_ERROR)
+            c.send(frame(fr.DATA, 0, 1, chunk[: window - sent + 1]))
+            c.expect_goaway(fr.FLOW_CONTROL_ERROR)
         finally:
             c.close()
         server.assert_healthy()
@@ -633,16 +638,16 @@ def test_reset_streams_give_their_buffered_bytes_back(monkeypatch: pytest.Monkey
             sid = 1
             for _ in range(100):  # 1.6 MB through a 256 KB connection window
                 c.send(
-                    frame(g.HEADERS, g.F_END_HEADERS, sid, request_block(c.enc, STALL))
-                    + frame(g.DATA, 0, sid, body)
-                    + frame(g.RST_STREAM, 0, sid, struct.pack(">I", g.CANCEL))
+                    frame(fr.HEADERS, fr.F_END_HEADERS, sid, request_block(c.enc, STALL))
+                    + frame(fr.DATA, 0, sid, body)
+                    + frame(fr.RST_STREAM, 0, sid, struct.pack(">I", fr.CANCEL))
                 )
                 sid += 2
             out = c.finish()
             assert out.barrier and out.goaway is None
             # ... and the window those resets gave back was announced to us (WINDOW_UPDATE on 0).
             credited = sum(
-                struct.unpack(">I", p)[0] for t, _, s, p in out.frames if t == g.WINDOW_UPDATE and s == 0
+                struct.unpack(">I", p)[0] for t, _, s, p in out.frames if t == fr.WINDOW_UPDATE and s == 0
             )
             assert credited >= 100 * len(body) - 256 * 1024
             assert c.call(sid, b"x" * 10_000) == b"echo:" + b"x" * 10_000
@@ -657,12 +662,12 @@ def test_a_declared_message_over_the_limit_fails_at_once() -> None:
     with _server(max_message_bytes=1024) as server:
         c = Client(server.port)
         try:
-            c.send(frame(g.HEADERS, g.F_END_HEADERS, 1, request_block(c.enc)))
-            c.send(frame(g.DATA, 0, 1, struct.pack(">BI", 0, 0xFFFFFFFF) + b"\0" * 100))
-            out = c.read_until(lambda f: f[0] == g.RST_STREAM and f[2] == 1)
-            block = next(p for t, _, s, p in reversed(out.frames) if t == g.HEADERS and s == 1)
+            c.send(frame(fr.HEADERS, fr.F_END_HEADERS, 1, request_block(c.enc)))
+            c.send(frame(fr.DATA, 0, 1, struct.pack(">BI", 0, 0xFFFFFFFF) + b"\0" * 100))
+            out = c.read_until(lambda f: f[0] == fr.RST_STREAM and f[2] == 1)
+            block = next(p for t, _, s, p in reversed(out.frames) if t == fr.HEADERS and s == 1)
             assert (b"grpc-status", b"8") in hpack.Decoder().decode(block, raw=True)
-            assert out.resets(1) == [g.CANCEL]
+            assert out.resets(1) == [fr.CANCEL]
             assert c.call(3, b"ok") == b"echo:ok"
         finally:
             c.close()
@@ -681,13 +686,13 @@ def test_stream_ids_must_be_new_odd_and_increasing(server: ServerThread, sids: l
     try:
         last, bad = 0, False
         for sid in sids:
-            c.send(frame(g.HEADERS, g.F_END_HEADERS, sid, request_block(c.enc, STALL)))
+            c.send(frame(fr.HEADERS, fr.F_END_HEADERS, sid, request_block(c.enc, STALL)))
             if sid == 0 or sid % 2 == 0 or sid <= last:
                 bad = True
                 break
             last = sid
         if bad:
-            c.expect_goaway(g.PROTOCOL_ERROR)
+            c.expect_goaway(fr.PROTOCOL_ERROR)
         else:
             out = c.finish()
             assert out.barrier and out.goaway is None and not out.resets()
@@ -699,20 +704,20 @@ def test_stream_ids_must_be_new_odd_and_increasing(server: ServerThread, sids: l
 @pytest.mark.parametrize(
     "frames",
     [
-        pytest.param(frame(g.DATA, 0, 9, grpc_msg(b"x")), id="DATA-idle"),
-        pytest.param(frame(g.RST_STREAM, 0, 9, b"\0\0\0\x08"), id="RST_STREAM-idle"),
-        pytest.param(frame(g.RST_STREAM, 0, 0, b"\0\0\0\x08"), id="RST_STREAM-0"),
-        pytest.param(frame(g.WINDOW_UPDATE, 0, 9, b"\0\0\0\1"), id="WINDOW_UPDATE-idle"),
-        pytest.param(frame(g.WINDOW_UPDATE, 0, 0, b"\0\0\0\0"), id="WINDOW_UPDATE-0-zero"),
-        pytest.param(frame(g.PING, 0, 1, b"12345678"), id="PING-on-stream"),
-        pytest.param(frame(g.GOAWAY, 0, 1, b"\0" * 8), id="GOAWAY-on-stream"),
-        pytest.param(frame(g.PRIORITY, 0, 0, b"\0" * 5), id="PRIORITY-0"),
-        pytest.param(frame(g.PUSH_PROMISE, 4, 1, b"\0\0\0\2"), id="PUSH_PROMISE"),
-        pytest.param(frame(g.CONTINUATION, 4, 1, b"\x82"), id="CONTINUATION-alone"),
-        pytest.param(frame(g.HEADERS, 0x24, 1, b"\0\0\0\1\x10\x82"), id="HEADERS-depends-on-itself"),
-        pytest.param(frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_ENABLE_PUSH, 2)), id="ENABLE_PUSH-2"),
+        pytest.param(frame(fr.DATA, 0, 9, grpc_msg(b"x")), id="DATA-idle"),
+        pytest.param(frame(fr.RST_STREAM, 0, 9, b"\0\0\0\x08"), id="RST_STREAM-idle"),
+        pytest.param(frame(fr.RST_STREAM, 0, 0, b"\0\0\0\x08"), id="RST_STREAM-0"),
+        pytest.param(frame(fr.WINDOW_UPDATE, 0, 9, b"\0\0\0\1"), id="WINDOW_UPDATE-idle"),
+        pytest.param(frame(fr.WINDOW_UPDATE, 0, 0, b"\0\0\0\0"), id="WINDOW_UPDATE-0-zero"),
+        pytest.param(frame(fr.PING, 0, 1, b"12345678"), id="PING-on-stream"),
+        pytest.param(frame(fr.GOAWAY, 0, 1, b"\0" * 8), id="GOAWAY-on-stream"),
+        pytest.param(frame(fr.PRIORITY, 0, 0, b"\0" * 5), id="PRIORITY-0"),
+        pytest.param(frame(fr.PUSH_PROMISE, 4, 1, b"\0\0\0\2"), id="PUSH_PROMISE"),
+        pytest.param(frame(fr.CONTINUATION, 4, 1, b"\x82"), id="CONTINUATION-alone"),
+        pytest.param(frame(fr.HEADERS, 0x24, 1, b"\0\0\0\1\x10\x82"), id="HEADERS-depends-on-itself"),
+        pytest.param(frame(fr.SETTINGS, 0, 0, struct.pack(">HI", fr.S_ENABLE_PUSH, 2)), id="ENABLE_PUSH-2"),
         pytest.param(
-            frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_MAX_FRAME_SIZE, 100)), id="MAX_FRAME-small"
+            frame(fr.SETTINGS, 0, 0, struct.pack(">HI", fr.S_MAX_FRAME_SIZE, 100)), id="MAX_FRAME-small"
         ),
     ],
 )
@@ -720,7 +725,7 @@ def test_frames_the_rfc_makes_connection_errors(server: ServerThread, frames: by
     c = Client(server.port)
     try:
         c.send(frames)
-        c.expect_goaway(g.PROTOCOL_ERROR)
+        c.expect_goaway(fr.PROTOCOL_ERROR)
     finally:
         c.close()
     server.assert_healthy()
@@ -729,11 +734,11 @@ def test_frames_the_rfc_makes_connection_errors(server: ServerThread, frames: by
 def test_data_after_end_stream_is_a_stream_closed_error(server: ServerThread) -> None:
     c = Client(server.port)
     try:
-        c.send(frame(g.HEADERS, g.F_END_HEADERS | g.F_END_STREAM, 1, request_block(c.enc, STALL)))
-        c.send(frame(g.DATA, 0, 1, grpc_msg(b"late")))
+        c.send(frame(fr.HEADERS, fr.F_END_HEADERS | fr.F_END_STREAM, 1, request_block(c.enc, STALL)))
+        c.send(frame(fr.DATA, 0, 1, grpc_msg(b"late")))
         out = c.finish()
         assert out.barrier and out.goaway is None
-        assert out.resets(1) == [g.STREAM_CLOSED]
+        assert out.resets(1) == [fr.STREAM_CLOSED]
         assert c.call(3, b"ok") == b"echo:ok"
     finally:
         c.close()
@@ -743,11 +748,11 @@ def test_data_after_end_stream_is_a_stream_closed_error(server: ServerThread) ->
 def test_priority_with_a_bad_size_or_on_itself_resets_the_stream(server: ServerThread) -> None:
     c = Client(server.port)
     try:
-        c.send(frame(g.PRIORITY, 0, 5, b"\0" * 4))
-        c.send(frame(g.PRIORITY, 0, 7, b"\0\0\0\7\x10"))
-        c.send(frame(g.PRIORITY, 0, 9, b"\0\0\0\5\x10"))  # on another stream: fine
+        c.send(frame(fr.PRIORITY, 0, 5, b"\0" * 4))
+        c.send(frame(fr.PRIORITY, 0, 7, b"\0\0\0\7\x10"))
+        c.send(frame(fr.PRIORITY, 0, 9, b"\0\0\0\5\x10"))  # on another stream: fine
         out = c.finish()
-        assert out.barrier and out.resets(5) == [g.FRAME_SIZE_ERROR] and out.resets(7) == [g.PROTOCOL_ERROR]
+        assert out.barrier and out.resets(5) == [fr.FRAME_SIZE_ERROR] and out.resets(7) == [fr.PROTOCOL_ERROR]
         assert out.resets(9) == []
     finally:
         c.close()
@@ -759,11 +764,13 @@ def test_streams_over_the_concurrency_limit_are_refused() -> None:
         c = Client(server.port)
         try:
             for sid in (1, 3, 5, 7, 9):
-                c.send(frame(g.HEADERS, g.F_END_HEADERS, sid, request_block(c.enc, STALL)))
+                c.send(frame(fr.HEADERS, fr.F_END_HEADERS, sid, request_block(c.enc, STALL)))
             out = c.finish()
-            assert out.barrier and out.resets() == [g.REFUSED_STREAM] and out.resets(9) == [g.REFUSED_STREAM]
+            assert (
+                out.barrier and out.resets() == [fr.REFUSED_STREAM] and out.resets(9) == [fr.REFUSED_STREAM]
+            )
             assert server.state()["streams"] == 4
-            c.send(frame(g.RST_STREAM, 0, 1, struct.pack(">I", g.CANCEL)))  # one slot frees up
+            c.send(frame(fr.RST_STREAM, 0, 1, struct.pack(">I", fr.CANCEL)))  # one slot frees up
             assert c.call(11, b"ok") == b"echo:ok"
         finally:
             c.close()
@@ -780,19 +787,19 @@ def test_header_blocks_are_bounded(server: ServerThread, sizes: list[int]) -> No
     frames: past either, ENHANCE_YOUR_CALM. (The block is junk the server must not decode early.)"""
     c = Client(server.port)
     try:
-        c.send(frame(g.HEADERS, 0, 1, b"\x00" * sizes[0]))
+        c.send(frame(fr.HEADERS, 0, 1, b"\x00" * sizes[0]))
         total, over = sizes[0], False
         for i, n in enumerate(sizes[1:], 1):
-            c.send(frame(g.CONTINUATION, 0, 1, b"\x00" * n))
+            c.send(frame(fr.CONTINUATION, 0, 1, b"\x00" * n))
             total += n
-            if total > g.MAX_HEADER_BLOCK or i > g.MAX_CONTINUATIONS:
+            if total > fr.MAX_HEADER_BLOCK or i > fr.MAX_CONTINUATIONS:
                 over = True
                 break
-        assert server.state()["buffered_in"] <= g.MAX_HEADER_BLOCK + g.MAX_FRAME + 9
+        assert server.state()["buffered_in"] <= fr.MAX_HEADER_BLOCK + fr.MAX_FRAME + 9
         if over:
-            c.expect_goaway(g.ENHANCE_YOUR_CALM)
+            c.expect_goaway(fr.ENHANCE_YOUR_CALM)
         else:
-            c.expect_goaway(g.PROTOCOL_ERROR)  # the barrier PING interrupts the open header block
+            c.expect_goaway(fr.PROTOCOL_ERROR)  # the barrier PING interrupts the open header block
     finally:
         c.close()
     server.assert_healthy()
@@ -803,8 +810,8 @@ def test_continuation_flood(server: ServerThread) -> None:
     for size in (0, 16_384):
         c = Client(server.port)
         try:
-            c.send(frame(g.HEADERS, 0, 1, b"\x82") + frame(g.CONTINUATION, 0, 1, b"\0" * size) * 10_000)
-            c.expect_goaway(g.ENHANCE_YOUR_CALM)
+            c.send(frame(fr.HEADERS, 0, 1, b"\x82") + frame(fr.CONTINUATION, 0, 1, b"\0" * size) * 10_000)
+            c.expect_goaway(fr.ENHANCE_YOUR_CALM)
         finally:
             c.close()
     server.assert_healthy()
@@ -815,13 +822,15 @@ def test_empty_data_flood(server: ServerThread) -> None:
     fewer than the limit are harmless."""
     c = Client(server.port)
     try:
-        c.send(frame(g.HEADERS, g.F_END_HEADERS, 1, request_block(c.enc)))
-        c.send(frame(g.DATA, 0, 1) * g.MAX_EMPTY_FRAMES + frame(g.DATA, g.F_END_STREAM, 1, grpc_msg(b"hi")))
-        out = c.read_until(lambda f: f[0] == g.HEADERS and f[2] == 1 and bool(f[1] & g.F_END_STREAM))
+        c.send(frame(fr.HEADERS, fr.F_END_HEADERS, 1, request_block(c.enc)))
+        c.send(
+            frame(fr.DATA, 0, 1) * fr.MAX_EMPTY_FRAMES + frame(fr.DATA, fr.F_END_STREAM, 1, grpc_msg(b"hi"))
+        )
+        out = c.read_until(lambda f: f[0] == fr.HEADERS and f[2] == 1 and bool(f[1] & fr.F_END_STREAM))
         assert out.goaway is None
-        c.send(frame(g.HEADERS, g.F_END_HEADERS, 3, request_block(c.enc)))
-        c.send(frame(g.DATA, 0, 3) * (g.MAX_EMPTY_FRAMES + 1))
-        c.expect_goaway(g.ENHANCE_YOUR_CALM)
+        c.send(frame(fr.HEADERS, fr.F_END_HEADERS, 3, request_block(c.enc)))
+        c.send(frame(fr.DATA, 0, 3) * (fr.MAX_EMPTY_FRAMES + 1))
+        c.expect_goaway(fr.ENHANCE_YOUR_CALM)
     finally:
         c.close()
     server.assert_healthy()
@@ -830,8 +839,10 @@ def test_empty_data_flood(server: ServerThread) -> None:
 @pytest.mark.parametrize(
     "unit",
     [
-        pytest.param(frame(g.PING, 0, 0, b"12345678"), id="PING"),
-        pytest.param(frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_HEADER_TABLE_SIZE, 4096)), id="SETTINGS"),
+        pytest.param(frame(fr.PING, 0, 0, b"12345678"), id="PING"),
+        pytest.param(
+            frame(fr.SETTINGS, 0, 0, struct.pack(">HI", fr.S_HEADER_TABLE_SIZE, 4096)), id="SETTINGS"
+        ),
         pytest.param(b"", id="HEADERS-unknown-method"),
     ],
 )
@@ -842,10 +853,11 @@ def test_floods_from_a_peer_that_does_not_read_stay_bounded(server: ServerThread
     c = Client(server.port)
     try:
         if not unit:  # each HEADERS (a 1-byte indexed block after the first) gets a ~60-byte answer
-            c.send(frame(g.HEADERS, g.F_END_HEADERS | g.F_END_STREAM, 1, request_block(c.enc, "/nope")))
+            c.send(frame(fr.HEADERS, fr.F_END_HEADERS | fr.F_END_STREAM, 1, request_block(c.enc, "/nope")))
             block = request_block(c.enc, "/nope")
             burst = b"".join(
-                frame(g.HEADERS, g.F_END_HEADERS | g.F_END_STREAM, sid, block) for sid in range(3, 40_001, 2)
+                frame(fr.HEADERS, fr.F_END_HEADERS | fr.F_END_STREAM, sid, block)
+                for sid in range(3, 40_001, 2)
             )
         else:
             burst = unit * 20_000
@@ -881,9 +893,9 @@ def test_rapid_reset(server: ServerThread) -> None:
     try:
         block = request_block(c.enc)
         burst = b"".join(
-            frame(g.HEADERS, g.F_END_HEADERS, sid, block)
-            + frame(g.DATA, 0, sid, grpc_msg(b"x"))
-            + frame(g.RST_STREAM, 0, sid, struct.pack(">I", g.CANCEL))
+            frame(fr.HEADERS, fr.F_END_HEADERS, sid, block)
+            + frame(fr.DATA, 0, sid, grpc_msg(b"x"))
+            + frame(fr.RST_STREAM, 0, sid, struct.pack(">I", fr.CANCEL))
             for sid in range(1, 20_001, 2)
         )
         c.send(burst)
@@ -901,9 +913,9 @@ def test_truncated_frames_then_close(server: ServerThread) -> None:
     """A connection dropped mid-frame or mid-header-block leaves nothing behind."""
     enc = hpack.Encoder()
     whole = (
-        frame(g.HEADERS, 0, 1, request_block(enc)[:4])
-        + frame(g.CONTINUATION, g.F_END_HEADERS, 1, request_block(hpack.Encoder())[4:])
-        + frame(g.DATA, 0, 1, grpc_msg(b"0123456789" * 10))
+        frame(fr.HEADERS, 0, 1, request_block(enc)[:4])
+        + frame(fr.CONTINUATION, fr.F_END_HEADERS, 1, request_block(hpack.Encoder())[4:])
+        + frame(fr.DATA, 0, 1, grpc_msg(b"0123456789" * 10))
     )
     for cut in range(0, len(whole), 7):
         c = Client(server.port)
@@ -929,7 +941,7 @@ def test_10k_idle_streams_have_a_bounded_cost() -> None:
         try:
             enc = c.enc
             burst = b"".join(
-                frame(g.HEADERS, g.F_END_HEADERS, sid, request_block(enc)) for sid in range(1, 2 * n, 2)
+                frame(fr.HEADERS, fr.F_END_HEADERS, sid, request_block(enc)) for sid in range(1, 2 * n, 2)
             )
             assert c.finish().barrier
             gc.collect()
@@ -958,37 +970,37 @@ def test_window_floods_over_many_blocked_streams_cost_linear_work(server: Server
     WINDOW_UPDATE linear in the blocked streams: minutes for this test). Then the windows open and
     every answer is delivered, in full."""
     n = 3000
-    c = Client(server.port, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 0))
+    c = Client(server.port, struct.pack(">HI", fr.S_INITIAL_WINDOW_SIZE, 0))
     try:
         block = request_block(c.enc)
         sids = range(1, 2 * n, 2)
         c.send(
             b"".join(
-                frame(g.HEADERS, g.F_END_HEADERS, sid, block)
-                + frame(g.DATA, g.F_END_STREAM, sid, grpc_msg(b"x"))
+                frame(fr.HEADERS, fr.F_END_HEADERS, sid, block)
+                + frame(fr.DATA, fr.F_END_STREAM, sid, grpc_msg(b"x"))
                 for sid in sids
             )
         )
         assert c.finish(within=30).barrier
-        zero = frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 0))
-        one_byte = b"".join(frame(g.WINDOW_UPDATE, 0, sid, struct.pack(">I", 1)) for sid in sids)
+        zero = frame(fr.SETTINGS, 0, 0, struct.pack(">HI", fr.S_INITIAL_WINDOW_SIZE, 0))
+        one_byte = b"".join(frame(fr.WINDOW_UPDATE, 0, sid, struct.pack(">I", 1)) for sid in sids)
         c.send(zero * 300 + one_byte * 5)  # 5 bytes of window per stream: no answer (11 bytes) completes
         out = c.finish(within=10)
         assert out.barrier and out.goaway is None
         got = {sid: bytearray() for sid in sids}
         for t, _, s, p in out.frames:
-            if t == g.DATA:
+            if t == fr.DATA:
                 got[s] += p
         assert all(len(v) == 5 for v in got.values())
         # Open every window: each stream gets the rest of its answer and its trailers.
         c.out = Outcome()
-        c.send(frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 65_535)))
+        c.send(frame(fr.SETTINGS, 0, 0, struct.pack(">HI", fr.S_INITIAL_WINDOW_SIZE, 65_535)))
         ended: set[int] = set()
 
         def done(f: tuple[int, int, int, bytes]) -> bool:
-            if f[0] == g.DATA:
+            if f[0] == fr.DATA:
                 got[f[2]] += f[3]
-            if f[0] == g.HEADERS and f[1] & g.F_END_STREAM:
+            if f[0] == fr.HEADERS and f[1] & fr.F_END_STREAM:
                 ended.add(f[2])
             return len(ended) == n
 
@@ -1005,34 +1017,34 @@ def test_answers_blocked_on_the_connection_window_are_delivered_in_full(server: 
     flood that must not cost a scan of the waiting streams per frame), then in large steps; every
     stream gets exactly its answer."""
     n, size = 40, 20_000
-    c = Client(server.port, struct.pack(">HI", g.S_INITIAL_WINDOW_SIZE, 1 << 20))
+    c = Client(server.port, struct.pack(">HI", fr.S_INITIAL_WINDOW_SIZE, 1 << 20))
     try:
         block = request_block(c.enc)
         sids = list(range(1, 2 * n, 2))
         msgs = {sid: bytes([sid % 251]) * size for sid in sids}
         for sid in sids:
             c.send(
-                frame(g.HEADERS, g.F_END_HEADERS, sid, block)
-                + frame(g.DATA, g.F_END_STREAM, sid, grpc_msg(msgs[sid]))
+                frame(fr.HEADERS, fr.F_END_HEADERS, sid, block)
+                + frame(fr.DATA, fr.F_END_STREAM, sid, grpc_msg(msgs[sid]))
             )
         out = c.finish(within=10)
         got = {sid: bytearray() for sid in sids}
         ended: set[int] = set()
         for t, f, s, p in out.frames:
-            if t == g.DATA:
+            if t == fr.DATA:
                 got[s] += p
-            if t == g.HEADERS and f & g.F_END_STREAM:
+            if t == fr.HEADERS and f & fr.F_END_STREAM:
                 ended.add(s)  # the first few answers fit in the window
-        assert sum(map(len, got.values())) == g.DEFAULT_WINDOW  # the connection window, used up
+        assert sum(map(len, got.values())) == fr.DEFAULT_WINDOW  # the connection window, used up
         assert len(ended) < n
-        c.send(frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)) * 20_000)
+        c.send(frame(fr.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)) * 20_000)
         c.out = Outcome()
-        c.send(frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 24)))
+        c.send(frame(fr.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 24)))
 
         def done(f: tuple[int, int, int, bytes]) -> bool:
-            if f[0] == g.DATA:
+            if f[0] == fr.DATA:
                 got[f[2]] += f[3]
-            if f[0] == g.HEADERS and f[1] & g.F_END_STREAM:
+            if f[0] == fr.HEADERS and f[1] & fr.F_END_STREAM:
                 ended.add(f[2])
             return len(ended) == n
 

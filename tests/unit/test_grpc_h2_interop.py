@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from ingate.dataplane import grpc_h2 as g
+from ingate.dataplane import grpc_h2_frames as fr
 
 ECHO = "/test.Echo/Chat"
 GATED = "/test.Echo/Gated"  # answers each message only once the test opens the gate
@@ -57,10 +58,10 @@ class _Service:
         finally:
             self.finished.append(how)
 
-    def methods(self) -> dict[str, g.StreamMethod]:
+    def methods(self) -> dict[str, fr.StreamMethod]:
         return {
-            ECHO: g.StreamMethod(decode=_ident, handler=self.echo, encode=_ident),
-            GATED: g.StreamMethod(decode=_ident, handler=self.gated, encode=_ident),
+            ECHO: fr.StreamMethod(decode=_ident, handler=self.echo, encode=_ident),
+            GATED: fr.StreamMethod(decode=_ident, handler=self.gated, encode=_ident),
         }
 
 

@@ -12,7 +12,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from ingate.dataplane.extproc import ExtProcServicer
 from ingate.dataplane.extproc_timing import ExtProcTimings
-from ingate.dataplane.grpc_h2 import GrpcH2Server, StreamMethod
+from ingate.dataplane.grpc_h2 import GrpcH2Server
+from ingate.dataplane.grpc_h2_frames import StreamMethod
 from ingate.dataplane.tls import ServerTLS
 from ingate.lifecycle import DirectorLike
 

@@ -18,7 +18,7 @@ from grpclib.const import Cardinality, Handler
 from grpclib.encoding.base import CodecBase
 from grpclib.server import Server, Stream
 
-from ingate.dataplane.grpc_h2 import StreamMethod
+from ingate.dataplane.grpc_h2_frames import StreamMethod
 
 
 class _MethodCodec(CodecBase):

@@ -26,7 +26,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from ingate.dataplane.grpc_h2 import (
+from ingate.dataplane.grpc_h2_frames import (
     GRPC_INTERNAL,
     GRPC_OK,
     GRPC_UNIMPLEMENTED,
