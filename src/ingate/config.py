@@ -14,7 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from ingate import tls_options
 from ingate.flowcontrol.config import FlowControlConfig
+from ingate.metric_spec import parse_metric_spec
 from ingate.scheduling.config import SchedulerConfig
 
 
@@ -121,10 +123,45 @@ class ObjectiveConfig(_Model):
     """Requests for these model names get this objective when they name none by header."""
 
 
+class MetricNamesConfig(_Model):
+    """Where the scraper reads each signal, overriding the engine's mapping (upstream's
+    `--total-queued-requests-metric`, ...): a spec `name` or `name{label=value,...}`; "" = none;
+    unset = the engine's name. Applies to the pool's default engine (`pool.engine`); pods labelled
+    with another engine keep that engine's names."""
+
+    queued_requests: str | None = None
+    running_requests: str | None = None
+    kv_cache_usage: str | None = None
+    lora_info: str | None = None
+    cache_info: str | None = None
+
+    @field_validator("*")
+    @classmethod
+    def _spec(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_metric_spec(v)  # ValueError names what is wrong
+        return v
+
+
 class MetricsConfig(_Model):
     interval_ms: float = Field(default=50, gt=0)
     stale_after_ms: float = Field(default=200, gt=0)
     timeout_ms: float = Field(default=1000, gt=0)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    """Scrape this port of each endpoint's host instead of the serving port (upstream
+    `--model-server-metrics-port`)."""
+    path: str = "/metrics"
+    scheme: Literal["http", "https"] = "http"
+    insecure_skip_verify: bool = True
+    """https: do not verify the model server's certificate (upstream's default)."""
+    names: MetricNamesConfig = Field(default_factory=MetricNamesConfig)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"expected a path starting with '/', got {v!r}")
+        return v
 
 
 class ProxyConfig(_Model):
@@ -160,6 +197,37 @@ class ServingConfig(_Model):
     """Directory with tls.crt / tls.key; None with secure serving = a self-signed certificate."""
     enable_cert_reload: bool = False
     """Re-read the certificate files when they change (upstream `--enable-cert-reload`)."""
+    tls_min_version: str = tls_options.DEFAULT_MIN_VERSION
+    """Oldest TLS version the ext_proc port accepts, Go's name (upstream `--tls-min-version`)."""
+    tls_cipher_suites: list[str] = Field(default_factory=list)
+    """Go cipher-suite names allowed up to TLS 1.2 (upstream `--tls-cipher-suites`); [] = defaults."""
+    grpc_max_recv_msg_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """Largest gRPC message the ext_proc server accepts (upstream `--grpc-max-recv-msg-size`)."""
+    grpc_max_send_msg_bytes: int | None = Field(default=None, gt=0)
+    """Largest gRPC message it sends; None = no limit (upstream `--grpc-max-send-msg-size`)."""
+    metrics_cert_dir: str | None = None
+    """Serve the metrics port over TLS with DIR/tls.crt and DIR/tls.key (`--metrics-cert-dir`)."""
+    metrics_client_ca_file: str | None = None
+    """Require metrics clients to present a certificate signed by this CA (`--metrics-client-ca-file`;
+    needs `metricsCertDir`)."""
+
+    @field_validator("tls_min_version")
+    @classmethod
+    def _tls_version(cls, v: str) -> str:
+        tls_options.min_version(v)
+        return v
+
+    @field_validator("tls_cipher_suites")
+    @classmethod
+    def _ciphers(cls, v: list[str]) -> list[str]:
+        tls_options.openssl_ciphers(v)
+        return v
+
+    @model_validator(mode="after")
+    def _metrics_tls(self) -> ServingConfig:
+        if self.metrics_client_ca_file and not self.metrics_cert_dir:
+            raise ValueError("metricsClientCaFile needs metricsCertDir")
+        return self
 
 
 class GatewayConfig(_Model):

@@ -15,7 +15,11 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+from ingate import tls_options
+from ingate.metric_spec import parse_metric_spec
 
 FlagKind = Literal["bool", "int", "str", "duration"]
 
@@ -45,7 +49,17 @@ FLAGS: tuple[Flag, ...] = (
     Flag("secure-serving", "bool", True),
     Flag("cert-path", "str", ""),
     Flag("enable-cert-reload", "bool", False),
+    Flag("tls-min-version", "str", ""),
+    Flag("tls-cipher-suites", "str", ""),
+    Flag("metrics-cert-dir", "str", ""),
+    Flag("metrics-client-ca-file", "str", ""),
+    Flag("grpc-max-recv-msg-size", "str", ""),
+    Flag("grpc-max-send-msg-size", "str", ""),
     Flag("ha-enable-leader-election", "bool", False),
+    # ingate extensions (upstream uses controller-runtime's fixed 15 s / 10 s / 2 s)
+    Flag("ingate-leader-election-lease-duration", "duration", 15.0),
+    Flag("ingate-leader-election-renew-deadline", "duration", 10.0),
+    Flag("ingate-leader-election-retry-period", "duration", 2.0),
     Flag("drain-timeout", "duration", 30.0),
     Flag("zap-encoder", "str", "console"),
     Flag("zap-log-level", "str", "info"),
@@ -69,6 +83,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("enable-grpc-stream-metrics", "bool", False, "noop"),
     Flag("allow-experimental-plugins", "bool", False, "noop"),
     Flag("disable-endpoint-subset-filter", "bool", False, "noop"),
+    Flag("fairness-id-metric-label-limit", "int", 1000, "noop"),
+    Flag("plugin-state-staleness-threshold", "duration", 0.0, "noop"),
+    Flag("feature-gates", "str", "", "noop"),
     Flag("destination-endpoint-hint-key", "str", "x-gateway-destination-endpoint"),
     Flag("destination-endpoint-hint-metadata-namespace", "str", "envoy.lb"),
 )
@@ -76,6 +93,19 @@ BY_NAME = {f.name: f for f in FLAGS}
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)(?:[eE](\d+))?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
+_SUFFIX = {
+    **{s: 1024**i for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"), 1)},
+    **{s: 1000**i for i, s in enumerate(("k", "M", "G", "T", "P", "E"), 1)},
+}
+METRIC_FLAGS = {
+    "total-queued-requests-metric": "queuedRequests",
+    "total-running-requests-metric": "runningRequests",
+    "kv-cache-usage-percentage-metric": "kvCacheUsage",
+    "lora-info-metric": "loraInfo",
+    "cache-info-metric": "cacheInfo",
+}
+"""Upstream's metric-name flags -> `metrics.names` keys."""
 
 
 class FlagError(ValueError):
@@ -101,6 +131,21 @@ def parse_duration(text: str) -> float:
     if pos != len(t) or not t:
         raise ValueError(f"not a duration: {text!r} (e.g. 50ms, 2s, 1m30s)")
     return total
+
+
+def parse_size(text: str) -> int:
+    """A byte size as upstream reads `--grpc-max-*-msg-size`: a Kubernetes quantity (`4194304`,
+    `10Mi`, `25M`, `1e6`) with an optional trailing `B` (`10MiB`, `25MB`)."""
+    t = text.strip()
+    if len(t) > 1 and t[-1] in "Bb":
+        t = t[:-1]
+    m = _QUANTITY.fullmatch(t)
+    if m is None:
+        raise ValueError(f"not a size: {text!r} (e.g. 4194304, 10MiB, 25MB)")
+    value = float(m.group(1)) * 10 ** int(m.group(2) or 0) * _SUFFIX.get(m.group(3) or "", 1)
+    if value != int(value):
+        raise ValueError(f"not a whole number of bytes: {text!r}")
+    return int(value)
 
 
 def _value(flag: Flag, raw: str, given_as: str) -> Any:
@@ -181,6 +226,69 @@ class EppOptions:
         ports = self.target_ports()
         if self.get("endpoint-selector") and not 1 <= len(ports) <= 8:
             raise FlagError("--endpoint-target-ports: 1 to 8 ports")
+        self._validate_serving()
+        for key in METRIC_FLAGS:
+            try:
+                parse_metric_spec(str(self.get(key)))
+            except ValueError as e:
+                raise FlagError(f"--{key}: {e}") from None
+        if self.get("model-server-metrics-scheme") not in ("http", "https"):
+            raise FlagError("--model-server-metrics-scheme: http or https")
+        if not str(self.get("model-server-metrics-path")).startswith("/"):
+            raise FlagError("--model-server-metrics-path: must start with '/'")
+        if not 0 <= int(self.get("model-server-metrics-port")) <= 65535:
+            raise FlagError("--model-server-metrics-port: 0 (the target port) to 65535")
+        lease, renew, retry = self.lease_timings()
+        if not lease > renew > retry > 0:
+            raise FlagError(
+                "--ingate-leader-election-lease-duration > --ingate-leader-election-renew-deadline > "
+                f"--ingate-leader-election-retry-period > 0 (got {lease}s, {renew}s, {retry}s)"
+            )
+
+    def _validate_serving(self) -> None:
+        """TLS, metrics-TLS and gRPC message-size flags, checked as upstream does at start."""
+        try:
+            if self.get("tls-min-version"):
+                tls_options.min_version(str(self.get("tls-min-version")))
+        except ValueError as e:
+            raise FlagError(f"--tls-min-version: {e}") from None
+        try:
+            tls_options.openssl_ciphers(self.cipher_suites())
+        except ValueError as e:
+            raise FlagError(f"--tls-cipher-suites: {e}") from None
+        for key in ("grpc-max-recv-msg-size", "grpc-max-send-msg-size"):
+            try:
+                self.size(key)
+            except ValueError as e:
+                raise FlagError(f"--{key}: {e}") from None
+        cert_dir, ca = str(self.get("metrics-cert-dir")), str(self.get("metrics-client-ca-file"))
+        if ca and not cert_dir:
+            raise FlagError("--metrics-client-ca-file requires --metrics-cert-dir")
+        if cert_dir and not ca and not self.get("metrics-endpoint-auth"):
+            raise FlagError(
+                "--metrics-cert-dir enables metrics TLS without authentication; set "
+                "--metrics-client-ca-file or --metrics-endpoint-auth (as upstream)"
+            )
+        files = [Path(cert_dir) / "tls.crt", Path(cert_dir) / "tls.key"] if cert_dir else []
+        for f in [*files, *([Path(ca)] if ca else [])]:
+            if not f.is_file():
+                raise FlagError(f"metrics TLS: cannot read {f}")
+
+    def cipher_suites(self) -> list[str]:
+        return [c.strip() for c in str(self.get("tls-cipher-suites")).split(",") if c.strip()]
+
+    def size(self, key: str) -> int | None:
+        """A `--grpc-max-*-msg-size` in bytes; None when not given or 0 (ingate's default)."""
+        raw = str(self.get(key))
+        return (parse_size(raw) or None) if raw else None
+
+    def lease_timings(self) -> tuple[float, float, float]:
+        """Lease duration, renew deadline, retry period in seconds."""
+        return (
+            float(self.get("ingate-leader-election-lease-duration")),
+            float(self.get("ingate-leader-election-renew-deadline")),
+            float(self.get("ingate-leader-election-retry-period")),
+        )
 
     @property
     def kubernetes(self) -> bool:
@@ -220,14 +328,44 @@ class EppOptions:
         }
         if self.get("cert-path"):
             serving["certPath"] = self.get("cert-path")
+        if self.get("tls-min-version"):
+            serving["tlsMinVersion"] = self.get("tls-min-version")
+        if self.cipher_suites():
+            serving["tlsCipherSuites"] = self.cipher_suites()
+        for key, field_ in (
+            ("grpc-max-recv-msg-size", "grpcMaxRecvMsgBytes"),
+            ("grpc-max-send-msg-size", "grpcMaxSendMsgBytes"),
+        ):
+            if self.size(key) is not None:
+                serving[field_] = self.size(key)
+        for key, field_ in (
+            ("metrics-cert-dir", "metricsCertDir"),
+            ("metrics-client-ca-file", "metricsClientCaFile"),
+        ):
+            if self.get(key):
+                serving[field_] = self.get(key)
+        metrics: dict[str, Any] = {
+            "intervalMs": self.get("refresh-metrics-interval") * 1000,
+            "staleAfterMs": self.get("metrics-staleness-threshold") * 1000,
+        }
+        # Scrape target and metric names: only what was given, so the config file's settings stay.
+        for key, field_ in (
+            ("model-server-metrics-path", "path"),
+            ("model-server-metrics-scheme", "scheme"),
+            ("model-server-metrics-https-insecure-skip-verify", "insecureSkipVerify"),
+        ):
+            if key in self.flags:
+                metrics[field_] = self.flags[key]
+        if self.flags.get("model-server-metrics-port"):
+            metrics["port"] = self.flags["model-server-metrics-port"]
+        names = {field_: self.flags[key] for key, field_ in METRIC_FLAGS.items() if key in self.flags}
+        if names:
+            metrics["names"] = names
         return {
             "listen": {"host": "0.0.0.0", "port": self.get("grpc-port")},
             "dataplane": {"type": "extproc"},
             "serving": serving,
-            "metrics": {
-                "intervalMs": self.get("refresh-metrics-interval") * 1000,
-                "staleAfterMs": self.get("metrics-staleness-threshold") * 1000,
-            },
+            "metrics": metrics,
         }
 
 

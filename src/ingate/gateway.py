@@ -18,6 +18,7 @@ from ingate.discovery import endpoints_from_config
 from ingate.flowcontrol.build import flow_controller
 from ingate.flowcontrol.capacity import CapacityCollector, SlotTracker, capacity_snapshot
 from ingate.flowcontrol.controller import FlowController
+from ingate.metrics.engines import ENGINES, with_overrides
 from ingate.metrics.scraper import MetricsScraper
 from ingate.objectives import ObjectiveStore
 from ingate.scheduling.plugins.registry import PluginMetricsCollector
@@ -38,11 +39,19 @@ class Gateway:
             self.telemetry.registry.register(plugin_metrics)
         self.telemetry.registry.register(self.scheduler.timings())
         m = cfg.metrics
+        engine = cfg.pool.engine
         self.scraper = MetricsScraper(
             self.datastore,
             interval_s=m.interval_ms / 1000,
             timeout_s=m.timeout_ms / 1000,
             stale_after_s=m.stale_after_ms / 1000,
+            path=m.path,
+            port=m.port,
+            scheme=m.scheme,
+            insecure_skip_verify=m.insecure_skip_verify,
+            # the metric-name overrides apply to the pool's default engine (pods labelled with
+            # another engine keep its names)
+            engines={**ENGINES, engine: with_overrides(ENGINES[engine], m.names.model_dump())},
         )
         if flow_control is None and cfg.flow_control is not None:
             flow_control = flow_controller(cfg.flow_control, self.datastore, self.telemetry.registry)

@@ -53,9 +53,11 @@ async def run_gateway(
         from ingate.kube.options import KubeOptions
         from ingate.kube.runtime import KubeRuntime
 
+        opts = KubeOptions.from_epp(epp)
+        opts.default_engine = cfg.pool.engine  # pods without an engine label
         try:
             kube = await KubeRuntime.start(
-                KubeOptions.from_epp(epp),
+                opts,
                 gw.datastore,
                 gw.objectives,
                 metrics_auth=bool(epp.get("metrics-endpoint-auth")),

@@ -15,6 +15,8 @@ RANKS: list[tuple[str, int]] = [
     ("ingate.naming", 0),
     ("ingate.usage", 0),
     ("ingate.procs", 0),
+    ("ingate.tls_options", 0),
+    ("ingate.metric_spec", 0),
     ("ingate.request", 1),
     ("ingate.datastore", 1),
     ("ingate.lifecycle", 2),

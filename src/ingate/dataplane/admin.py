@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -37,8 +38,11 @@ class AdminServer:
         bearer_token: str | None = None,
         authorize: Callable[[str | None], Awaitable[tuple[int, str]]] | None = None,
         capacity: Callable[[Iterable[int]], dict[str, Any]] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.registry = registry
+        self.ssl_context = ssl_context
+        """HTTPS (`--metrics-cert-dir`, optionally client certificates: `--metrics-client-ca-file`)."""
         self.ready = ready
         self.host = host
         self.port = port
@@ -51,7 +55,7 @@ class AdminServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -65,7 +69,7 @@ class AdminServer:
     async def start(self) -> int:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         sockets = getattr(site._server, "sockets", None)
         if sockets:

@@ -20,6 +20,27 @@ from ingate.lifecycle import DirectorLike
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 Transport = Literal["h2", "grpcio"]
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class MessageTooLarge(Exception):
+    """An answer over `--grpc-max-send-msg-size`: the stream fails instead of sending it."""
+
+
+def limited_encoder(limit: int | None) -> Callable[[pb.ProcessingResponse], bytes]:
+    """`ProcessingResponse` -> bytes, refusing answers larger than `limit` (None: no limit)."""
+    if limit is None:
+        return pb.ProcessingResponse.SerializeToString
+
+    def encode(resp: pb.ProcessingResponse) -> bytes:
+        data = resp.SerializeToString()
+        if len(data) > limit:
+            raise MessageTooLarge(
+                f"ext_proc answer of {len(data)} bytes exceeds --grpc-max-send-msg-size {limit}"
+            )
+        return data
+
+    return encode
 
 
 class ExtProcServer:
@@ -39,6 +60,8 @@ class ExtProcServer:
         port: int = 0,
         transport: Transport = "h2",
         tls: ServerTLS | None = None,
+        max_recv_msg_bytes: int = DEFAULT_MAX_MESSAGE,
+        max_send_msg_bytes: int | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown ext_proc transport {transport!r} (known: {', '.join(TRANSPORTS)})")
@@ -49,6 +72,11 @@ class ExtProcServer:
         self.tls = tls
         """TLS (`--secure-serving`): the h2 transport serves the context's certificate as reloaded;
         grpcio reads the files once at start."""
+        self.max_recv_msg_bytes = max_recv_msg_bytes
+        """Larger requests fail the stream with RESOURCE_EXHAUSTED (`--grpc-max-recv-msg-size`)."""
+        self.max_send_msg_bytes = max_send_msg_bytes
+        """Larger answers fail the stream (`--grpc-max-send-msg-size`): RESOURCE_EXHAUSTED with grpcio,
+        INTERNAL ("handler error: MessageTooLarge") with h2; None = no limit."""
         self._server: grpc.aio.Server | None = None
         self._h2: GrpcH2Server | None = None
 
@@ -61,9 +89,10 @@ class ExtProcServer:
                     PROCESS_METHOD: StreamMethod(
                         decode=pb.ProcessingRequest.FromString,
                         handler=lambda requests: svc.Process(requests, None),
-                        encode=pb.ProcessingResponse.SerializeToString,
+                        encode=limited_encoder(self.max_send_msg_bytes),
                     )
-                }
+                },
+                max_message_bytes=self.max_recv_msg_bytes,
             )
             try:
                 ctx = self.tls.context if self.tls is not None else None
@@ -74,8 +103,8 @@ class ExtProcServer:
             return self.port
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", self.max_recv_msg_bytes),
+                ("grpc.max_send_message_length", self.max_send_msg_bytes or -1),
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_concurrent_streams", 10_000),
             ]
@@ -137,11 +166,20 @@ class ExtProcOnly:
         pool_addresses: Callable[[], Sequence[str]],
         tls: ServerTLS | None = None,
         timings: ExtProcTimings | None = None,
+        max_recv_msg_bytes: int = DEFAULT_MAX_MESSAGE,
+        max_send_msg_bytes: int | None = None,
     ) -> None:
         svc = ExtProcServicer(
             director, max_body_bytes=max_body_bytes, any_endpoint=first_of(pool_addresses), timings=timings
         )
-        self.server = ExtProcServer(svc, host=host, port=port, tls=tls)
+        self.server = ExtProcServer(
+            svc,
+            host=host,
+            port=port,
+            tls=tls,
+            max_recv_msg_bytes=max_recv_msg_bytes,
+            max_send_msg_bytes=max_send_msg_bytes,
+        )
         self.tls = tls
 
     @property

@@ -32,11 +32,16 @@ def make_dataplane(core: PickerCore, kind: str, port: int | None = None) -> Data
         if cfg.serving.secure_serving:
             from ingate.dataplane.tls import ServerTLS
 
-            tls = ServerTLS(
-                cfg.serving.cert_path,
-                reload=cfg.serving.enable_cert_reload,
-                hosts=["localhost", cfg.listen.host],
-            )
+            try:
+                tls = ServerTLS(
+                    cfg.serving.cert_path,
+                    reload=cfg.serving.enable_cert_reload,
+                    hosts=["localhost", cfg.listen.host],
+                    min_version=cfg.serving.tls_min_version,
+                    cipher_suites=cfg.serving.tls_cipher_suites,
+                )
+            except ValueError as e:
+                raise ConfigError(f"serving: {e}") from None
         return ExtProcOnly(
             core.director,
             cfg.listen.host,
@@ -45,6 +50,8 @@ def make_dataplane(core: PickerCore, kind: str, port: int | None = None) -> Data
             pool_addresses=pool,
             tls=tls,
             timings=_timings(core),
+            max_recv_msg_bytes=cfg.serving.grpc_max_recv_msg_bytes,
+            max_send_msg_bytes=cfg.serving.grpc_max_send_msg_bytes,
         )
     if kind != "envoy":
         raise ConfigError(f"unknown data plane {kind!r} (known: {', '.join(KINDS)})")

@@ -45,6 +45,14 @@ class PickerServices:
                     raise ConfigError(f"serving.metricsAuthTokenFile: cannot read: {e}") from None
                 if not token:
                     raise ConfigError("serving.metricsAuthTokenFile: the file is empty")
+            ctx = None
+            if cfg.metrics_cert_dir:
+                from ingate.dataplane.tls import metrics_context
+
+                try:
+                    ctx = metrics_context(cfg.metrics_cert_dir, cfg.metrics_client_ca_file)
+                except ValueError as e:
+                    raise ConfigError(f"serving.metricsCertDir: {e}") from None
             self.admin = AdminServer(
                 core.registry,
                 core.ready,
@@ -53,6 +61,7 @@ class PickerServices:
                 bearer_token=token,
                 authorize=metrics_auth,
                 capacity=core.capacity,
+                ssl_context=ctx,
             )
 
     async def start(self) -> None:

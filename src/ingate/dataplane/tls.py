@@ -8,7 +8,8 @@
   few seconds; a rotated secret shows up as new files), and new connections get the new certificate;
   open ones keep theirs. A pair that fails to load is logged and the previous one stays in use.
 
-ALPN offers `h2` (gRPC).
+ALPN offers `h2` (gRPC). `--tls-min-version` (default `VersionTLS12`) and `--tls-cipher-suites` (Go
+names, TLS <= 1.2 only) restrict the handshake (`ingate.tls_options`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import os
 import socket
 import ssl
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+
+from ingate import tls_options
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +80,18 @@ class ServerTLS:
     """An `ssl.SSLContext` for a gRPC server, from a cert directory or self-signed, with reload."""
 
     def __init__(
-        self, cert_path: str | None = None, *, reload: bool = False, hosts: list[str] | None = None
+        self,
+        cert_path: str | None = None,
+        *,
+        reload: bool = False,
+        hosts: list[str] | None = None,
+        min_version: str = tls_options.DEFAULT_MIN_VERSION,
+        cipher_suites: Sequence[str] = (),
     ) -> None:
         self.cert_path = Path(cert_path) if cert_path else None
         self.reload = reload and self.cert_path is not None
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls_options.apply(self.context, min_version, cipher_suites)
         self.context.set_alpn_protocols(["h2"])
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._stamp: tuple[float, float] | None = None
@@ -153,3 +163,23 @@ class ServerTLS:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def metrics_context(cert_dir: str, client_ca_file: str | None = None) -> ssl.SSLContext:
+    """The metrics port's TLS (`--metrics-cert-dir` DIR with tls.crt/tls.key, TLS 1.2 or later as
+    upstream); with `--metrics-client-ca-file` a client must present a certificate that CA signed.
+    Read once at start. ValueError naming the file that cannot be used."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    d = Path(cert_dir)
+    try:
+        ctx.load_cert_chain(d / CERT_FILE, d / KEY_FILE)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"metrics TLS: cannot load {d / CERT_FILE} / {d / KEY_FILE}: {e}") from None
+    if client_ca_file:
+        try:
+            ctx.load_verify_locations(cafile=client_ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"metrics TLS: no usable CA certificate in {client_ca_file}: {e}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx

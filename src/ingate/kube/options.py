@@ -43,11 +43,18 @@ class KubeOptions:
     kubeconfig: str | None = None
     """None: in-cluster service account, else $KUBECONFIG / ~/.kube/config."""
     default_engine: str = "vllm"
+    lease_duration_s: float = 15.0
+    renew_deadline_s: float = 10.0
+    retry_period_s: float = 2.0
+    """Leader-election timing (controller-runtime's defaults; ingate's
+    `--ingate-leader-election-{lease-duration,renew-deadline,retry-period}` change them)."""
 
     @classmethod
     def from_epp(cls, epp: EppOptions, kubeconfig: str | None = None) -> KubeOptions:
         """From the upstream picker flags `ingate serve` parsed (`--pool-name`, `--pool-namespace`,
-        `--pool-group`, `--endpoint-selector`, `--endpoint-target-ports`, `--ha-enable-leader-election`)."""
+        `--pool-group`, `--endpoint-selector`, `--endpoint-target-ports`, `--ha-enable-leader-election`,
+        and ingate's leader-election timing flags)."""
+        lease, renew, retry = epp.lease_timings()
         return cls(
             pool_name=str(epp.get("pool-name")) or None,
             pool_namespace=epp.namespace,
@@ -56,6 +63,9 @@ class KubeOptions:
             endpoint_target_ports=tuple(epp.target_ports()),
             leader_election=bool(epp.get("ha-enable-leader-election")),
             kubeconfig=kubeconfig,
+            lease_duration_s=lease,
+            renew_deadline_s=renew,
+            retry_period_s=retry,
         )
 
     def validate(self) -> None:
@@ -114,6 +124,9 @@ class KubeOptions:
             identity,
             api=api,
             kubeconfig=self.kubeconfig,
+            lease_duration_s=self.lease_duration_s,
+            renew_deadline_s=self.renew_deadline_s,
+            retry_period_s=self.retry_period_s,
             on_started_leading=on_started_leading,
             on_stopped_leading=on_stopped_leading,
         )

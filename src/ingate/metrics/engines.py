@@ -7,9 +7,10 @@ engine's small set first and only matching lines are parsed further.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ingate.datastore import EndpointMetrics
+from ingate.metric_spec import MetricSpec, parse_metric_spec
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,9 @@ class EngineMetricNames:
     cache_block_label: str = "block_size"
     cache_blocks_label: str = "num_gpu_blocks"
     lora_info: str | None = None
-    selectors: dict[str, tuple[str, str]] = field(default_factory=dict)
-    """signal -> (label, value) for engines that put several signals in one metric (Triton)."""
+    selectors: dict[str, dict[str, str]] = field(default_factory=dict)
+    """signal ("waiting", "running", "kv_usage", "cache_config", "lora_info") -> labels a series must
+    carry to count (Triton puts several signals in one metric; `--*-metric name{l=v}` overrides)."""
 
 
 ENGINES: dict[str, EngineMetricNames] = {
@@ -54,12 +56,44 @@ ENGINES: dict[str, EngineMetricNames] = {
         running=("nv_trt_llm_request_metrics",),
         kv_usage=("nv_trt_llm_kv_cache_block_metrics",),
         selectors={
-            "waiting": ("request_type", "waiting"),
-            "running": ("request_type", "scheduled"),
-            "kv_usage": ("kv_cache_block_type", "fraction"),
+            "waiting": {"request_type": "waiting"},
+            "running": {"request_type": "scheduled"},
+            "kv_usage": {"kv_cache_block_type": "fraction"},
         },
     ),
 }
+
+OVERRIDE_KEYS = {
+    "queued_requests": "waiting",
+    "running_requests": "running",
+    "kv_cache_usage": "kv_usage",
+    "lora_info": "lora_info",
+    "cache_info": "cache_config",
+}
+"""`metrics.names` keys (upstream's `--*-metric` flags) -> the signal each one names."""
+
+
+def with_overrides(base: EngineMetricNames, specs: dict[str, str | None]) -> EngineMetricNames:
+    """`base` with the signals `specs` names (`metrics.names`: key -> `name{label=value}`, "" = none,
+    None = keep the engine's) read from there instead."""
+    out = base
+    selectors = dict(base.selectors)
+    for key, text in specs.items():
+        if text is None:
+            continue
+        sig = OVERRIDE_KEYS[key]
+        spec: MetricSpec | None = parse_metric_spec(text)
+        selectors.pop(sig, None)
+        if spec is not None and spec.labels:
+            selectors[sig] = dict(spec.labels)
+        name = spec.name if spec is not None else None
+        if sig == "cache_config":
+            out = replace(out, cache_config=name)
+        elif sig == "lora_info":
+            out = replace(out, lora_info=name)
+        else:
+            out = replace(out, **{sig: (name,) if name else ()})
+    return replace(out, selectors=selectors)
 
 
 def _labels(s: str) -> dict[str, str]:
@@ -87,13 +121,14 @@ def _labels(s: str) -> dict[str, str]:
 
 def parse_metrics(text: str, names: EngineMetricNames, now: float) -> EndpointMetrics:
     """Extract the picker's signals from a Prometheus text exposition."""
-    signals: dict[str, str] = {}
-    for n in names.waiting:
-        signals[n] = "waiting"
-    for n in names.running:
-        signals.setdefault(n, "running")
-    for n in names.kv_usage:
-        signals.setdefault(n, "kv_usage")
+    sel = names.selectors
+    # metric name -> the signals it carries; a name listed for several signals counts for the first
+    # only, unless the later one picks its own series by label (Triton).
+    signals: dict[str, list[str]] = {}
+    for sig, listed in (("waiting", names.waiting), ("running", names.running), ("kv_usage", names.kv_usage)):
+        for n in listed:
+            if n not in signals or sig in sel:
+                signals.setdefault(n, []).append(sig)
     wanted = set(signals)
     if names.cache_config:
         wanted.add(names.cache_config)
@@ -126,37 +161,23 @@ def parse_metrics(text: str, names: EngineMetricNames, now: float) -> EndpointMe
             value = float(rest[0])
         except ValueError:
             continue
-        if name == names.cache_config:
+        if name == names.cache_config and _has(labels, sel.get("cache_config")):
             try:
                 m.block_size = int(labels.get(names.cache_block_label, "")) or None
                 m.num_gpu_blocks = int(labels.get(names.cache_blocks_label, "")) or None
             except ValueError:
                 pass
-            continue
-        if name == names.lora_info:
-            if value > lora_ts:  # value is a timestamp: the newest series is current
-                lora_ts = value
-                m.active_adapters = frozenset(
-                    a for a in labels.get("running_lora_adapters", "").split(",") if a
-                )
-                m.waiting_adapters = frozenset(
-                    a for a in labels.get("waiting_lora_adapters", "").split(",") if a
-                )
-                try:
-                    m.max_loras = int(labels.get("max_lora", "0") or 0)
-                except ValueError:
-                    m.max_loras = 0
-            continue
-        if names.selectors:
-            for sig, (lk, lv) in names.selectors.items():
-                if (
-                    labels.get(lk) == lv
-                    and name
-                    in {"waiting": names.waiting, "running": names.running, "kv_usage": names.kv_usage}[sig]
-                ):
-                    _set(m, sig, value, found_kv, name)
-            continue
-        _set(m, signals[name], value, found_kv, name)
+        if name == names.lora_info and _has(labels, sel.get("lora_info")) and value > lora_ts:
+            lora_ts = value  # value is a timestamp: the newest series is current
+            m.active_adapters = frozenset(a for a in labels.get("running_lora_adapters", "").split(",") if a)
+            m.waiting_adapters = frozenset(a for a in labels.get("waiting_lora_adapters", "").split(",") if a)
+            try:
+                m.max_loras = int(labels.get("max_lora", "0") or 0)
+            except ValueError:
+                m.max_loras = 0
+        for sig in signals.get(name, ()):
+            if _has(labels, sel.get(sig)):
+                _set(m, sig, value, found_kv, name)
     if found_kv:
         # Prefer the first-listed (current) KV name when an engine exposes both old and new names.
         for n in names.kv_usage:
@@ -164,6 +185,10 @@ def parse_metrics(text: str, names: EngineMetricNames, now: float) -> EndpointMe
                 m.kv_usage = found_kv[n]
                 break
     return m
+
+
+def _has(labels: dict[str, str], want: dict[str, str] | None) -> bool:
+    return want is None or all(labels.get(k) == v for k, v in want.items())
 
 
 def _set(m: EndpointMetrics, sig: str, value: float, found_kv: dict[str, float], name: str) -> None:

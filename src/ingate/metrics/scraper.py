@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from collections.abc import Mapping
 
 import aiohttp
 
 from ingate.datastore import Datastore, Endpoint
-from ingate.metrics.engines import ENGINES, parse_metrics
+from ingate.metrics.engines import ENGINES, EngineMetricNames, parse_metrics
 
 log = logging.getLogger("ingate.metrics")
 
@@ -29,6 +31,11 @@ class MetricsScraper:
         timeout_s: float = 1.0,
         stale_after_s: float = 0.2,
         path: str = "/metrics",
+        *,
+        port: int | None = None,
+        scheme: str = "http",
+        insecure_skip_verify: bool = True,
+        engines: Mapping[str, EngineMetricNames] = ENGINES,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError("interval and timeout must be positive")
@@ -37,6 +44,12 @@ class MetricsScraper:
         self.timeout_s = timeout_s
         self.stale_after_s = stale_after_s
         self.path = path
+        self.port = port
+        """Scrape this port instead of each endpoint's serving port (`--model-server-metrics-port`)."""
+        self.scheme = scheme
+        self.insecure_skip_verify = insecure_skip_verify
+        self.engines = engines
+        """Engine -> where its signals live (with `metrics.names` overrides applied)."""
         self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -57,9 +70,12 @@ class MetricsScraper:
 
     async def start(self) -> None:
         self._stopping = False
+        tls: ssl.SSLContext | bool = True
+        if self.scheme == "https" and self.insecure_skip_verify:
+            tls = False  # aiohttp: do not verify the certificate
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, ssl=tls),
         )
         self._reconcile()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
@@ -90,12 +106,17 @@ class MetricsScraper:
     def is_fresh(self, ep: Endpoint, now: float | None = None) -> bool:
         return ep.metrics.age(now) <= self.stale_after_s
 
+    def target(self, ep: Endpoint) -> str:
+        """The URL scraped for `ep`."""
+        host = f"[{ep.host}]" if ":" in ep.host else ep.host
+        return f"{self.scheme}://{host}:{self.port or ep.port}{self.path}"
+
     async def scrape_once(self, ep: Endpoint) -> bool:
         """Scrape one endpoint now; True on success."""
         assert self._session is not None, "scraper not started"
-        names = ENGINES.get(ep.engine, ENGINES["vllm"])
+        names = self.engines.get(ep.engine) or self.engines.get("vllm") or ENGINES["vllm"]
         try:
-            async with self._session.get(ep.url + self.path) as resp:
+            async with self._session.get(self.target(ep)) as resp:
                 if resp.status != 200:
                     raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
                 text = await resp.text()
