@@ -113,3 +113,40 @@ def test_identity_is_the_pod_name_when_known(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("HOSTNAME", "host")
     a, b = default_identity(), default_identity()
     assert a.startswith("host_") and a != b
+
+
+async def test_timing_flags_set_the_lease_and_the_takeover(server: FakeApiServer, tmp_path: Path) -> None:
+    from ingate.epp_flags import EppOptions
+    from ingate.kube.options import KubeOptions
+
+    flags = [
+        "--pool-name=pool",
+        f"--pool-namespace={NS}",
+        "--ha-enable-leader-election",
+        "--ingate-leader-election-lease-duration=2s",
+        "--ingate-leader-election-renew-deadline=1500ms",
+        "--ingate-leader-election-retry-period=100ms",
+    ]
+    kc = str(server.write_kubeconfig(tmp_path / "kc", NS))
+    opts = KubeOptions.from_epp(EppOptions.from_args(flags), kubeconfig=kc)
+    assert (opts.lease_duration_s, opts.renew_deadline_s, opts.retry_period_s) == (2.0, 1.5, 0.1)
+    defaults = KubeOptions.from_epp(EppOptions.from_args(["--pool-name=pool"]))
+    assert (defaults.lease_duration_s, defaults.renew_deadline_s, defaults.retry_period_s) == (
+        15.0,
+        10.0,
+        2.0,
+    )
+    a, b = opts.elector(identity="a"), opts.elector(identity="b")
+    assert isinstance(a, LeaseElector) and isinstance(b, LeaseElector)
+    await a.start()
+    await until(lambda: a.is_leader, what="a leads")
+    await b.start()
+    lease = server.get("coordination.k8s.io/v1", "Lease", NS, "epp-ns-pool.llm-d.ai")
+    assert lease is not None and lease["spec"]["leaseDurationSeconds"] == 2
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    await a.stop(release=False)
+    await until(lambda: b.is_leader, within_s=4, what="b takes over")
+    took = time.monotonic() - t0
+    assert 1.4 < took < 2.0 + 2 * 0.1 + 0.4, took  # the 2 s lease, not the 15 s default
+    await b.stop()
