@@ -87,12 +87,17 @@ def with_overrides(base: EngineMetricNames, specs: dict[str, str | None]) -> Eng
         if spec is not None and spec.labels:
             selectors[sig] = dict(spec.labels)
         name = spec.name if spec is not None else None
+        listed: tuple[str, ...] = (name,) if name else ()
         if sig == "cache_config":
             out = replace(out, cache_config=name)
         elif sig == "lora_info":
             out = replace(out, lora_info=name)
+        elif sig == "waiting":
+            out = replace(out, waiting=listed)
+        elif sig == "running":
+            out = replace(out, running=listed)
         else:
-            out = replace(out, **{sig: (name,) if name else ()})
+            out = replace(out, kv_usage=listed)
     return replace(out, selectors=selectors)
 
 
