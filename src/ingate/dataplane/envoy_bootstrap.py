@@ -120,6 +120,11 @@ class EnvoySettings:
     """Check the picker with gRPC health (`grpc.health.v1`, service
     `envoy.service.ext_proc.v3.ExternalProcessor`, plaintext) on this port, as upstream deployments
     do; 0 = TCP checks (FailOpen only)."""
+    picker_replicas: list[tuple[int, int]] = field(default_factory=list)
+    """More picker replicas on `picker_host`, as (ext_proc port, gRPC health port): one ext_proc
+    cluster holds them all (a picker Service with several pods); with `picker_health_port` each is
+    health-checked on its own port, so only SERVING ones (the leader, under leader election) get
+    streams."""
     """gRPC server the picker's ext_proc runs on: "h2" (in-loop HTTP/2, default) or "grpcio"."""
 
     def __post_init__(self) -> None:
@@ -209,7 +214,10 @@ def _static_cluster(name: str, addresses: Sequence[str], connect_timeout: str, h
 
 
 def _picker_cluster(s: EnvoySettings, connect_timeout: str) -> dict[str, Any]:
-    c = _static_cluster(CLUSTER_EXTPROC, [f"{s.picker_host}:{s.picker_port}"], connect_timeout, http2=True)
+    pickers = [(s.picker_port, s.picker_health_port), *((int(p), int(h)) for p, h in s.picker_replicas)]
+    c = _static_cluster(
+        CLUSTER_EXTPROC, [f"{s.picker_host}:{p}" for p, _ in pickers], connect_timeout, http2=True
+    )
     if s.picker_tls:
         c["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -221,8 +229,10 @@ def _picker_cluster(s: EnvoySettings, connect_timeout: str) -> dict[str, Any]:
     if s.picker_health_port:
         # The health port is plaintext while ext_proc may be TLS: the check picks the plaintext
         # transport socket through a match on its criteria.
-        ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        ep["health_check_config"] = {"port_value": s.picker_health_port}
+        for lb, (_, health_port) in zip(
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"], pickers, strict=True
+        ):
+            lb["endpoint"]["health_check_config"] = {"port_value": health_port or s.picker_health_port}
         c["transport_socket_matches"] = [
             {"name": "health-plaintext", "match": {"health": "plaintext"}, "transport_socket": _RAW_BUFFER},
             *(
