@@ -177,6 +177,8 @@ class Director:
             placement.count(ep, req.priority, 1)
         ep.in_flight += 1
         series.requests.inc()
+        series.request_bytes.observe(len(req.raw_body))
+        tel.running[req.model] = tel.running.get(req.model, 0) + 1
         tel.decision(ep.address, result.profile).inc()
         if log.isEnabledFor(10):
             log.debug(
@@ -225,6 +227,29 @@ class Director:
             d.series.ttft.observe(d.first_token_at - d.started)
             d.hooks.run_first_token(d.ctx, req, d.target)
 
+    @staticmethod
+    def _observe_success(d: Decision, info: ResponseInfo) -> None:
+        """The request-level series of a successful response (upstream's llm_d_epp_request_*)."""
+        series = d.series
+        e2e = info.e2e_s or 0.0
+        series.duration.observe(e2e)
+        if info.prompt_tokens is not None:
+            series.input_tokens.observe(info.prompt_tokens)
+        if info.cached_tokens is not None:
+            series.cached_tokens.observe(info.cached_tokens)
+        out = info.completion_tokens
+        if out is not None:
+            series.output_tokens.observe(out)
+            if out > 0:
+                series.ntpot.observe(e2e / out)
+        if info.response_bytes is not None:
+            series.response_bytes.observe(info.response_bytes)
+        if d.request.stream:
+            if out is not None and out > 1 and info.ttft_s is not None:
+                series.streaming_tpot.observe((e2e - info.ttft_s) / (out - 1))
+            for gap in info.chunk_gaps or ():
+                series.itl.observe(gap)
+
     def finish(self, d: Decision, info: ResponseInfo) -> None:
         """Release in-flight accounting and feed the outcome back; runs once per decision."""
         if d.finished:
@@ -241,15 +266,11 @@ class Director:
             info.e2e_s = now - d.started
         if info.ttft_s is None and d.first_token_at is not None:
             info.ttft_s = d.first_token_at - d.started
+        tel.running[req.model] -= 1
         if info.status >= 400 or info.status == 0:
             tel.errors.labels(req.model, req.target_model, str(info.status)).inc()
         else:
-            series = d.series
-            series.duration.observe(info.e2e_s)
-            if info.prompt_tokens is not None:
-                series.input_tokens.observe(info.prompt_tokens)
-            if info.completion_tokens is not None:
-                series.output_tokens.observe(info.completion_tokens)
+            self._observe_success(d, info)
         if self.flow_control is not None and d.ticket is not None:
             self.flow_control.release(d.ticket, info)
         d.hooks.run_post_response(d.ctx, req, ep, info)

@@ -57,6 +57,10 @@ class ResponseInfo:
     cached_tokens: int | None = None
     ttft_s: float | None = None
     e2e_s: float | None = None
+    response_bytes: int | None = None
+    """Response body bytes the client was sent."""
+    chunk_gaps: list[float] | None = None
+    """Seconds between consecutive response body chunks (inter-token latency of a streamed answer)."""
 
 
 @runtime_checkable

@@ -18,6 +18,53 @@ from ingate.datastore import Datastore
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _SCHED = (1e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2)
 _TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+# Upstream's bucket bounds for the request-level llm_d_epp_* series (llm-d-router's metrics package).
+_CACHED = (
+    1,
+    8,
+    16,
+    32,
+    64,
+    128,
+    256,
+    512,
+    1024,
+    2048,
+    4096,
+    8192,
+    16384,
+    32768,
+    65536,
+    131072,
+    262144,
+    524288,
+    1048576,
+)
+_NTPOT = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_TPOT = (
+    0.0005,
+    0.00205,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.125,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.8,
+    1.0,
+    2.0,
+)
+_ITL = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
+_REQ_BYTES = tuple(64 * 2**i for i in range(25))
+_RESP_BYTES = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 
 class _PoolCollector(Collector):
@@ -46,7 +93,28 @@ class _PoolCollector(Collector):
         yield kv
         yield fl
         n = len(eps) or 1
+        kv_s, queue_s, run_s = (
+            [e.metrics.kv_usage for e in eps],
+            [float(e.metrics.waiting) for e in eps],
+            [float(e.metrics.running) for e in eps],
+        )
         for name, doc, value in (
+            (
+                "inference_pool_average_running_requests",
+                "Average requests running on the pool's model servers.",
+                sum(run_s) / n,
+            ),
+            (
+                "llm_d_epp_std_dev_kv_cache_utilization",
+                "Std. deviation of KV-cache utilisation.",
+                _pstdev(kv_s),
+            ),
+            (
+                "llm_d_epp_std_dev_queue_size",
+                "Std. deviation of the model servers' queues.",
+                _pstdev(queue_s),
+            ),
+            ("llm_d_epp_std_dev_running_requests", "Std. deviation of running requests.", _pstdev(run_s)),
             (
                 "inference_pool_average_kv_cache_utilization",
                 "Average KV-cache utilisation of the pool.",
@@ -64,6 +132,14 @@ class _PoolCollector(Collector):
             yield g
 
 
+def _pstdev(values: list[float]) -> float:
+    """Population standard deviation (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return float((sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5)
+
+
 LLM_D_NAMES: dict[str, str] = {
     "inference_objective_request": "llm_d_epp_request",
     "inference_objective_request_error": "llm_d_epp_request_error",
@@ -73,6 +149,12 @@ LLM_D_NAMES: dict[str, str] = {
     "inference_objective_output_tokens": "llm_d_epp_request_output_tokens",
     "inference_pool_average_kv_cache_utilization": "llm_d_epp_average_kv_cache_utilization",
     "inference_pool_average_queue_size": "llm_d_epp_average_queue_size",
+    "inference_pool_average_running_requests": "llm_d_epp_average_running_requests",
+    "inference_objective_prompt_cached_tokens": "llm_d_epp_request_cached_tokens",
+    "inference_objective_normalized_time_per_output_token_seconds": "llm_d_epp_request_ntpot_seconds",
+    "inference_objective_request_sizes": "llm_d_epp_request_size_bytes",
+    "inference_objective_response_sizes": "llm_d_epp_response_size_bytes",
+    "inference_objective_running_requests": "llm_d_epp_request_running",
     "inference_pool_ready_pods": "llm_d_epp_ready_endpoints",
     "inference_extension_scheduler_e2e_duration_seconds": "llm_d_epp_scheduler_e2e_duration_seconds",
     "inference_extension_plugin_duration_seconds": "llm_d_epp_plugin_duration_seconds",
@@ -130,6 +212,12 @@ class ModelSeries:
     ttft: Any
     input_tokens: Any
     output_tokens: Any
+    cached_tokens: BucketCounts
+    ntpot: BucketCounts
+    streaming_tpot: BucketCounts
+    itl: BucketCounts
+    request_bytes: BucketCounts
+    response_bytes: BucketCounts
 
 
 class Telemetry:
@@ -186,6 +274,50 @@ class Telemetry:
         self.retries = Counter(
             "ingate_upstream_retries", "Requests re-sent to a fallback endpoint.", registry=r
         )
+        # Request-level series observed once per response (ITL once per streamed chunk): lock-free
+        # bucket counts, built into families at scrape time.
+        self.cached_tokens = FastHistogramVec(
+            "inference_objective_prompt_cached_tokens",
+            "Prompt tokens the model server read from its cache, per request (from usage).",
+            mt,
+            _CACHED,
+        )
+        self.ntpot = FastHistogramVec(
+            "inference_objective_normalized_time_per_output_token_seconds",
+            "End-to-end latency divided by output tokens, per request.",
+            mt,
+            _NTPOT,
+        )
+        self.streaming_tpot = FastHistogramVec(
+            "llm_d_epp_request_streaming_tpot_seconds",
+            "Streaming requests: (end-to-end - TTFT) / (output tokens - 1).",
+            mt,
+            _TPOT,
+        )
+        self.itl = FastHistogramVec(
+            "llm_d_epp_request_streaming_itl_seconds",
+            "Streaming requests: time between consecutive response body chunks.",
+            mt,
+            _ITL,
+        )
+        self.request_bytes = FastHistogramVec(
+            "inference_objective_request_sizes", "Request body size in bytes.", mt, _REQ_BYTES
+        )
+        self.response_bytes = FastHistogramVec(
+            "inference_objective_response_sizes", "Response body size in bytes.", mt, _RESP_BYTES
+        )
+        self.running: dict[str, int] = {}
+        """Requests in flight through this picker, per model (`inference_objective_running_requests`)."""
+        for c in (
+            self.cached_tokens,
+            self.ntpot,
+            self.streaming_tpot,
+            self.itl,
+            self.request_bytes,
+            self.response_bytes,
+        ):
+            r.register(c)
+        r.register(_RunningCollector(self.running))
         r.register(_PoolCollector(datastore, pool))
         r.register(UpstreamNames(r))
         self._series: dict[tuple[str, str], ModelSeries] = {}
@@ -205,6 +337,12 @@ class Telemetry:
                     self.ttft.labels(model, target),
                     self.input_tokens.labels(model, target),
                     self.output_tokens.labels(model, target),
+                    self.cached_tokens.child(model, target),
+                    self.ntpot.child(model, target),
+                    self.streaming_tpot.child(model, target),
+                    self.itl.child(model, target),
+                    self.request_bytes.child(model, target),
+                    self.response_bytes.child(model, target),
                 ),
             )
         return s
@@ -267,6 +405,48 @@ class FastHistogram(BucketCounts, Collector):
         fam = HistogramMetricFamily(self.name, self.documentation)
         fam.add_metric([], self.cumulative(), self.total)
         yield fam
+
+
+class FastHistogramVec(Collector):
+    """A labelled histogram on `BucketCounts` (one per label set, never removed; the event loop is the
+    only writer), exported as one Prometheus family."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str], buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.buckets = buckets
+        self._children: dict[tuple[str, ...], BucketCounts] = {}
+
+    def child(self, *values: str) -> BucketCounts:
+        c = self._children.get(values)
+        if c is None:
+            c = self._children[values] = BucketCounts(self.buckets)
+        return c
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labels)]
+
+    def collect(self) -> Iterator[Metric]:
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for values, c in list(self._children.items()):
+            fam.add_metric(list(values), c.cumulative(), c.total)
+        yield fam
+
+
+class _RunningCollector(Collector):
+    """`inference_objective_running_requests{model_name}` from the director's per-model count."""
+
+    def __init__(self, running: dict[str, int]) -> None:
+        self.running = running
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "inference_objective_running_requests", "Requests in flight per model.", labels=["model_name"]
+        )
+        for model, n in list(self.running.items()):
+            g.add_metric([model], n)
+        yield g
 
 
 class JsonLogFormatter(logging.Formatter):

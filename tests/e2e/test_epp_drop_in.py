@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import orjson
 import pytest
 import yaml
 from conftest import MODEL, SimProcess
@@ -84,16 +85,23 @@ async def test_upstream_flags_run_the_picker_behind_an_upstream_style_envoy(
         )
         await envoy.start()
         served = set()
+        sent = received = 0
         async with aiohttp.ClientSession() as http:
             for i in range(6):
                 for _ in range(50):  # Envoy's first gRPC health check marks the picker healthy
+                    body = orjson.dumps({"model": MODEL, "prompt": f"hello {i}", "max_tokens": 2})
                     async with http.post(
                         envoy.url + "/v1/completions",
-                        json={"model": MODEL, "prompt": f"hello {i}", "max_tokens": 2},
-                        headers={"x-llm-d-inference-fairness-id": "tenant-a"},
+                        data=body,
+                        headers={
+                            "x-llm-d-inference-fairness-id": "tenant-a",
+                            "content-type": "application/json",
+                        },
                     ) as r:
                         if r.status == 200:
                             served.add(r.headers["x-gateway-destination-endpoint-served"])
+                            sent += len(body)
+                            received += len(await r.read())
                             break
                         assert r.status == 503, await r.text()
                     await asyncio.sleep(0.1)
@@ -112,6 +120,13 @@ async def test_upstream_flags_run_the_picker_behind_an_upstream_style_envoy(
             # one response-processing sample per streamed response message.
             assert "ingate_picker_request_processing_seconds_count 6.0" in text
             assert "ingate_picker_response_processing_seconds_count" in text
+            # request-level series from what the picker saw of each request and response
+            labels = f'{{model_name="{MODEL}",target_model_name="{MODEL}"}}'
+            assert f"llm_d_epp_request_size_bytes_sum{labels} {float(sent)}" in text
+            assert f"llm_d_epp_response_size_bytes_sum{labels} {float(received)}" in text
+            assert f"llm_d_epp_request_ntpot_seconds_count{labels} 6.0" in text
+            assert f"llm_d_epp_request_cached_tokens_count{labels} 6.0" in text  # the sim reports usage
+            assert f'llm_d_epp_request_running{{model_name="{MODEL}"}} 0.0' in text
         # A plaintext client cannot talk to the TLS ext_proc port.
         with socket.create_connection(("127.0.0.1", grpc_port), timeout=2) as raw:
             raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")

@@ -232,6 +232,9 @@ async def test_response_passes_through_first_token_usage_and_single_finish() -> 
     assert len(d.finished) == 1
     o = d.finished[0]
     assert (o.status, o.prompt_tokens, o.completion_tokens, o.error) == (200, 7, 2, None)
+    # response size and the gap between the two chunks (inter-token latency for a streamed answer)
+    assert o.body_bytes == len(sse[0]) + len(sse[1])
+    assert len(o.chunk_gaps) == 1 and 0 <= o.chunk_gaps[0] < 1.0
 
 
 async def test_stream_closed_right_after_the_last_chunk_counts_as_complete() -> None:
@@ -296,6 +299,9 @@ def test_default_response_info_carries_times_tokens_and_cut_off_status() -> None
     done = ResponseOutcome(status=200, started_at=10.0, first_token_at=10.25, ended_at=11.0, prompt_tokens=8)
     info = to_response_info(None, done)
     assert (info.status, info.ttft_s, info.e2e_s, info.prompt_tokens) == (200, 0.25, 1.0, 8)
+    done.body_bytes, done.chunk_gaps = 120, [0.01, 0.02]
+    info = to_response_info(None, done)
+    assert (info.response_bytes, info.chunk_gaps) == (120, [0.01, 0.02])
     cut = ResponseOutcome(status=200, started_at=10.0, ended_at=10.5, error="cancelled")
     assert to_response_info(None, cut).status == 499 and to_response_info(None, cut).ttft_s is None
 

@@ -183,6 +183,7 @@ def test_gateway_metrics_carry_upstream_llm_d_names_beside_the_older_ones() -> N
     s.duration.observe(0.3)
     t.errors.labels("m", "m2", "503").inc()
     t.scheduling.observe(1e-4)
+    t.running["m"] = 1
     reg: CollectorRegistry = t.registry
     for old, new in LLM_D_NAMES.items():
         olds = {

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 
 from ingate.dataplane.envoy_bootstrap import EnvoySettings
 from ingate.dataplane.envoy_process import EnvoyProcess
-from ingate.dataplane.extproc import ExtProcServicer, InfoFactory, to_response_info
+from ingate.dataplane.extproc import ExtProcServicer
+from ingate.dataplane.extproc_outcome import InfoFactory, to_response_info
 from ingate.dataplane.extproc_server import ExtProcServer, first_of
 from ingate.dataplane.extproc_timing import ExtProcTimings
 from ingate.lifecycle import DirectorLike

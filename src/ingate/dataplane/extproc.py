@@ -74,9 +74,10 @@ from ingate.dataplane.extproc_messages import (
     lb_metadata,
     set_header,
 )
+from ingate.dataplane.extproc_outcome import InfoFactory, ResponseOutcome, to_response_info
 from ingate.dataplane.extproc_timing import ExtProcTimings
 from ingate.errors import GatewayError
-from ingate.lifecycle import Decision, DirectorLike, ResponseInfo
+from ingate.lifecycle import Decision, DirectorLike
 from ingate.request import HDR_DESTINATION, HDR_DESTINATION_SERVED
 from ingate.usage import USAGE_TAIL, parse_usage_tail
 
@@ -95,44 +96,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ResponseOutcome:
-    """What the processor saw of one response; turned into the director's `ResponseInfo`."""
-
-    status: int = 0
-    started_at: float = 0.0
-    """time.monotonic() when the request headers arrived."""
-    prompt_tokens: int | None = None
-    cached_tokens: int | None = None
-    completion_tokens: int | None = None
-    first_token_at: float | None = None
-    ended_at: float = 0.0
-    error: str | None = None
-    """Why the stream ended early (client disconnect, reset), None when the response completed."""
-    body_bytes: int = 0
-
-
-InfoFactory = Callable[[Decision, ResponseOutcome], ResponseInfo]
-"""Builds the director's `ResponseInfo` from what the processor observed."""
-
-
-def to_response_info(decision: Decision, o: ResponseOutcome) -> ResponseInfo:
-    """The default `InfoFactory`: `ingate.lifecycle.ResponseInfo` with TTFT and e2e times.
-
-    A stream that ended early (client gone, reset) reports status 499 when the upstream had answered
-    with success, so learning plugins do not count a cut-off response as a complete one.
-    """
-    status = o.status if o.error is None or o.status >= 400 else 499
-    return ResponseInfo(
-        status=status,
-        prompt_tokens=o.prompt_tokens,
-        completion_tokens=o.completion_tokens,
-        cached_tokens=o.cached_tokens,
-        ttft_s=None if o.first_token_at is None else o.first_token_at - o.started_at,
-        e2e_s=(o.ended_at - o.started_at) if o.ended_at else None,
-    )
 
 
 def _destination(decision: Decision, fallbacks: int) -> str:
@@ -195,9 +158,13 @@ class _Exchange:
         if not data:
             return False
         o = self.outcome
+        now = time.monotonic()
         first = o.first_token_at is None and o.status < 400
         if first:
-            o.first_token_at = time.monotonic()
+            o.first_token_at = now
+        elif o.last_chunk_at:
+            o.chunk_gaps.append(now - o.last_chunk_at)
+        o.last_chunk_at = now
         o.body_bytes += len(data)
         tail = self.tail
         # Amortised: append, trim only when twice the window (no per-chunk 16 KB copy).

@@ -11,6 +11,7 @@ uses too), plus a readiness check, a metrics registry and the model list.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -224,11 +225,20 @@ class BuiltinProxy:
             await resp.prepare(request)
             tail = bytearray()  # the response tail, for usage; trimmed in amortised O(chunk)
             first = True
+            info.response_bytes = 0
+            gaps: list[float] = []
+            info.chunk_gaps = gaps
+            last = 0.0
             try:
                 async for chunk in upstream.content.iter_any():
+                    now = time.monotonic()
                     if first:
                         director.on_first_token(d)
                         first = False
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    info.response_bytes += len(chunk)
                     await resp.write(chunk)
                     tail += chunk
                     if len(tail) > 2 * USAGE_TAIL:
