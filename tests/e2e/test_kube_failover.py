@@ -37,8 +37,9 @@ from ingate.sim.process import SimProcess, launch_sim
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 LEASE_S, RENEW_S, RETRY_S = 2.0, 1.5, 0.2
-HEALTH_INTERVAL_S = 0.25
-"""How often Envoy health-checks each picker: it sees the new leader within about one interval."""
+HEALTH_INTERVAL_S = 0.5
+"""How often Envoy health-checks each picker (also the check's timeout): it sees the new leader within
+about one interval. Shorter intervals make checks time out on a loaded 2-core machine."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -189,7 +190,7 @@ async def test_kill_9_the_leader_picker_under_traffic(tmp_path: Path, failure_mo
             )
             await asyncio.sleep(0.02)
         took = time.monotonic() - killed
-        await asyncio.sleep(2.0)  # traffic through the new leader
+        await asyncio.sleep(3.0)  # traffic through the new leader
         stop.set()
         await asyncio.gather(*workers)
         async with aiohttp.ClientSession() as http:
@@ -214,16 +215,16 @@ async def test_kill_9_the_leader_picker_under_traffic(tmp_path: Path, failure_mo
 
     before = [r for r in results if r.ended < killed]
     failed = [r for r in results if r.status != 200]
-    settled = killed + took + 2 * HEALTH_INTERVAL_S + 0.3  # Envoy has health-checked the new leader
+    settled = killed + took + 2 * HEALTH_INTERVAL_S + 0.5  # Envoy has health-checked the new leader
     after = [r for r in results if r.started > settled]
     fail_open = [r for r in results if r.status == 200 and not r.via_picker and r.started >= killed]
     window = (max(r.ended for r in failed) - killed) if failed else 0.0
     print(
         f"\n{failure_mode}: standby SERVING {took:.2f}s after kill -9 (lease {LEASE_S}s, retry {RETRY_S}s); "
         f"{len(results)} requests, {len(failed)} failed (last failure {window:.2f}s after the kill), "
-        f"{len(fail_open)} served without the picker (FailOpen), {len(after)} after failover all OK; "
-        f"the new leader routed {standby_requests:.0f}; failures started at "
-        f"{[round(r.started - killed, 2) for r in failed][:40]}"
+        f"{len(fail_open)} served without the picker (FailOpen), {len(after)} after failover; "
+        f"the new leader routed {standby_requests:.0f}; failures (start, end) after the kill: "
+        f"{[(round(r.started - killed, 2), round(r.ended - killed, 2)) for r in failed][-12:]}"
     )
     assert before and all(r.status == 200 and r.via_picker for r in before), "errors before the kill"
     # the standby waits out the lease from the last renewal it saw (<= the kill), then takes it on its
@@ -234,7 +235,7 @@ async def test_kill_9_the_leader_picker_under_traffic(tmp_path: Path, failure_mo
         for r in after
         if r.status != 200 or not r.via_picker
     ]
-    assert standby_requests >= len(after)
+    assert standby_requests >= len(after)  # the new leader routed them
     # failures only in the failover window, never after Envoy saw the new leader
     assert all(killed - 1.0 <= r.started <= settled for r in failed), [
         round(r.started - killed, 2) for r in failed
@@ -243,5 +244,5 @@ async def test_kill_9_the_leader_picker_under_traffic(tmp_path: Path, failure_mo
         # Envoy fails open once its health check has marked the dead picker down (one interval): only
         # requests that reached the dead picker before that fail (with FULL_DUPLEX_STREAMED bodies a
         # stream whose picker is gone cannot be let through)
-        marked_down = killed + 2 * HEALTH_INTERVAL_S + 0.3
+        marked_down = killed + 2 * HEALTH_INTERVAL_S + 0.5
         assert all(r.started <= marked_down for r in failed), [round(r.started - killed, 2) for r in failed]
