@@ -112,6 +112,8 @@ class ExtProcServer:
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
         addr = f"{self.host}:{self.port}"
         if self.tls is not None:
+            if self.tls.restricted:
+                raise ValueError("--tls-min-version / --tls-cipher-suites need the h2 ext_proc transport")
             creds = grpc.ssl_server_credentials(
                 [(self.tls.key_file.read_bytes(), self.tls.cert_file.read_bytes())]
             )

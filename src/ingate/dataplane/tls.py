@@ -92,6 +92,10 @@ class ServerTLS:
         self.reload = reload and self.cert_path is not None
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls_options.apply(self.context, min_version, cipher_suites)
+        self.restricted = min_version != tls_options.DEFAULT_MIN_VERSION or bool(
+            tls_options.openssl_ciphers(cipher_suites)
+        )
+        """A non-default minimum version or cipher list (only the h2 transport applies them)."""
         self.context.set_alpn_protocols(["h2"])
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._stamp: tuple[float, float] | None = None
