@@ -6,6 +6,7 @@ the flag."""
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,30 @@ async def test_metrics_cert_dir_and_client_ca_require_a_client_certificate(tmp_p
             mtls.load_cert_chain(tmp_path / "client" / CERT_FILE, tmp_path / "client" / KEY_FILE)
             async with http.get(url, ssl=mtls) as r:
                 assert r.status == 200
+        # a rotated pair (a renewed Secret) serves new connections, as upstream's certificate watcher
+        assert services.metrics_tls is not None and services.metrics_tls.reload
+        client = _client()
+        client.load_cert_chain(tmp_path / "client" / CERT_FILE, tmp_path / "client" / KEY_FILE)
+        assert await _peer_cn(services.admin.port, client) == "127.0.0.1"
+        _write_pair(tmp_path / "server", "rotated.example")
+        os.utime(tmp_path / "server" / CERT_FILE, (1e9, 2e9))  # a visibly new mtime on coarse clocks
+        assert services.metrics_tls.check_reload()
+        assert await _peer_cn(services.admin.port, client) == "rotated.example"
     finally:
         await services.stop()
+
+
+async def _peer_cn(port: int, ctx: ssl.SSLContext) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx), 5)
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+    cert = x509.load_der_x509_certificate(der)
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
 
 class _Core:

@@ -12,6 +12,7 @@ from ingate.config import ConfigError, ServingConfig
 from ingate.dataplane.admin import AdminServer
 from ingate.dataplane.base import PickerCore
 from ingate.dataplane.health import HealthServer, HealthState
+from ingate.dataplane.tls import ServerTLS
 
 
 class PickerServices:
@@ -31,6 +32,8 @@ class PickerServices:
         """Set when shutdown begins: health answers NOT_SERVING (but liveness) while requests drain."""
         self.health: HealthServer | None = None
         self.admin: AdminServer | None = None
+        self.metrics_tls: ServerTLS | None = None
+        """HTTPS on the metrics port (`serving.metricsCertDir`), its files watched for changes."""
         if cfg.health_port is not None:
             state = HealthState(
                 synced=synced, leader=leader, leader_election=leader_election, draining=lambda: self.draining
@@ -45,12 +48,11 @@ class PickerServices:
                     raise ConfigError(f"serving.metricsAuthTokenFile: cannot read: {e}") from None
                 if not token:
                     raise ConfigError("serving.metricsAuthTokenFile: the file is empty")
-            ctx = None
             if cfg.metrics_cert_dir:
-                from ingate.dataplane.tls import metrics_context
+                from ingate.dataplane.tls import metrics_tls
 
                 try:
-                    ctx = metrics_context(cfg.metrics_cert_dir, cfg.metrics_client_ca_file)
+                    self.metrics_tls = metrics_tls(cfg.metrics_cert_dir, cfg.metrics_client_ca_file)
                 except ValueError as e:
                     raise ConfigError(f"serving.metricsCertDir: {e}") from None
             self.admin = AdminServer(
@@ -61,18 +63,22 @@ class PickerServices:
                 bearer_token=token,
                 authorize=metrics_auth,
                 capacity=core.capacity,
-                ssl_context=ctx,
+                ssl_context=self.metrics_tls.context if self.metrics_tls is not None else None,
             )
 
     async def start(self) -> None:
         if self.health is not None:
             await self.health.start()
         if self.admin is not None:
+            if self.metrics_tls is not None:
+                self.metrics_tls.start()
             await self.admin.start()
 
     async def stop(self) -> None:
         if self.admin is not None:
             await self.admin.stop()
+        if self.metrics_tls is not None:
+            await self.metrics_tls.stop()
         if self.health is not None:
             await self.health.stop()
 

@@ -87,6 +87,7 @@ class ServerTLS:
         hosts: list[str] | None = None,
         min_version: str = tls_options.DEFAULT_MIN_VERSION,
         cipher_suites: Sequence[str] = (),
+        alpn: Sequence[str] = ("h2",),
     ) -> None:
         self.cert_path = Path(cert_path) if cert_path else None
         self.reload = reload and self.cert_path is not None
@@ -96,7 +97,8 @@ class ServerTLS:
             tls_options.openssl_ciphers(cipher_suites)
         )
         """A non-default minimum version or cipher list (only the h2 transport applies them)."""
-        self.context.set_alpn_protocols(["h2"])
+        if alpn:
+            self.context.set_alpn_protocols(list(alpn))
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._stamp: tuple[float, float] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -169,21 +171,20 @@ class ServerTLS:
             self._tmp = None
 
 
-def metrics_context(cert_dir: str, client_ca_file: str | None = None) -> ssl.SSLContext:
-    """The metrics port's TLS (`--metrics-cert-dir` DIR with tls.crt/tls.key, TLS 1.2 or later as
-    upstream); with `--metrics-client-ca-file` a client must present a certificate that CA signed.
-    Read once at start. ValueError naming the file that cannot be used."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+def metrics_tls(cert_dir: str, client_ca_file: str | None = None) -> ServerTLS:
+    """The metrics port's TLS (`--metrics-cert-dir` DIR with tls.crt/tls.key, TLS 1.2 or later, as
+    upstream; the pair is re-read when it changes, as upstream's certificate watcher does); with
+    `--metrics-client-ca-file` a client must present a certificate that CA signed (read at start).
+    ValueError naming the file that cannot be used."""
     d = Path(cert_dir)
     try:
-        ctx.load_cert_chain(d / CERT_FILE, d / KEY_FILE)
+        tls = ServerTLS(cert_dir, reload=True, alpn=())
     except (OSError, ssl.SSLError) as e:
         raise ValueError(f"metrics TLS: cannot load {d / CERT_FILE} / {d / KEY_FILE}: {e}") from None
     if client_ca_file:
         try:
-            ctx.load_verify_locations(cafile=client_ca_file)
+            tls.context.load_verify_locations(cafile=client_ca_file)
         except (OSError, ssl.SSLError) as e:
             raise ValueError(f"metrics TLS: no usable CA certificate in {client_ca_file}: {e}") from None
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+        tls.context.verify_mode = ssl.CERT_REQUIRED
+    return tls
