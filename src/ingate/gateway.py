@@ -71,7 +71,9 @@ class Gateway:
         # for the bands the objectives use.
         self._bands = sorted({o.priority for o in cfg.objectives} | {0})
         self._slots = SlotTracker()
-        self.telemetry.registry.register(CapacityCollector(self.datastore, fc_ctl, priorities=self._bands))
+        self.telemetry.registry.register(
+            CapacityCollector(self.datastore, fc_ctl, priorities=self._bands, pool=cfg.pool.name)
+        )
 
     @property
     def registry(self) -> CollectorRegistry:

@@ -86,9 +86,11 @@ async def test_served_over_http_and_as_metrics() -> None:
         await runner.cleanup()
     assert doc["free_capacity"] == {"0": 6, "-1": 6, "-5": 6} and doc["saturated"] is False
     reg = CollectorRegistry()
-    reg.register(CapacityCollector(ds, fc, priorities=[-1]))
+    reg.register(CapacityCollector(ds, fc, priorities=[-1], pool="p"))
     assert reg.get_sample_value("ingate_pool_free_capacity", {"priority": "-1"}) == 6
     assert reg.get_sample_value("ingate_pool_saturation") == pytest.approx(0.4)
+    sat = reg.get_sample_value("inference_extension_flow_control_pool_saturation", {"inference_pool": "p"})
+    assert sat == pytest.approx(0.4)  # upstream's name for the same signal
     assert reg.get_sample_value("ingate_pool_saturated") == 0
     assert reg.get_sample_value("ingate_pool_realtime_queued") == 0
     assert reg.get_sample_value("ingate_pool_free_slots") == 0  # requests wait on both endpoints

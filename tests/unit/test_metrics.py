@@ -184,6 +184,9 @@ def test_gateway_metrics_carry_upstream_llm_d_names_beside_the_older_ones() -> N
     t.errors.labels("m", "m2", "503").inc()
     t.scheduling.observe(1e-4)
     t.running["m"] = 1
+    from ingate.flowcontrol.capacity import CapacityCollector
+
+    t.registry.register(CapacityCollector(Datastore([]), None, pool="pool"))
     reg: CollectorRegistry = t.registry
     for old, new in LLM_D_NAMES.items():
         olds = {

@@ -169,11 +169,18 @@ def capacity_handler(
 class CapacityCollector(Collector):
     """The capacity document as Prometheus gauges, computed at scrape time:
     ``ingate_pool_saturation``, ``ingate_pool_saturated``, ``ingate_pool_free_capacity{priority}``,
-    ``ingate_pool_free_slots``, ``ingate_pool_realtime_queued``."""
+    ``ingate_pool_free_slots``, ``ingate_pool_realtime_queued``; and the saturation under upstream's
+    name, ``inference_extension_flow_control_pool_saturation{inference_pool}``."""
 
     def __init__(
-        self, datastore: Datastore, controller: FlowController | None, *, priorities: Iterable[int] = ()
+        self,
+        datastore: Datastore,
+        controller: FlowController | None,
+        *,
+        priorities: Iterable[int] = (),
+        pool: str = "",
     ) -> None:
+        self.pool = pool
         self.datastore = datastore
         self.controller = controller
         self.priorities = tuple(priorities)
@@ -186,6 +193,13 @@ class CapacityCollector(Collector):
             "Mean per-endpoint saturation, each capped at 1",
             value=doc["pool_saturation"],
         )
+        sat = GaugeMetricFamily(
+            "inference_extension_flow_control_pool_saturation",
+            "Saturation of the pool (0 = idle, 1 = saturated): mean per-endpoint saturation, each capped at 1",
+            labels=["inference_pool"],
+        )
+        sat.add_metric([self.pool], doc["pool_saturation"])
+        yield sat
         yield GaugeMetricFamily(
             "ingate_pool_saturated",
             "1 when no endpoint is below saturation 1.0",
