@@ -11,6 +11,7 @@ An unknown flag is an error naming it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from ingate import tls_options
 from ingate.metric_spec import parse_metric_spec
 
 FlagKind = Literal["bool", "int", "str", "duration"]
+log = logging.getLogger("ingate.flags")
+MIN_REFRESH_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -221,8 +224,22 @@ class EppOptions:
                 raise FlagError(f"--{key}: only the default {want!r} is supported")
         if self.get("zap-encoder") not in ("json", "console"):
             raise FlagError("--zap-encoder: json or console")
-        if self.get("refresh-metrics-interval") < 0.05:
-            raise FlagError("--refresh-metrics-interval: at least 50ms")
+        if self.get("refresh-metrics-interval") < MIN_REFRESH_S:
+            # upstream clamps with a warning rather than refusing to start
+            log.warning(
+                "--refresh-metrics-interval %.3fs is below the minimum: using 50ms",
+                self.get("refresh-metrics-interval"),
+            )
+            self.flags["refresh-metrics-interval"] = MIN_REFRESH_S
+        if self.get("config-file") and self.get("config-text"):
+            raise FlagError("--config-file and --config-text cannot both be set (as upstream)")
+        for key in ("metrics-staleness-threshold", "refresh-prometheus-metrics-interval"):
+            if self.get(key) <= 0:
+                raise FlagError(f"--{key}: must be positive")
+        if self.flags.get("plugin-state-staleness-threshold", 1.0) <= 0:  # default: the plugins' own
+            raise FlagError("--plugin-state-staleness-threshold: must be positive")
+        if int(self.get("fairness-id-metric-label-limit")) < 0:
+            raise FlagError("--fairness-id-metric-label-limit: must be non-negative")
         ports = self.target_ports()
         if self.get("endpoint-selector") and not 1 <= len(ports) <= 8:
             raise FlagError("--endpoint-target-ports: 1 to 8 ports")

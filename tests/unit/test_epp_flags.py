@@ -73,8 +73,17 @@ def test_options_validate_like_upstream() -> None:
         EppOptions.from_args(["--endpoint-selector", "app=x"])
     with pytest.raises(FlagError, match="only the default"):
         EppOptions.from_args(["--destination-endpoint-hint-key", "x-other"])
-    with pytest.raises(FlagError, match="at least 50ms"):
-        EppOptions.from_args(["--refresh-metrics-interval", "10ms"])
+    # below upstream's 50 ms minimum: clamped (upstream logs a warning and carries on)
+    assert (
+        EppOptions.from_args(["--refresh-metrics-interval", "10ms"]).get("refresh-metrics-interval") == 0.05
+    )
+    with pytest.raises(FlagError, match="cannot both be set"):
+        EppOptions.from_args(["--config-file", "a.yaml", "--config-text", "{}"])
+    for flag in ("--metrics-staleness-threshold=0s", "--plugin-state-staleness-threshold=0s"):
+        with pytest.raises(FlagError, match="must be positive"):
+            EppOptions.from_args([flag])
+    with pytest.raises(FlagError, match="non-negative"):
+        EppOptions.from_args(["--fairness-id-metric-label-limit=-1"])
     opts = EppOptions.from_args(["--pool-name", "p", "--tracing=false", "--enable-pprof", "--v=1"])
     assert opts.kubernetes and opts.noops() == ["enable-pprof", "tracing"] and opts.log_level == "debug"
     assert looks_like_epp_args(["-poolName", "p"]) and not looks_like_epp_args(["serve"])
