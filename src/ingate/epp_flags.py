@@ -89,6 +89,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("fairness-id-metric-label-limit", "int", 1000, "noop"),
     Flag("plugin-state-staleness-threshold", "duration", 0.0, "noop"),
     Flag("feature-gates", "str", "", "noop"),
+    # the rest of controller-runtime's zap flags (upstream binds them all)
+    Flag("zap-devel", "bool", True, "noop"),
+    Flag("zap-stacktrace-level", "str", "", "noop"),
+    Flag("zap-time-encoding", "str", "", "noop"),
     Flag("destination-endpoint-hint-key", "str", "x-gateway-destination-endpoint"),
     Flag("destination-endpoint-hint-metadata-namespace", "str", "envoy.lb"),
 )
@@ -224,6 +228,18 @@ class EppOptions:
                 raise FlagError(f"--{key}: only the default {want!r} is supported")
         if self.get("zap-encoder") not in ("json", "console"):
             raise FlagError("--zap-encoder: json or console")
+        if self.get("zap-stacktrace-level") not in ("", "info", "error", "panic"):
+            raise FlagError("--zap-stacktrace-level: info, error or panic")
+        if self.get("zap-time-encoding") not in (
+            "",
+            "epoch",
+            "millis",
+            "nano",
+            "iso8601",
+            "rfc3339",
+            "rfc3339nano",
+        ):
+            raise FlagError("--zap-time-encoding: epoch, millis, nano, iso8601, rfc3339 or rfc3339nano")
         if self.get("refresh-metrics-interval") < MIN_REFRESH_S:
             # upstream clamps with a warning rather than refusing to start
             log.warning(

@@ -84,6 +84,12 @@ def test_options_validate_like_upstream() -> None:
             EppOptions.from_args([flag])
     with pytest.raises(FlagError, match="non-negative"):
         EppOptions.from_args(["--fairness-id-metric-label-limit=-1"])
+    with pytest.raises(FlagError, match="--zap-time-encoding"):
+        EppOptions.from_args(["--zap-time-encoding=weekday"])
+    zap = EppOptions.from_args(
+        ["--zap-devel=false", "--zap-stacktrace-level=error", "--zap-time-encoding=iso8601"]
+    )
+    assert zap.noops() == ["zap-devel", "zap-stacktrace-level", "zap-time-encoding"]
     opts = EppOptions.from_args(["--pool-name", "p", "--tracing=false", "--enable-pprof", "--v=1"])
     assert opts.kubernetes and opts.noops() == ["enable-pprof", "tracing"] and opts.log_level == "debug"
     assert looks_like_epp_args(["-poolName", "p"]) and not looks_like_epp_args(["serve"])
