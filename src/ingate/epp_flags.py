@@ -25,6 +25,7 @@ from ingate.metric_spec import parse_metric_spec
 FlagKind = Literal["bool", "int", "str", "duration"]
 log = logging.getLogger("ingate.flags")
 MIN_REFRESH_S = 0.05
+ZAP_TIME_ENCODINGS = ("epoch", "millis", "nano", "iso8601", "rfc3339", "rfc3339nano")
 
 
 @dataclass(frozen=True)
@@ -230,16 +231,8 @@ class EppOptions:
             raise FlagError("--zap-encoder: json or console")
         if self.get("zap-stacktrace-level") not in ("", "info", "error", "panic"):
             raise FlagError("--zap-stacktrace-level: info, error or panic")
-        if self.get("zap-time-encoding") not in (
-            "",
-            "epoch",
-            "millis",
-            "nano",
-            "iso8601",
-            "rfc3339",
-            "rfc3339nano",
-        ):
-            raise FlagError("--zap-time-encoding: epoch, millis, nano, iso8601, rfc3339 or rfc3339nano")
+        if self.get("zap-time-encoding") not in ("", *ZAP_TIME_ENCODINGS):
+            raise FlagError(f"--zap-time-encoding: one of {', '.join(ZAP_TIME_ENCODINGS)}")
         if self.get("refresh-metrics-interval") < MIN_REFRESH_S:
             # upstream clamps with a warning rather than refusing to start
             log.warning(
