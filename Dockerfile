@@ -1,16 +1,18 @@
 # ingate image: the endpoint picker for Kubernetes (docs/kubernetes.md) and every other `ingate`
-# command. Build: docker build -t ingate:0.1.0 .
+# command. Build: docker build -t ingate:0.1.0 .   (or: make image; buildah works too)
 # Stage 1 builds wheels for ingate and all its dependencies; stage 2 installs them into a slim
 # Python without compilers, pip caches or the source tree, and runs as a non-root user.
 ARG PYTHON_VERSION=3.11
+# Air-gapped clusters: point this at a mirror of the same image (--build-arg BASE_IMAGE=...).
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
-FROM python:${PYTHON_VERSION}-slim AS builder
+FROM ${BASE_IMAGE} AS builder
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
 
-FROM python:${PYTHON_VERSION}-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1

