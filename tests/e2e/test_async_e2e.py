@@ -31,7 +31,7 @@ from test_flowcontrol_serve import serve
 
 from ingate.asyncproc.backends import open_backend
 from ingate.asyncproc.models import INVALID_REQUEST
-from ingate.asyncproc.redislocal import local_redis, redis_binary
+from ingate.asyncproc.redislocal import local_redis, local_redis_cluster, redis_binary
 from ingate.bench.systems import free_port
 from ingate.procs import ChildProcess, spawn
 
@@ -46,10 +46,10 @@ MALFORMED = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "redis", "llmd-sortedset"])
+@pytest.fixture(params=["sqlite", "redis", "llmd-sortedset", "redis-cluster"])
 def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The embedded SQLite queue, or Redis Streams / llm-d-async's sorted-set layout on a real
-    redis-server started here."""
+    redis-server started here, or Redis Streams on a real three-primary Redis Cluster."""
     if request.param == "sqlite":
         yield str(tmp_path / "queue.db")
         return
@@ -59,6 +59,10 @@ def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         pytest.skip(
             "redis-server is not installed (apt-get install -y redis-server; `make test` does it as root)"
         )
+    if request.param == "redis-cluster":
+        with local_redis_cluster(tmp_path / "redis-cluster") as url:
+            yield url + "&stream=batch&group=processors"
+        return
     with local_redis(tmp_path / "redis") as url:
         if request.param == "llmd-sortedset":
             yield url.replace("redis://", "redis-sortedset://")  # upstream's default key names

@@ -12,7 +12,7 @@ import pytest
 
 from ingate.asyncproc.backends import open_backend
 from ingate.asyncproc.backends.base import QueueBackend
-from ingate.asyncproc.redislocal import local_redis, redis_binary
+from ingate.asyncproc.redislocal import local_redis, local_redis_cluster, redis_binary
 
 
 def need_redis() -> None:
@@ -32,20 +32,42 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "redis", "llmd-sortedset"])
-def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh queue of each backend: a new SQLite file, a new stream or a new llm-d-async sorted-set
-    layout on the module's Redis."""
+@pytest.fixture(scope="module")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real three-primary Redis Cluster (``...?cluster=1``)."""
+    need_redis()
+    with local_redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as url:
+        yield url
+
+
+def fresh_queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh queue of the backend ``request.param`` names: a new SQLite file, a new stream or a new
+    llm-d-async sorted-set layout on the module's Redis, or on the module's Redis Cluster."""
     if request.param == "sqlite":
         return str(tmp_path / "q.db")
-    url: str = request.getfixturevalue("redis_url")
     name = f"t-{uuid.uuid4().hex[:8]}"
+    if request.param == "redis-cluster":
+        return request.getfixturevalue("redis_cluster_url") + f"&stream={name}&group={name}"
+    if request.param == "llmd-sortedset-cluster":
+        url = request.getfixturevalue("redis_cluster_url").replace("redis://", "redis-sortedset://")
+        return url + f"&queue={{{name}}}q&results={{{name}}}results&retry={{{name}}}retry"
+    url: str = request.getfixturevalue("redis_url")
     if request.param == "llmd-sortedset":
         return (
             url.replace("redis://", "redis-sortedset://")
             + f"?queue={name}&results={name}-results&retry={name}-retry"
         )
     return f"{url}?stream={name}&group={name}"
+
+
+BACKENDS = ["sqlite", "redis", "llmd-sortedset"]
+CLUSTER_BACKENDS = ["redis-cluster", "llmd-sortedset-cluster"]
+
+
+@pytest.fixture(params=BACKENDS)
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh queue of each backend (see :func:`fresh_queue_url`)."""
+    return fresh_queue_url(request, tmp_path)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Queue backends (SQLite file, real Redis Streams): leases, redelivery, one outcome per id, delayed
+"""Queue backends (SQLite file, real Redis Streams and sorted sets, on one server and on a Redis
+Cluster): leases, redelivery, one outcome per id, delayed
 retries, dead letters, several consumers on one queue. Every test runs against each backend."""
 
 from __future__ import annotations
@@ -10,18 +11,25 @@ from pathlib import Path
 
 import async_backends
 import orjson
+import pytest
 
 from ingate.asyncproc.backends.base import QueueBackend
 from ingate.asyncproc.backends.sqlite import SqliteBackend
 from ingate.asyncproc.models import AsyncResult
 
 Open = Callable[[], QueueBackend]
-# The shared fixtures (every test here runs on SQLite and on a real redis-server).
-redis_url, queue_url, open_queue = (
+# The shared fixtures: every test here runs on SQLite, on a real redis-server and on a real
+# three-primary Redis Cluster.
+redis_url, redis_cluster_url, open_queue = (
     async_backends.redis_url,
-    async_backends.queue_url,
+    async_backends.redis_cluster_url,
     async_backends.open_queue,
 )
+
+
+@pytest.fixture(params=async_backends.BACKENDS + async_backends.CLUSTER_BACKENDS)
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return async_backends.fresh_queue_url(request, tmp_path)
 
 
 def msg(i: str, deadline: float = 4_102_444_800.0) -> bytes:
@@ -183,3 +191,42 @@ async def test_llmd_sortedset_reads_upstream_members_and_writes_upstream_results
     finally:
         await q.close()
         await r.aclose()
+
+
+async def test_cluster_keeps_every_key_of_a_queue_in_one_slot(redis_cluster_url: str) -> None:
+    import redis.asyncio as aioredis
+    from redis.crc import key_slot
+
+    from ingate.asyncproc.backends import open_backend
+
+    q = open_backend(redis_cluster_url + "&stream=jobs&group=g")
+    try:
+        await q.submit([msg("a"), msg("b"), b"{not json"])
+        (d, *_) = await q.claim(1, lease_s=30)
+        await q.complete(d.key, AsyncResult("a", 200, {}))
+        (d2, *_) = await q.claim(1, lease_s=30)
+        await q.retry(d2.key, 60, count_attempt=True, error="x")
+        await q.cancel("b")
+    finally:
+        await q.close()
+    # Every key the queue wrote, found on whichever primary holds it.
+    keys: list[bytes] = []
+    nodes = aioredis.RedisCluster.from_url(redis_cluster_url.split("?")[0])
+    try:
+        await nodes.initialize()
+        assert len(nodes.get_primaries()) == 3
+        for node in nodes.get_primaries():
+            keys += await nodes.keys("*jobs*", target_nodes=node)
+    finally:
+        await nodes.aclose()
+    assert len(keys) >= 5 and all(k.startswith(b"{jobs}") for k in keys), keys
+    assert {key_slot(k) for k in keys} == {key_slot(b"{jobs}")}
+
+
+def test_cluster_queue_urls_are_checked() -> None:
+    from ingate.asyncproc.backends import open_backend
+
+    with pytest.raises(ValueError, match=r"share a hash slot.*queue='request-sortedset'"):
+        open_backend("redis-sortedset://127.0.0.1:1/0?cluster=1")  # llm-d-async's untagged names
+    with pytest.raises(ValueError, match="cluster='maybe'"):
+        open_backend("redis://127.0.0.1:1/0?cluster=maybe")

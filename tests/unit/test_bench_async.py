@@ -32,3 +32,34 @@ def test_summary_and_idle_capacity_share() -> None:
     assert scen["ingate"]["rt_p99_vs_alone"] == pytest.approx(1.05)
     rows = table({"scenarios": scen})
     assert rows[1][0] == "ingate" and rows[1][3] == "1.05x" and rows[1][-1] == "80%"
+
+
+def test_repeated_runs_pool_ttfts_and_spread_ratios() -> None:
+    from ingate.bench.asyncruns import aggregate, run_seed
+    from ingate.bench.asyncruns import table as runs_table
+
+    def run(alone: list[float], gate: list[float], used: float) -> dict[str, object]:
+        def s(ttfts: list[float], idle: float) -> dict[str, object]:
+            return {
+                "rt_ttfts_s": ttfts, "rt_ttft_p50_s": None, "rt_ttft_p99_s": max(ttfts),
+                "rt_p99_vs_alone": None, "busy_fraction": 0.5, "async_per_s": 2.0,
+                "idle_capacity_used": idle, "rt_ok": len(ttfts), "rt_requests": len(ttfts),
+                "async_completed": 10,
+            }  # fmt: skip
+
+        return {"scenarios": {"realtime-alone": s(alone, 0.0), "ingate": s(gate, used)}}
+
+    # 100 TTFTs per run; run 2's tail is slower, so the pooled p99 (index round(0.99 x 199) = 197 of 200) sits in it.
+    runs = [
+        run([0.01 * i for i in range(100)], [0.011 * i for i in range(100)], 0.8),
+        run([0.02 * i for i in range(100)], [0.02 * i for i in range(100)], 0.6),
+    ]
+    summ = aggregate(runs)
+    g = summ["ingate"]
+    assert g["rt_pooled_n"] == 200 and g["async_completed"] == 20
+    assert g["idle_capacity_used"] == pytest.approx({"mean": 0.7, "min": 0.6, "max": 0.8})
+    assert summ["realtime-alone"]["rt_pooled_p99_s"] == pytest.approx(1.94)
+    assert g["rt_pooled_p99_vs_alone"] == pytest.approx(1.0)
+    row = runs_table(summ)[1]
+    assert row[0] == "ingate" and row[3] == "1.00x" and row[-1] == "70% (60-80%)"
+    assert [run_seed(7, 10_000, k) for k in range(3)] == [10_007, 10_107, 10_207]

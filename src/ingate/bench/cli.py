@@ -199,24 +199,40 @@ def tokenizer_cmd(out_dir: str) -> None:
 @click.option(
     "--preemption", is_flag=True, help="Replicas preempt lower-priority work; the gateway sends priorities."
 )
-def async_cmd(out_dir: str, gates: str, **kw: Any) -> None:
+@click.option(
+    "--runs", default=1, show_default=True, type=click.IntRange(1, 20),
+    help="Repeat every scenario on independent seeds (run k shifts seeds by 100 k); pooled summary.",
+)  # fmt: skip
+@click.option(
+    "--eval", "eval_seeds", is_flag=True,
+    help="Evaluation seeds (docs/benchmarks.md): the numbers docs may quote.",
+)  # fmt: skip
+def async_cmd(out_dir: str, gates: str, eval_seeds: bool, **kw: Any) -> None:
     """Real-time p99 TTFT alone vs with an async backlog; idle capacity used; llm-d-async's gates."""
     from ingate.bench.asyncbench import GATES, HEADER, Params, run_bench, table
+    from ingate.bench.asyncruns import HEADER as RUNS_HEADER
+    from ingate.bench.asyncruns import table as runs_table
 
     chosen = tuple(g for g in gates.split(",") if g)
     bad = [g for g in chosen if g not in GATES]
     if bad:
         raise click.BadParameter(f"unknown gates {bad}; known: {', '.join(GATES)}", param_hint="--gates")
     console = Console()
-    results = run_bench(Params(gates=chosen, **kw), Path(out_dir), log=console.print)
+    seed_set = "eval" if eval_seeds else "tuning"
+    results = run_bench(Params(gates=chosen, seed_set=seed_set, **kw), Path(out_dir), log=console.print)
     from rich.table import Table
 
-    t = Table(*HEADER, title=f"ingate bench async ({results['started']})")
-    rows = table(results)
+    if len(results["runs"]) > 1:
+        header, rows = RUNS_HEADER, runs_table(results["summary"])
+        title = f"ingate bench async ({results['started']}, {len(results['runs'])} runs, {seed_set} seeds)"
+    else:
+        header, rows = HEADER, table(results)
+        title = f"ingate bench async ({results['started']}, {seed_set} seeds)"
+    t = Table(*header, title=title)
     for row in rows:
         t.add_row(*row)
     console.print(t)
-    md = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     (Path(out_dir) / "results.md").write_text("\n".join(md) + "\n")
     console.print(f"wrote {out_dir}/results.json, results.md, async.png")

@@ -6,6 +6,11 @@
 - ``redis://HOST:PORT/DB?stream=NAME&group=NAME``: Redis Streams with a consumer group;
 - ``redis-sortedset://HOST:PORT/DB?queue=request-sortedset&results=result-list&retry=retry-sortedset``:
   llm-d-async's sorted-set layout (drop-in next to its producers and result consumers).
+
+Both Redis forms take ``cluster=1`` for a Redis Cluster (the URL names any one node; DB must be 0).
+The stream backend puts its keys under the hash tag ``{NAME}``; the sorted-set layout keeps the key
+names llm-d-async uses, so on a cluster they must carry one hash tag themselves
+(``queue={q}request-sortedset&results={q}result-list&retry={q}retry-sortedset``), checked at start.
 """
 
 from __future__ import annotations
@@ -13,6 +18,13 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 from ingate.asyncproc.backends.base import QueueBackend
+
+
+def _flag(q: dict[str, str], name: str) -> bool:
+    v = q.get(name, "0").lower()
+    if v not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"queue URL option {name}={v!r}: use 1 or 0")
+    return v in ("1", "true", "yes")
 
 
 def open_backend(url: str) -> QueueBackend:
@@ -28,6 +40,7 @@ def open_backend(url: str) -> QueueBackend:
             queue=q.get("queue", "request-sortedset"),
             results=q.get("results", "result-list"),
             retry=q.get("retry", "retry-sortedset"),
+            cluster=_flag(q, "cluster"),
         )
     if url.startswith(("redis://", "rediss://", "unix://")):
         from ingate.asyncproc.backends.redis_streams import RedisStreamsBackend
@@ -39,6 +52,7 @@ def open_backend(url: str) -> QueueBackend:
             base,
             stream=q.get("stream", "ingate-async"),
             group=q.get("group", "ingate-async"),
+            cluster=_flag(q, "cluster"),
         )
     from ingate.asyncproc.backends.sqlite import SqliteBackend
 

@@ -30,9 +30,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from ingate.asyncproc.backends.base import Delivery
-from ingate.asyncproc.backends.redisconn import RedisResults, reconnect
+from ingate.asyncproc.backends.redisconn import RedisResults, check_one_slot, reconnect
 from ingate.asyncproc.models import AsyncResult
 
 ATTEMPTS_LABEL = "ingate-attempts"
@@ -140,8 +141,14 @@ class LlmdSortedSetBackend(RedisResults):
         results: str = "result-list",
         retry: str = "retry-sortedset",
         clock: Callable[[], float] = time.time,
+        cluster: bool = False,
     ) -> None:
-        self.r: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True, **reconnect())
+        if cluster:
+            # llm-d-async names these keys itself; on a cluster the operator tags them (check_one_slot).
+            check_one_slot({"queue": queue, "results": results, "retry": retry})
+            self.r: Any = RedisCluster.from_url(url, decode_responses=True, **reconnect())
+        else:
+            self.r = aioredis.Redis.from_url(url, decode_responses=True, **reconnect())
         self.queue, self.result_list, self.retry_set = queue, results, retry
         self.k_processing, self.k_dead = f"{queue}:processing", f"{queue}:dead-letters"
         self.k_aband, self.k_index = f"{queue}:abandoned", f"{queue}:index"

@@ -9,6 +9,8 @@ Keys (``S`` = the stream name, default ``ingate-async``):
 - ``S:index``: hash id -> stream entry id (or ``delayed``) of queued messages, for status queries;
 - ``S:abandoned``: hash entry id -> deliveries reclaimed from dead consumers.
 
+On a Redis Cluster (``?cluster=1``) ``S`` is ``{NAME}``: the hash tag keeps every key on one slot.
+
 A claimed entry sits in the group's pending list; one whose consumer stopped renewing it for the lease
 is taken over with XAUTOCLAIM (that delivery counts as a failed attempt). Completion, retry and
 dead-lettering are Lua scripts, so each is atomic: the result is written (only if the id has no outcome)
@@ -24,11 +26,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from ingate.asyncproc.backends.base import Delivery
-from ingate.asyncproc.backends.redisconn import RedisResults, reconnect
+from ingate.asyncproc.backends.redisconn import RedisResults, connect, hash_tagged
 from ingate.asyncproc.models import AsyncResult
 
 # KEYS: stream, results, results_log, dead, abandoned, index; ARGV: entry id, request id, result JSON, group
@@ -118,14 +119,16 @@ class RedisStreamsBackend(RedisResults):
         group: str = "ingate-async",
         consumer: str | None = None,
         clock: Callable[[], float] = time.time,
+        cluster: bool = False,
     ) -> None:
         self.url = url
-        self.stream = stream
+        # On a cluster every key of the queue carries the stream's hash tag: one slot for its scripts.
+        self.stream = hash_tagged(stream) if cluster else stream
         self.group = group
         self.consumer = consumer or f"ingate-{uuid.uuid4().hex[:12]}"
         self.clock = clock
-        self.r: aioredis.Redis = aioredis.Redis.from_url(url, **reconnect())
-        k = stream
+        self.r: Any = connect(url, cluster=cluster)
+        k = self.stream
         self.k_delayed, self.k_results, self.k_log = f"{k}:delayed", f"{k}:results", f"{k}:results:log"
         self.k_dead, self.k_cancel, self.k_index = f"{k}:dead", f"{k}:cancelled", f"{k}:index"
         self.k_aband = f"{k}:abandoned"

@@ -1,5 +1,9 @@
-"""What the Redis backends share: client settings, and reading results and dead letters (both keep
-them in hashes keyed by request id).
+"""What the Redis backends share: client settings (a single server or a Redis Cluster), and reading
+results and dead letters (both keep them in hashes keyed by request id).
+
+Redis Cluster: every key one queue touches in a script or transaction must hash to one slot, so the
+backends keep all of a queue's keys under one hash tag (``{name}``): the cluster places the whole queue
+on one primary (a queue is as fast as one primary; several queues spread over the cluster).
 
 A dropped connection (a Redis restart or failover, a proxy timing out an idle connection, a command
 cancelled mid-reply that leaves its connection unusable) is retried on a fresh connection a few times
@@ -14,8 +18,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError, TimeoutError
 
 from ingate.asyncproc.backends.base import DeadLetter
@@ -33,10 +39,39 @@ def reconnect() -> dict[str, Any]:
     }
 
 
+def connect(url: str, *, cluster: bool = False) -> Any:
+    """A client for ``url``: :class:`redis.asyncio.Redis`, or with ``cluster`` a
+    :class:`~redis.asyncio.cluster.RedisCluster` that discovers the nodes from the one ``url`` names
+    (both answer the commands and scripts the backends use)."""
+    if cluster:
+        return RedisCluster.from_url(url, **reconnect())
+    return aioredis.Redis.from_url(url, **reconnect())
+
+
+def hash_tagged(name: str) -> str:
+    """``name`` with a hash tag around it (``{name}``), unless it carries one already, so that the keys
+    derived from it (``{name}:results``, ...) share a cluster slot."""
+    start = name.find("{")
+    if start >= 0 and name.find("}", start + 2) > start:
+        return name
+    return "{" + name + "}"
+
+
+def check_one_slot(keys: dict[str, str]) -> None:
+    """Raise ValueError unless every key (option name -> key) hashes to one Redis Cluster slot."""
+    slots = {opt: key_slot(k.encode()) for opt, k in keys.items()}
+    if len(set(slots.values())) > 1:
+        listed = ", ".join(f"{opt}={keys[opt]!r} (slot {slot})" for opt, slot in slots.items())
+        raise ValueError(
+            f"on a Redis Cluster every key of one queue must share a hash slot; got {listed}: give them "
+            "one hash tag, e.g. queue={q}request-sortedset&results={q}result-list&retry={q}retry-sortedset"
+        )
+
+
 class RedisResults:
     """Results and dead letters of a Redis backend: `k_results` and `k_dead` hashes, id -> JSON."""
 
-    r: aioredis.Redis
+    r: Any  # redis.asyncio.Redis or RedisCluster (see connect)
     k_results: str
     k_dead: str
 
