@@ -31,6 +31,7 @@ from test_flowcontrol_serve import serve
 
 from ingate.asyncproc.backends import open_backend
 from ingate.asyncproc.models import INVALID_REQUEST
+from ingate.asyncproc.pubsublocal import emulator_binary, local_pubsub
 from ingate.asyncproc.redislocal import local_redis, local_redis_cluster, redis_binary
 from ingate.bench.systems import free_port
 from ingate.procs import ChildProcess, spawn
@@ -46,12 +47,23 @@ MALFORMED = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "redis", "llmd-sortedset", "redis-cluster"])
-def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(params=["sqlite", "redis", "llmd-sortedset", "redis-cluster", "pubsub"])
+def queue_url(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
     """The embedded SQLite queue, or Redis Streams / llm-d-async's sorted-set layout on a real
-    redis-server started here, or Redis Streams on a real three-primary Redis Cluster."""
+    redis-server started here, or Redis Streams on a real three-primary Redis Cluster, or Google
+    Cloud Pub/Sub on the real emulator (SQLite ledger; skipped where the emulator is not installed)."""
     if request.param == "sqlite":
         yield str(tmp_path / "queue.db")
+        return
+    if request.param == "pubsub":
+        if emulator_binary() is None:
+            pytest.skip("the Pub/Sub emulator (Cloud SDK pubsub-emulator) or Java is not installed here")
+        with local_pubsub(tmp_path / "pubsub") as host:
+            monkeypatch.setenv("PUBSUB_EMULATOR_HOST", host)  # the processors inherit it
+            ledger = tmp_path / "ledger.db"
+            yield f"pubsub://e2e/batch-sub?topic=batch&results=batch-results&create=1&ledger={ledger}"
         return
     if redis_binary() is None:
         if os.environ.get("CI"):

@@ -49,8 +49,8 @@ def fresh_queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "redis-cluster":
         return request.getfixturevalue("redis_cluster_url") + f"&stream={name}&group={name}"
     if request.param == "llmd-sortedset-cluster":
-        url = request.getfixturevalue("redis_cluster_url").replace("redis://", "redis-sortedset://")
-        return url + f"&queue={{{name}}}q&results={{{name}}}results&retry={{{name}}}retry"
+        cluster = request.getfixturevalue("redis_cluster_url").replace("redis://", "redis-sortedset://")
+        return cluster + f"&queue={{{name}}}q&results={{{name}}}results&retry={{{name}}}retry"
     url: str = request.getfixturevalue("redis_url")
     if request.param == "llmd-sortedset":
         return (

@@ -203,7 +203,7 @@ async def test_cluster_keeps_every_key_of_a_queue_in_one_slot(redis_cluster_url:
     try:
         await q.submit([msg("a"), msg("b"), b"{not json"])
         (d, *_) = await q.claim(1, lease_s=30)
-        await q.complete(d.key, AsyncResult("a", 200, {}))
+        await q.complete(d.key, AsyncResult("a", 200, "{}"))
         (d2, *_) = await q.claim(1, lease_s=30)
         await q.retry(d2.key, 60, count_attempt=True, error="x")
         await q.cancel("b")

@@ -24,6 +24,11 @@ from ingate.asyncproc.processor import Processor, ProcessorConfig
 log = logging.getLogger("ingate.async")
 
 DEFAULT_QUEUE = "ingate-async.db"
+QUEUE_HELP = (
+    "Queue: an SQLite path, redis://HOST:PORT/DB?stream=S (Redis Streams), redis-sortedset://... "
+    "(llm-d-async's layout), either with &cluster=1 for Redis Cluster, or "
+    "pubsub://PROJECT/SUBSCRIPTION?results=TOPIC&ledger=PATH|redis://... (Google Cloud Pub/Sub). See docs/async.md."
+)
 
 
 def _run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -161,7 +166,7 @@ def async_() -> None:
 
 
 @async_.command("run")
-@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help="Queue URL or SQLite path.")
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help=QUEUE_HELP)
 @_processor_options
 @click.option(
     "--listen", default=None, help="HOST:PORT for /metrics and the submit/poll/cancel API (off if unset)."
@@ -228,7 +233,7 @@ async def _submit_file(backend: QueueBackend, path: Path, ttl_s: float) -> int:
 
 @async_.command("submit")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help="Queue URL or SQLite path.")
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help=QUEUE_HELP)
 @click.option(
     "--ttl",
     "ttl_s",
@@ -267,7 +272,7 @@ async def _export(backend: QueueBackend, out: TextIO, fmt: str) -> int:
 
 
 @async_.command("results")
-@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help="Queue URL or SQLite path.")
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help=QUEUE_HELP)
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -312,7 +317,7 @@ async def _counts(backend: QueueBackend) -> dict[str, int]:
 
 
 @async_.command("status")
-@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help="Queue URL or SQLite path.")
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help=QUEUE_HELP)
 def status(queue: str) -> None:
     """Print the queue's counts as JSON: backlog, results, dead_letters."""
 

@@ -7,6 +7,10 @@
 - ``redis-sortedset://HOST:PORT/DB?queue=request-sortedset&results=result-list&retry=retry-sortedset``:
   llm-d-async's sorted-set layout (drop-in next to its producers and result consumers).
 
+- ``pubsub://PROJECT/SUBSCRIPTION?results=TOPIC&ledger=PATH_OR_REDIS_URL``: Google Cloud Pub/Sub (optional
+  ``dead=TOPIC`` for dead letters, ``topic=TOPIC`` the request topic for ``submit`` when the
+  subscription cannot be read, ``create=1`` to create topics and subscription: emulator and demos).
+
 Both Redis forms take ``cluster=1`` for a Redis Cluster (the URL names any one node; DB must be 0).
 The stream backend puts its keys under the hash tag ``{NAME}``; the sorted-set layout keeps the key
 names llm-d-async uses, so on a cluster they must carry one hash tag themselves
@@ -29,6 +33,8 @@ def _flag(q: dict[str, str], name: str) -> bool:
 
 def open_backend(url: str) -> QueueBackend:
     """The backend a queue URL names (see the module docstring). Raises ValueError on a bad URL."""
+    if url.startswith("pubsub://"):
+        return _pubsub(url)
     if url.startswith(("redis-sortedset://", "rediss-sortedset://")):
         from ingate.asyncproc.backends.llmd_sortedset import LlmdSortedSetBackend
 
@@ -67,3 +73,25 @@ def open_backend(url: str) -> QueueBackend:
     if not path:
         raise ValueError("sqlite queue URL without a path")
     return SqliteBackend(path)
+
+
+def _pubsub(url: str) -> QueueBackend:
+    from ingate.asyncproc.backends.ledger import open_ledger
+    from ingate.asyncproc.backends.pubsub import PubSubBackend
+
+    parts = urlsplit(url)
+    q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    project, subscription = parts.netloc, parts.path.strip("/")
+    if not project or not subscription or "/" in subscription:
+        raise ValueError(f"queue URL {url!r}: use pubsub://PROJECT/SUBSCRIPTION?results=TOPIC")
+    if not q.get("results"):
+        raise ValueError(f"queue URL {url!r}: results=TOPIC (the result topic) is required")
+    return PubSubBackend(
+        project,
+        subscription,
+        result_topic=q["results"],
+        ledger=open_ledger(q.get("ledger", "ingate-async-ledger.db")),
+        dead_topic=q.get("dead"),
+        request_topic=q.get("topic"),
+        create=_flag(q, "create"),
+    )
