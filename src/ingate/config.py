@@ -230,6 +230,33 @@ class ServingConfig(_Model):
         return self
 
 
+class PrefixSharingConfig(_Model):
+    """Active-active pickers share what their approximate prefix indexes learn (docs/kubernetes.md,
+    "High availability"): each routing decision's prompt-block hashes go to the peers in batched UDP
+    datagrams; loss only costs affinity. Absent = off."""
+
+    listen: str = "0.0.0.0:9005"
+    """HOST:PORT this replica receives peers' datagrams on."""
+    peers: list[str] = Field(default_factory=list)
+    """HOST:PORT of each peer; a host name is resolved to all its addresses (a headless Service)
+    every `resolveIntervalS`, so one entry can name every replica."""
+    resolve_interval_s: float = Field(default=5.0, gt=0)
+    flush_interval_ms: float = Field(default=20.0, gt=0, le=1000)
+    """Batching: pending records are sent every this many milliseconds."""
+    max_datagram_bytes: int = Field(default=16_384, ge=1024, le=65_000)
+    queue_limit: int = Field(default=20_000, gt=0)
+    """Records waiting to be sent; beyond it new ones are dropped (counted), never the request."""
+
+    @field_validator("listen", "peers")
+    @classmethod
+    def _hostports(cls, v: Any) -> Any:
+        for hp in [v] if isinstance(v, str) else v:
+            host, sep, port = str(hp).rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"expected HOST:PORT, got {hp!r}")
+        return v
+
+
 class GatewayConfig(_Model):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     pool: PoolConfig = Field(default_factory=PoolConfig)
@@ -243,6 +270,8 @@ class GatewayConfig(_Model):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     flow_control: FlowControlConfig | None = None
     """Fair queuing, priority bands and shedding (docs/flow-control.md); absent = no flow control."""
+    prefix_sharing: PrefixSharingConfig | None = None
+    """Active-active replicas share their prefix indexes (docs/kubernetes.md); absent = off."""
 
     @model_validator(mode="after")
     def _objectives(self) -> GatewayConfig:

@@ -73,8 +73,17 @@ async def run_gateway(
         leader_election=epp is not None and bool(epp.get("ha-enable-leader-election")),
         metrics_auth=_metrics_auth(kube),
     )
+    sharing = None
+    if cfg.prefix_sharing is not None:
+        from ingate.prefixshare import PrefixSharing
+
+        sharing = PrefixSharing.for_scheduler(
+            cfg.prefix_sharing, gw.scheduler.plugins(), gw.datastore, gw.registry
+        )
     await gw.start()
     try:
+        if sharing is not None:
+            await sharing.start()
         await services.start()
         await dp.start()
         freeze_startup_heap()
@@ -107,6 +116,9 @@ async def run_gateway(
             await dp.stop()
         with contextlib.suppress(Exception):
             await services.stop()
+        if sharing is not None:
+            with contextlib.suppress(Exception):
+                await sharing.stop()
         if kube is not None:
             with contextlib.suppress(Exception):
                 await kube.stop()

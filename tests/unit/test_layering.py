@@ -31,6 +31,7 @@ RANKS: list[tuple[str, int]] = [
     ("ingate.discovery", 4),
     ("ingate.kube", 4),
     ("ingate.director", 5),
+    ("ingate.prefixshare", 5),
     ("ingate.gateway", 6),
     ("ingate.dataplane", 7),
     ("ingate.sim", 7),

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import xxhash
@@ -273,6 +273,9 @@ class PrefixCacheScorer:
     hasher: PrefixHasher = field(init=False)
     scale: dict[Endpoint, float] = field(init=False, default_factory=dict)
     """adaptive: each endpoint's learned retention, as a multiple of its KV-sized capacity."""
+    share: Callable[[Endpoint, list[int]], None] | None = field(init=False, default=None)
+    """Told every (endpoint, hashes) this replica records, e.g. to send them to peer replicas
+    (`ingate.prefixshare`); must not block."""
 
     def __post_init__(self) -> None:
         if self.block_chars < 1 or self.max_blocks < 1 or self.capacity < 1:
@@ -335,14 +338,23 @@ class PrefixCacheScorer:
         ctx[_OWNER_KEY] = self
         return {ep: k / n for ep, k in matched.items()}
 
+    def _capacity(self, ep: Endpoint) -> int:
+        cap = self.index.capacity_of(ep, self.block_chars, self.chars_per_token)
+        sc = self.scale.get(ep)
+        return cap if sc is None else max(1, int(cap * sc))
+
+    def learn(self, ep: Endpoint, hashes: list[int]) -> None:
+        """Record blocks another replica routed to `ep` (active-active sharing): as if routed here."""
+        if hashes:
+            self.index.record(ep, hashes, self._capacity(ep))
+
     def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         hashes = self._hashes(ctx, request)
         if hashes:
             ep = result.target
-            cap = self.index.capacity_of(ep, self.block_chars, self.chars_per_token)
-            sc = self.scale.get(ep)
-            if sc is not None:
-                cap = max(1, int(cap * sc))
+            cap = self._capacity(ep)
+            if self.share is not None:
+                self.share(ep, hashes)
             if self.adaptive:
                 k = ctx.get(PREFIX_MATCH_KEY, {}).get(ep, 0) // self.block_chars
                 # A hit at the far end of the memory is what says whether the memory is long enough.
