@@ -1,7 +1,8 @@
 """Systems under test, each started on loopback in front of a simulated fleet.
 
 `ingate` runs `ingate serve` (built-in proxy) from a generated config, `ingate-envoy` the same with
-Envoy + ext_proc as the data plane (ingate's default); `round-robin` and `least-request` run Envoy with
+Envoy + ext_proc as the data plane (ingate's default); `ingate-replicasN[+shared]` N active-active
+gateways behind a round-robin Envoy (`ingate.bench.replicas`); `round-robin` and `least-request` run Envoy with
 a static cluster of the replicas (a stand-in for a Kubernetes Service); `sglang-router` and
 `vllm-router` are the peers from PyPI (`ingate.bench.peers`, own venv).
 Every process is a child of this (live) process, so Envoy does not shut down with a launching shell.
@@ -287,6 +288,10 @@ def start_system(name: str, wl: Workload, fleet: Fleet, workdir: Path) -> Runnin
         return sysm
     if name == "ingate-envoy":
         return _start_ingate_envoy(wl, fleet, workdir, port)
+    if name.startswith("ingate-replicas"):
+        from ingate.bench.replicas import start_replicas
+
+        return start_replicas(name, wl, fleet, workdir)
     if peers.is_peer(name):
         return _start_peer(name, fleet, workdir, port)
     if name in ("round-robin", "least-request"):
