@@ -82,6 +82,11 @@ BAD_VALUES = [
     ({"router": {**POOL["router"], "epp": {"replica": 2}}}, "replica"),  # a typo
     ({"router": {**POOL["router"], "inferencePool": {"failureMode": "Sometimes"}}}, "failureMode"),
     ({"router": {**POOL["router"], "epp": {"replicas": "two"}}}, "replicas"),
+    # Prefix sharing under leader election (the default with replicas > 1): only active-active.
+    (
+        {"router": {**POOL["router"], "epp": {"replicas": 2, "prefixSharing": {"enabled": True}}}},
+        "prefixSharing",
+    ),
 ]
 
 

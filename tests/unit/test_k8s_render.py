@@ -25,6 +25,15 @@ CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "ha": {"router": {"epp": {"replicas": 3}}},
     "active-active": {"router": {"epp": {"replicas": 2, "flags": {"ha-enable-leader-election": False}}}},
+    "active-active-shared": {
+        "router": {
+            "epp": {
+                "replicas": 3,
+                "flags": {"ha-enable-leader-election": False},
+                "prefixSharing": {"enabled": True},
+            }
+        }
+    },
     "monitoring": {
         "router": {"monitoring": {"prometheus": {"enabled": True, "extraLabels": {"release": "prom"}}}}
     },
@@ -221,12 +230,13 @@ def test_references_between_objects_resolve() -> None:
         docs = render(case_values(case), "pool-a", "ns1")
         k = by_kind(docs)
         names = {(d["kind"], d["metadata"]["name"]) for d in docs}
-        (svc,), (dep,) = k["Service"], k["Deployment"]
+        (svc, *peers), (dep,) = k["Service"], k["Deployment"]  # peers: the prefix-sharing Service
         pod = dep["spec"]["template"]
-        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
         assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
         port_names = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
-        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+        for s in (svc, *peers):
+            assert s["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+            assert {p["targetPort"] for p in s["spec"]["ports"]} <= port_names
         assert ("ServiceAccount", pod["spec"]["serviceAccountName"]) in names
         assert pod["spec"]["volumes"][0]["configMap"]["name"] in {
             n for kind, n in names if kind == "ConfigMap"
@@ -285,6 +295,23 @@ def test_high_availability_switches_on_leader_election() -> None:
     assert by_kind(aa)["PodDisruptionBudget"][0]["spec"]["maxUnavailable"] == 1
     assert "--ha-enable-leader-election=false" in picker(aa)["args"]
     assert picker(aa)["readinessProbe"]["grpc"]["service"] == "inference-extension"
+    # Active-active with prefix sharing: a headless Service lists the replicas; the config names it.
+    sh = render(case_values("active-active-shared"), "p", "ns")
+    peers = next(s for s in by_kind(sh)["Service"] if s["metadata"]["name"] == "p-epp-peers")
+    assert peers["spec"]["clusterIP"] == "None" and peers["spec"]["publishNotReadyAddresses"] is True
+    assert peers["spec"]["ports"][0] == {
+        "name": "prefix-share",
+        "protocol": "UDP",
+        "port": 9005,
+        "targetPort": "prefix-share",
+    }
+    assert {"name": "prefix-share", "containerPort": 9005, "protocol": "UDP"} in picker(sh)["ports"]
+    cfg = yaml.safe_load(by_kind(sh)["ConfigMap"][0]["data"]["config.yaml"])
+    assert cfg["prefixSharing"] == {
+        "listen": "0.0.0.0:9005",
+        "peers": ["p-epp-peers.ns.svc.cluster.local:9005"],
+    }
+    assert "p-epp-peers" not in {s["metadata"]["name"] for s in by_kind(aa)["Service"]}
 
 
 def test_monitoring_renders_service_monitor_and_metrics_auth() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import click
 import yaml
 
+from ingate.kube import render_ha
 from ingate.kube.values import (
     ENGINES,
     VALUES_FILE,
@@ -85,6 +86,8 @@ class _Release:
         self.health = int(self.epp["grpcHealthPort"])
         self.metrics = int(self.epp["metricsPort"])
         self.provider = str(self.v["provider"]["name"]).lower()
+        self.share = render_ha.enabled(self.epp, self.replicas, self.leader)
+        self.share_port = int(self.epp["prefixSharing"]["port"])
         self.labels = {
             "app.kubernetes.io/name": self.name,
             "app.kubernetes.io/instance": self.release,
@@ -129,6 +132,7 @@ def render(
         configmap,
         _deployment(c, config_file),
         _service(c),
+        *([render_ha.peers_service(c.meta(f"{c.name}-peers"), c.selector, c.share_port)] if c.share else []),
         *_disruption_budget(c),
         *_service_monitor(c),
         *_pool(c),
@@ -216,6 +220,7 @@ def _configmap(c: _Release) -> tuple[dict[str, Any], str]:
             "listen": {"host": "0.0.0.0", "port": c.ext},
             "pool": {"name": c.release, "engine": ENGINES[c.ms["type"]]},
             "dataplane": {"type": "extproc", "failureMode": c.r["inferencePool"]["failureMode"]},
+            **({"prefixSharing": render_ha.config(c.name, c.namespace, c.share_port)} if c.share else {}),
         },
         c.epp.get("config") or {},
     )
@@ -270,6 +275,7 @@ def _deployment(c: _Release, config_file: str) -> dict[str, Any]:
             {"name": "grpc", "containerPort": c.ext},
             {"name": "grpc-health", "containerPort": c.health},
             {"name": "metrics", "containerPort": c.metrics},
+            *([render_ha.container_port(c.share_port)] if c.share else []),
             *epp["extraContainerPorts"],
         ],
         "livenessProbe": {

@@ -63,3 +63,13 @@ inferencepool: {{ include "ingate.name" . }}
 {{- fail "router.inferenceObjectives needs router.inferencePool.create=true" -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* Active-active prefix sharing is on ("true") or off (""); fails where it cannot work. */}}
+{{- define "ingate.prefixSharing" -}}
+{{- if .Values.router.epp.prefixSharing.enabled -}}
+{{- if or (le (int .Values.router.epp.replicas) 1) (include "ingate.leader" .) -}}
+{{- fail "router.epp.prefixSharing.enabled needs active-active pickers: router.epp.replicas > 1 and router.epp.flags.ha-enable-leader-election=false" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end }}
