@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: quickstart quickstart-seed test unit bench peers inference-perf e2e-vllm image clean system-deps
+.PHONY: quickstart quickstart-seed test unit bench peers peer-smoke inference-perf e2e-vllm image clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "ingate needs Python 3.11+"'
@@ -54,6 +54,11 @@ peers: $(STAMP)
 ## inference-perf: run inference-perf (own venv, .venv-iperf) offline against ingate, shared-prefix config
 inference-perf: $(STAMP)
 	INGATE=$(BIN)/ingate benchmarks/inference-perf/run.sh
+
+## peer-smoke: install the peer routers and run one low-rate point each through the harness, checking
+## their own counters show the policy at work (~2 min; not in `make test`)
+peer-smoke: $(STAMP) peers
+	$(BIN)/python -m pytest -p no:cacheprovider -q tests/e2e/test_bench_peer_routers.py
 
 ## e2e-vllm: opt-in check against real vLLM on CPU (own venv .venv-vllm, ~3.5 GB; not in `make test`)
 e2e-vllm: $(STAMP)

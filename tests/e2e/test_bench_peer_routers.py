@@ -2,6 +2,7 @@
 
 The peers live in their own venv (`ingate bench install-peers`); without it this test is skipped
 unless INGATE_TEST_INSTALL_PEERS=1, which lets the harness install them from PyPI first (~1 min).
+`make peer-smoke` installs them and runs this test (not part of `make test`).
 The 'cannot run' path is covered without the peers by tests/unit/test_bench_peers.py.
 """
 
@@ -40,7 +41,17 @@ def test_quick_bench_runs_peers_and_ingate_envoy(tmp_path: Path) -> None:
     assert list(res) == systems.split(",")
     assert "unknown policy" in res["vllm-router:no_such_policy"]["unavailable"]
     assert res["sglang-router"]["info"]["policy"] == "cache_aware"
-    assert res["vllm-router"]["info"]["policy"] == "power_of_two"
+    assert res["vllm-router"]["info"]["policy"] == "cache_aware"
+    # The routers' own counters prove the policy ran: sglang-router selected every request with
+    # cache_aware; vllm-router got token ids from the simulator's render endpoint and made prefix
+    # decisions (not a silent fallback to load-only routing).
+    sg = res["sglang-router"]["info"]["router_metrics"]
+    sent = sum(st["summary"]["sent"] for st in res["sglang-router"]["stages"])
+    assert sum(v for k, v in sg.items() if 'policy="cache_aware"' in k) >= sent
+    vr = res["vllm-router"]["info"]["router_metrics"]
+    assert vr.get('vllm_router_kv_routing_inputs_total{result="render",transport="http"}', 0) > 0, vr
+    decisions = sum(v for k, v in vr.items() if k.startswith("vllm_router_prefix_routing_decisions_total"))
+    assert decisions >= sum(st["summary"]["sent"] for st in res["vllm-router"]["stages"]), vr
     for name in ("sglang-router", "vllm-router", "ingate-envoy"):
         assert "unavailable" not in res[name], res[name].get("unavailable")
         for st in res[name]["stages"]:

@@ -87,3 +87,20 @@ def test_peer_that_exits_at_start_is_unavailable_with_its_log(
         systems.start_system("vllm-router", _wl(), fleet, tmp_path)
     assert "vllm-router==0.1.17 (power_of_two)" in str(e.value)
     assert os.path.exists(tmp_path / "vllm-router.log")
+
+
+def test_router_proof_keeps_the_policy_counters_and_sums_workers() -> None:
+    from ingate.bench.peers import router_proof
+
+    text = """# TYPE vllm_router_policy_decisions_total counter
+vllm_router_policy_decisions_total{policy="cache_aware",worker="http://a"} 4
+vllm_router_policy_decisions_total{policy="cache_aware",worker="http://b"} 2
+# TYPE vllm_router_kv_routing_inputs_total counter
+vllm_router_kv_routing_inputs_total{transport="http",result="render"} 12
+# TYPE smg_router_requests_total counter
+smg_router_requests_total{model="m"} 6
+"""
+    assert router_proof(text) == {
+        'vllm_router_policy_decisions_total{policy="cache_aware"}': 6.0,
+        'vllm_router_kv_routing_inputs_total{result="render",transport="http"}': 12.0,
+    }

@@ -68,7 +68,7 @@ PEERS: dict[str, PeerSpec] = {
             "consistent_hash",
             "sticky_least_loaded",
         ),
-        default_policy="power_of_two",
+        default_policy="cache_aware",
         notes={
             "power_of_two": "two random workers, the less loaded one (the router's own in-flight counts)",
             "cache_aware": "radix tree over token ids it gets from the workers' POST "
@@ -78,6 +78,32 @@ PEERS: dict[str, PeerSpec] = {
         extra_args=("--log-level", "warning"),
     ),
 }
+
+
+# The routers' own counters that show the policy at work (recorded per run as `info.router_metrics`):
+# sglang-router counts selections per policy; vllm-router its prefix decisions (hit/miss), where its
+# token ids came from (`result="render"`: the backends' render endpoint) and selections per policy.
+PROOF_FAMILIES = (
+    "smg_worker_selection_total",
+    "vllm_router_prefix_routing_decisions_total",
+    "vllm_router_kv_routing_inputs_total",
+    "vllm_router_policy_decisions_total",
+)
+
+
+def router_proof(metrics_text: str) -> dict[str, float]:
+    """The PROOF_FAMILIES series of a router's /metrics (label sets kept; per-worker series summed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(metrics_text):
+        for smp in fam.samples:
+            if smp.name not in PROOF_FAMILIES:
+                continue
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(smp.labels.items()) if k != "worker")
+            key = f"{smp.name}{{{labels}}}"
+            out[key] = out.get(key, 0.0) + smp.value
+    return out
 
 
 def split_name(system: str) -> tuple[str, str | None]:

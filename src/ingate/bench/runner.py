@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ingate.bench import peers
 from ingate.bench import systems as sysmod
 from ingate.bench.loadgen import RequestRecord, StageResult, make_session, run_concurrent, run_poisson
 from ingate.bench.stats import max_sustainable_rate, summarize, tenant_summaries
@@ -169,6 +170,8 @@ def _run_stream(
         try:
             stages = asyncio.run(_sweep(wl, system.url, progress, label, k))
             info: dict[str, Any] = dict(system.info)
+            if system.metrics_url is not None:
+                info["router_metrics"] = router_metrics(system.metrics_url)
             errors = latency_model_errors(system.url)
             if errors:
                 info["latency_prediction_error"] = errors
@@ -177,6 +180,15 @@ def _run_stream(
             system.stop()
     finally:
         fleet.proc.stop()
+
+
+def router_metrics(url: str) -> dict[str, float]:
+    """A peer router's proof counters after a run (`peers.router_proof`); {} if unreadable."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return peers.router_proof(r.read().decode())
+    except (OSError, ValueError):
+        return {}
 
 
 def latency_model_errors(url: str) -> dict[str, dict[str, float]]:

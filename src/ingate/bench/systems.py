@@ -98,6 +98,8 @@ class RunningSystem:
     url: str
     procs: list[Proc] = field(default_factory=list)
     info: dict[str, str] = field(default_factory=dict)
+    metrics_url: str | None = None
+    """A peer router's own Prometheus endpoint (read after a run for the policy's proof)."""
 
     def stop(self) -> None:
         """Stop every process of the system."""
@@ -346,7 +348,9 @@ def _start_peer(name: str, fleet: Fleet, workdir: Path, port: int) -> RunningSys
     cmd = peers.peer_command(spec, policy, exe, fleet.addresses, port, metrics)
     proc = spawn(cmd, workdir / f"{_file_safe(name)}.log")
     info = {"peer": spec.requirement, "policy": policy, "policy_note": spec.note(policy)}
-    sysm = RunningSystem(name, f"http://127.0.0.1:{port}", [proc], info)
+    sysm = RunningSystem(
+        name, f"http://127.0.0.1:{port}", [proc], info, f"http://127.0.0.1:{metrics}/metrics"
+    )
     n = len(fleet.addresses)
 
     def all_healthy(body: bytes) -> bool:
