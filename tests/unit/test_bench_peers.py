@@ -28,10 +28,10 @@ def test_sglang_command_binds_router_and_metrics_to_loopback() -> None:
 
 def test_vllm_router_default_and_explicit_policy() -> None:
     spec, policy = peers.resolve("vllm-router")
+    assert policy == "cache_aware"  # as its docs recommend; it gets token ids from render
+    assert "render" in spec.note("cache_aware")
+    _, policy = peers.resolve("vllm-router:power_of_two")
     assert policy == "power_of_two"
-    assert "render" in spec.note("cache_aware")  # why cache_aware is not the default here
-    _, policy = peers.resolve("vllm-router:cache_aware")
-    assert policy == "cache_aware"
     cmd = peers.peer_command(spec, policy, "vr", ["127.0.0.1:1"], 2, 3)
     assert cmd[0] == "vr" and cmd[1] == "--host"  # no subcommand
     with pytest.raises(peers.PeerUnavailable, match="unknown policy"):
@@ -85,7 +85,7 @@ def test_peer_that_exits_at_start_is_unavailable_with_its_log(
     fleet = systems.Fleet(proc=None, addresses=["127.0.0.1:1"])  # type: ignore[arg-type]
     with pytest.raises(systems.SystemUnavailable, match="cannot bind") as e:
         systems.start_system("vllm-router", _wl(), fleet, tmp_path)
-    assert "vllm-router==0.1.17 (power_of_two)" in str(e.value)
+    assert "vllm-router==0.1.17 (cache_aware)" in str(e.value)
     assert os.path.exists(tmp_path / "vllm-router.log")
 
 
