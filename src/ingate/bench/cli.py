@@ -44,6 +44,13 @@ def bench() -> None:
     help="Use the held-out evaluation seeds (seed + 10,000) instead of the tuning seeds: what every "
     "published number comes from.",
 )
+@click.option(
+    "--rates", default=None, help="Comma list of offered rates (req/s) overriding load.rates, e.g. to "
+    "extend a sweep past every system's knee.",
+)  # fmt: skip
+@click.option(
+    "--duration", "duration_s", type=float, default=None, help="Seconds per rate (overrides load.duration_s)."
+)
 @click.option("--no-report", is_flag=True, help="Skip the table and PNG.")
 @click.option(
     "--db",
@@ -59,6 +66,8 @@ def run_cmd(
     systems: str | None,
     streams: int | None,
     evaluation: bool,
+    rates: str | None,
+    duration_s: float | None,
     no_report: bool,
     db_target: str | None,
     no_db: bool,
@@ -72,6 +81,17 @@ def run_cmd(
         wl.systems = [s.strip() for s in systems.split(",") if s.strip()]
     if streams is not None:
         wl.load.streams = streams
+    if rates and wl.tenants:
+        raise click.BadParameter(
+            "not for workloads with tenants (their rates are per tenant)", param_hint="--rates"
+        )
+    if rates:
+        try:
+            wl.load.rates = [float(r) for r in rates.split(",") if r.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{rates!r}: a comma list of numbers", param_hint="--rates") from None
+    if duration_s is not None:
+        wl.load.duration_s = duration_s
     console = Console()
     path = run_workload(wl, Path(out_dir), console)
     console.print(f"results: {path}")
@@ -236,3 +256,22 @@ def async_cmd(out_dir: str, gates: str, eval_seeds: bool, **kw: Any) -> None:
     md += ["| " + " | ".join(r) + " |" for r in rows]
     (Path(out_dir) / "results.md").write_text("\n".join(md) + "\n")
     console.print(f"wrote {out_dir}/results.json, results.md, async.png")
+
+
+@bench.command("knees")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--subject", default="ingate", show_default=True, help="The system compared with the best peer."
+)
+def knees_cmd(results: tuple[str, ...], subject: str) -> None:
+    """Each system's knee in RESULTS (ingate bench run JSON) and SUBJECT vs the best peer where that
+    peer saturates; writes <results>_knees.json and .md beside each file."""
+    from ingate.bench.knees import markdown, system_knees, verdict
+
+    for path in map(Path, results):
+        res = orjson.loads(path.read_bytes())
+        md = markdown(res, subject)
+        click.echo(md)
+        doc = {"results": path.name, "knees": system_knees(res), "verdict": verdict(res, subject)}
+        path.with_name(path.stem + "_knees.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        path.with_name(path.stem + "_knees.md").write_text(md)
