@@ -770,8 +770,18 @@ def main() -> None:
         default=1,
         help="split each cell into this many turns per data plane, interleaved (robust to load drift)",
     )
+    ap.add_argument(
+        "--prompt-bytes",
+        type=int,
+        default=0,
+        help="tiny set: send a prompt of this many bytes instead of 22 (large-body runs: 32768, 225280, 1048576)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.prompt_bytes > 0:
+        global BODY
+        words = "lorem ipsum dolor sit amet consectetur adipiscing elit " * (args.prompt_bytes // 56 + 1)
+        BODY = orjson.dumps({"model": "bench", "prompt": words[: args.prompt_bytes], "max_tokens": 1})
     if not (args.role == "picker" and os.environ.get("INGATE_PICKER_LOOP") == "asyncio"):
         with contextlib.suppress(ImportError):
             import uvloop
