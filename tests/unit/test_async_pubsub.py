@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import async_backends
@@ -21,7 +21,7 @@ from ingate.asyncproc.backends.base import QueueBackend
 from ingate.asyncproc.models import AsyncResult
 from ingate.asyncproc.pubsublocal import emulator_binary, local_pubsub
 
-redis_url = async_backends.redis_url
+redis_url, open_queue = async_backends.redis_url, async_backends.open_queue
 PROJECT = "ingate-test"
 
 
@@ -52,20 +52,6 @@ def queue_url(request: pytest.FixtureRequest, emulator: str, tmp_path: Path) -> 
         f"pubsub://{PROJECT}/{name}-sub?topic={name}&results={name}-results&dead={name}-dead"
         f"&create=1&ledger={ledger}"
     )
-
-
-@pytest.fixture
-async def open_queue(queue_url: str) -> AsyncIterator[Callable[[], QueueBackend]]:
-    made: list[QueueBackend] = []
-
-    def make() -> QueueBackend:
-        q = open_backend(queue_url)
-        made.append(q)
-        return q
-
-    yield make
-    for q in made:
-        await q.close()
 
 
 def topic_messages(queue_url: str, topic_param: str) -> Callable[[], list[dict[str, object]]]:

@@ -21,6 +21,19 @@ from typing import Protocol
 from ingate.asyncproc.models import AsyncResult
 
 
+def peek_id(body: bytes) -> str | None:
+    """The request id of a raw message, for a backend's bookkeeping (None when it has no usable one:
+    validating is the processor's job)."""
+    import orjson
+
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    rid = doc.get("id") if isinstance(doc, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
 @dataclass(slots=True)
 class Delivery:
     """One claimed message."""

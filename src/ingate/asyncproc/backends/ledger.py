@@ -93,13 +93,6 @@ class SqliteLedger(SqliteBackend):
             out.executescript(_SQL)
         return fn(out)
 
-    async def has_result(self, id: str) -> bool:
-        def go(db: sqlite3.Connection) -> bool:
-            q = "SELECT 1 FROM results WHERE id = ? UNION ALL SELECT 1 FROM dead_letters WHERE id = ?"
-            return db.execute(q, (id, id)).fetchone() is not None
-
-        return bool(await self._run(go))
-
     async def record_result(self, result: AsyncResult) -> bool:
         now = self.clock()
 
@@ -285,13 +278,6 @@ return before
         if ids:
             await self.r.sadd(self.k_sub, *ids)
 
-    async def has_result(self, id: str) -> bool:
-        async with self.r.pipeline(transaction=False) as p:
-            p.hexists(self.k_results, id)
-            p.hexists(self.k_dead, id)
-            a, b = await p.execute()
-        return bool(a or b)
-
     async def status(self, id: str) -> str | None:
         if await self.r.hexists(self.k_results, id):
             return "completed"
@@ -303,19 +289,6 @@ return before
             if state is not None:
                 return "in_progress" if state in (b"held", "held") else "queued"
         return "queued" if await self.r.sismember(self.k_sub, id) else None
-
-    async def cancel(self, id: str) -> None:
-        await self.r.sadd(self.k_cancel, id)
-
-    async def is_cancelled(self, id: str) -> bool:
-        return bool(await self.r.sismember(self.k_cancel, id))
-
-    async def put_meta(self, key: str, value: bytes) -> None:
-        await self.r.hset(self.k_meta, key, value)
-
-    async def get_meta(self, key: str) -> bytes | None:
-        v = await self.r.hget(self.k_meta, key)
-        return None if v is None else (v.encode() if isinstance(v, str) else bytes(v))
 
     async def close(self) -> None:
         await self.r.aclose()

@@ -152,7 +152,7 @@ class LlmdSortedSetBackend(RedisResults):
         self.queue, self.result_list, self.retry_set = queue, results, retry
         self.k_processing, self.k_dead = f"{queue}:processing", f"{queue}:dead-letters"
         self.k_aband, self.k_index = f"{queue}:abandoned", f"{queue}:index"
-        self.k_owners = f"{queue}:owners"
+        self.k_owners, self.k_meta = f"{queue}:owners", f"{queue}:meta"
         self.consumer = f"ingate-{uuid.uuid4().hex[:12]}"
         self.k_results = f"{results}:ids"
         self.clock = clock
@@ -273,9 +273,6 @@ class LlmdSortedSetBackend(RedisResults):
         if await self._dead(keys=keys, args=[key, id, orjson.dumps(doc).decode(), _sha(key)]):
             await self.r.hdel(self.k_index, id)
 
-    async def has_result(self, id: str) -> bool:
-        return bool(await self.r.hexists(self.k_results, id) or await self.r.hexists(self.k_dead, id))
-
     async def cancel(self, id: str) -> None:
         # Upstream marks a cancellation with the request's active token; without one, any value marks it.
         token = await self.r.get(f"request-active:{id}")
@@ -291,13 +288,6 @@ class LlmdSortedSetBackend(RedisResults):
             p.zcard(self.retry_set)
             a, b, c = await p.execute()
         return int(a) + int(b) + int(c)
-
-    async def put_meta(self, key: str, value: bytes) -> None:
-        await self.r.hset(f"{self.queue}:meta", key, value)
-
-    async def get_meta(self, key: str) -> bytes | None:
-        v = await self.r.hget(f"{self.queue}:meta", key)
-        return None if v is None else (v.encode() if isinstance(v, str) else bytes(v))
 
     async def status(self, id: str) -> str | None:
         if await self.r.hexists(self.k_results, id):

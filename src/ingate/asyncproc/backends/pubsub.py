@@ -30,21 +30,12 @@ from typing import Any
 
 import orjson
 
-from ingate.asyncproc.backends.base import DeadLetter, Delivery
+from ingate.asyncproc.backends.base import DeadLetter, Delivery, peek_id
 from ingate.asyncproc.backends.ledger import Ledger
 from ingate.asyncproc.models import AsyncResult
 
 MAX_ACK_DEADLINE_S = 600  # Pub/Sub's limit for one modify_ack_deadline / ack_deadline_seconds
 PULL_TIMEOUT_S = 0.5
-
-
-def _request_id(body: bytes) -> str | None:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    rid = doc.get("id") if isinstance(doc, dict) else None
-    return rid if isinstance(rid, str) else None
 
 
 def _with_attributes(body: bytes, attributes: dict[str, str]) -> bytes:
@@ -149,7 +140,7 @@ class PubSubBackend:
         assert self.request_path is not None
         futs = [self._pub.publish(self.request_path, b) for b in bodies]
         await asyncio.to_thread(lambda: [f.result(30) for f in futs])
-        await self.ledger.submitted([i for i in map(_request_id, bodies) if i is not None])
+        await self.ledger.submitted([i for i in map(peek_id, bodies) if i is not None])
         return len(bodies)
 
     async def claim(self, n: int, lease_s: float) -> list[Delivery]:
@@ -173,7 +164,7 @@ class PubSubBackend:
         for m in got:
             msg = m.message
             body = _with_attributes(bytes(msg.data), dict(msg.attributes))
-            rid = _request_id(body)
+            rid = peek_id(body)
             attempts = await self.ledger.delivered(msg.message_id, rid)
             self._held[m.ack_id] = (msg.message_id, rid, body, attempts)
             enq = msg.publish_time.timestamp() if msg.publish_time else self.clock()

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
-from ingate.asyncproc.backends.base import Delivery
+from ingate.asyncproc.backends.base import Delivery, peek_id
 from ingate.asyncproc.backends.redisconn import RedisResults, connect, hash_tagged
 from ingate.asyncproc.models import AsyncResult
 
@@ -97,15 +97,6 @@ return 1
 """
 
 
-def _peek_id(body: bytes) -> str | None:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    rid = doc.get("id") if isinstance(doc, dict) else None
-    return rid if isinstance(rid, str) else None
-
-
 class RedisStreamsBackend(RedisResults):
     """:class:`~ingate.asyncproc.backends.base.QueueBackend` on a Redis stream and consumer group."""
 
@@ -131,7 +122,7 @@ class RedisStreamsBackend(RedisResults):
         k = self.stream
         self.k_delayed, self.k_results, self.k_log = f"{k}:delayed", f"{k}:results", f"{k}:results:log"
         self.k_dead, self.k_cancel, self.k_index = f"{k}:dead", f"{k}:cancelled", f"{k}:index"
-        self.k_aband = f"{k}:abandoned"
+        self.k_aband, self.k_meta = f"{k}:abandoned", f"{k}:meta"
         self._complete = self.r.register_script(_COMPLETE)
         self._retry = self.r.register_script(_RETRY)
         self._move = self.r.register_script(_MOVE_DUE)
@@ -157,7 +148,7 @@ class RedisStreamsBackend(RedisResults):
             ids = await p.execute()
         async with self.r.pipeline(transaction=False) as p:
             for b, eid in zip(bodies, ids, strict=True):
-                rid = _peek_id(b)
+                rid = peek_id(b)
                 if rid is not None:
                     p.hset(self.k_index, rid, eid)
             await p.execute()
@@ -237,32 +228,12 @@ class RedisStreamsBackend(RedisResults):
             args=[key, id, orjson.dumps(doc), self.group],
         )
 
-    async def has_result(self, id: str) -> bool:
-        async with self.r.pipeline(transaction=False) as p:
-            p.hexists(self.k_results, id)
-            p.hexists(self.k_dead, id)
-            a, b = await p.execute()
-        return bool(a or b)
-
-    async def cancel(self, id: str) -> None:
-        await self.r.sadd(self.k_cancel, id)
-
-    async def is_cancelled(self, id: str) -> bool:
-        return bool(await self.r.sismember(self.k_cancel, id))
-
     async def backlog(self) -> int:
         async with self.r.pipeline(transaction=False) as p:
             p.xlen(self.stream)
             p.zcard(self.k_delayed)
             a, b = await p.execute()
         return int(a) + int(b)
-
-    async def put_meta(self, key: str, value: bytes) -> None:
-        await self.r.hset(f"{self.stream}:meta", key, value)
-
-    async def get_meta(self, key: str) -> bytes | None:
-        v = await self.r.hget(f"{self.stream}:meta", key)
-        return None if v is None else (v.encode() if isinstance(v, str) else bytes(v))
 
     async def status(self, id: str) -> str | None:
         if await self.r.hexists(self.k_results, id):

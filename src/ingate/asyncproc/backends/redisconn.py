@@ -69,11 +69,35 @@ def check_one_slot(keys: dict[str, str]) -> None:
 
 
 class RedisResults:
-    """Results and dead letters of a Redis backend: `k_results` and `k_dead` hashes, id -> JSON."""
+    """What the Redis backends keep alike: results and dead letters (`k_results` and `k_dead` hashes,
+    id -> JSON), cancel markers (`k_cancel` set) and small documents (`k_meta` hash)."""
 
     r: Any  # redis.asyncio.Redis or RedisCluster (see connect)
     k_results: str
     k_dead: str
+    k_cancel: str
+    k_meta: str
+
+    async def has_result(self, id: str) -> bool:
+        """Whether `id` has an outcome (a result or a dead letter)."""
+        async with self.r.pipeline(transaction=False) as p:
+            p.hexists(self.k_results, id)
+            p.hexists(self.k_dead, id)
+            a, b = await p.execute()
+        return bool(a or b)
+
+    async def cancel(self, id: str) -> None:
+        await self.r.sadd(self.k_cancel, id)
+
+    async def is_cancelled(self, id: str) -> bool:
+        return bool(await self.r.sismember(self.k_cancel, id))
+
+    async def put_meta(self, key: str, value: bytes) -> None:
+        await self.r.hset(self.k_meta, key, value)
+
+    async def get_meta(self, key: str) -> bytes | None:
+        v = await self.r.hget(self.k_meta, key)
+        return None if v is None else (v.encode() if isinstance(v, str) else bytes(v))
 
     async def get_result(self, id: str) -> AsyncResult | None:
         raw = await self.r.hget(self.k_results, id)
