@@ -251,6 +251,11 @@ def test_signal_congestion_shrinks_the_window() -> None:
     assert p.window.limit == 8 and p.window.headroom == 9
     p.apply_signal({"free_capacity": {"-1": 9}, "free_slots": 2})
     assert p.window.headroom == 2  # only into batch slots free now
+    p.config.reserve_slots = 3  # three free slots stay for real-time arrivals
+    p.apply_signal({"free_capacity": {"-1": 9}, "free_slots": 5})
+    assert p.window.headroom == 2
+    p.apply_signal({"free_capacity": {"-1": 9}, "free_slots": 2})
+    assert p.window.headroom == 0
     p.config.slots_only = False
     p.apply_signal({"free_capacity": {"-1": 9}, "free_slots": 2})
     assert p.window.headroom == 9

@@ -87,6 +87,13 @@ def _processor_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="With --capacity-url: dispatch only into free batch slots (never queue on a model server), "
             "or up to the gateway's queue-depth headroom.",
         ),
+        click.option(
+            "--reserve-slots",
+            type=click.IntRange(0, None),
+            default=0,
+            show_default=True,
+            help="With --slots-only: leave this many of the pool's free batch slots to real-time arrivals.",
+        ),
         click.option("--max-concurrency", default=64, show_default=True, help="Largest dispatch window."),
         click.option(
             "--initial-window", default=4, show_default=True, help="Window at start (slow start from here)."

@@ -80,6 +80,10 @@ class ProcessorConfig:
     slots_only: bool = True
     """Dispatch only into the signal's ``free_slots`` too (requests that start running at once); off: up
     to the gateway's queue-depth headroom (more throughput, real-time requests may queue behind async)."""
+    reserve_slots: int = 0
+    """With ``slots_only``: leave this many of the pool's free batch slots to real-time arrivals (they
+    start at once instead of preempting or waiting for async work); trades idle capacity for real-time
+    tail latency."""
     grace_s: float = 30.0
     cancel_check_s: float = 1.0
     gate: str = "ingate"
@@ -287,7 +291,8 @@ class Processor:
         if self.config.slots_only and isinstance(slots, int | float):
             # Only into batch slots that are free now: async work never queues on a model server, so a
             # real-time request never waits behind it there (it may still wait for a slot to free up).
-            free = int(slots) if free is None else min(free, int(slots))
+            usable = max(0, int(slots) - self.config.reserve_slots)
+            free = usable if free is None else min(free, usable)
         congested = bool(doc.get("saturated")) or (doc.get("realtime_queued") or 0) > 0
         if congested and self.window.in_flight > 0 and self.window.on_congestion():
             self.metrics.window_decreases.labels("signal").inc()

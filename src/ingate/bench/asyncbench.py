@@ -65,6 +65,8 @@ class Params:
     seed: int = 7
     capacity_s: float = 20.0
     gates: tuple[str, ...] = GATES
+    reserve_slots: int = 0
+    """Passed to the ingate gate (``--reserve-slots``): free batch slots left to real-time arrivals."""
     runs: int = 1
     """Independent repetitions (run k shifts every seed by 100 k); summarised in ``summary``."""
     seed_set: str = "tuning"
@@ -252,6 +254,8 @@ async def _scenario(p: Params, work: Path, name: str, rt_rate: float) -> Scenari
             ]  # fmt: skip
             if name in ("ingate", "prometheus-saturation", "prometheus-budget"):
                 cmd += ["--capacity-url", cap_url]
+            if name == "ingate":
+                cmd += ["--reserve-slots", str(p.reserve_slots)]
             if name.startswith("prometheus"):
                 cmd += ["--gate", name]
             proc = spawn(cmd, work / f"async-{name}.log")

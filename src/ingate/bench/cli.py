@@ -220,6 +220,10 @@ def tokenizer_cmd(out_dir: str) -> None:
     "--preemption", is_flag=True, help="Replicas preempt lower-priority work; the gateway sends priorities."
 )
 @click.option(
+    "--reserve-slots", default=0, show_default=True, type=click.IntRange(0, None),
+    help="The ingate gate leaves this many free batch slots to real-time arrivals.",
+)  # fmt: skip
+@click.option(
     "--runs", default=1, show_default=True, type=click.IntRange(1, 20),
     help="Repeat every scenario on independent seeds (run k shifts seeds by 100 k); pooled summary.",
 )  # fmt: skip
