@@ -44,3 +44,7 @@ def test_verdict_at_the_best_peers_saturation_load() -> None:
     # A best peer never pushed past its knee: no verdict, and it says why.
     short = {**RES, "systems": [system("ingate", {8: 100}), system("sglang-router", {8: 100})]}
     assert verdict(short)["status"].startswith("not reached")
+    # Two peers with the same knee: the one serving more past it is the one to beat.
+    tie = {**RES, "systems": [*RES["systems"][:2], system("vllm-router", {8: 100, 12: 95, 16: 85})]}
+    v = verdict(tie)
+    assert v["best_peer"] == "vllm-router" and v["good"] == [95, 85] and v["status"] == "NOT met"

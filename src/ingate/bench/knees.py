@@ -6,7 +6,8 @@ Definitions (one set, used by every table that cites them):
   (`stats.max_sustainable_rate`); **past its knee** when the sweep also ran a higher rate at which it
   fell below 90%. A system never below 90% in the sweep has not been pushed past its knee.
 - **goodput**: requests that met the SLO, counted (and per offered second).
-- **best peer**: the peer router with the highest knee (ties: more good requests at that knee).
+- **best peer**: the peer router with the highest knee (ties: the one with more good requests at the
+  first rate past that knee).
 - **the best peer's saturation load**: the first rate of the sweep past its knee. The verdict compares
   ingate's good requests with the best peer's there (target: at least 1.15x).
 """
@@ -69,10 +70,12 @@ def verdict(res: dict[str, Any], subject: str = "ingate") -> dict[str, Any]:
         return out | {"status": "not comparable: ingate or every peer missing"}
     stages = {s["name"]: {st["rate"]: st for st in s.get("stages") or []} for s in res["systems"]}
 
-    def key(k: dict[str, Any]) -> tuple[float, int]:
-        return (k["knee"] if k["knee"] is not None else -1.0, k.get("good") or 0)
+    def good_past(k: dict[str, Any]) -> int:
+        st = stages[k["system"]].get(k["past_knee_at"]) if k["past_knee_at"] is not None else None
+        return _good(st) if st is not None else 0
 
-    best = max(peers, key=key)
+    # Highest knee; among equal knees, the one that serves the most where it saturates.
+    best = max(peers, key=lambda k: (k["knee"] if k["knee"] is not None else -1.0, good_past(k)))
     out["best_peer"] = best["system"]
     rate = best["past_knee_at"]
     if rate is None:
