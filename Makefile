@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: quickstart quickstart-seed test unit bench peers peer-smoke inference-perf e2e-vllm image clean system-deps
+.PHONY: quickstart quickstart-seed test unit bench bench-dataplane peers peer-smoke inference-perf e2e-vllm image clean system-deps
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "ingate needs Python 3.11+"'
@@ -54,6 +54,17 @@ peers: $(STAMP)
 ## inference-perf: run inference-perf (own venv, .venv-iperf) offline against ingate, shared-prefix config
 inference-perf: $(STAMP)
 	INGATE=$(BIN)/ingate benchmarks/inference-perf/run.sh
+
+## bench-dataplane: Envoy + picker overhead side by side (plain Envoy, null picker, ingate) at 1 and 32
+## streams, then 32 KB / 220 KB / 1 MB prompts; JSON in benchmarks/results/dataplane/ (~10 min)
+DP := $(BIN)/python benchmarks/dataplane/overhead.py
+DP_PLANES := envoy-rr,envoy-extproc-null,envoy-extproc
+bench-dataplane: $(STAMP)
+	$(DP) --sets tiny,stream --concurrency 1,32 --only $(DP_PLANES),envoy-extproc-req --rounds 4 \
+		--duration 8 --stream-duration 8 --out benchmarks/results/dataplane/restated.json
+	for n in 32768 225280 1048576; do \
+		$(DP) --sets tiny --concurrency 8 --duration 6 --rounds 2 --only $(DP_PLANES) --prompt-bytes $$n \
+			--out benchmarks/results/dataplane/large_$$n.json || exit 1; done
 
 ## peer-smoke: install the peer routers and run one low-rate point each through the harness, checking
 ## their own counters show the policy at work (~2 min; not in `make test`)
