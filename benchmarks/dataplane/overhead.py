@@ -52,7 +52,7 @@ the added latency can be split into where it goes. With ``--pin LOAD:PLANE`` (e.
 generator and the upstream run on CPUs LOAD and every data plane on CPUs PLANE, as if on separate
 machines.
 
-Writes a table to stdout and benchmarks/results/dataplane_overhead.json (with the machine named).
+Writes a table to stdout and benchmarks/results/dataplane/overhead.json (or --out; with the machine named).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ from ingate.dataplane.extproc_server import TRANSPORTS, ExtProcServer, Transport
 from ingate.serve import freeze_startup_heap
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results" / "dataplane_overhead.json"
+RESULTS = ROOT / "benchmarks" / "results" / "dataplane" / "overhead.json"
 BODY = orjson.dumps({"model": "bench", "prompt": "Say hello in one word.", "max_tokens": 1})
 STREAM_BODY = orjson.dumps(
     {
