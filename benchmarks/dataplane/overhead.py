@@ -780,7 +780,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.prompt_bytes > 0:
         global BODY
-        words = "lorem ipsum dolor sit amet consectetur adipiscing elit " * (args.prompt_bytes // 56 + 1)
+        unit = "lorem ipsum dolor sit amet consectetur adipiscing elit "
+        words = unit * (args.prompt_bytes // len(unit) + 1)
         BODY = orjson.dumps({"model": "bench", "prompt": words[: args.prompt_bytes], "max_tokens": 1})
     if not (args.role == "picker" and os.environ.get("INGATE_PICKER_LOOP") == "asyncio"):
         with contextlib.suppress(ImportError):
