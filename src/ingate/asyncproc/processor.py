@@ -115,6 +115,7 @@ class Processor:
     ) -> None:
         self.backend = backend
         self.config = config
+        self._last_got = time.monotonic()  # the last claim that returned messages
         self.metrics = metrics if metrics is not None else AsyncMetrics()
         self.rng = rng or random.Random()
         c = config
@@ -149,6 +150,7 @@ class Processor:
 
     async def run(self) -> None:
         c = self.config
+        self._last_got = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
@@ -195,6 +197,8 @@ class Processor:
                 if w.headroom is not None:
                     w.headroom += 1
             self._set_gauges()
+            if got:
+                self._last_got = time.monotonic()
             for d in got:
                 t = asyncio.create_task(self._handle_guarded(d), name=f"async-{d.key}")
                 self._tasks.add(t)
@@ -207,6 +211,11 @@ class Processor:
                         await self._stop.wait()
 
     async def _empty(self) -> bool:
+        # A broker that hides messages a dead consumer pulled (Pub/Sub: until their ack deadline) is
+        # empty only after that long without a delivery (`quiet_s` of the backend; 0 elsewhere).
+        quiet = float(getattr(self.backend, "quiet_s", 0.0))
+        if time.monotonic() - self._last_got < quiet:
+            return False
         try:
             return await self.backend.backlog() == 0
         except Exception:

@@ -89,6 +89,9 @@ class PubSubBackend:
         self.clock = clock
         self._create = create
         self._ready = False
+        self.quiet_s = float(MAX_ACK_DEADLINE_S)
+        """How long the queue must stay without deliveries before it counts as empty (processor's
+        --exit-when-empty): the subscription's ack deadline, read at start."""
         # ack id -> (Pub/Sub message id, request id, body, failed attempts) of the deliveries held here.
         self._held: dict[str, tuple[str, str | None, bytes, int]] = {}
 
@@ -111,12 +114,15 @@ class PubSubBackend:
                 if self.request_path:
                     try:
                         self._sub.create_subscription(
-                            name=self.sub_path, topic=self.request_path, ack_deadline_seconds=60
+                            name=self.sub_path, topic=self.request_path, ack_deadline_seconds=10
                         )
                     except AlreadyExists:
                         pass
+            sub = self._sub.get_subscription(subscription=self.sub_path)
             if self.request_path is None:
-                self.request_path = self._sub.get_subscription(subscription=self.sub_path).topic
+                self.request_path = sub.topic
+            # Messages a processor pulled and died with stay hidden this long (until it renews them).
+            self.quiet_s = float(max(sub.ack_deadline_seconds, 10)) + 1.0
 
         await asyncio.to_thread(go)
         self._ready = True
@@ -192,10 +198,12 @@ class PubSubBackend:
         return wrote
 
     async def _finish(self, key: str) -> None:
+        # Ledger first: a crash between the two redelivers the message (it is then answered from the
+        # ledger and finished again); the other order could leave it open in the ledger for ever.
         held = self._held.pop(key, None)
-        await self._ack(key)
         if held is not None:
             await self.ledger.finished(held[0])
+        await self._ack(key)
 
     async def ack(self, key: str) -> None:
         held = self._held.get(key)
