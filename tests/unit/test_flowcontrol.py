@@ -571,7 +571,9 @@ def test_build_from_yaml_mapping() -> None:
 async def test_preemption_dispatches_past_saturation_up_to_the_learned_batch_slots() -> None:
     clock = Clock()
     ds = pool(clock, waiting=0)
-    fc = controller(clock, ds, preemption=True)
+    # queueDepthThreshold 1: a replica with one request waiting is saturated, so the room for
+    # higher-priority work is the batch slots alone (no queue allowance).
+    fc = controller(clock, ds, preemption=True, saturation={"queueDepthThreshold": 1})
     lows = [await fc.admit(req("std", prio=0)) for _ in range(3)]
     ep = ds.endpoints()[0]
     set_metrics(ep, clock, waiting=5)  # saturated from now on
@@ -592,6 +594,29 @@ async def test_preemption_dispatches_past_saturation_up_to_the_learned_batch_slo
     assert fc.in_flight == 0 and fc._preempting == 0
     assert fc.pump() == 0  # the pool is still saturated and nothing lower runs: `same` waits
     same.cancel()
+
+
+async def test_preemption_lets_higher_priority_work_queue_on_servers_as_if_lower_work_were_absent() -> None:
+    """Preempted lower-priority requests wait on the replicas and make the pool look saturated; a
+    real-time request must still be dispatched while real-time work alone would not saturate the pool
+    (batch slots + the queue below queueDepthThreshold), not held in the gateway behind a burst."""
+    clock = Clock()
+    ds = pool(clock, n=2, waiting=0)
+    fc = controller(clock, ds, preemption=True, saturation={"queueDepthThreshold": 3})
+    low = await fc.admit(req("batch", prio=-1))
+    for ep in ds.endpoints():
+        set_metrics(ep, clock, waiting=4)  # preempted batch work waits there: saturated
+        ep.metrics.running = 2
+    # 2 replicas x (2 slots + 2 queued before saturation) = 8 real-time requests go to the servers.
+    rts = [await fc.admit(req("rt", prio=0)) for _ in range(8)]
+    assert all(t.preempting and not t.queued for t in rts)
+    ninth = await enqueue(fc, req("rt", prio=0))  # real-time work alone would saturate the pool now
+    fc.release(rts[0])
+    assert fc.pump() == 1
+    await settle()
+    assert ninth.done()
+    for t in (low, *rts[1:], ninth.result()):
+        fc.release(t)
 
 
 async def test_without_preemption_a_high_priority_request_waits_for_capacity() -> None:

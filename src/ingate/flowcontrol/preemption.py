@@ -22,10 +22,32 @@ class PriorityPlacement:
         self._peak_running: dict[str, int] = {}  # address -> most running requests ever scraped
 
     def place(self, result: SchedulingResult, ticket: Any, priority: int) -> None:
-        """Prefer a preemptable endpoint when the request is dispatched to preempt, or when the
-        scheduler's choice looks full for its priority."""
+        """When the request is dispatched to preempt, or the scheduler's choice looks full for its
+        priority, move to the front the candidate where it waits least behind work it cannot displace
+        (ties: one where lower-priority work runs, then the scheduler's order)."""
         if bool(getattr(ticket, "preempting", False)) or self.looks_full(result.endpoints[0], priority):
-            prefer_preemptable(result, priority)
+            eps = result.endpoints
+            best = min(
+                range(len(eps)),
+                key=lambda i: (self.wait_ahead(eps[i], priority), lower_in_flight(eps[i], priority) <= 0, i),
+            )
+            if best:
+                eps.insert(0, eps.pop(best))
+
+    def wait_ahead(self, ep: Endpoint, priority: int) -> int:
+        """Requests of at least ``priority`` from this gateway that would still be ahead of one more on
+        ``ep`` once its learned batch slots are full (0: it starts at once, in a free slot or by
+        preempting lower-priority work). Why not the scraped queue: on servers that preempt, that queue
+        holds displaced lower-priority work too, and the scorers cannot tell it from real-time work."""
+        peak = self._learn(ep)
+        mine = sum(n for p, n in ep.in_flight_by_priority.items() if p >= priority)
+        return max(0, mine - peak + 1)
+
+    def _learn(self, ep: Endpoint) -> int:
+        peak = self._peak_running.get(ep.address, 0)
+        if ep.metrics.running > peak:
+            self._peak_running[ep.address] = peak = ep.metrics.running
+        return peak
 
     def looks_full(self, ep: Endpoint, priority: int) -> bool:
         """Whether a request of ``priority`` would wait on ``ep`` behind work it cannot displace: the
@@ -34,9 +56,7 @@ class PriorityPlacement:
         m = ep.metrics
         if m.waiting > 0:
             return True
-        peak = self._peak_running.get(ep.address, 0)
-        if m.running > peak:
-            self._peak_running[ep.address] = peak = m.running
+        peak = self._learn(ep)
         mine = sum(n for p, n in ep.in_flight_by_priority.items() if p >= priority)
         return mine >= max(1, peak)
 
@@ -58,15 +78,3 @@ class PriorityPlacement:
 def lower_in_flight(ep: Endpoint, priority: int) -> int:
     """Requests of lower priority than ``priority`` this gateway has in flight on ``ep``."""
     return sum(n for p, n in ep.in_flight_by_priority.items() if p < priority)
-
-
-def prefer_preemptable(result: SchedulingResult, priority: int) -> None:
-    """A request that would otherwise wait should land where lower-priority work runs (the model server
-    displaces it): the scheduler's first choice (target, then fallbacks, so its filters still hold)
-    that has some goes first; without one the order stays."""
-    eps = result.endpoints
-    for i, ep in enumerate(eps):
-        if lower_in_flight(ep, priority) > 0:
-            if i:
-                eps.insert(0, eps.pop(i))
-            return
