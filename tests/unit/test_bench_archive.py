@@ -31,15 +31,31 @@ def test_archive_keeps_a_compact_summary_and_removes_the_files(tmp_path: Path) -
     other.write_bytes(
         orjson.dumps({"benchmark": "dataplane", "rows": [{"plane": "envoy", "p50_ms": 0.5, "raw": [1, 2]}]})
     )
+    (tmp_path / "async-x").mkdir()
+    asy = tmp_path / "async-x" / "results.json"
+    asy.write_bytes(
+        orjson.dumps(
+            {
+                "params": {"runs": 3, "seed_set": "eval"},
+                "started": "2026-12-04T00:00:00Z",
+                "scenarios": {"ingate": {"rt_ttfts_s": [0.1, 0.2], "rt_ttft_p99_s": 0.2}},
+                "summary": {"ingate": {"rt_pooled_p99_vs_alone": 1.1, "idle_capacity_used": {"mean": 0.9}}},
+            }
+        )
+    )
     index = tmp_path / "archive.json"
-    archive([f, other], index, tmp_path)
+    archive([f, other, asy], index, tmp_path)
+    assert not asy.exists()
     assert not f.exists() and not f.with_suffix(".png").exists() and not other.exists()
     entries = orjson.loads(index.read_bytes())
-    bench, dp = entries
+    bench, dp, asum = entries
+    assert asum["kind"] == "async" and asum["file"] == "async-x/results.json"
+    assert asum["params"]["seed_set"] == "eval"  # the pooled summary, never the raw TTFT lists
+    assert asum["scenarios"] == {"ingate": {"rt_pooled_p99_vs_alone": 1.1, "idle_capacity_used": {"mean": 0.9}}}
     assert bench["workload"] == "w" and bench["seed_set"] == "tuning"
     (stage,) = bench["systems"][0]["stages"]
     assert stage["good"] == 2 and stage["sent"] == 4 and stage["goodput_rps"] == 1.0  # ttft <= 1 s: 2 of 4
     assert bench["systems"][1]["unavailable"] == "not installed"
     assert dp["kind"] == "dataplane" and dp["rows"] == [{"plane": "envoy", "p50_ms": 0.5}]
     archive([], index, tmp_path)
-    assert len(orjson.loads(index.read_bytes())) == 2  # appends, never rewrites what is there
+    assert len(orjson.loads(index.read_bytes())) == 3  # appends, never rewrites what is there

@@ -2,7 +2,8 @@
 
 `ingate bench archive FILE...` appends each run's summary (workload, seed set, time, machine, per
 system and stage: offered rate, requests sent, within the SLO, goodput, TTFT and e2e percentiles,
-cached share; for other result kinds their top-level numbers) to
+cached share; for `ingate bench async` its parameters and per-scenario summary; for other result
+kinds their top-level numbers) to
 `benchmarks/results/archive.json` and deletes the file: the full file stays in git history (the
 index records the commit to look in).
 """
@@ -57,6 +58,19 @@ def summary_of(path: Path) -> dict[str, Any]:
                 }
                 for s in data["systems"]
             ],
+        )
+    elif "scenarios" in data and "params" in data:  # ingate bench async (docs/async.md)
+        entry["file"] = f"{path.parent.name}/{path.name}"
+        entry.update(
+            kind="async",
+            started_utc=data.get("started"),
+            machine=data.get("machine"),
+            params=data["params"],
+            # Pooled summary of repeated runs (--runs), else the single run's scenarios; no raw TTFTs.
+            scenarios={
+                name: {k: v for k, v in sc.items() if not isinstance(v, list)}
+                for name, sc in (data.get("summary") or data["scenarios"]).items()
+            },
         )
     else:
         entry.update(

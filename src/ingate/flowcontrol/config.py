@@ -72,9 +72,11 @@ class FlowControlConfig(_Model):
     `pool.modelServerPriority` and start them with priority preemption, e.g. SGLang's
     `--enable-priority-scheduling`, `ingate sim --scheduling-policy priority --priority-preemption`).
     Then, while lower-priority requests are in flight, a request may be dispatched although the pool is
-    saturated, as long as requests of its priority and above do not fill the pool's batch slots
-    (learned from the scraped running counts), and goes to an endpoint running lower-priority work: it
-    takes that request's place at once instead of waiting for a completion."""
+    saturated, as long as requests of its priority and above would not saturate the pool on their own
+    (the pool's batch slots, learned from the scraped running counts, plus the queue allowed below
+    ``queueDepthThreshold`` per endpoint), and goes to the endpoint where it waits least behind work it
+    cannot displace: it takes a lower-priority request's place at once instead of waiting for a
+    completion."""
 
     def band(self, priority: int) -> BandConfig:
         """The configured band for ``priority`` or one built from the defaults."""
