@@ -51,7 +51,9 @@ def test_archive_keeps_a_compact_summary_and_removes_the_files(tmp_path: Path) -
     bench, dp, asum = entries
     assert asum["kind"] == "async" and asum["file"] == "async-x/results.json"
     assert asum["params"]["seed_set"] == "eval"  # the pooled summary, never the raw TTFT lists
-    assert asum["scenarios"] == {"ingate": {"rt_pooled_p99_vs_alone": 1.1, "idle_capacity_used": {"mean": 0.9}}}
+    assert asum["scenarios"] == {
+        "ingate": {"rt_pooled_p99_vs_alone": 1.1, "idle_capacity_used": {"mean": 0.9}}
+    }
     assert bench["workload"] == "w" and bench["seed_set"] == "tuning"
     (stage,) = bench["systems"][0]["stages"]
     assert stage["good"] == 2 and stage["sent"] == 4 and stage["goodput_rps"] == 1.0  # ttft <= 1 s: 2 of 4
