@@ -63,3 +63,33 @@ def test_repeated_runs_pool_ttfts_and_spread_ratios() -> None:
     row = runs_table(summ)[1]
     assert row[0] == "ingate" and row[3] == "1.00x" and row[-1] == "70% (60-80%)"
     assert [run_seed(7, 10_000, k) for k in range(3)] == [10_007, 10_107, 10_207]
+
+
+def test_added_runs_continue_the_seeds_and_pool_with_the_earlier_ones(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    from ingate.bench import asyncbench
+
+    seeds: list[int] = []
+
+    def fake_run(p: Params, log: object) -> dict[str, object]:
+        seeds.append(p.seed)
+        scen = {
+            n: {"rt_ttfts_s": [0.1, 0.2], "rt_ttft_p50_s": 0.1, "rt_ttft_p99_s": 0.2, "rt_ok": 2,
+                "rt_requests": 2, "async_completed": 0, "rt_p99_vs_alone": 1.0}
+            for n in ("realtime-alone", "ingate")
+        }  # fmt: skip
+        return {"seed": p.seed, "capacity": {}, "rt_rate": 1.0, "scenarios": scen}
+
+    monkeypatch.setattr(asyncbench, "_run_once", fake_run)
+    monkeypatch.setattr(asyncbench, "_plot", lambda results, png: None)
+    out = Path(str(tmp_path))
+    p = Params(gates=("ingate",), runs=2, seed_set="eval")
+    first = asyncbench.run_bench(p, out, log=lambda s: None)
+    both = asyncbench.run_bench(p, out, log=lambda s: None, add_to=first)
+    assert seeds == [10007, 10107, 10207, 10307]  # the added runs never repeat a seed
+    assert both["params"]["runs"] == 4 and both["summary"]["ingate"]["rt_pooled_n"] == 8
+    with pytest.raises(ValueError, match="duration_s"):
+        asyncbench.run_bench(Params(gates=("ingate",), seed_set="eval", duration_s=5), out, add_to=both)

@@ -71,6 +71,8 @@ class Params:
     """Independent repetitions (run k shifts every seed by 100 k); summarised in ``summary``."""
     seed_set: str = "tuning"
     """``tuning`` or ``eval`` (docs/benchmarks.md): eval shifts the seeds by 10,000."""
+    first_run: int = 0
+    """Index of the first run (its seeds shift by 100 x first_run): runs added to an earlier result."""
     preemption: bool = False
     """Replicas schedule by priority and preempt lower-priority work (sim --scheduling-policy priority
     --priority-preemption); the gateway sends priorities (modelServerPriority) with flowControl.preemption."""
@@ -362,24 +364,50 @@ def _run_once(p: Params, log: Callable[[str], None]) -> dict[str, Any]:
     return {"seed": p.seed, "capacity": cap, "rt_rate": rt_rate, "scenarios": scen}
 
 
-def run_bench(p: Params, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+# Parameters that must match for runs to be pooled with an earlier result (``add_to``).
+_SAME = ("replicas", "max_num_seqs", "time_scale", "duration_s", "rt_load", "burst_on_s", "burst_off_s",
+         "backlog", "prompt_words", "max_tokens", "seed", "capacity_s", "gates", "reserve_slots",
+         "seed_set", "preemption")  # fmt: skip
+
+
+def run_bench(
+    p: Params,
+    out_dir: Path,
+    log: Callable[[str], None] = print,
+    add_to: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run every scenario ``p.runs`` times; write results.json and async.png under ``out_dir``.
 
     The first run's results stay at the top level (``capacity``, ``rt_rate``, ``scenarios``); every
-    run is under ``runs`` and their aggregate (pooled percentiles, mean/min/max) under ``summary``."""
+    run is under ``runs`` and their aggregate (pooled percentiles, mean/min/max) under ``summary``.
+    With ``add_to`` (an earlier result of the same parameters) the new runs continue its numbering
+    (fresh seeds) and are pooled with its runs; ``started`` lists when each batch of runs began."""
     if p.seed_set not in SEED_SETS:
         raise ValueError(f"unknown seed set {p.seed_set!r} (known: {', '.join(SEED_SETS)})")
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    earlier: list[dict[str, Any]] = []
+    if add_to is not None:
+        old = add_to.get("params", {})
+        mine = asdict(p)
+        diff = [k for k in _SAME if k in old and (list(old[k]) if k == "gates" else old[k]) != (
+            list(mine[k]) if k == "gates" else mine[k])]  # fmt: skip
+        if diff:
+            raise ValueError(f"cannot pool with the earlier result: {', '.join(diff)} differ")
+        earlier = list(add_to.get("runs") or [])
+        p = replace(p, first_run=len(earlier))
+        started = f"{add_to.get('started')}, {started}"
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "params": asdict(p),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started": started,
     }
-    runs = []
-    for k in range(max(1, p.runs)):
+    runs = earlier
+    for k in range(p.first_run, p.first_run + max(1, p.runs)):
         pk = replace(p, seed=run_seed(p.seed, SEED_SETS[p.seed_set], k))
-        log(f"run {k + 1}/{max(1, p.runs)} ({p.seed_set} seed {pk.seed})")
+        log(f"run {k + 1} of {p.first_run + max(1, p.runs)} ({p.seed_set} seed {pk.seed})")
         runs.append(_run_once(pk, log))
+    results["params"]["runs"] = len(runs)
     results.update(capacity=runs[0]["capacity"], rt_rate=runs[0]["rt_rate"], scenarios=runs[0]["scenarios"])
     results["runs"] = runs
     results["summary"] = aggregate(runs)

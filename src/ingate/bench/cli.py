@@ -231,7 +231,12 @@ def tokenizer_cmd(out_dir: str) -> None:
     "--eval", "eval_seeds", is_flag=True,
     help="Evaluation seeds (docs/benchmarks.md): the numbers docs may quote.",
 )  # fmt: skip
-def async_cmd(out_dir: str, gates: str, eval_seeds: bool, **kw: Any) -> None:
+@click.option(
+    "--add-runs", is_flag=True,
+    help="Add the new runs to OUT/results.json (same parameters; the runs continue its seeds) and pool "
+    "them all: to extend an evaluation decided in advance, never to rerun until a number looks good.",
+)  # fmt: skip
+def async_cmd(out_dir: str, gates: str, eval_seeds: bool, add_runs: bool, **kw: Any) -> None:
     """Real-time p99 TTFT alone vs with an async backlog; idle capacity used; llm-d-async's gates."""
     from ingate.bench.asyncbench import GATES, HEADER, Params, run_bench, table
     from ingate.bench.asyncruns import HEADER as RUNS_HEADER
@@ -243,7 +248,18 @@ def async_cmd(out_dir: str, gates: str, eval_seeds: bool, **kw: Any) -> None:
         raise click.BadParameter(f"unknown gates {bad}; known: {', '.join(GATES)}", param_hint="--gates")
     console = Console()
     seed_set = "eval" if eval_seeds else "tuning"
-    results = run_bench(Params(gates=chosen, seed_set=seed_set, **kw), Path(out_dir), log=console.print)
+    earlier = None
+    if add_runs:
+        prev = Path(out_dir) / "results.json"
+        if not prev.is_file():
+            raise click.BadParameter(f"{prev} does not exist", param_hint="--add-runs")
+        earlier = orjson.loads(prev.read_bytes())
+    try:
+        results = run_bench(
+            Params(gates=chosen, seed_set=seed_set, **kw), Path(out_dir), log=console.print, add_to=earlier
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     from rich.table import Table
 
     if len(results["runs"]) > 1:
