@@ -148,7 +148,9 @@ def serve(
     pending.append((ctx, r, target, ttft))
     while len(pending) > (rng.randint(0, 3) if backlog is not None else 0):
         c, rq, t, y = pending.pop(0)
+        s.clock = lambda y=y: 100.0 + y  # the first token arrives y after dispatch: TTFT learned now
         s.on_first_token(c, rq, t)
+        s.clock = lambda: 100.0
         s.post_response(c, rq, t, ResponseInfo(200, None, 16, 0, ttft_s=y, e2e_s=y + 15 * 0.01))
 
 
@@ -389,3 +391,42 @@ async def test_held_request_is_dispatched_when_its_hold_ends_and_sheddable_ones_
     assert ei.value.headers()["retry-after"] == "1"
     assert ei.value.headers()["x-llm-d-request-dropped-reason"] == SLO_UNATTAINABLE
     assert fast.in_flight == 0  # the shed request took nothing
+
+
+def test_a_slower_replica_gets_its_own_model_within_a_few_dozen_outcomes() -> None:
+    """The own-vs-pooled blend follows which model has predicted the endpoint better: a replica three
+    times slower than the rest moves to its own coefficients quickly; an endpoint with no scored
+    outcome gets the pool's prediction."""
+    rng = random.Random(11)
+    p = LatencyPredictor()
+    slow = [3 * c for c in FAST]
+    for i in range(600):
+        name = "slow" if i % 10 == 0 else f"fast{i % 3}"  # the slow one gets 1 in 10 outcomes
+        f = feats(rng)
+        p.observe(name, f, true_ttft(slow if name == "slow" else FAST, f), None)
+    assert p.samples("slow") == 60
+    errs = rel_errors(p, {"slow": slow}, rng)
+    pooled = sorted(
+        abs(p._pooled.ttft.predict(f.ttft()) - true_ttft(slow, f)) / true_ttft(slow, f)
+        for f in (feats(rng) for _ in range(200))
+    )
+    assert errs[len(errs) // 2] < 0.25 and pooled[len(pooled) // 2] > 0.5
+    f = feats(rng)
+    assert p.predict_ttft("never-seen", f) == p._pooled.ttft.predict(f.ttft())
+
+
+def test_ttft_is_learned_at_the_first_token_not_at_the_end_of_the_response() -> None:
+    a = ep(0)
+    s = PredictedTTFTScorer()
+    s.clock = lambda: 100.0
+    r = req(400)
+    ctx = CycleState()
+    s.score(ctx, r, [a])
+    s.post_schedule(ctx, r, SchedulingResult([a], "p"))
+    s.clock = lambda: 100.25  # first token 0.25 s after dispatch
+    s.on_first_token(ctx, r, a)
+    assert s.predictor.samples() == 1  # known now: decisions from here on use it
+    s.clock = lambda: 103.0
+    s.post_response(ctx, r, a, ResponseInfo(200, ttft_s=0.25, e2e_s=3.0, completion_tokens=16))
+    assert s.predictor.samples() == 1  # not learned twice
+    assert s.predictor._pooled.tpot.n == 1  # the TPOT at the end
