@@ -18,7 +18,7 @@ from ingate.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 # A committed `ingate bench` results file (the newest mixed-workload run: several systems and rates).
-BENCH_FILE = sorted((ROOT / "benchmarks/results").glob("mixed_*.json"))[-1]
+BENCH_FILE = sorted((ROOT / "benchmarks/results/eval").glob("mixed_*.json"))[-1]
 IPERF = ROOT / "tests/fixtures/inference-perf/report"
 
 # `ingate bench` summary key -> database column ("itl" there is each request's mean inter-token gap:

@@ -302,10 +302,10 @@ def test_helm_values_name_the_device_and_node_label_of_the_accelerator() -> None
 def test_emit_bench_reruns_the_choice_on_the_simulated_fleet() -> None:
     from ingate.bench.emit import bench_workload
     from ingate.bench.importers import load_bench_file
-    from ingate.bench.workload import Workload
+    from ingate.bench.workload import SEED_SETS, Workload
 
     root = Path(__file__).resolve().parents[2]
-    path = sorted((root / "benchmarks/results").glob("mixed_*.json"))[-1]
+    path = sorted((root / "benchmarks/results/eval").glob("mixed_*.json"))[-1]
     series = [
         Series(i, i, k, r, p) for i, (k, r, p) in enumerate(load_bench_file(path)) if k.gateway == "ingate"
     ]
@@ -315,7 +315,8 @@ def test_emit_bench_reruns_the_choice_on_the_simulated_fleet() -> None:
     wl = Workload.model_validate(yaml.safe_load(bench_workload(o, t, time_scale=0.1, duration_s=60)))
     src = json.loads(path.read_text())["workload"]
     assert wl.data.model_dump() == src["data"] and wl.model == src["model"]  # the curve's request shape
-    assert wl.seed_set == "eval" and wl.seed == src["seed"] + 10_000  # held-out seeds
+    base = src["seed"] - SEED_SETS[src.get("seed_set", "tuning")]
+    assert wl.seed_set == "eval" and wl.seed == base + SEED_SETS["eval"]  # held-out seeds
     assert wl.load.rates == [pytest.approx(3.0)] and wl.load.duration_s == 60
     assert wl.slo.ttft_s == pytest.approx(20.0)  # 2 s of modelled time at a tenth of real speed
     assert wl.fleet.replicas == o.replicas and wl.fleet.args[-2:] == ["--time-scale", "0.1"]
