@@ -16,9 +16,10 @@ relative error, `e_own` and `e_pool`), and the own model's weight is
 `w = (e_pool / (e_own + e_pool))^2 * n / (n + shrink)` once one of its outcomes has been scored. A new
 endpoint predicts what the pool does; a replica that really is slower or faster moves to its own
 coefficients within a few dozen responses; in a pool of equal replicas the noisier own models weigh
-little. No per-class configuration. (Measured in the scheduler replay, tuning seeds: against a fixed
-`n / (n + 20)` blend this cut the p90 TTFT error from 53% to 48% on mixed and from 51% to 47% on
-heterogeneous; see docs/scheduling.md.) Until the pooled model has seen `warmup`
+little. No per-class configuration. (Measured in the scheduler replay, tuning seeds, 20 streams:
+against a blend by sample count alone, `n / (n + 20)`, it cut the p90 TTFT error on mixed from 58% to
+47% at 9 req/s and from 55% to 50% at 10, and on heterogeneous from 41% to 39% at 8; see
+docs/scheduling.md.) Until the pooled model has seen `warmup`
 samples `warm` is False and callers fall back to a heuristic (the predicted-latency scorer's cost).
 
 Features (what the gateway knows at dispatch, for the request on a candidate endpoint):
