@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ingate.bench.asyncbench import Params, Scenario, _summary, derive, table
@@ -66,10 +68,8 @@ def test_repeated_runs_pool_ttfts_and_spread_ratios() -> None:
 
 
 def test_added_runs_continue_the_seeds_and_pool_with_the_earlier_ones(
-    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pathlib import Path
-
     from ingate.bench import asyncbench
 
     seeds: list[int] = []
@@ -85,7 +85,7 @@ def test_added_runs_continue_the_seeds_and_pool_with_the_earlier_ones(
 
     monkeypatch.setattr(asyncbench, "_run_once", fake_run)
     monkeypatch.setattr(asyncbench, "_plot", lambda results, png: None)
-    out = Path(str(tmp_path))
+    out = tmp_path
     p = Params(gates=("ingate",), runs=2, seed_set="eval")
     first = asyncbench.run_bench(p, out, log=lambda s: None)
     both = asyncbench.run_bench(p, out, log=lambda s: None, add_to=first)

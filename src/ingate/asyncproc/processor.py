@@ -212,9 +212,8 @@ class Processor:
 
     async def _empty(self) -> bool:
         # A broker that hides messages a dead consumer pulled (Pub/Sub: until their ack deadline) is
-        # empty only after that long without a delivery (`quiet_s` of the backend; 0 elsewhere).
-        quiet = float(getattr(self.backend, "quiet_s", 0.0))
-        if time.monotonic() - self._last_got < quiet:
+        # empty only after that long without a delivery (the backend's `quiet_s`).
+        if time.monotonic() - self._last_got < self.backend.quiet_s:
             return False
         try:
             return await self.backend.backlog() == 0

@@ -387,10 +387,10 @@ def run_bench(
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     earlier: list[dict[str, Any]] = []
     if add_to is not None:
-        old = add_to.get("params", {})
-        mine = asdict(p)
-        diff = [k for k in _SAME if k in old and (list(old[k]) if k == "gates" else old[k]) != (
-            list(mine[k]) if k == "gates" else mine[k])]  # fmt: skip
+        # Both as JSON stores them (tuples as lists): the earlier result may come from a file or not.
+        old = json.loads(json.dumps(add_to.get("params", {})))
+        mine = json.loads(json.dumps(asdict(p)))
+        diff = [k for k in _SAME if k in old and old[k] != mine[k]]
         if diff:
             raise ValueError(f"cannot pool with the earlier result: {', '.join(diff)} differ")
         earlier = list(add_to.get("runs") or [])

@@ -40,7 +40,7 @@ class PriorityPlacement:
         preempting lower-priority work). Why not the scraped queue: on servers that preempt, that queue
         holds displaced lower-priority work too, and the scorers cannot tell it from real-time work."""
         peak = self._learn(ep)
-        mine = sum(n for p, n in ep.in_flight_by_priority.items() if p >= priority)
+        mine = at_or_above_in_flight(ep, priority)
         return max(0, mine - peak + 1)
 
     def _learn(self, ep: Endpoint) -> int:
@@ -57,7 +57,7 @@ class PriorityPlacement:
         if m.waiting > 0:
             return True
         peak = self._learn(ep)
-        mine = sum(n for p, n in ep.in_flight_by_priority.items() if p >= priority)
+        mine = at_or_above_in_flight(ep, priority)
         return mine >= max(1, peak)
 
     @staticmethod
@@ -73,6 +73,11 @@ class PriorityPlacement:
     def forget(self, address: str) -> None:
         """Drop state for an endpoint that left the pool."""
         self._peak_running.pop(address, None)
+
+
+def at_or_above_in_flight(ep: Endpoint, priority: int) -> int:
+    """Requests of at least ``priority`` this gateway has in flight on ``ep`` (it cannot displace them)."""
+    return sum(n for p, n in ep.in_flight_by_priority.items() if p >= priority)
 
 
 def lower_in_flight(ep: Endpoint, priority: int) -> int:

@@ -247,11 +247,9 @@ class LatencyPredictor:
         return len(self._models)
 
     # -- decision path ------------------------------------------------------------------------------
-    def _blend(
-        self, own: OnlineLinear | None, err: list[float] | None, pooled: OnlineLinear, x: Sequence[float]
-    ) -> float:
+    def _blend(self, own: OnlineLinear, err: list[float], pooled: OnlineLinear, x: Sequence[float]) -> float:
         p = pooled.predict(x)
-        if own is None or err is None or err[0] < 0:
+        if err[0] < 0:
             return p  # no outcome of this endpoint scored yet: the pool's prediction
         r = err[1] / (err[0] + err[1]) if err[0] + err[1] > 0 else 0.5
         w = r * r * own.n / (own.n + self.shrink)

@@ -60,6 +60,10 @@ class QueueBackend(Protocol):
     """A durable queue of request messages plus a result store keyed by request id."""
 
     name: str
+    quiet_s: float
+    """Seconds the queue must go without a delivery before an empty ``backlog`` is believed (a broker
+    that hides messages a dead consumer pulled until their lease runs out, as Pub/Sub does; 0 for
+    stores that count every message)."""
 
     async def submit(self, bodies: Sequence[bytes]) -> int:
         """Enqueue raw messages; returns how many were enqueued."""

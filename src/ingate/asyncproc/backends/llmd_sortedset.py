@@ -132,6 +132,7 @@ class LlmdSortedSetBackend(RedisResults):
     """:class:`~ingate.asyncproc.backends.base.QueueBackend` on llm-d-async's Redis sorted-set layout."""
 
     name = "llmd-sortedset"
+    quiet_s = 0.0  # every message is counted in backlog()
 
     def __init__(
         self,

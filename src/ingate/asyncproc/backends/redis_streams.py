@@ -101,6 +101,7 @@ class RedisStreamsBackend(RedisResults):
     """:class:`~ingate.asyncproc.backends.base.QueueBackend` on a Redis stream and consumer group."""
 
     name = "redis"
+    quiet_s = 0.0  # every message is counted in backlog()
 
     def __init__(
         self,

@@ -78,6 +78,7 @@ class SqliteBackend:
     """:class:`~ingate.asyncproc.backends.base.QueueBackend` on an SQLite file."""
 
     name = "sqlite"
+    quiet_s = 0.0  # every message is counted in backlog()
 
     def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)

@@ -241,11 +241,13 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     ) -> None:
         p: _Prediction | None = ctx.get(self._pred_key)
         ok = p is not None and p.endpoint is endpoint and request.stream and info.status == 200
-        if p is not None and ok and not p.ttft_learned and info.ttft_s is not None:
-            # The data plane reported no first token: learn it from the response's own timing.
-            self._learn_ttft(p, endpoint, info.ttft_s - p.waited_s)
-        elif p is not None:
-            p.ttft_learned = True  # a failed response: its first token (if any) was never reported
+        if p is not None:
+            if ok and not p.ttft_learned and info.ttft_s is not None:
+                # The data plane reported no first token: learn it from the response's own timing.
+                self._learn_ttft(p, endpoint, info.ttft_s - p.waited_s)
+            # Nothing learns a TTFT for it from here on (the parent's post_response calls
+            # on_first_token, which would take the end of the response for its first token).
+            p.ttft_learned = True
         super().post_response(ctx, request, endpoint, info)
         if p is None or not ok or info.ttft_s is None:
             return
