@@ -122,6 +122,34 @@ async def test_kv_exhaustion_queues_and_waiting_gauge_rises(session: aiohttp.Cli
             resp.release()
 
 
+async def test_request_log_records_what_the_server_did(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    log = tmp_path / "requests.jsonl"
+    cfg = _cfg(time_scale=1.0, request_log=str(log), overrides={"max_num_seqs": 1})
+    async with start_fleet(cfg) as fleet:
+        addr = fleet.addresses[0]
+        body = {"model": MODEL, "prompt": "hello there", "max_tokens": 5}
+        resps = await asyncio.gather(
+            *(
+                session.post(f"http://{addr}/v1/completions", json=body, headers={"x-request-id": f"r{i}"})
+                for i in range(3)
+            )
+        )
+        for r in resps:
+            assert r.status == 200
+            r.release()
+    recs = {rec["id"]: rec for rec in map(json.loads, log.read_text().splitlines())}
+    assert set(recs) == {"r0", "r1", "r2"}
+    for rec in recs.values():
+        assert rec["generated"] == 5 and rec["priority"] == 0 and rec["preemptions"] == 0
+        assert 0 <= rec["queue_s"] <= rec["ttft_s"] <= rec["e2e_s"]
+        assert abs(rec["arrival"] - time.time()) < 30  # wall clock, comparable across processes
+    # One sequence slot: the three ran one after another, so two of them queued at the server.
+    queued = sorted(rec["queue_s"] for rec in recs.values())
+    assert queued[0] < 0.02 and queued[2] > queued[1] > 0.02
+
+
 async def test_lora_residency_is_limited(session: aiohttp.ClientSession) -> None:
     cfg = _cfg(time_scale=1.0, max_loras=2, lora_adapters=["a1", "a2", "a3"], profile="null",
                overrides={"step_floor": 2.0, "decode_base": 2.0})  # fmt: skip

@@ -93,3 +93,21 @@ def test_added_runs_continue_the_seeds_and_pool_with_the_earlier_ones(
     assert both["params"]["runs"] == 4 and both["summary"]["ingate"]["rt_pooled_n"] == 8
     with pytest.raises(ValueError, match="duration_s"):
         asyncbench.run_bench(Params(gates=("ingate",), seed_set="eval", duration_s=5), out, add_to=both)
+
+
+def test_server_side_view_separates_real_time_from_async(tmp_path: Path) -> None:
+    from ingate.bench.asyncbench import _server_side
+
+    log = tmp_path / "sim-requests.jsonl"
+    lines = [
+        '{"id": "a00001", "ttft_s": 0.5, "preemptions": 2}',
+        '{"id": "a00002", "ttft_s": 0.4, "preemptions": 0}',
+        '{"id": "3f2a9c0d1e", "ttft_s": 0.02, "preemptions": 0}',
+        '{"id": "9b8e7d6c5f", "ttft_s": 0.04, "preemptions": 1}',
+        "not json",
+    ]
+    log.write_text("\n".join(lines) + "\n")
+    s = _server_side(log)
+    assert s["rt_server_ttfts_s"] == [0.02, 0.04] and s["rt_server_ttft_p99_s"] == 0.04
+    assert (s["async_preemptions"], s["async_finished_on_servers"]) == (2, 2)
+    assert _server_side(tmp_path / "missing.jsonl") == {}

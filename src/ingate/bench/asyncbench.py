@@ -86,6 +86,8 @@ class Scenario:
     async_done: int = 0
     async_shed: int = 0
     duration_s: float = 0.0
+    server: dict[str, Any] = field(default_factory=dict)
+    """Server-side view from the simulator's request log (``_server_side``)."""
 
 
 def _prompt(rng: random.Random, n: int) -> str:
@@ -97,6 +99,38 @@ def _pct(vals: list[float], q: float) -> float | None:
         return None
     s = sorted(vals)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _request_log(work: Path, tag: str) -> Path:
+    return work / f"sim-requests-{tag}.jsonl"
+
+
+def _server_side(path: Path) -> dict[str, Any]:
+    """What the model servers alone did (the simulator's request log): real-time TTFT from arrival at
+    the replica (so gateway and client time are excluded) and how often async work was preempted.
+    Async requests carry their message id (``a#####``) as x-request-id; everything else is real-time."""
+    rt: list[float] = []
+    preempted = async_n = 0
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return {}
+    for line in lines:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            rec = orjson.loads(line)
+            rid = str(rec.get("id", ""))
+            if len(rid) == 6 and rid[0] == "a" and rid[1:].isdigit():
+                async_n += 1
+                preempted += int(rec.get("preemptions") or 0)
+            elif rec.get("ttft_s") is not None:
+                rt.append(float(rec["ttft_s"]))
+    return {
+        "rt_server_ttft_p50_s": _pct(rt, 0.5),
+        "rt_server_ttft_p99_s": _pct(rt, 0.99),
+        "rt_server_ttfts_s": [round(t, 4) for t in rt],
+        "async_preemptions": preempted,
+        "async_finished_on_servers": async_n,
+    }
 
 
 @asynccontextmanager
@@ -112,6 +146,7 @@ async def _environment(p: Params, work: Path, tag: str) -> AsyncIterator[tuple[s
     ]
     if p.preemption:
         sim_args += ["--scheduling-policy", "priority", "--priority-preemption"]
+    sim_args += ["--request-log", str(_request_log(work, tag))]
     sim = await asyncio.to_thread(
         launch_sim, p.replicas, sim_args, work, timeout_s=60, log=work / f"sim-{tag}.log"
     )
@@ -301,6 +336,7 @@ async def _scenario(p: Params, work: Path, name: str, rt_rate: float) -> Scenari
         sc.duration_s = t1_wall - t0_wall
         if proc is not None:
             sc.async_done = _async_done(queue, t0_wall, t1_wall)
+    sc.server = _server_side(_request_log(work, name))
     return sc
 
 
@@ -326,6 +362,7 @@ def _summary(sc: Scenario, p: Params) -> dict[str, Any]:
         "slot_utilisation": (sum(slots) / len(slots) / p.max_num_seqs) if slots else 0.0,
         "mean_waiting": sum(waiting) / len(waiting) if waiting else 0.0,
         "duration_s": sc.duration_s,
+        **sc.server,
         "utilisation_series": [
             [round(t, 2), sum(run) / (p.max_num_seqs * len(run))] for t, run, _ in sc.samples
         ],

@@ -128,6 +128,13 @@ def _csv(value: str) -> list[str]:
     help="Block hash function, as vLLM's flag (vLLM defaults to sha256, i.e. pickle + SHA-256; "
     "precise-prefix routers such as llm-d need sha256_cbor).",
 )
+@click.option(
+    "--request-log",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Append one JSON line per finished request (replica, priority, arrival, queue/TTFT/e2e "
+    "seconds as the server saw them, preemptions): tells server-side waits from gateway or client time.",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--ready-file",
@@ -163,6 +170,7 @@ def sim(
     kv_events_layout: str,
     kv_hash_seed: str,
     kv_hash_algo: str,
+    request_log: str | None,
     seed: int,
     ready_file: str | None,
 ) -> None:
@@ -205,6 +213,7 @@ def sim(
         kv_events_topic=kv_events_topic,
         kv_events_buffer_steps=kv_events_buffer_steps,
         kv_events_layout=kv_events_layout,
+        request_log=request_log,
     )
     cfg = SimFleetConfig(
         replicas=replicas,

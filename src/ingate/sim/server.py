@@ -8,7 +8,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 from aiohttp import web
@@ -66,6 +66,8 @@ class ReplicaConfig:
     """Batches kept for replay (vLLM's buffer_steps)."""
     kv_events_layout: str = "map"
     """Event encoding: "map" (current vLLM) or "array" (earlier vLLM's array_like; llm-d reads it)."""
+    request_log: str | None = None
+    """Append one JSON line per finished request (timings, priority, preemptions) to this file."""
 
 
 @dataclass(eq=False, slots=True)
@@ -105,6 +107,12 @@ class Replica:
         )
         self.metrics = SimMetrics(self.engine, cfg.model, cfg.max_loras)
         self.engine.on_finish = self.metrics.on_finish
+        self._request_log: TextIO | None = None
+        if cfg.request_log:
+            # Line-buffered append: each record is one write, so replicas may share the file.
+            self._request_log = open(cfg.request_log, "a", buffering=1)
+            self._wall_offset = time.time() - time.monotonic()
+            self.engine.on_finish = self._finished
         self._adapters = frozenset(cfg.lora_adapters)
         # vLLM numbers --lora-modules adapters from 1 (lora_int_id); BlockStored carries it as lora_id.
         self._lora_ids = {name: i + 1 for i, name in enumerate(dict.fromkeys(cfg.lora_adapters))}
@@ -176,7 +184,35 @@ class Replica:
         pub.start()
         self.engine.enable_kv_events(pub.publish)
 
+    def _finished(self, req: SimRequest) -> None:
+        """Metrics, then one request-log line: what the server alone did to the request, so a
+        benchmark can tell model-server waits from time spent in the gateway or the client."""
+        self.metrics.on_finish(req)
+        if self._request_log is None:
+            return
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None else round(t - req.arrival, 6)
+
+        rec = {
+            "replica": self.cfg.index,
+            "id": req.rid,
+            "priority": req.priority,
+            "arrival": round(req.arrival + self._wall_offset, 6),
+            "prompt_tokens": req.prompt_len,
+            "cached_tokens": req.num_cached,
+            "generated": req.generated,
+            "queue_s": rel(req.scheduled_at),
+            "ttft_s": rel(req.first_token_at),
+            "e2e_s": rel(req.finished_at),
+            "preemptions": req.preemptions,
+        }
+        self._request_log.write(orjson.dumps(rec).decode() + "\n")
+
     async def stop(self) -> None:
+        if self._request_log is not None:
+            self._request_log.close()
+            self._request_log = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
