@@ -41,9 +41,10 @@ from ingate.bench.workload import EVAL_WORKLOADS_DIR, BenchRequest, RequestStrea
 from ingate.datastore import Datastore, Endpoint
 from ingate.errors import SLO_HOLD_EXPIRED, GatewayError, SloHold
 from ingate.lifecycle import ResponseInfo
-from ingate.metrics.kvevents import block_hashes, none_hash
+from ingate.metrics.kvevents import EventBatch, block_hashes, none_hash
 from ingate.request import parse_request
 from ingate.scheduling.config import SchedulerConfig
+from ingate.scheduling.plugins.precise_prefix import PrecisePrefixScorer
 from ingate.scheduling.predictor import ErrorWindow
 from ingate.scheduling.scheduler import Scheduler, build_scheduler
 from ingate.sim.engine import FINISHED, Engine, EngineConfig, SimRequest
@@ -155,6 +156,24 @@ class Fleet:
             for s, _ in p.scorers:
                 if hasattr(s, "clock"):
                     s.clock = CLOCK.monotonic  # the latency model's waited-in-gateway time, virtual
+        # Precise prefix scorers get each replica's KV-cache events at the end of the step that made
+        # them (as `ingate sim --kv-events-port` publishes them; loopback delivery takes well under a
+        # step), straight into their block index instead of over ZMQ.
+        indexes = [
+            s.index
+            for p in self.sched.profiles.values()
+            for s, _ in p.scorers
+            if isinstance(s, PrecisePrefixScorer)
+        ]
+        if indexes:
+            for ep, e in zip(self.eps, self.engines, strict=True):
+
+                def sink(events: list[Any], name: str = ep.address) -> None:
+                    batch = EventBatch(CLOCK.t, events)
+                    for idx in indexes:
+                        idx.apply(name, batch)
+
+                e.enable_kv_events(sink)
         self.t0 = 0.0
 
 
@@ -281,6 +300,7 @@ def run_stage(
             i = payload
             prefill, decode = steps[i]
             engines[i]._apply(prefill, decode, now)
+            engines[i].flush_kv_events()
             for r, _, _ in prefill:
                 entry = live.get(r)
                 if entry is not None and r.first_token_at == now and entry[0]["ttft"] is None:
@@ -326,6 +346,7 @@ def summarize(recs: list[dict[str, Any]], slo_s: float, duration_s: float) -> di
         "cached_token_share": sum(r["cached_tokens"] for r in recs) / prompt if prompt else 0.0,
         "goodput_rps": good / duration_s,
         "ttft_p50": percentile(ttfts, 0.5) or 0.0,
+        "ttft_p90": percentile(ttfts, 0.9) or 0.0,
         "ttft_p99": percentile(ttfts, 0.99) or 0.0,
     }
 
@@ -388,6 +409,7 @@ def main() -> None:
         "good / sent",
         "TTFT err p50 / p90",
         "goodput req/s (mean)",
+        "TTFT p90 s (mean)",
         "TTFT p99 s (mean)",
         "p99 max",
         "cached",
@@ -410,6 +432,7 @@ def main() -> None:
             "good": sum(r["good"] for r in rs),
             "sent": sum(r["sent"] for r in rs),
             "goodput_rps_mean": statistics.mean(r["goodput_rps"] for r in rs),
+            "ttft_p90_mean": statistics.mean(r["ttft_p90"] for r in rs),
             "ttft_p99_mean": statistics.mean(r["ttft_p99"] for r in rs),
             "ttft_p99_max": max(r["ttft_p99"] for r in rs),
             "cached_token_share_mean": statistics.mean(r["cached_token_share"] for r in rs),
@@ -431,6 +454,7 @@ def main() -> None:
                 else "-"
             ),
             f"{agg['goodput_rps_mean']:.2f}",
+            f"{agg['ttft_p90_mean']:.2f}",
             f"{agg['ttft_p99_mean']:.2f}",
             f"{agg['ttft_p99_max']:.2f}",
             f"{agg['cached_token_share_mean']:.0%}",

@@ -282,6 +282,26 @@ def test_a_new_prefix_counts_as_held_by_its_target_until_its_events_can_show_it(
     assert sc.score(CycleState(), second, [a, b])[a] == 0.0
 
 
+def test_speculative_grace_runs_on_the_scorers_clock() -> None:
+    # The scheduling replay runs in virtual time: the grace after the first token must be measured on
+    # the clock it sets, not wall time (else entries outlive their grace by whole virtual minutes).
+    now = [100.0]
+    sc, (a, b, _) = _setup(speculative_grace_ms=500.0)
+    sc.clock = lambda: now[0]
+    _store(sc, a, [])
+    _store(sc, b, [])
+    head = _text("sys", 400)
+    first, second = _req(head + " " + _text("u", 40)), _req(head + " " + _text("v", 40))
+    ctx1 = CycleState()
+    sc.score(ctx1, first, [a, b])
+    sc.post_schedule(ctx1, first, SchedulingResult([b], "p"))
+    sc.on_first_token(ctx1, first, b)
+    now[0] += 0.4
+    assert sc.score(CycleState(), second, [a, b])[b] > 0.8  # within the grace
+    now[0] += 0.2
+    assert sc.score(CycleState(), second, [a, b]) == {a: 0.0, b: 0.0}
+
+
 def test_speculation_can_be_turned_off() -> None:
     sc, (a, b, _) = _setup(speculative=False)
     _store(sc, a, [])

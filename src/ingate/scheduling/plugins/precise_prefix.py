@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,8 @@ class PrecisePrefixScorer:
     fallback: dict[str, Any] = field(default_factory=dict)
     """Parameters of the inner approximate `prefix-cache` scorer (camelCase, as in its own spec)."""
     name: str = "precise-prefix"
+    clock: Callable[[], float] = field(default=time.monotonic, init=False, repr=False)
+    """Times speculative entries (the gateway's time.monotonic; the scheduling replay's virtual time)."""
     index: BlockIndex = field(init=False)
     approx: PrefixCacheScorer = field(init=False)
     subscriptions: KVEventSubscriptions | None = field(init=False, default=None)
@@ -308,7 +310,7 @@ class PrecisePrefixScorer:
         hashes = self.approx.prompt_hashes(inner, request)
         if not hashes:
             return
-        now = time.monotonic()
+        now = self.clock()
         bc = self.approx.block_chars
         for ep in live:
             entries = self._pending.get(ep)
@@ -336,7 +338,7 @@ class PrecisePrefixScorer:
             hashes = self.approx.prompt_hashes(inner, request)
             if hashes:
                 ep = result.target
-                now = time.monotonic()
+                now = self.clock()
                 entries = self._pending.setdefault(ep, {})
                 for key in [k for k, p in entries.items() if p.expires < now]:
                     del entries[key]
@@ -353,7 +355,7 @@ class PrecisePrefixScorer:
         if drop:
             del entries[id(ctx)]
         else:
-            entry.expires = min(entry.expires, time.monotonic() + self.speculative_grace_ms / 1000)
+            entry.expires = min(entry.expires, self.clock() + self.speculative_grace_ms / 1000)
 
     def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None:
         self._settle(ctx, drop=False)
