@@ -243,6 +243,26 @@ async def test_preempting_request_goes_where_lower_priority_work_runs() -> None:
     assert busy.in_flight_by_priority == {} and busy.in_flight == 0
 
 
+async def test_a_burst_of_preempting_requests_spreads_over_replicas_full_of_batch_work() -> None:
+    cfg = _cfg(flowControl={"preemption": True})
+    ds = Datastore([Endpoint(name=f"e{i}", host="127.0.0.1", port=9001 + i) for i in range(2)])
+    d = Director(cfg, ds, build_scheduler(cfg.scheduler, ds), Telemetry(ds, "p"), flow_control=_PreemptFlow())
+    crit = {"x-gateway-inference-objective": "critical"}
+    # Both replicas run 4 batch requests each (their learned batch: 4 slots).
+    lows = [await d.handle("/v1/completions", {}, _body()) for _ in range(8)]
+    e0, e1 = ds.endpoints()
+    # Displaced batch work waits on both; e1 looks far worse to the load scorers, so the scheduler
+    # would send every critical request to e0.
+    e0.metrics.running, e0.metrics.waiting, e0.metrics.kv_usage = 4, 1, 0.2
+    e1.metrics.running, e1.metrics.waiting, e1.metrics.kv_usage = 4, 6, 0.9
+    assert sorted(ep.in_flight_by_priority.get(-1, 0) for ep in ds.endpoints()) == [4, 4]
+    # A burst of critical requests, none finished yet: they alternate instead of filling one replica.
+    burst = [await d.handle("/v1/completions", crit, _body(prompt="x" * 50)) for _ in range(6)]
+    assert sorted(ep.in_flight_by_priority.get(10, 0) for ep in ds.endpoints()) == [3, 3]
+    for dec in burst + lows:
+        d.finish(dec, ResponseInfo(status=200))
+
+
 class _NoPreemptFlow(_Flow):
     async def admit(self, request: InferenceRequest) -> Any:
         from ingate.flowcontrol.controller import Ticket
