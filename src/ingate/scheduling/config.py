@@ -38,18 +38,20 @@ class ProfileConfig(BaseModel):
     picker: PluginSpec = Field(default_factory=lambda: PluginSpec(type="max-score"))
 
 
-def _default_profile(prefix_scorer: str) -> ProfileConfig:
+def _default_profile(
+    prefix_scorer: str, prefix: float = 3, latency: float = 2, kv: float = 0.5, in_flight: float = 0.5
+) -> ProfileConfig:
     return ProfileConfig(
         filters=[
             PluginSpec(type="lora-affinity"),
             PluginSpec(type="load-guard", parameters={"queueMargin": 8, "kvThreshold": 1.0}),
         ],
         scorers=[
-            PluginSpec(type=prefix_scorer, weight=3),
+            PluginSpec(type=prefix_scorer, weight=prefix),
             PluginSpec(type="size-band", weight=1),
-            PluginSpec(type="predicted-latency", weight=2),
-            PluginSpec(type="kv-cache", weight=0.5),
-            PluginSpec(type="least-in-flight", weight=0.5),
+            PluginSpec(type="predicted-latency", weight=latency),
+            PluginSpec(type="kv-cache", weight=kv),
+            PluginSpec(type="least-in-flight", weight=in_flight),
             PluginSpec(type="lora-affinity", weight=1),
         ],
         picker=PluginSpec(type="max-score"),
@@ -78,21 +80,7 @@ def default_profiles() -> dict[str, ProfileConfig]:
         # KV and in-flight 1 each): chosen on the scheduling replay's tuning seeds (b2b at 8 and 12
         # req/s, shared-prefix at 12; 16 streams) as the most requests within the SLO summed over the
         # three, among 10 weightings; docs/scheduling.md.
-        "precise-prefix": ProfileConfig(
-            filters=[
-                PluginSpec(type="lora-affinity"),
-                PluginSpec(type="load-guard", parameters={"queueMargin": 8, "kvThreshold": 1.0}),
-            ],
-            scorers=[
-                PluginSpec(type="precise-prefix", weight=2),
-                PluginSpec(type="size-band", weight=1),
-                PluginSpec(type="predicted-latency", weight=5),
-                PluginSpec(type="kv-cache", weight=1),
-                PluginSpec(type="least-in-flight", weight=1),
-                PluginSpec(type="lora-affinity", weight=1),
-            ],
-            picker=PluginSpec(type="max-score"),
-        ),
+        "precise-prefix": _default_profile("precise-prefix", prefix=2, latency=5, kv=1, in_flight=1),
         # The default until 2026-12 (request-count load guard, queue/KV/in-flight scorers), kept for
         # side-by-side comparison and for pools where prompt lengths are uniform.
         "guarded-affinity": ProfileConfig(
