@@ -108,7 +108,7 @@ def _request_log(work: Path, tag: str) -> Path:
 def _server_side(path: Path) -> dict[str, Any]:
     """What the model servers alone did (the simulator's request log): real-time TTFT from arrival at
     the replica (so gateway and client time are excluded) and how often async work was preempted.
-    Async requests carry their message id (``a#####``) as x-request-id; everything else is real-time."""
+    Async requests carry their message id (``a`` + digits) as x-request-id; everything else is real-time."""
     rt: list[float] = []
     preempted = async_n = 0
     try:
@@ -119,7 +119,7 @@ def _server_side(path: Path) -> dict[str, Any]:
         with contextlib.suppress(orjson.JSONDecodeError):
             rec = orjson.loads(line)
             rid = str(rec.get("id", ""))
-            if len(rid) == 6 and rid[0] == "a" and rid[1:].isdigit():
+            if rid[:1] == "a" and rid[1:].isdigit() and len(rid) < 32:  # real-time ids are 32-hex uuids
                 async_n += 1
                 preempted += int(rec.get("preemptions") or 0)
             elif rec.get("ttft_s") is not None:
