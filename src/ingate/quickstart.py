@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ingate.bench.loadgen import send_one
+from ingate.bench.stats import percentile
 from ingate.bench.workload import BenchRequest
 from ingate.config import parse_config
 from ingate.dataplane.proxy import BuiltinProxy
@@ -62,10 +63,9 @@ class RunResult:
 
 
 def _pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+    """The reports' nearest-rank percentile (``p`` in percent); NaN when there is nothing to rank."""
+    v = percentile(xs, p / 100)
+    return float("nan") if v is None else v
 
 
 def _prompts(spec: LoadSpec) -> list[tuple[float, str]]:

@@ -39,6 +39,7 @@ import yaml
 from ingate.asyncproc.backends.sqlite import SqliteBackend
 from ingate.bench.asyncruns import aggregate, run_seed
 from ingate.bench.loadgen import RequestRecord, make_session, run_poisson
+from ingate.bench.stats import percentile
 from ingate.bench.systems import free_port
 from ingate.bench.workload import SEED_SETS, BenchRequest, Load
 from ingate.procs import ChildProcess, spawn
@@ -94,13 +95,6 @@ def _prompt(rng: random.Random, n: int) -> str:
     return " ".join(rng.choices(_WORDS, k=n))
 
 
-def _pct(vals: list[float], q: float) -> float | None:
-    if not vals:
-        return None
-    s = sorted(vals)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
 def _request_log(work: Path, tag: str) -> Path:
     return work / f"sim-requests-{tag}.jsonl"
 
@@ -125,8 +119,8 @@ def _server_side(path: Path) -> dict[str, Any]:
             elif rec.get("ttft_s") is not None:
                 rt.append(float(rec["ttft_s"]))
     return {
-        "rt_server_ttft_p50_s": _pct(rt, 0.5),
-        "rt_server_ttft_p99_s": _pct(rt, 0.99),
+        "rt_server_ttft_p50_s": percentile(rt, 0.5),
+        "rt_server_ttft_p99_s": percentile(rt, 0.99),
         "rt_server_ttfts_s": [round(t, 4) for t in rt],
         "async_preemptions": preempted,
         "async_finished_on_servers": async_n,
@@ -350,8 +344,8 @@ def _summary(sc: Scenario, p: Params) -> dict[str, Any]:
     return {
         "rt_requests": len(sc.rt_records),
         "rt_ok": len(ok),
-        "rt_ttft_p50_s": _pct(ttfts, 0.5),
-        "rt_ttft_p99_s": _pct(ttfts, 0.99),
+        "rt_ttft_p50_s": percentile(ttfts, 0.5),
+        "rt_ttft_p99_s": percentile(ttfts, 0.99),
         # Raw TTFTs (ms precision) so repeated runs can pool them (asyncruns.aggregate).
         "rt_ttfts_s": [round(t, 4) for t in ttfts],
         "rt_tokens_per_s": sum(r.completion_tokens for r in ok) / d,
