@@ -6,7 +6,8 @@ Compares scheduler profiles on many request streams in seconds (not a test, and 
 an event loop in virtual time: requests arrive as the bench's Poisson stream (`RequestStream` and the
 same arrival seeds; stream k > 0 shifts both seeds by 100 k), are scheduled by the real `Scheduler`
 (the director's bookkeeping: in-flight counts, first-token and post-response hooks), reach the engine
-2 ms later, and the scheduler sees metrics scraped from the engines every 50 ms. Stages run in order
+2 ms later, and the scheduler sees metrics scraped from the engines every 50 ms and each engine step's
+streamed tokens 2 ms after the step (the data plane's step timing, `Endpoint.steps`). Stages run in order
 on the same fleet and scheduler (as `ingate bench` does), and the chosen stage is reported.
 
     python benchmarks/scheduling/replay.py benchmarks/workloads/mixed.yaml --stage 2 --streams 20 \\
@@ -296,11 +297,15 @@ def run_stage(
             live[sr] = (rec, req, ctx, i)
             if not busy[i]:
                 start_step(i)
+        elif kind == "chunk":  # a step's streamed tokens reach the gateway: what the data plane records
+            eps[payload].steps.chunk(now)
         else:  # step end
             i = payload
             prefill, decode = steps[i]
             engines[i]._apply(prefill, decode, now)
             engines[i].flush_kv_events()
+            if decode or any(r.first_token_at == now for r, _, _ in prefill):
+                push(now + NET_S, "chunk", i)
             for r, _, _ in prefill:
                 entry = live.get(r)
                 if entry is not None and r.first_token_at == now and entry[0]["ttft"] is None:

@@ -36,6 +36,57 @@ class EndpointMetrics:
         return (time.monotonic() if now is None else now) - self.updated_at
 
 
+_BURST_GAP_S = 0.005
+"""Chunks from one endpoint closer than this (and than a quarter step) belong to one step's burst: a
+step's tokens leave the server within a few milliseconds; steps are rarely shorter than 10 ms."""
+_STEP_DECAY = 0.1
+
+
+@dataclass(slots=True)
+class StepTiming:
+    """When the endpoint's engine last emitted tokens, from the streamed responses the gateway relays.
+
+    An engine such as vLLM runs in steps and every step sends one token to each request decoding
+    there, so the chunks of one step reach the gateway as a burst. A request sent there mid-step
+    waits for the step in progress; how far that step has got is not in any metric, but the time since
+    the last burst tells it (measured in the scheduling replay, docs/scheduling.md). Updated on every
+    streamed chunk by the data plane: a few float operations, no allocation.
+    """
+
+    last_chunk_at: float = 0.0
+    """Monotonic time of the last streamed chunk from this endpoint (0 = none yet)."""
+    burst_at: float = 0.0
+    """Monotonic time of the first chunk of the last burst (a step's tokens)."""
+    step_s: float = 0.0
+    """Moving average of the time between bursts: the engine's step duration while it is busy."""
+
+    def chunk(self, now: float) -> None:
+        """One streamed chunk from this endpoint arrived at `now`."""
+        gap = now - self.last_chunk_at
+        self.last_chunk_at = now
+        step = self.step_s
+        if gap <= 0.0005 or (gap <= _BURST_GAP_S and gap <= 0.25 * step):
+            return
+        d = now - self.burst_at
+        self.burst_at = now
+        if step == 0.0:
+            self.step_s = d if d < 1.0 else 0.0  # the first burst's d is since start-up
+        elif d < 4.0 * step:  # longer: the engine was idle in between, not one step
+            # Clamped to [0.5, 2] steps: a burst split in two (a chunk late by more than the burst
+            # gap) moves it by at most 5%, one long prefill step by at most 10%.
+            d = 0.5 * step if d < 0.5 * step else 2.0 * step if d > 2.0 * step else d
+            self.step_s = step + _STEP_DECAY * (d - step)
+
+    def since(self, now: float) -> float:
+        """Seconds since the engine's last step ended as seen here, capped at two steps (an idle
+        engine, or one not seen streaming, reads as the cap: nothing in progress to wait for)."""
+        cap = 2.0 * self.step_s
+        s = now - self.last_chunk_at
+        if s < 0.0:
+            return 0.0
+        return s if s < cap else cap
+
+
 @dataclass(eq=False, slots=True)
 class Endpoint:
     """One model-server replica (a pod IP:port). Hashable by identity so it can key score maps."""
@@ -53,6 +104,8 @@ class Endpoint:
     """`in_flight` split by priority; kept only with flowControl.preemption (empty otherwise)."""
     healthy: bool = True
     """False after a connection failure, until the next successful scrape."""
+    steps: StepTiming = field(default_factory=StepTiming)
+    """Step timing seen in the streamed responses relayed from here (fed by the data planes)."""
 
     @property
     def address(self) -> str:

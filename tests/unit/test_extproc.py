@@ -18,12 +18,14 @@ from google.protobuf import struct_pb2
 
 from ingate.dataplane import extproc
 from ingate.dataplane.extproc import MAX_CHUNK, ExtProcServicer, ResponseOutcome
+from ingate.datastore import StepTiming
 from ingate.errors import GatewayError
 
 
 @dataclass
 class _Ep:
     address: str
+    steps: StepTiming = field(default_factory=StepTiming)
 
 
 @dataclass
@@ -39,12 +41,14 @@ class _Director:
     seen: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
     first_tokens: int = 0
     finished: list[ResponseOutcome] = field(default_factory=list)
+    last_target: _Ep | None = None
 
     async def handle(self, path: str, headers: Mapping[str, str], raw_body: bytes) -> _Decision:
         self.seen.append((path, dict(headers), raw_body))
         if self.error is not None:
             raise self.error
-        return _Decision(_Ep("10.0.0.7:8000"), self.rewrite if self.rewrite is not None else raw_body)
+        self.last_target = _Ep("10.0.0.7:8000")
+        return _Decision(self.last_target, self.rewrite if self.rewrite is not None else raw_body)
 
     def on_first_token(self, decision: Any) -> None:
         self.first_tokens += 1
@@ -235,6 +239,8 @@ async def test_response_passes_through_first_token_usage_and_single_finish() -> 
     # response size and the gap between the two chunks (inter-token latency for a streamed answer)
     assert o.body_bytes == len(sse[0]) + len(sse[1])
     assert len(o.chunk_gaps) == 1 and 0 <= o.chunk_gaps[0] < 1.0
+    # every streamed chunk is timed on the endpoint (the latency model's step-phase feature)
+    assert d.last_target is not None and d.last_target.steps.last_chunk_at > 0
 
 
 async def test_stream_closed_right_after_the_last_chunk_counts_as_complete() -> None:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from prometheus_client.core import Metric
 
-from ingate.datastore import Datastore, Endpoint, EndpointMetrics
+from ingate.datastore import Datastore, Endpoint, EndpointMetrics, StepTiming
 from ingate.errors import GatewayError
 from ingate.lifecycle import CycleState, ResponseInfo, SchedulingResult
 from ingate.request import COMPLETIONS, InferenceRequest, parse_request
@@ -22,7 +22,7 @@ from ingate.scheduling.plugins.slo import SLO_UNATTAINABLE, PredictedTTFTScorer
 from ingate.scheduling.predictor import TTFT_FEATURES, Features, LatencyPredictor, OnlineLinear
 from ingate.scheduling.scheduler import build_scheduler
 
-FAST = [0.02, 0.05, 0.01, 0.04, 0.01, 0.002, 0.05, 0.1, 0.003]
+FAST = [0.02, 0.05, 0.01, 0.04, 0.01, 0.002, 0.05, 0.1, 0.003, -0.05]
 """True TTFT seconds per unit of each TTFT feature (bias, new ktokens, ...) of a 'fast' replica."""
 
 
@@ -35,6 +35,7 @@ def feats(rng: random.Random) -> Features:
         kv_utilisation=rng.random(),
         kv_shortfall=rng.choice([0.0, 0.0, rng.uniform(0, 3000)]),
         decoding=rng.randint(0, 20),
+        since_step=rng.uniform(0, 0.2),
     )
 
 
@@ -430,3 +431,113 @@ def test_ttft_is_learned_at_the_first_token_not_at_the_end_of_the_response() -> 
     s.post_response(ctx, r, a, ResponseInfo(200, ttft_s=0.25, e2e_s=3.0, completion_tokens=16))
     assert s.predictor.samples() == 1  # not learned twice
     assert s.predictor._pooled.tpot.n == 1  # the TPOT at the end
+
+
+def test_step_timing_reads_the_engine_step_from_bursts_of_streamed_chunks() -> None:
+    """The data plane times every streamed chunk on its endpoint; a step's tokens arrive as one burst,
+    so the time between bursts is the engine's step and the time since the last burst its phase."""
+    st = StepTiming()
+    assert st.since(5.0) == 0.0  # never streamed: no phase known, the feature is neutral
+    t = 100.0
+    for _ in range(40):  # 40 steps of 100 ms, each a burst of 8 chunks 0.3 ms apart
+        for k in range(8):
+            st.chunk(t + 0.0003 * k)
+        t += 0.1
+    assert abs(st.step_s - 0.1) < 0.005
+    last = st.last_chunk_at
+    assert abs(st.since(last + 0.03) - 0.03) < 1e-9
+    assert st.since(last + 5.0) == pytest.approx(2 * st.step_s)  # idle: capped at two steps
+    assert st.since(last - 1.0) == 0.0  # a clock read before the chunk (another task's): no phase
+    # An idle engine between two bursts is not a step; a burst split by a late chunk moves the
+    # estimate by at most 5%.
+    step = st.step_s
+    st.chunk(last + 5.0)
+    assert st.step_s == step
+    st.chunk(last + 5.1)
+    st.chunk(last + 5.106)
+    assert st.step_s >= 0.95 * step
+
+
+async def test_the_builtin_proxy_times_each_endpoints_streamed_chunks() -> None:
+    """Real HTTP on loopback: chunks 50 ms apart through the built-in proxy set the endpoint's step."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+    from loopback_http import start_app
+
+    from ingate.config import parse_config
+    from ingate.dataplane.proxy import BuiltinProxy
+    from ingate.gateway import Gateway
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(8):
+            await resp.write(b'data: {"choices":[{"text":"a"}]}\n\n')
+            await asyncio.sleep(0.05)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", sse)
+    runner, port = await start_app(app)
+    cfg = parse_config(
+        {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "pool": {"endpoints": [{"address": f"127.0.0.1:{port}"}]},
+            "models": {"served": ["m"]},
+            "dataplane": {"type": "builtin"},
+        }
+    )
+    gw = Gateway(cfg)
+    proxy = BuiltinProxy.serving(gw)
+    await proxy.start()
+    try:
+        body = {"model": "m", "prompt": "hi", "max_tokens": 8, "stream": True}
+        async with aiohttp.ClientSession() as s, s.post(proxy.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            await r.read()
+        steps = gw.datastore.endpoints()[0].steps
+        assert steps.last_chunk_at > 0
+        assert 0.03 < steps.step_s < 0.2  # 50 ms between chunks, on a shared loaded machine
+    finally:
+        await proxy.stop()
+        await runner.cleanup()
+
+
+def test_the_model_learns_to_wait_out_the_step_in_progress() -> None:
+    """Two equal replicas in steps of 200 ms: a request waits for the step in progress, then 50 ms of
+    its own. Learned from outcomes, the model predicts that wait from the step phase the data plane
+    saw, and the scorer sends a request to the replica whose step is about to end."""
+    rng = random.Random(5)
+    a, b = ep(0), ep(1)
+    s = PredictedTTFTScorer(warmup=30)
+    now = 100.0
+    s.clock = lambda: now
+    for e in (a, b):
+        e.steps.step_s = 0.2
+    for _ in range(300):
+        phase = {a: rng.uniform(0, 0.2), b: rng.uniform(0, 0.2)}
+        for e in (a, b):
+            e.steps.last_chunk_at = now - phase[e]
+        r = req(400)
+        ctx = CycleState()
+        s.score(ctx, r, [a, b])
+        target = rng.choice([a, b])
+        s.post_schedule(ctx, r, SchedulingResult([target], "p"))
+        y = 0.05 + (0.2 - phase[target]) * rng.uniform(0.95, 1.05)
+        s._learn_ttft(ctx[s._pred_key], target, y)
+        s.load(target).pending_prefill = 0  # nothing queued: only the step phase differs
+        s.load(target).requests = 0
+    a.steps.last_chunk_at = now - 0.19  # a's step is about to end; b's has just begun
+    b.steps.last_chunk_at = now - 0.01
+    r = req(400)
+    ctx = CycleState()
+    scores = s.score(ctx, r, [a, b])
+    assert scores[a] > scores[b]
+    fa = s.features(a, 100, 0, 16, now)
+    fb = s.features(b, 100, 0, 16, now)
+    assert s.predictor.predict_ttft(a, fa) == pytest.approx(0.06, rel=0.3)
+    assert s.predictor.predict_ttft(b, fb) == pytest.approx(0.24, rel=0.2)

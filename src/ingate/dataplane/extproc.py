@@ -159,6 +159,7 @@ class _Exchange:
             return False
         o = self.outcome
         now = time.monotonic()
+        self.decision.target.steps.chunk(now)  # the engine's step timing, for the latency model
         first = o.first_token_at is None and o.status < 400
         if first:
             o.first_token_at = now

@@ -232,6 +232,7 @@ class BuiltinProxy:
             try:
                 async for chunk in upstream.content.iter_any():
                     now = time.monotonic()
+                    ep.steps.chunk(now)  # the engine's step timing, for the latency model
                     if first:
                         director.on_first_token(d)
                         first = False

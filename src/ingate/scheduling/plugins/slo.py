@@ -115,8 +115,9 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         datastore.on_remove(self.predictor.forget)
 
     # -- features -----------------------------------------------------------------------------------
-    def features(self, ep: Endpoint, prompt: int, cached: int, output: int) -> Features:
-        """The model's inputs for this request on `ep`, from this gateway's accounting and the scrape."""
+    def features(self, ep: Endpoint, prompt: int, cached: int, output: int, now: float) -> Features:
+        """The model's inputs for this request on `ep` at `now` (the scorer's clock), from this
+        gateway's accounting, the scrape and the step timing seen in the streamed responses."""
         ld = self._loads.get(ep, _EMPTY)
         m = ep.metrics
         new = prompt - cached
@@ -138,6 +139,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             m.kv_usage,
             shortfall,
             float(decoding if decoding > 0 else 0),
+            ep.steps.since(now),
         )
 
     def _cached(self, ctx: CycleState, ep: Endpoint, prompt: int) -> int:
@@ -156,15 +158,16 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             return super().score(ctx, request, endpoints)
         self.predictions["model"] += 1
         prompt, out = self._request_tokens(request)
+        now = self.clock()
         ttft = {
-            ep: pred.predict_ttft(ep, self.features(ep, prompt, self._cached(ctx, ep, prompt), out))
+            ep: pred.predict_ttft(ep, self.features(ep, prompt, self._cached(ctx, ep, prompt), out, now))
             for ep in endpoints
         }
         slo_ttft = request.slo_ttft_ms
         if slo_ttft is None:
             best = min(ttft.values()) + self.scale_s
             return {ep: best / (p + self.scale_s) for ep, p in ttft.items()}
-        budget = slo_ttft / 1000.0 - max(0.0, self.clock() - request.arrival)
+        budget = slo_ttft / 1000.0 - max(0.0, now - request.arrival)
         unattainable = budget <= 0 or min(ttft.values()) * self.shed_margin > budget
         if (
             unattainable
@@ -193,7 +196,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         if slo_tpot is not None:
             t = slo_tpot / 1000.0
             for ep in endpoints:
-                f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out)
+                f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out, now)
                 s = _headroom(t, pred.predict_tpot(ep, f))
                 if s < scores[ep]:
                     scores[ep] = s
@@ -203,9 +206,9 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     def post_schedule(self, ctx: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         ep = result.target
         prompt, out = self._request_tokens(request)
-        f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out)  # before this request's charge
-        pred = self.predictor
         now = self.clock()
+        f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out, now)  # before this request's charge
+        pred = self.predictor
         ctx[self._pred_key] = _Prediction(
             ep,
             f,
