@@ -541,3 +541,17 @@ def test_the_model_learns_to_wait_out_the_step_in_progress() -> None:
     fb = s.features(b, 100, 0, 16, now)
     assert s.predictor.predict_ttft(a, fa) == pytest.approx(0.06, rel=0.3)
     assert s.predictor.predict_ttft(b, fb) == pytest.approx(0.24, rel=0.2)
+
+
+def test_bench_pools_the_prediction_errors_of_several_streams() -> None:
+    """Each stream of `ingate bench run --streams N` runs its own gateway and model: the report pools
+    their windows (quantiles weighted by window size) instead of keeping only the last stream's."""
+    from ingate.bench.runner import pool_prediction_errors
+
+    a = {"p/ttft": {"0.5": 0.10, "0.9": 0.40, "n": 1000.0}, "p/tpot": {"0.5": 0.2, "n": 500.0}}
+    b = {"p/ttft": {"0.5": 0.20, "0.9": 0.70, "n": 5000.0}}  # its window holds the last 2,000
+    got = pool_prediction_errors([a, b])
+    assert got["p/ttft"]["n"] == 6000 and got["p/ttft"]["streams"] == 2
+    assert got["p/ttft"]["0.5"] == pytest.approx((0.1 * 1000 + 0.2 * 2000) / 3000, abs=1e-4)
+    assert got["p/ttft"]["0.9"] == pytest.approx((0.4 * 1000 + 0.7 * 2000) / 3000, abs=1e-4)
+    assert got["p/tpot"] == {"n": 500.0, "streams": 1.0, "0.5": 0.2}

@@ -106,12 +106,19 @@ def run_cmd(
 
 
 def _print_prediction_errors(path: Path, console: Console) -> None:
-    """The latency model's prediction errors each ingate system exported (last stream's window)."""
+    """The latency model's prediction errors each ingate system exported (its window of the last 2,000
+    predictions; over several streams, the windows' quantiles weighted by their sizes)."""
     for entry in orjson.loads(path.read_bytes())["systems"]:
         for key, q in (entry.get("info") or {}).get("latency_prediction_error", {}).items():
+            n = int(q["n"])
+            k = int(q.get("streams", 1))
+            where = (
+                f"over its last {min(n, 2000)} of {n} predictions"
+                if k == 1
+                else f"over {k} streams' windows ({n} predictions; quantiles weighted by window size)"
+            )
             console.print(
-                f"{entry['name']}: latency model {key} |error|/actual over its last "
-                f"{min(int(q['n']), 2000)} of {int(q['n'])} predictions after warm-up: "
+                f"{entry['name']}: latency model {key} |error|/actual {where} after warm-up: "
                 f"median {q.get('0.5', float('nan')):.0%}, "
                 f"p90 {q.get('0.9', float('nan')):.0%}"
             )

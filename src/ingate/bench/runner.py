@@ -122,6 +122,7 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
         for name in wl.systems:
             entry: dict[str, Any] = {"name": name}
             stages: list[StageResult] = []
+            errors: list[dict[str, dict[str, float]]] = []
             for k in range(wl.load.streams):
                 label = name if wl.load.streams == 1 else f"{name} [stream {k}]"
                 try:
@@ -129,7 +130,12 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
                 except sysmod.SystemUnavailable as e:
                     entry["unavailable"] = str(e)
                     break
+                if "latency_prediction_error" in entry["info"]:
+                    errors.append(entry["info"]["latency_prediction_error"])
                 stages = part if not stages else [_pool(a, b) for a, b in zip(stages, part, strict=True)]
+            if len(errors) > 1:  # each stream's gateway has a model of its own: report them all
+                entry["info"]["latency_prediction_error_streams"] = errors
+                entry["info"]["latency_prediction_error"] = pool_prediction_errors(errors)
             if "unavailable" in entry:
                 results["systems"].append(entry)
                 continue
@@ -216,6 +222,27 @@ def latency_model_errors(url: str) -> dict[str, dict[str, float]]:
     except (ValueError, KeyError):  # not Prometheus text (a peer's own page): nothing to report
         return {}
     return {k: v for k, v in out.items() if v.get("n")}
+
+
+def pool_prediction_errors(streams: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Prediction errors over several streams (one gateway, one model each): per profile/kind, each
+    quantile is the mean of the streams' quantiles weighted by the predictions in their windows
+    (`n` capped at the 2,000 the window holds); `n` is the total and `streams` how many were pooled.
+    An approximation of the pooled quantile (the windows themselves are not exported)."""
+    out: dict[str, dict[str, float]] = {}
+    for key in sorted({k for s in streams for k in s}):
+        parts = [s[key] for s in streams if key in s]
+        weights = [min(p.get("n", 0.0), 2000.0) for p in parts]
+        total = sum(weights)
+        if total <= 0:
+            continue
+        pooled: dict[str, float] = {"n": sum(p.get("n", 0.0) for p in parts), "streams": float(len(parts))}
+        for q in ("0.5", "0.9", "0.99"):
+            have = [(p[q], w) for p, w in zip(parts, weights, strict=True) if q in p]
+            if have:
+                pooled[q] = round(sum(v * w for v, w in have) / sum(w for _, w in have), 4)
+        out[key] = pooled
+    return out
 
 
 def _pool(a: StageResult, b: StageResult) -> StageResult:
