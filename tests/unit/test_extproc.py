@@ -29,9 +29,15 @@ class _Ep:
 
 
 @dataclass
+class _Request:
+    stream: bool = True
+
+
+@dataclass
 class _Decision:
     target: _Ep
     upstream_body: bytes
+    request: _Request = field(default_factory=_Request)
 
 
 @dataclass

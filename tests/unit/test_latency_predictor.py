@@ -459,7 +459,8 @@ def test_step_timing_reads_the_engine_step_from_bursts_of_streamed_chunks() -> N
 
 
 async def test_the_builtin_proxy_times_each_endpoints_streamed_chunks() -> None:
-    """Real HTTP on loopback: chunks 50 ms apart through the built-in proxy set the endpoint's step."""
+    """Real HTTP on loopback: chunks 50 ms apart through the built-in proxy set the endpoint's step
+    (streamed requests only: a non-streamed answer's chunks are one body, not steps)."""
     import asyncio
 
     import aiohttp
@@ -495,11 +496,16 @@ async def test_the_builtin_proxy_times_each_endpoints_streamed_chunks() -> None:
     proxy = BuiltinProxy.serving(gw)
     await proxy.start()
     try:
-        body = {"model": "m", "prompt": "hi", "max_tokens": 8, "stream": True}
-        async with aiohttp.ClientSession() as s, s.post(proxy.url + "/v1/completions", json=body) as r:
-            assert r.status == 200
-            await r.read()
         steps = gw.datastore.endpoints()[0].steps
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "m", "prompt": "hi", "max_tokens": 8, "stream": False}
+            async with s.post(proxy.url + "/v1/completions", json=body) as r:
+                assert r.status == 200
+                await r.read()
+            assert steps.last_chunk_at == 0  # a request that did not ask to stream times no steps
+            async with s.post(proxy.url + "/v1/completions", json={**body, "stream": True}) as r:
+                assert r.status == 200
+                await r.read()
         assert steps.last_chunk_at > 0
         assert 0.03 < steps.step_s < 0.2  # 50 ms between chunks, on a shared loaded machine
     finally:

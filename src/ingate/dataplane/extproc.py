@@ -159,7 +159,9 @@ class _Exchange:
             return False
         o = self.outcome
         now = time.monotonic()
-        self.decision.target.steps.chunk(now)  # the engine's step timing, for the latency model
+        d = self.decision
+        if d.request.stream:  # the engine's step timing (latency model); a whole answer tells none
+            d.target.steps.chunk(now)
         first = o.first_token_at is None and o.status < 400
         if first:
             o.first_token_at = now

@@ -230,9 +230,11 @@ class BuiltinProxy:
             info.chunk_gaps = gaps
             last = 0.0
             try:
+                steps = ep.steps if d.request.stream else None  # a whole answer tells no steps
                 async for chunk in upstream.content.iter_any():
                     now = time.monotonic()
-                    ep.steps.chunk(now)  # the engine's step timing, for the latency model
+                    if steps is not None:
+                        steps.chunk(now)  # the engine's step timing, for the latency model
                     if first:
                         director.on_first_token(d)
                         first = False
