@@ -1,7 +1,8 @@
 """The pool: endpoints, their latest metrics and the gateway's own in-flight counts.
 
 This is the only shared state of the endpoint picker. Discovery sources (static YAML, Kubernetes) write
-endpoints; the metrics scraper writes `Endpoint.metrics`; data planes bump `in_flight`; schedulers read.
+endpoints; the metrics scraper writes `Endpoint.metrics`; data planes bump `in_flight` and time the
+streamed chunks they relay (`Endpoint.steps`); schedulers read.
 Everything runs on one asyncio loop, so no locks are needed.
 """
 
