@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.core import Metric
 
 from ingate.datastore import Datastore, Endpoint, EndpointMetrics, StepTiming
@@ -224,11 +226,11 @@ def test_non_streamed_and_failed_responses_train_nothing() -> None:
     s.clock = lambda: 100.0
     body = {"model": "m", "prompt": "x" * 400, "max_tokens": 16}
     r = parse_request(COMPLETIONS, {}, orjson.dumps(body), now=100.0)
-    for st, rq in ((200, r), (500, req(400)), (200, req(400))):
+    for status, rq in ((200, r), (500, req(400)), (200, req(400))):
         ctx = CycleState()
         s.score(ctx, rq, [a])
         s.post_schedule(ctx, rq, SchedulingResult([a], "p"))
-        s.post_response(ctx, rq, a, ResponseInfo(st, ttft_s=0.1, e2e_s=0.2, completion_tokens=16))
+        s.post_response(ctx, rq, a, ResponseInfo(status, ttft_s=0.1, e2e_s=0.2, completion_tokens=16))
     assert s.predictor.samples() == 1  # the streamed success only
 
 
@@ -436,26 +438,26 @@ def test_ttft_is_learned_at_the_first_token_not_at_the_end_of_the_response() -> 
 def test_step_timing_reads_the_engine_step_from_bursts_of_streamed_chunks() -> None:
     """The data plane times every streamed chunk on its endpoint; a step's tokens arrive as one burst,
     so the time between bursts is the engine's step and the time since the last burst its phase."""
-    st = StepTiming()
-    assert st.since(5.0) == 0.0  # never streamed: no phase known, the feature is neutral
+    timing = StepTiming()
+    assert timing.since(5.0) == 0.0  # never streamed: no phase known, the feature is neutral
     t = 100.0
     for _ in range(40):  # 40 steps of 100 ms, each a burst of 8 chunks 0.3 ms apart
         for k in range(8):
-            st.chunk(t + 0.0003 * k)
+            timing.chunk(t + 0.0003 * k)
         t += 0.1
-    assert abs(st.step_s - 0.1) < 0.005
-    last = st.last_chunk_at
-    assert abs(st.since(last + 0.03) - 0.03) < 1e-9
-    assert st.since(last + 5.0) == pytest.approx(2 * st.step_s)  # idle: capped at two steps
-    assert st.since(last - 1.0) == 0.0  # a clock read before the chunk (another task's): no phase
+    assert abs(timing.step_s - 0.1) < 0.005
+    last = timing.last_chunk_at
+    assert abs(timing.since(last + 0.03) - 0.03) < 1e-9
+    assert timing.since(last + 5.0) == pytest.approx(2 * timing.step_s)  # idle: capped at two steps
+    assert timing.since(last - 1.0) == 0.0  # a clock read before the chunk (another task's): no phase
     # An idle engine between two bursts is not a step; a burst split by a late chunk moves the
     # estimate by at most 5%.
-    step = st.step_s
-    st.chunk(last + 5.0)
-    assert st.step_s == step
-    st.chunk(last + 5.1)
-    st.chunk(last + 5.106)
-    assert st.step_s >= 0.95 * step
+    step = timing.step_s
+    timing.chunk(last + 5.0)
+    assert timing.step_s == step
+    timing.chunk(last + 5.1)
+    timing.chunk(last + 5.106)
+    assert timing.step_s >= 0.95 * step
 
 
 async def test_the_builtin_proxy_times_each_endpoints_streamed_chunks() -> None:
@@ -561,3 +563,32 @@ def test_bench_pools_the_prediction_errors_of_several_streams() -> None:
     assert got["p/ttft"]["0.5"] == pytest.approx((0.1 * 1000 + 0.2 * 2000) / 3000, abs=1e-4)
     assert got["p/ttft"]["0.9"] == pytest.approx((0.4 * 1000 + 0.7 * 2000) / 3000, abs=1e-4)
     assert got["p/tpot"] == {"n": 500.0, "streams": 1.0, "0.5": 0.2}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    period=st.floats(0.01, 0.5),
+    jitter=st.floats(0.0, 0.3),
+    chunks=st.integers(1, 32),
+    noise=st.lists(st.floats(0.0, 1.0), min_size=80, max_size=80),
+)
+def test_step_timing_finds_the_step_under_jitter_and_stays_bounded(
+    period: float, jitter: float, chunks: int, noise: list[float]
+) -> None:
+    """Whatever the step (10-500 ms), its jitter (up to +-30%) and the streams per step, the estimate
+    settles near the mean step, never exceeds the longest gap between bursts, and the phase it
+    reports stays within [0, 2 steps]: the runaway growth a scale-free burst test once had cannot
+    come back."""
+    s = StepTiming()
+    t = 50.0
+    gaps = []
+    for u in noise:
+        for k in range(chunks):  # one step's tokens, 0.1 ms apart
+            s.chunk(t + 0.0001 * k)
+        gap = period * (1 + jitter * (2 * u - 1))
+        gaps.append(gap)
+        t += gap
+    assert 0 < s.step_s <= max(gaps) + 0.0001 * chunks
+    assert abs(s.step_s - period) <= 0.35 * period
+    for dt in (0.0, 0.5 * period, 10 * period):
+        assert 0.0 <= s.since(s.last_chunk_at + dt) <= 2 * s.step_s
