@@ -331,12 +331,19 @@ async def test_feedback_from_the_response_once_per_request(replicas: list[str], 
             }
             async with http.post(dp.url + "/v1/completions", json=body) as r:
                 assert r.status == 200
-                assert r.headers["x-gateway-destination-endpoint-served"] == r.headers[HDR_UPSTREAM_DEBUG]
+                served = r.headers["x-gateway-destination-endpoint-served"]
+                assert served == r.headers[HDR_UPSTREAM_DEBUG]
                 assert (await r.read()).endswith(b"data: [DONE]\n\n")
+            await _calls(calls, 1, quiet_s=0.0)  # its finish runs after its last chunk was seen
+            seen = {ep.address: ep.steps.last_chunk_at for ep in gw.datastore.endpoints()}
             async with http.post(dp.url + "/v1/completions", json={"model": "m", "prompt": "one"}) as r:
                 assert r.status == 200
                 assert (await r.json())["usage"]["prompt_tokens"] > 0
         got = await _calls(calls, 2)
+        # Every chunk of the streamed answer was timed on its endpoint (the latency model's step
+        # phase); the plain answer's body is no engine step and timed nothing.
+        assert seen[served] > 0
+        assert {ep.address: ep.steps.last_chunk_at for ep in gw.datastore.endpoints()} == seen
         assert len(got) == 2
         streamed, plain = got
         assert (streamed.status, streamed.completion_tokens) == (200, 5)
