@@ -40,6 +40,8 @@ class EndpointMetrics:
 _BURST_GAP_S = 0.005
 """Chunks from one endpoint closer than this (and than a quarter step) belong to one step's burst: a
 step's tokens leave the server within a few milliseconds; steps are rarely shorter than 10 ms."""
+_SAME_BURST_S = 0.0005
+"""Chunks closer than this are one burst even before the step is known."""
 _STEP_DECAY = 0.1
 
 
@@ -66,7 +68,7 @@ class StepTiming:
         gap = now - self.last_chunk_at
         self.last_chunk_at = now
         step = self.step_s
-        if gap <= 0.0005 or (gap <= _BURST_GAP_S and gap <= 0.25 * step):
+        if gap <= _SAME_BURST_S or (gap <= _BURST_GAP_S and gap <= 0.25 * step):
             return
         d = now - self.burst_at
         self.burst_at = now

@@ -76,6 +76,7 @@ from ingate.dataplane.extproc_messages import (
 )
 from ingate.dataplane.extproc_outcome import InfoFactory, ResponseOutcome, to_response_info
 from ingate.dataplane.extproc_timing import ExtProcTimings
+from ingate.datastore import StepTiming
 from ingate.errors import GatewayError
 from ingate.lifecycle import Decision, DirectorLike
 from ingate.request import HDR_DESTINATION, HDR_DESTINATION_SERVED
@@ -138,6 +139,8 @@ class _Exchange:
     """The response's content-length, -1 when not sized."""
     done: bool = False
     """`director.finish` ran or is scheduled: nothing may report this request again."""
+    steps: StepTiming | None = None
+    """The target's step timing when the request streams (each chunk is timed there), else None."""
 
     def on_headers(self, rsh: pb.HttpHeaders) -> bool:
         """Note status and content-length; True when the response has no body (it ends here)."""
@@ -159,9 +162,8 @@ class _Exchange:
             return False
         o = self.outcome
         now = time.monotonic()
-        d = self.decision
-        if d.request.stream:  # the engine's step timing (latency model); a whole answer tells none
-            d.target.steps.chunk(now)
+        if self.steps is not None:  # the engine's step timing, for the latency model
+            self.steps.chunk(now)
         first = o.first_token_at is None and o.status < 400
         if first:
             o.first_token_at = now
@@ -276,7 +278,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         except GatewayError as e:
             st.closed = True
             return [gateway_error_response(e)]
-        ex = st.ex = _Exchange(decision, ResponseOutcome(started_at=st.started))
+        # A streamed answer's chunks are the engine's steps; a whole answer's body tells none.
+        steps = decision.target.steps if decision.request.stream else None
+        ex = st.ex = _Exchange(decision, ResponseOutcome(started_at=st.started), steps=steps)
         if self.responses == "observe":
             ex.key = str(next(self._keys))
             self._exchanges[ex.key] = ex

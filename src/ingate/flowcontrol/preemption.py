@@ -38,8 +38,7 @@ class PriorityPlacement:
 
             def rank(i: int) -> tuple[int, int, bool, int]:
                 mine = at_or_above_in_flight(eps[i], priority)
-                wait = max(0, mine - self._learn(eps[i]) + 1)  # wait_ahead, without counting twice
-                return wait, mine, lower_in_flight(eps[i], priority) <= 0, i
+                return self._ahead(eps[i], mine), mine, lower_in_flight(eps[i], priority) <= 0, i
 
             best = min(range(len(eps)), key=rank)
             if best:
@@ -50,9 +49,11 @@ class PriorityPlacement:
         ``ep`` once its learned batch slots are full (0: it starts at once, in a free slot or by
         preempting lower-priority work). Why not the scraped queue: on servers that preempt, that queue
         holds displaced lower-priority work too, and the scorers cannot tell it from real-time work."""
-        peak = self._learn(ep)
-        mine = at_or_above_in_flight(ep, priority)
-        return max(0, mine - peak + 1)
+        return self._ahead(ep, at_or_above_in_flight(ep, priority))
+
+    def _ahead(self, ep: Endpoint, mine: int) -> int:
+        """`wait_ahead` given this gateway's requests of at least the priority on ``ep`` (``mine``)."""
+        return max(0, mine - self._learn(ep) + 1)
 
     def _learn(self, ep: Endpoint) -> int:
         peak = self._peak_running.get(ep.address, 0)
