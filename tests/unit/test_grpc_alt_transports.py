@@ -89,7 +89,11 @@ async def test_the_ext_proc_servicer_runs_on_each(served: tuple[Any, _Echo]) -> 
 
     class _Director:
         async def handle(self, path: str, headers: Any, raw_body: bytes) -> Any:
-            return SimpleNamespace(target=SimpleNamespace(address="127.0.0.1:9"), upstream_body=raw_body)
+            return SimpleNamespace(
+                target=SimpleNamespace(address="127.0.0.1:9"),
+                request=SimpleNamespace(stream=False),
+                upstream_body=raw_body,
+            )
 
         def on_first_token(self, decision: Any) -> None:
             pass
