@@ -24,7 +24,7 @@ from ingate.scheduling.plugins.slo import SLO_UNATTAINABLE, PredictedTTFTScorer
 from ingate.scheduling.predictor import TTFT_FEATURES, Features, LatencyPredictor, OnlineLinear
 from ingate.scheduling.scheduler import build_scheduler
 
-FAST = [0.02, 0.05, 0.01, 0.04, 0.01, 0.002, 0.05, 0.1, 0.003, -0.05]
+FAST = [0.02, 0.05, 0.01, 0.04, 0.01, 0.002, 0.05, 0.1, 0.003, -0.05, 0.8]
 """True TTFT seconds per unit of each TTFT feature (bias, new ktokens, ...) of a 'fast' replica."""
 
 
@@ -38,6 +38,7 @@ def feats(rng: random.Random) -> Features:
         kv_shortfall=rng.choice([0.0, 0.0, rng.uniform(0, 3000)]),
         decoding=rng.randint(0, 20),
         since_step=rng.uniform(0, 0.2),
+        kv_wait=rng.choice([0.0, 0.0, rng.uniform(0, 3.0)]),
     )
 
 
@@ -592,3 +593,57 @@ def test_step_timing_finds_the_step_under_jitter_and_stays_bounded(
     assert abs(s.step_s - period) <= 0.35 * period
     for dt in (0.0, 0.5 * period, 10 * period):
         assert 0.0 <= s.since(s.last_chunk_at + dt) <= 2 * s.step_s
+
+
+def _occupy(s: PredictedTTFTScorer, e: Endpoint, n: int, chars: int, max_tokens: int, first_token_at: float) -> list:
+    """Route `n` requests to `e` that got their first token at `first_token_at` (scorer clock)."""
+    held = []
+    for _ in range(n):
+        body = {"model": "m", "prompt": "abcd" * (chars // 4), "max_tokens": max_tokens, "stream": True}
+        r = parse_request(COMPLETIONS, {}, orjson.dumps(body), now=100.0)
+        ctx = CycleState()
+        s.clock = lambda: first_token_at - 0.1
+        s.post_schedule(ctx, r, SchedulingResult([e], "p"))
+        s.clock = lambda: first_token_at
+        s.on_first_token(ctx, r, e)
+        held.append((ctx, r))
+    return held
+
+
+def test_kv_wait_is_the_time_until_decoding_requests_free_room_for_the_prompt() -> None:
+    """Two replicas with full KV caches (12,800 tokens each, 100 ms steps): on `a` the requests are
+    near their max_tokens, on `b` they have just begun. A 4,000-token prompt waits for room: about
+    the time the first of `a`'s requests need to finish, far longer on `b`; a short prompt that fits
+    waits for nothing."""
+    a, b = ep(0), ep(1)
+    s = PredictedTTFTScorer()
+    for e in (a, b):
+        e.steps.step_s = 0.1
+    now = 200.0
+    # 5 requests of 2,000 prompt tokens and max_tokens 200 per replica: a holds 5 x 2,190 tokens
+    # (190 of 200 decoded: 1 s left), b 5 x 2,010 (10 decoded: 19 s left).
+    held_a = _occupy(s, a, 5, 8000, 200, first_token_at=now - 19.0)
+    _occupy(s, b, 5, 8000, 200, first_token_at=now - 1.0)
+    s.clock = lambda: now
+    fa, fb = s.features(a, 4000, 0, 16, now), s.features(b, 4000, 0, 16, now)
+    assert fa.kv_wait == pytest.approx(1.0, abs=0.01)
+    assert fb.kv_wait == pytest.approx(19.0, abs=0.01)
+    assert s.features(a, 100, 0, 16, now).kv_wait == 0.0  # 100 tokens fit in the 1,850 free
+    # A scraped usage above the gateway's own accounting (other clients) counts too.
+    a.metrics.kv_usage = 1.0
+    assert s.features(a, 100, 0, 16, now).kv_wait > 0.0
+    # Ended requests give their room back and leave no trace.
+    for ctx, r in held_a:
+        s.post_response(ctx, r, a, ResponseInfo(200, ttft_s=0.1, e2e_s=19.0, completion_tokens=200))
+    a.metrics.kv_usage = 0.0
+    assert s.features(a, 4000, 0, 16, now).kv_wait == 0.0
+    assert not s._occupants[a]
+
+
+def test_kv_wait_without_step_timing_or_requests_is_zero() -> None:
+    a = ep(0)
+    s = PredictedTTFTScorer()
+    assert s.features(a, 20000, 0, 16, 100.0).kv_wait == 0.0  # nothing in flight, nothing streamed
+    _occupy(s, a, 5, 8000, 200, first_token_at=99.0)
+    assert a.steps.step_s == 0.0
+    assert s.features(a, 4000, 0, 16, 100.0).kv_wait == 0.0  # no step seen: no estimate

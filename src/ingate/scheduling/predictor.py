@@ -4,7 +4,7 @@ it sent the request there.
 
 Model: per endpoint, a linear model of the features below, fitted by recursive least squares (RLS)
 with a forgetting factor, so it follows load regimes and replica changes without keeping samples:
-memory is one d x d matrix per endpoint and model (d = 10 for TTFT), an update costs O(d^2) on the
+memory is one d x d matrix per endpoint and model (d = 11 for TTFT), an update costs O(d^2) on the
 response path (about 20-40 us in CPython) and a prediction O(d) on the decision path. Samples are
 weighted by 1 / max(y, floor)^2, i.e. the fit minimises *relative* squared error: a 50 ms error on a
 100 ms TTFT counts as much as a 1 s error on a 2 s one, which is what SLO decisions care about.
@@ -28,7 +28,9 @@ Features (what the gateway knows at dispatch, for the request on a candidate end
           has pending there, scraped waiting and running counts, KV utilisation, KV shortfall ktokens
           (demand beyond capacity), requests past their first token (decoding) this gateway has there,
           seconds since the endpoint's last engine step ended (from the streamed chunks, capped at two
-          steps: the phase of the step in progress, which a new request waits out)
+          steps: the phase of the step in progress, which a new request waits out), seconds until the
+          requests this gateway has there free enough KV cache for the prompt (their remaining
+          max_tokens at one token per step; 0 when it fits)
     TPOT: 1, running, KV utilisation, decoding, pending prefill ktokens, new prompt ktokens
 
 Pure Python (numpy is not a core dependency); lists, no allocation beyond the feature vector.
@@ -52,6 +54,7 @@ TTFT_FEATURES = (
     "kv_shortfall_ktokens",
     "decoding",
     "since_step_s",
+    "kv_wait_s",
 )
 TPOT_FEATURES = ("bias", "running", "kv_utilisation", "decoding", "pending_prefill_ktokens", "new_ktokens")
 
@@ -75,6 +78,11 @@ class Features:
     """Seconds since the endpoint's last step ended, as seen in the streamed chunks relayed from it,
     capped at two steps (`ingate.datastore.StepTiming.since`): how far the step in progress has got,
     which a request arriving there waits out."""
+    kv_wait: float = 0.0
+    """Seconds until the requests this gateway has there are expected to have freed room in the KV
+    cache for this prompt (0 when it fits now): their remaining output tokens (max_tokens minus the
+    steps since their first token) times the engine's step, in order of ending
+    (`PredictedTTFTScorer._kv_wait`)."""
 
     def ttft(self) -> list[float]:
         k = self.new_tokens / 1000.0
@@ -89,6 +97,7 @@ class Features:
             self.kv_shortfall / 1000.0,
             self.decoding,
             self.since_step,
+            self.kv_wait,
         ]
 
     def tpot(self) -> list[float]:

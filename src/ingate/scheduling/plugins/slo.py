@@ -49,6 +49,8 @@ from ingate.scheduling.plugins.registry import register
 from ingate.scheduling.predictor import ErrorWindow, Features, LatencyPredictor
 
 SLO_UNATTAINABLE = "slo_unattainable"
+_KV_WAIT_CAP_S = 30.0
+"""Cap of the KV-wait feature: beyond it the estimate says nothing the model could use."""
 
 
 @dataclass(slots=True)
@@ -65,6 +67,18 @@ class _Prediction:
     dispatched_at: float = 0.0
     """The scorer's clock when the request was dispatched (its TTFT is measured from here)."""
     ttft_learned: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Occupant:
+    """A request this gateway has in flight on an endpoint, for the KV-wait estimate."""
+
+    prompt: int
+    """Its uncached prompt tokens (cached prefix blocks are shared with the requests that hold them)."""
+    output: int
+    """Its max_tokens (or the scorer's default): the most it can decode."""
+    first_token_at: float = 0.0
+    """The scorer's clock at its first token (0 = still waiting for it)."""
 
 
 @register("scorer", "predicted-ttft")
@@ -99,6 +113,8 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     shed: int = field(default=0, init=False, repr=False)
     held: int = field(default=0, init=False, repr=False)
     _pred_key: str = field(default="", init=False, repr=False)
+    _occ_key: str = field(default="", init=False, repr=False)
+    _occupants: dict[Endpoint, dict[_Occupant, None]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,10 +125,15 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         self.predictor = LatencyPredictor(forgetting=self.forgetting, warmup=self.warmup, shrink=self.shrink)
         self.predictions = {"model": 0, "fallback": 0}
         self._pred_key = f"slo.prediction.{id(self)}"
+        self._occ_key = f"slo.occupant.{id(self)}"
 
     def attach(self, datastore: Datastore) -> None:
         super().attach(datastore)
         datastore.on_remove(self.predictor.forget)
+        datastore.on_remove(self._forget_occupants)
+
+    def _forget_occupants(self, ep: Endpoint) -> None:
+        self._occupants.pop(ep, None)
 
     # -- features -----------------------------------------------------------------------------------
     def features(self, ep: Endpoint, prompt: int, cached: int, output: int, now: float) -> Features:
@@ -140,7 +161,52 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             shortfall,
             float(decoding if decoding > 0 else 0),
             ep.steps.since(now),
+            self._kv_wait(ep, new, now),
         )
+
+    def _kv_wait(self, ep: Endpoint, new: int, now: float) -> float:
+        """Seconds until this request's uncached prompt (`new` tokens) fits in `ep`'s KV cache, from the
+        requests this gateway has in flight there.
+
+        As vLLM allocates: a request admitted holds its prompt's blocks and one more token's worth per
+        decoded token; it frees them all when it ends. Each one decoding is taken to produce a token per
+        engine step (the step timing seen in the streamed chunks) up to its max_tokens, so it holds
+        prompt + tokens so far and ends after the rest. Requests still waiting for a first token are
+        counted as holding their prompt. Held tokens are at least the scraped KV usage (other clients'
+        requests are not tracked, only counted). The wait is the remaining decode time of the in-flight
+        requests, in order of ending, until enough is freed; 0 when the prompt fits now.
+        """
+        step = ep.steps.step_s
+        occ = self._occupants.get(ep)
+        m = ep.metrics
+        if step <= 0.0 or not occ or not (m.block_size and m.num_gpu_blocks):
+            return 0.0
+        capacity = m.block_size * m.num_gpu_blocks
+        held = 0.0
+        ends: list[tuple[float, int]] = []
+        for o in occ:
+            if o.first_token_at:
+                done = (now - o.first_token_at) / step
+                if done > o.output:
+                    done = o.output
+                held += o.prompt + done
+                ends.append(((o.output - done) * step, o.prompt + o.output))
+            else:
+                held += o.prompt
+                ends.append((o.output * step, o.prompt + o.output))
+        used = m.kv_usage * capacity
+        shortfall = (held if held > used else used) + new - capacity
+        if shortfall <= 0:
+            return 0.0
+        ends.sort()
+        freed = 0
+        wait = ends[-1][0]  # all of them, if even that is not enough (others' requests hold the rest)
+        for r, kv in ends:
+            freed += kv
+            if freed >= shortfall:
+                wait = r
+                break
+        return wait if wait < _KV_WAIT_CAP_S else _KV_WAIT_CAP_S
 
     def _cached(self, ctx: CycleState, ep: Endpoint, prompt: int) -> int:
         matched: dict[Endpoint, int] | None = ctx.get(PREFIX_MATCH_KEY)
@@ -219,6 +285,10 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             now,
         )
         super().post_schedule(ctx, request, result)
+        cached = self._cached(ctx, ep, prompt)
+        o = _Occupant(prompt - cached, out)
+        self._occupants.setdefault(ep, {})[o] = None
+        ctx[self._occ_key] = (ep, o)
 
     def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None:
         """Learn the TTFT as soon as it is known. Why not at the end of the response: that delays what
@@ -226,6 +296,9 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         current load; learning here cut the replay's p90 TTFT error on heterogeneous from 52% to 41%
         at 8 req/s and from 65% to 43% at 4 (tuning seeds; docs/scheduling.md)."""
         super().on_first_token(ctx, request, endpoint)
+        occ: tuple[Endpoint, _Occupant] | None = ctx.get(self._occ_key)
+        if occ is not None and not occ[1].first_token_at:
+            occ[1].first_token_at = self.clock()
         p: _Prediction | None = ctx.get(self._pred_key)
         if p is None or p.ttft_learned or p.endpoint is not endpoint or not request.stream:
             return
@@ -252,6 +325,11 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             # on_first_token, which would take the end of the response for its first token).
             p.ttft_learned = True
         super().post_response(ctx, request, endpoint, info)
+        occ: tuple[Endpoint, _Occupant] | None = ctx.pop(self._occ_key, None)
+        if occ is not None:
+            held = self._occupants.get(occ[0])
+            if held is not None:
+                held.pop(occ[1], None)
         if p is None or not ok or info.ttft_s is None:
             return
         n = info.completion_tokens
