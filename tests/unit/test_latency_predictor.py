@@ -595,7 +595,9 @@ def test_step_timing_finds_the_step_under_jitter_and_stays_bounded(
         assert 0.0 <= s.since(s.last_chunk_at + dt) <= 2 * s.step_s
 
 
-def _occupy(s: PredictedTTFTScorer, e: Endpoint, n: int, chars: int, max_tokens: int, first_token_at: float) -> list:
+def _occupy(
+    s: PredictedTTFTScorer, e: Endpoint, n: int, chars: int, max_tokens: int, first_token_at: float
+) -> list[tuple[CycleState, InferenceRequest]]:
     """Route `n` requests to `e` that got their first token at `first_token_at` (scorer clock)."""
     held = []
     for _ in range(n):
@@ -647,3 +649,38 @@ def test_kv_wait_without_step_timing_or_requests_is_zero() -> None:
     _occupy(s, a, 5, 8000, 200, first_token_at=99.0)
     assert a.steps.step_s == 0.0
     assert s.features(a, 4000, 0, 16, 100.0).kv_wait == 0.0  # no step seen: no estimate
+
+
+def test_a_long_prompt_goes_where_kv_room_frees_first() -> None:
+    """Once the model has learned that prompts wait for KV room (TTFT = 50 ms + the wait), a long prompt
+    goes to the replica whose decoding requests end soonest, though both caches are equally full."""
+    rng = random.Random(9)
+    a, b = ep(0), ep(1)
+    s = PredictedTTFTScorer(warmup=30)
+    for _ in range(400):
+        e = rng.choice([a, b])
+        w = rng.choice([0.0, rng.uniform(0.0, 20.0)])
+        f = Features(
+            new_tokens=rng.uniform(100, 4000),
+            pending_prefill=0.0,
+            waiting=0.0,
+            running=rng.randint(0, 8),
+            kv_utilisation=rng.random(),
+            kv_shortfall=0.0,
+            decoding=0.0,
+            since_step=0.0,
+            kv_wait=w,
+        )
+        s.predictor.observe(e, f, 0.05 + w, None)
+    now = 200.0
+    for e in (a, b):
+        e.steps.step_s = 0.1
+        e.steps.last_chunk_at = now
+    _occupy(s, a, 5, 8000, 200, first_token_at=now - 19.0)  # ends in 1 s
+    _occupy(s, b, 5, 8000, 200, first_token_at=now - 1.0)  # ends in 19 s
+    s.clock = lambda: now
+    assert s.predictor.warm
+    long_scores = s.score(CycleState(), req(16000), [a, b])
+    assert long_scores[a] > 2 * long_scores[b]
+    short_scores = s.score(CycleState(), req(400), [a, b])  # fits on both: nothing to tell them apart
+    assert short_scores[a] == pytest.approx(short_scores[b], rel=0.05)
