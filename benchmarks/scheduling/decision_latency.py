@@ -26,6 +26,7 @@ import os
 import platform
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,13 @@ from ingate.scheduling.plugins.precise_prefix import PrecisePrefixScorer
 from ingate.scheduling.scheduler import Scheduler, build_scheduler
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "scheduling_latency.json"
+KV_BLOCKS = 4096
+"""KV cache per endpoint (x 16 tokens): 65,536 tokens, so 16 requests in flight with 32 KB prompts
+(about 8,000 tokens each) overfill it and the latency model's KV-wait estimate does its full work."""
+IN_FLIGHT_PER_ENDPOINT = 16
+"""Timed decisions stay in flight (charged, unanswered) for this many decisions per endpoint; they get
+their first token halfway and their response at the end, untimed, so the per-endpoint accounting
+stays at a steady state as on a busy gateway instead of growing with every decision."""
 
 
 def make_datastore(n: int, rng: random.Random) -> Datastore:
@@ -55,8 +63,13 @@ def make_datastore(n: int, rng: random.Random) -> Datastore:
             waiting=rng.randint(0, 4),
             running=rng.randint(0, 32),
             kv_usage=rng.random() * 0.8,
+            block_size=16,
+            num_gpu_blocks=KV_BLOCKS,
             updated_at=now,
         )
+        # A busy engine, as the data plane's chunk timing would leave it (the latency model reads it).
+        e.steps.step_s = 0.05
+        e.steps.last_chunk_at = now
         eps.append(e)
     return Datastore(eps)
 
@@ -139,12 +152,27 @@ def measure(
             store(r, result.target)
     samples = []
     clock = time.perf_counter_ns
+    in_flight: deque[tuple[InferenceRequest, SchedulingResult, CycleState]] = deque()
+    window = IN_FLIGHT_PER_ENDPOINT * n_endpoints
     for r in reqs[warmup:]:
+        r.arrival = time.monotonic()
         t0 = clock()
-        result, _ = decide(r)
+        result, ctx = decide(r)
         samples.append(clock() - t0)
         if store is not None:
             store(r, result.target)
+        in_flight.append((r, result, ctx))
+        if len(in_flight) > window // 2:  # halfway through its time in flight: its first token
+            fr, fres, fctx = in_flight[len(in_flight) - window // 2 - 1]
+            hooks.run_first_token(fctx, fr, fres.target)
+        if len(in_flight) > window:
+            done_r, done_res, done_ctx = in_flight.popleft()
+            hooks.run_post_response(
+                done_ctx,
+                done_r,
+                done_res.target,
+                ResponseInfo(200, completion_tokens=16, ttft_s=0.1, e2e_s=0.9),
+            )
     samples.sort()
 
     def pct(p: float) -> float:

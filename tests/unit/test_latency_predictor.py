@@ -639,7 +639,8 @@ def test_kv_wait_is_the_time_until_decoding_requests_free_room_for_the_prompt() 
         s.post_response(ctx, r, a, ResponseInfo(200, ttft_s=0.1, e2e_s=19.0, completion_tokens=200))
     a.metrics.kv_usage = 0.0
     assert s.features(a, 4000, 0, 16, now).kv_wait == 0.0
-    assert not s._occupants[a]
+    occ = s._occupants[a]
+    assert not occ.members and occ.prompts == occ.decoding == occ.decoding_output == 0
 
 
 def test_kv_wait_without_step_timing_or_requests_is_zero() -> None:

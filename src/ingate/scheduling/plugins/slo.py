@@ -81,6 +81,45 @@ class _Occupant:
     """The scorer's clock at its first token (0 = still waiting for it)."""
 
 
+@dataclass(slots=True, eq=False)
+class _Occupancy:
+    """An endpoint's in-flight requests, with running sums so that whether a prompt fits is O(1)."""
+
+    members: dict[_Occupant, None] = field(default_factory=dict)
+    prompts: int = 0
+    """Sum of their uncached prompts."""
+    decoding: int = 0
+    """How many have their first token."""
+    decoding_first_at: float = 0.0
+    """Sum of the decoding ones' first-token times."""
+    decoding_output: int = 0
+    """Sum of the decoding ones' max_tokens."""
+
+    def add(self, o: _Occupant) -> None:
+        self.members[o] = None
+        self.prompts += o.prompt
+
+    def first_token(self, o: _Occupant, now: float) -> None:
+        if o.first_token_at or o not in self.members:
+            return
+        o.first_token_at = now
+        self.decoding += 1
+        self.decoding_first_at += now
+        self.decoding_output += o.output
+
+    def remove(self, o: _Occupant) -> None:
+        if o not in self.members:
+            return
+        del self.members[o]
+        self.prompts -= o.prompt
+        if o.first_token_at:
+            self.decoding -= 1
+            self.decoding_first_at -= o.first_token_at
+            self.decoding_output -= o.output
+            if not self.decoding:
+                self.decoding_first_at = 0.0  # no rounding left over from long sums
+
+
 @register("scorer", "predicted-ttft")
 @dataclass
 class PredictedTTFTScorer(PredictedLatencyScorer):
@@ -114,7 +153,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     held: int = field(default=0, init=False, repr=False)
     _pred_key: str = field(default="", init=False, repr=False)
     _occ_key: str = field(default="", init=False, repr=False)
-    _occupants: dict[Endpoint, dict[_Occupant, None]] = field(default_factory=dict, init=False, repr=False)
+    _occupants: dict[Endpoint, _Occupancy] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,12 +218,23 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         step = ep.steps.step_s
         occ = self._occupants.get(ep)
         m = ep.metrics
-        if step <= 0.0 or not occ or not (m.block_size and m.num_gpu_blocks):
+        if step <= 0.0 or occ is None or not occ.members or not (m.block_size and m.num_gpu_blocks):
             return 0.0
         capacity = m.block_size * m.num_gpu_blocks
+        used = m.kv_usage * capacity
+        # A bound first, O(1) from the running sums: every prompt plus one token per step since each
+        # decoding request's first token, capped by their max_tokens summed (at least what the exact
+        # count below gives). When even that fits, the prompt fits.
+        bound = float(occ.prompts)
+        if occ.decoding:
+            decoded = (occ.decoding * now - occ.decoding_first_at) / step
+            bound += decoded if decoded < occ.decoding_output else occ.decoding_output
+        if (bound if bound > used else used) + new <= capacity:
+            return 0.0
+        # Exactly, per request: what it holds now and when it ends (after its remaining max_tokens).
         held = 0.0
         ends: list[tuple[float, int]] = []
-        for o in occ:
+        for o in occ.members:
             if o.first_token_at:
                 done = (now - o.first_token_at) / step
                 if done > o.output:
@@ -194,7 +244,6 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             else:
                 held += o.prompt
                 ends.append((o.output * step, o.prompt + o.output))
-        used = m.kv_usage * capacity
         shortfall = (held if held > used else used) + new - capacity
         if shortfall <= 0:
             return 0.0
@@ -287,7 +336,10 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         super().post_schedule(ctx, request, result)
         cached = self._cached(ctx, ep, prompt)
         o = _Occupant(prompt - cached, out)
-        self._occupants.setdefault(ep, {})[o] = None
+        occ = self._occupants.get(ep)
+        if occ is None:
+            occ = self._occupants[ep] = _Occupancy()
+        occ.add(o)
         ctx[self._occ_key] = (ep, o)
 
     def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None:
@@ -298,7 +350,9 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         super().on_first_token(ctx, request, endpoint)
         occ: tuple[Endpoint, _Occupant] | None = ctx.get(self._occ_key)
         if occ is not None and not occ[1].first_token_at:
-            occ[1].first_token_at = self.clock()
+            held = self._occupants.get(occ[0])
+            if held is not None:
+                held.first_token(occ[1], self.clock())
         p: _Prediction | None = ctx.get(self._pred_key)
         if p is None or p.ttft_learned or p.endpoint is not endpoint or not request.stream:
             return
@@ -329,7 +383,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         if occ is not None:
             held = self._occupants.get(occ[0])
             if held is not None:
-                held.pop(occ[1], None)
+                held.remove(occ[1])
         if p is None or not ok or info.ttft_s is None:
             return
         n = info.completion_tokens
