@@ -153,6 +153,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     held: int = field(default=0, init=False, repr=False)
     _pred_key: str = field(default="", init=False, repr=False)
     _occ_key: str = field(default="", init=False, repr=False)
+    _feat_key: str = field(default="", init=False, repr=False)
     _occupants: dict[Endpoint, _Occupancy] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -165,6 +166,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         self.predictions = {"model": 0, "fallback": 0}
         self._pred_key = f"slo.prediction.{id(self)}"
         self._occ_key = f"slo.occupant.{id(self)}"
+        self._feat_key = f"slo.features.{id(self)}"
 
     def attach(self, datastore: Datastore) -> None:
         super().attach(datastore)
@@ -274,10 +276,9 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         self.predictions["model"] += 1
         prompt, out = self._request_tokens(request)
         now = self.clock()
-        ttft = {
-            ep: pred.predict_ttft(ep, self.features(ep, prompt, self._cached(ctx, ep, prompt), out, now))
-            for ep in endpoints
-        }
+        feats = {ep: self.features(ep, prompt, self._cached(ctx, ep, prompt), out, now) for ep in endpoints}
+        ctx[self._feat_key] = feats  # the target's are what post_schedule records (computed once)
+        ttft = {ep: pred.predict_ttft(ep, f) for ep, f in feats.items()}
         slo_ttft = request.slo_ttft_ms
         if slo_ttft is None:
             best = min(ttft.values()) + self.scale_s
@@ -311,7 +312,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         if slo_tpot is not None:
             t = slo_tpot / 1000.0
             for ep in endpoints:
-                f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out, now)
+                f = feats[ep]
                 s = _headroom(t, pred.predict_tpot(ep, f))
                 if s < scores[ep]:
                     scores[ep] = s
@@ -322,7 +323,11 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         ep = result.target
         prompt, out = self._request_tokens(request)
         now = self.clock()
-        f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out, now)  # before this request's charge
+        # Before this request's charge: as scored, or (cold model, or a target it did not score) now.
+        scored: dict[Endpoint, Features] | None = ctx.get(self._feat_key)
+        f = scored.get(ep) if scored else None
+        if f is None:
+            f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out, now)
         pred = self.predictor
         ctx[self._pred_key] = _Prediction(
             ep,
