@@ -685,3 +685,89 @@ def test_a_long_prompt_goes_where_kv_room_frees_first() -> None:
     assert long_scores[a] > 2 * long_scores[b]
     short_scores = s.score(CycleState(), req(400), [a, b])  # fits on both: nothing to tell them apart
     assert short_scores[a] == pytest.approx(short_scores[b], rel=0.05)
+
+
+def test_kv_wait_can_be_turned_off_per_profile() -> None:
+    cfg = SchedulerConfig.model_validate(
+        {
+            "profiles": {
+                "big-pool": {
+                    "scorers": [{"type": "predicted-ttft", "parameters": {"kvWait": False}}],
+                }
+            }
+        }
+    )
+    sched = build_scheduler(cfg, Datastore([ep(0)]))
+    s = next(sc for sc, _ in sched.profiles["big-pool"].scorers if isinstance(sc, PredictedTTFTScorer))
+    assert s.kv_wait is False
+    a = ep(1)
+    a.steps.step_s = 0.1
+    _occupy(s, a, 5, 8000, 200, first_token_at=199.0)
+    a.metrics.kv_usage = 1.0
+    assert s.features(a, 4000, 0, 16, 200.0).kv_wait == 0.0
+
+
+def _kv_wait_by_definition(
+    members: list[tuple[int, int, float]], used: float, new: int, cap: int, now: float, step: float
+) -> float:
+    """The KV-wait estimate as the docstring defines it, per request: (prompt, max_tokens, first token
+    time or 0) of each request in flight."""
+    held = 0.0
+    ends = []
+    for prompt, out, first in members:
+        done = min((now - first) / step, out) if first else 0.0
+        held += prompt + done
+        ends.append(((out - done) * step, prompt + out))
+    shortfall = max(held, used) + new - cap
+    if shortfall <= 0:
+        return 0.0
+    freed = 0
+    for r, kv in sorted(ends):
+        freed += kv
+        if freed >= shortfall:
+            return min(r, 30.0)
+    return min(max(r for r, _ in ends), 30.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 4000), st.integers(1, 600), st.booleans(), st.floats(0.0, 80.0)),
+        min_size=1,
+        max_size=40,
+    ),
+    st.floats(0.0, 1.0),
+    st.integers(1, 20000),
+    st.sampled_from([0.02, 0.1, 0.25]),
+)
+def test_kv_wait_matches_its_definition(
+    reqs: list[tuple[int, int, bool, float]], usage: float, new: int, step: float
+) -> None:
+    """The scorer's incremental estimate (running sums, a cached order of end times) equals the
+    per-request definition, as requests start decoding and end in any order."""
+    s = PredictedTTFTScorer()
+    a = ep(0)
+    a.steps.step_s = step
+    a.metrics.kv_usage = usage
+    now = 100.0
+    held: list[tuple[CycleState, InferenceRequest, list[int | float]]] = []
+    for prompt, out, decoding, age in reqs:
+        body = {"model": "m", "prompt": "abcd" * prompt, "max_tokens": out, "stream": True}
+        r = parse_request(COMPLETIONS, {}, orjson.dumps(body), now=now)
+        ctx = CycleState()
+        s.clock = lambda: now
+        s.post_schedule(ctx, r, SchedulingResult([a], "p"))
+        rec: list[int | float] = [prompt, out, 0.0]
+        if decoding:
+            s.clock = lambda age=age: now - age
+            s.on_first_token(ctx, r, a)
+            rec[2] = now - age
+        held.append((ctx, r, rec))
+    for k in range(len(held) + 1):
+        members = [(int(p), int(o), float(f)) for _, _, (p, o, f) in held[k:]]
+        got = s.features(a, new, 0, 16, now).kv_wait
+        want = _kv_wait_by_definition(members, usage * 12800, new, 12800, now, step) if members else 0.0
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+        if k < len(held):  # the next one ends
+            ctx, r, _ = held[k]
+            s.post_response(ctx, r, a, ResponseInfo(200, ttft_s=0.1, e2e_s=1.0, completion_tokens=1))

@@ -33,7 +33,9 @@ prediction made by the warm model is kept (`ingate_latency_prediction_error_rati
 
 from __future__ import annotations
 
+import math
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -83,7 +85,8 @@ class _Occupant:
 
 @dataclass(slots=True, eq=False)
 class _Occupancy:
-    """An endpoint's in-flight requests, with running sums so that whether a prompt fits is O(1)."""
+    """An endpoint's in-flight requests: running sums (whether a prompt fits is O(1)) and, built when
+    needed and kept until the requests or the engine's step change, their end times in order."""
 
     members: dict[_Occupant, None] = field(default_factory=dict)
     prompts: int = 0
@@ -94,10 +97,23 @@ class _Occupancy:
     """Sum of the decoding ones' first-token times."""
     decoding_output: int = 0
     """Sum of the decoding ones' max_tokens."""
+    version: int = 0
+    """Bumped on every change of the members (the order below is then rebuilt)."""
+    _built: tuple[int, float] = (-1, 0.0)
+    _ends: list[float] = field(default_factory=list)
+    """Decoding members' end times (first token + max_tokens steps), ascending."""
+    _ends_kv: list[int] = field(default_factory=list)
+    """The KV tokens each of them frees (prompt + max_tokens), aligned with `_ends`."""
+    _ends_suffix: list[float] = field(default_factory=list)
+    """`_ends_suffix[i]` = sum of `_ends[i:]`."""
+    _waits: list[float] = field(default_factory=list)
+    """Members without a first token: their decode time (max_tokens steps), ascending."""
+    _waits_kv: list[int] = field(default_factory=list)
 
     def add(self, o: _Occupant) -> None:
         self.members[o] = None
         self.prompts += o.prompt
+        self.version += 1
 
     def first_token(self, o: _Occupant, now: float) -> None:
         if o.first_token_at or o not in self.members:
@@ -106,11 +122,13 @@ class _Occupancy:
         self.decoding += 1
         self.decoding_first_at += now
         self.decoding_output += o.output
+        self.version += 1
 
     def remove(self, o: _Occupant) -> None:
         if o not in self.members:
             return
         del self.members[o]
+        self.version += 1
         self.prompts -= o.prompt
         if o.first_token_at:
             self.decoding -= 1
@@ -118,6 +136,60 @@ class _Occupancy:
             self.decoding_output -= o.output
             if not self.decoding:
                 self.decoding_first_at = 0.0  # no rounding left over from long sums
+
+    def _build(self, step: float) -> None:
+        dec = sorted(
+            (o.first_token_at + o.output * step, o.prompt + o.output)
+            for o in self.members
+            if o.first_token_at
+        )
+        waits = sorted((o.output * step, o.prompt + o.output) for o in self.members if not o.first_token_at)
+        self._ends = [e for e, _ in dec]
+        self._ends_kv = [kv for _, kv in dec]
+        suffix = [0.0] * (len(dec) + 1)
+        for i in range(len(dec) - 1, -1, -1):
+            suffix[i] = suffix[i + 1] + dec[i][0]
+        self._ends_suffix = suffix
+        self._waits = [r for r, _ in waits]
+        self._waits_kv = [kv for _, kv in waits]
+        self._built = (self.version, step)
+
+    def wait_for_room(self, shortfall_at: float, used: float, now: float, step: float) -> float:
+        """Seconds until `shortfall_at` + what the members hold (at least `used`) fits again (see
+        `PredictedTTFTScorer._kv_wait`); 0 when it fits now. O(log n) to know what is held, then
+        as many members as must end."""
+        if self._built != (self.version, step):
+            self._build(step)
+        ends = self._ends
+        # Held: every prompt, plus per decoding member its tokens so far (one per step since its first
+        # token, at most its max_tokens) = its max_tokens minus the steps it has left.
+        i = bisect_right(ends, now)
+        left = (self._ends_suffix[i] - (len(ends) - i) * now) / step
+        held = self.prompts + self.decoding_output - left
+        shortfall = (held if held > used else used) + shortfall_at
+        if shortfall <= 0:
+            return 0.0
+        # Members in order of ending (decoding ones after their remaining steps, the rest after all
+        # of theirs), until they have freed the shortfall.
+        kv_d, waits, kv_w = self._ends_kv, self._waits, self._waits_kv
+        a = b = 0
+        freed = 0
+        r = 0.0
+        while a < len(ends) or b < len(waits):
+            rd = ends[a] - now if a < len(ends) else math.inf
+            if rd < 0.0:
+                rd = 0.0
+            if b < len(waits) and waits[b] < rd:
+                r = waits[b]
+                freed += kv_w[b]
+                b += 1
+            else:
+                r = rd
+                freed += kv_d[a]
+                a += 1
+            if freed >= shortfall:
+                return r
+        return r  # all of them, if even that is not enough (others' requests hold the rest)
 
 
 @register("scorer", "predicted-ttft")
@@ -144,6 +216,11 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     this long after arrival (re-scored every holdPollS) instead of loading an endpoint now, then go
     to the best one; 0 = dispatch at once."""
     hold_poll_s: float = 0.05
+    kv_wait: bool = True
+    """Estimate each candidate's wait for KV-cache room (a model feature). Where the prompt may not fit,
+    the estimate goes through the endpoint's in-flight requests: with hundreds of endpoints all
+    saturated that is most of the decision's cost (docs/scheduling.md, "Decision latency"); false
+    leaves the feature at 0."""
     name: str = "predicted-ttft"
     predictor: LatencyPredictor = field(init=False, repr=False)
     clock: Callable[[], float] = field(default=time.monotonic, init=False, repr=False)
@@ -202,7 +279,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             shortfall,
             float(decoding if decoding > 0 else 0),
             ep.steps.since(now),
-            self._kv_wait(ep, new, now),
+            self._kv_wait(ep, new, now) if self.kv_wait else 0.0,
         )
 
     def _kv_wait(self, ep: Endpoint, new: int, now: float) -> float:
@@ -233,30 +310,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             bound += decoded if decoded < occ.decoding_output else occ.decoding_output
         if (bound if bound > used else used) + new <= capacity:
             return 0.0
-        # Exactly, per request: what it holds now and when it ends (after its remaining max_tokens).
-        held = 0.0
-        ends: list[tuple[float, int]] = []
-        for o in occ.members:
-            if o.first_token_at:
-                done = (now - o.first_token_at) / step
-                if done > o.output:
-                    done = o.output
-                held += o.prompt + done
-                ends.append(((o.output - done) * step, o.prompt + o.output))
-            else:
-                held += o.prompt
-                ends.append((o.output * step, o.prompt + o.output))
-        shortfall = (held if held > used else used) + new - capacity
-        if shortfall <= 0:
-            return 0.0
-        ends.sort()
-        freed = 0
-        wait = ends[-1][0]  # all of them, if even that is not enough (others' requests hold the rest)
-        for r, kv in ends:
-            freed += kv
-            if freed >= shortfall:
-                wait = r
-                break
+        wait = occ.wait_for_room(new - capacity, used, now, step)
         return wait if wait < _KV_WAIT_CAP_S else _KV_WAIT_CAP_S
 
     def _cached(self, ctx: CycleState, ep: Endpoint, prompt: int) -> int:
