@@ -771,3 +771,17 @@ def test_kv_wait_matches_its_definition(
         if k < len(held):  # the next one ends
             ctx, r, _ = held[k]
             s.post_response(ctx, r, a, ResponseInfo(200, ttft_s=0.1, e2e_s=1.0, completion_tokens=1))
+
+
+def test_a_request_keeps_only_its_targets_prediction_not_every_candidates_features() -> None:
+    """The cycle state lives as long as the request: the features scored for every candidate are
+    dropped once the target's are recorded (with 256 endpoints they would be 256 objects a request)."""
+    s, a, b = warm_scorer()
+    s.clock = lambda: 100.0
+    r = req(400)
+    ctx = CycleState()
+    s.score(ctx, r, [a, b])
+    assert any(k.startswith("slo.features.") for k in ctx)
+    s.post_schedule(ctx, r, SchedulingResult([a], "p"))
+    assert not any(k.startswith("slo.features.") for k in ctx)
+    assert ctx[s._pred_key].features.new_tokens == 100

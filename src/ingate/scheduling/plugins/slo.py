@@ -378,7 +378,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         prompt, out = self._request_tokens(request)
         now = self.clock()
         # Before this request's charge: as scored, or (cold model, or a target it did not score) now.
-        scored: dict[Endpoint, Features] | None = ctx.get(self._feat_key)
+        scored: dict[Endpoint, Features] | None = ctx.pop(self._feat_key, None)  # not kept per request
         f = scored.get(ep) if scored else None
         if f is None:
             f = self.features(ep, prompt, self._cached(ctx, ep, prompt), out, now)
