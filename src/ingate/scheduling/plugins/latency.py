@@ -39,15 +39,24 @@ from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, Scheduling
 from ingate.scheduling.plugins.registry import register
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Charge:
     """What one scheduled request added to its endpoint's counters (released exactly once each)."""
 
     endpoint: Endpoint
     prefill: int
+    """Its uncached prompt tokens."""
     kv: int
+    """Its KV demand: uncached prompt + expected output tokens."""
     prefill_open: bool = True
     kv_open: bool = True
+    first_token_at: float = 0.0
+    """When its first token came, on the predicted-ttft scorer's clock (0: not yet, or not timed)."""
+
+    @property
+    def output(self) -> int:
+        """The output tokens it may decode (its max_tokens, or the scorer's default)."""
+        return self.kv - self.prefill
 
 
 @dataclass(slots=True)

@@ -46,7 +46,7 @@ from ingate.errors import SLO_HOLD_EXPIRED, GatewayError, SloHold
 from ingate.lifecycle import ResponseInfo
 from ingate.request import InferenceRequest
 from ingate.scheduling.framework import PREFIX_MATCH_KEY, CycleState, SchedulingResult
-from ingate.scheduling.plugins.latency import _EMPTY, PredictedLatencyScorer
+from ingate.scheduling.plugins.latency import _EMPTY, PredictedLatencyScorer, _Charge
 from ingate.scheduling.plugins.registry import register
 from ingate.scheduling.predictor import ErrorWindow, Features, LatencyPredictor
 
@@ -72,23 +72,12 @@ class _Prediction:
 
 
 @dataclass(slots=True, eq=False)
-class _Occupant:
-    """A request this gateway has in flight on an endpoint, for the KV-wait estimate."""
-
-    prompt: int
-    """Its uncached prompt tokens (cached prefix blocks are shared with the requests that hold them)."""
-    output: int
-    """Its max_tokens (or the scorer's default): the most it can decode."""
-    first_token_at: float = 0.0
-    """The scorer's clock at its first token (0 = still waiting for it)."""
-
-
-@dataclass(slots=True, eq=False)
 class _Occupancy:
-    """An endpoint's in-flight requests: running sums (whether a prompt fits is O(1)) and, built when
-    needed and kept until the requests or the engine's step change, their end times in order."""
+    """An endpoint's in-flight requests (the predicted-latency charges of those this gateway sent):
+    running sums (whether a prompt fits is O(1)) and, built when needed and kept until the requests or
+    the engine's step change, their end times in order."""
 
-    members: dict[_Occupant, None] = field(default_factory=dict)
+    members: dict[_Charge, None] = field(default_factory=dict)
     prompts: int = 0
     """Sum of their uncached prompts."""
     decoding: int = 0
@@ -110,12 +99,12 @@ class _Occupancy:
     """Members without a first token: their decode time (max_tokens steps), ascending."""
     _waits_kv: list[int] = field(default_factory=list)
 
-    def add(self, o: _Occupant) -> None:
+    def add(self, o: _Charge) -> None:
         self.members[o] = None
-        self.prompts += o.prompt
+        self.prompts += o.prefill
         self.version += 1
 
-    def first_token(self, o: _Occupant, now: float) -> None:
+    def first_token(self, o: _Charge, now: float) -> None:
         if o.first_token_at or o not in self.members:
             return
         o.first_token_at = now
@@ -124,12 +113,12 @@ class _Occupancy:
         self.decoding_output += o.output
         self.version += 1
 
-    def remove(self, o: _Occupant) -> None:
+    def remove(self, o: _Charge) -> None:
         if o not in self.members:
             return
         del self.members[o]
         self.version += 1
-        self.prompts -= o.prompt
+        self.prompts -= o.prefill
         if o.first_token_at:
             self.decoding -= 1
             self.decoding_first_at -= o.first_token_at
@@ -138,12 +127,8 @@ class _Occupancy:
                 self.decoding_first_at = 0.0  # no rounding left over from long sums
 
     def _build(self, step: float) -> None:
-        dec = sorted(
-            (o.first_token_at + o.output * step, o.prompt + o.output)
-            for o in self.members
-            if o.first_token_at
-        )
-        waits = sorted((o.output * step, o.prompt + o.output) for o in self.members if not o.first_token_at)
+        dec = sorted((o.first_token_at + o.output * step, o.kv) for o in self.members if o.first_token_at)
+        waits = sorted((o.output * step, o.kv) for o in self.members if not o.first_token_at)
         self._ends = [e for e, _ in dec]
         self._ends_kv = [kv for _, kv in dec]
         suffix = [0.0] * (len(dec) + 1)
@@ -154,10 +139,19 @@ class _Occupancy:
         self._waits_kv = [kv for _, kv in waits]
         self._built = (self.version, step)
 
-    def wait_for_room(self, shortfall_at: float, used: float, now: float, step: float) -> float:
-        """Seconds until `shortfall_at` + what the members hold (at least `used`) fits again (see
-        `PredictedTTFTScorer._kv_wait`); 0 when it fits now. O(log n) to know what is held, then
-        as many members as must end."""
+    def wait_for_room(self, new: int, capacity: int, used: float, now: float, step: float) -> float:
+        """Seconds until `new` more tokens fit in `capacity` beside what the members hold (at least
+        `used`); 0 when they fit now (see `PredictedTTFTScorer._kv_wait`)."""
+        # A bound first, O(1) from the running sums: every prompt plus one token per step since each
+        # decoding member's first token, capped by their max_tokens summed (at least the exact count
+        # below). When even that fits, the prompt fits.
+        bound = float(self.prompts)
+        if self.decoding:
+            decoded = (self.decoding * now - self.decoding_first_at) / step
+            bound += decoded if decoded < self.decoding_output else self.decoding_output
+        if (bound if bound > used else used) + new <= capacity:
+            return 0.0
+        # Exactly: O(log n) to know what is held, then as many members as must end.
         if self._built != (self.version, step):
             self._build(step)
         ends = self._ends
@@ -166,7 +160,7 @@ class _Occupancy:
         i = bisect_right(ends, now)
         left = (self._ends_suffix[i] - (len(ends) - i) * now) / step
         held = self.prompts + self.decoding_output - left
-        shortfall = (held if held > used else used) + shortfall_at
+        shortfall = (held if held > used else used) + new - capacity
         if shortfall <= 0:
             return 0.0
         # Members in order of ending (decoding ones after their remaining steps, the rest after all
@@ -229,7 +223,6 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     shed: int = field(default=0, init=False, repr=False)
     held: int = field(default=0, init=False, repr=False)
     _pred_key: str = field(default="", init=False, repr=False)
-    _occ_key: str = field(default="", init=False, repr=False)
     _feat_key: str = field(default="", init=False, repr=False)
     _occupants: dict[Endpoint, _Occupancy] = field(default_factory=dict, init=False, repr=False)
 
@@ -242,7 +235,6 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         self.predictor = LatencyPredictor(forgetting=self.forgetting, warmup=self.warmup, shrink=self.shrink)
         self.predictions = {"model": 0, "fallback": 0}
         self._pred_key = f"slo.prediction.{id(self)}"
-        self._occ_key = f"slo.occupant.{id(self)}"
         self._feat_key = f"slo.features.{id(self)}"
 
     def attach(self, datastore: Datastore) -> None:
@@ -300,17 +292,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         if step <= 0.0 or occ is None or not occ.members or not (m.block_size and m.num_gpu_blocks):
             return 0.0
         capacity = m.block_size * m.num_gpu_blocks
-        used = m.kv_usage * capacity
-        # A bound first, O(1) from the running sums: every prompt plus one token per step since each
-        # decoding request's first token, capped by their max_tokens summed (at least what the exact
-        # count below gives). When even that fits, the prompt fits.
-        bound = float(occ.prompts)
-        if occ.decoding:
-            decoded = (occ.decoding * now - occ.decoding_first_at) / step
-            bound += decoded if decoded < occ.decoding_output else occ.decoding_output
-        if (bound if bound > used else used) + new <= capacity:
-            return 0.0
-        wait = occ.wait_for_room(new - capacity, used, now, step)
+        wait = occ.wait_for_room(new, capacity, m.kv_usage * capacity, now, step)
         return wait if wait < _KV_WAIT_CAP_S else _KV_WAIT_CAP_S
 
     def _cached(self, ctx: CycleState, ep: Endpoint, prompt: int) -> int:
@@ -393,13 +375,12 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             now,
         )
         super().post_schedule(ctx, request, result)
-        cached = self._cached(ctx, ep, prompt)
-        o = _Occupant(prompt - cached, out)
-        occ = self._occupants.get(ep)
-        if occ is None:
-            occ = self._occupants[ep] = _Occupancy()
-        occ.add(o)
-        ctx[self._occ_key] = (ep, o)
+        charge: _Charge | None = ctx.get(self._ctx_key)
+        if self.kv_wait and charge is not None:  # in flight there until its response, for the KV wait
+            occ = self._occupants.get(ep)
+            if occ is None:
+                occ = self._occupants[ep] = _Occupancy()
+            occ.add(charge)
 
     def on_first_token(self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint) -> None:
         """Learn the TTFT as soon as it is known. Why not at the end of the response: that delays what
@@ -407,11 +388,11 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         current load; learning here cut the replay's p90 TTFT error on heterogeneous from 52% to 41%
         at 8 req/s and from 65% to 43% at 4 (tuning seeds; docs/scheduling.md)."""
         super().on_first_token(ctx, request, endpoint)
-        occ: tuple[Endpoint, _Occupant] | None = ctx.get(self._occ_key)
-        if occ is not None and not occ[1].first_token_at:
-            held = self._occupants.get(occ[0])
-            if held is not None:
-                held.first_token(occ[1], self.clock())
+        charge: _Charge | None = ctx.get(self._ctx_key)
+        if charge is not None and not charge.first_token_at:
+            occ = self._occupants.get(charge.endpoint)
+            if occ is not None:
+                occ.first_token(charge, self.clock())
         p: _Prediction | None = ctx.get(self._pred_key)
         if p is None or p.ttft_learned or p.endpoint is not endpoint or not request.stream:
             return
@@ -438,11 +419,11 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             # on_first_token, which would take the end of the response for its first token).
             p.ttft_learned = True
         super().post_response(ctx, request, endpoint, info)
-        occ: tuple[Endpoint, _Occupant] | None = ctx.pop(self._occ_key, None)
-        if occ is not None:
-            held = self._occupants.get(occ[0])
-            if held is not None:
-                held.remove(occ[1])
+        charge: _Charge | None = ctx.get(self._ctx_key)
+        if charge is not None:
+            occ = self._occupants.get(charge.endpoint)
+            if occ is not None:
+                occ.remove(charge)
         if p is None or not ok or info.ttft_s is None:
             return
         n = info.completion_tokens
