@@ -213,6 +213,39 @@ def test_slo_headroom_and_shedding_of_sheddable_requests_only() -> None:
     assert s2.shed == 0
 
 
+def test_holds_need_a_margin_over_the_prediction_and_sheds_do_not() -> None:
+    """A request whose best prediction uses most of its budget is held (predictions err; holding it
+    keeps the capacity for requests that can still make theirs); shedding, which cannot be undone,
+    needs the prediction itself to exceed the budget."""
+    from ingate.errors import SloHold
+
+    s, a, b = warm_scorer(hold_s=10.0)
+    s.clock = lambda: 100.0
+    predicted = {a: 1.5, b: 4.0}
+    s.predictor.predict_ttft = lambda e, f: predicted[e]  # type: ignore[method-assign]
+    hdr = {"x-llm-d-slo-ttft-ms": "2000"}
+    with pytest.raises(SloHold) as hold:  # 1.5 s x holdMargin 1.5 > 2 s
+        s.score(CycleState(), req(400, hdr), [a, b])
+    assert hold.value.until == 110.0 and s.held == 1
+    predicted[a] = 1.3  # 1.3 x 1.5 < 2: dispatched to the endpoint with the most headroom
+    sc = s.score(CycleState(), req(400, hdr), [a, b])
+    assert sc[a] > 0.5 > sc[b]
+    # Sheddable: never held; shed only when even the prediction misses the budget.
+    predicted[a] = 1.5
+    sc = s.score(CycleState(), req(400, hdr, priority=-1), [a, b])
+    assert sc[a] > 0.5 and s.shed == 0
+    predicted[a] = 2.5
+    with pytest.raises(GatewayError):
+        s.score(CycleState(), req(400, hdr, priority=-1), [a, b])
+    # holdMargin 1: held only when the prediction itself misses.
+    s1, a1, b1 = warm_scorer(hold_s=10.0, hold_margin=1.0)
+    s1.clock = lambda: 100.0
+    s1.predictor.predict_ttft = lambda e, f: {a1: 1.5, b1: 4.0}[e]  # type: ignore[method-assign]
+    assert s1.score(CycleState(), req(400, hdr), [a1, b1])[a1] > 0.5 and s1.held == 0
+    with pytest.raises(ValueError):
+        PredictedTTFTScorer(hold_margin=0)
+
+
 def test_tpot_slo_counts_when_given() -> None:
     s, a, b = warm_scorer()
     s.clock = lambda: 100.0
