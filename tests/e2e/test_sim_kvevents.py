@@ -96,7 +96,7 @@ async def test_index_matches_each_replicas_cache_through_stores_and_evictions(
             await _complete(session, r0.address, shared + " " + _prompt("b", 96))  # shares 10 blocks
             await _complete(session, r1.address, _prompt("other", 64))
             for sub, r in zip(subs, fleet.replicas, strict=True):
-                await _synced(sub, r)
+                await _nudged_until_synced(session, sub, r)  # r1 sent one batch: the SUB may have missed it
                 assert index.hashes(r.address) == r.engine.kv.cached_hashes() != set()
             # What a scorer computes from the prompt's token ids is what the index holds.
             hashes = block_hashes(token_ids(tokenize(first)), 16, none_hash("0"))
@@ -127,7 +127,7 @@ async def test_a_gap_is_filled_from_the_replay_socket(session: aiohttp.ClientSes
         sub = _subscriber(r, index)
         try:
             await _complete(session, r.address, _prompt("x", 64))
-            await _synced(sub, r)
+            await _nudged_until_synced(session, sub, r)
             # Disconnect: batches published meanwhile never reach this subscriber's SUB socket.
             await sub.stop()
             for tag in ("y", "z", "w"):
@@ -149,7 +149,7 @@ async def test_batches_gone_from_the_replay_buffer_clear_the_endpoint(session: a
         sub = _subscriber(r, index)
         try:
             await _complete(session, r.address, _prompt("x", 64))
-            await _synced(sub, r)
+            await _nudged_until_synced(session, sub, r)
             await sub.stop()
             for tag in ("y", "z", "w"):
                 await _complete(session, r.address, _prompt(tag, 200))
