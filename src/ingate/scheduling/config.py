@@ -99,8 +99,8 @@ def default_profiles() -> dict[str, ProfileConfig]:
         # predicted to serve in time shed with 429 slo_unattainable, others held up to 10 s (holdS,
         # chosen on the replay's tuning seeds: 5-20 s all raised goodput past mixed's knee, 10 s is
         # 5x its 2 s SLO) while the best prediction x 1.5 exceeds what is left of their budget
-        # (holdMargin, the scorer's default, also chosen on tuning seeds). The prefix scorer (small weight) runs so the model sees each endpoint's
-        # expected cached tokens.
+        # (holdMargin, the scorer's default, also chosen on tuning seeds). The prefix scorer (small
+        # weight) runs so the model sees each endpoint's expected cached tokens.
         "slo-aware": ProfileConfig(
             filters=[
                 PluginSpec(type="lora-affinity"),

@@ -212,10 +212,10 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     hold_poll_s: float = 0.05
     hold_margin: float = 1.5
     """Hold while every candidate's predicted TTFT x holdMargin exceeds the remaining budget. Above 1
-    because predictions err (p90 near 50% under load): a request predicted at 1.5 s of a 2 s budget
-    usually misses, and holding it keeps the capacity for requests that can still make theirs (1.5
-    chosen on the replay's tuning seeds, docs/scheduling.md). Shedding, which cannot be undone, keeps
-    its own `shedMargin`."""
+    because predictions err (p90 near 50% under load): about half the requests predicted at 1.5 s of
+    a 2 s budget miss it, and holding them keeps the capacity for requests that can still make theirs
+    (1.5 chosen on the replay's tuning seeds, docs/scheduling.md). Shedding, which cannot be undone,
+    keeps its own `shedMargin`."""
     kv_wait: bool = True
     """Estimate each candidate's wait for KV-cache room (a model feature). Where the prompt may not fit,
     the estimate goes through the endpoint's in-flight requests: with hundreds of endpoints all
