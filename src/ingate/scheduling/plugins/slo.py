@@ -21,7 +21,8 @@ Admission (`shedUnattainable`, on by default): when no candidate's predicted TTF
 meets a **sheddable** request's SLO (priority < 0), the request is answered `429 slo_unattainable`
 with Retry-After, instead of taking capacity that requests which can still meet theirs need.
 Other requests, with `holdS` > 0, are held by the director (`ingate.errors.SloHold`): re-scored every
-`holdPollS` until an endpoint is predicted to meet what is left of their budget, or until `holdS`
+`holdPollS` until an endpoint is predicted to meet what is left of their budget with a margin (the
+prediction times `holdMargin` fits), or until `holdS`
 after arrival, when they go to the endpoint with the best headroom. With `holdS` 0 they go there at
 once.
 
