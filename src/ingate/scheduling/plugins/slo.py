@@ -396,10 +396,10 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         at 8 req/s and from 65% to 43% at 4 (tuning seeds; docs/scheduling.md)."""
         super().on_first_token(ctx, request, endpoint)
         charge: _Charge | None = ctx.get(self._ctx_key)
-        if charge is not None and not charge.first_token_at:
+        if charge is not None:
             occ = self._occupants.get(charge.endpoint)
             if occ is not None:
-                occ.first_token(charge, self.clock())
+                occ.first_token(charge, self.clock())  # once: it ignores a charge that already has one
         p: _Prediction | None = ctx.get(self._pred_key)
         if p is None or p.ttft_learned or p.endpoint is not endpoint or not request.stream:
             return
