@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -290,6 +291,56 @@ def test_slo_aware_profile_is_built_in_and_exports_prediction_metrics() -> None:
     assert ("ttft", "0.5") in q and ("ttft", "0.9") in q
     src = {x.labels["source"]: x.value for x in fams["ingate_latency_predictions"].samples}
     assert src["fallback"] == 50 and src["model"] == 70
+    # Per endpoint: the errors of the predictions made for each replica, which add up to the pool's.
+    per_ep = {
+        (x.labels["endpoint"], x.labels["kind"]): x.value
+        for x in fams["ingate_endpoint_latency_prediction_errors"].samples
+    }
+    ttft_n = [per_ep.get((e.address, "ttft"), 0) for e in eps]
+    assert sum(ttft_n) == scorer.predictor.ttft_errors.n and all(n > 0 for n in ttft_n)
+    quant = {
+        (x.labels["endpoint"], x.labels["kind"], x.labels["quantile"])
+        for x in fams["ingate_endpoint_latency_prediction_error_ratio_quantile"].samples
+    }
+    assert {(e.address, "ttft", q) for e in eps for q in ("0.5", "0.9")} <= quant
+
+
+def test_per_endpoint_errors_tell_a_mispredicted_replica_apart_and_leave_with_it() -> None:
+    """An operator reading the per-endpoint error quantiles sees which replica the model gets wrong;
+    a replica that leaves the pool takes its windows with it (bounded state)."""
+    eps = [ep(0), ep(1)]
+    ds = Datastore(eps)
+    s = PredictedTTFTScorer()
+    s.attach(ds)
+    # The same request on both: e0 always answers in 0.22 s, e1 swings between 0.3x and 3x that.
+    for i in range(600):
+        s.clock = lambda: 100.0
+        r = req(2000)
+        for target, y in ((eps[0], 0.22), (eps[1], 0.22 * (0.3 if i % 2 else 3.0))):
+            ctx = CycleState()
+            s.score(ctx, r, eps)
+            s.post_schedule(ctx, r, SchedulingResult([target], "p"))
+            s.clock = lambda y=y: 100.0 + y
+            s.on_first_token(ctx, r, target)
+            s.post_response(ctx, r, target, ResponseInfo(200, ttft_s=y, e2e_s=y + 0.1, completion_tokens=16))
+            s.clock = lambda: 100.0
+
+    def p90(e: Endpoint) -> float:
+        fams = {m.name: m for m in s.collect_metrics("p", eps)}
+        got = {
+            x.labels["endpoint"]: x.value
+            for x in fams["ingate_endpoint_latency_prediction_error_ratio_quantile"].samples
+            if x.labels["kind"] == "ttft" and x.labels["quantile"] == "0.9"
+        }
+        return got[e.address]
+
+    assert p90(eps[1]) > 0.6 and p90(eps[0]) < 0.2
+    ds.remove(eps[1].address)
+    fams = {m.name: m for m in s.collect_metrics("p", [eps[0]])}
+    assert {x.labels["endpoint"] for x in fams["ingate_endpoint_latency_prediction_errors"].samples} == {
+        eps[0].address
+    }
+    assert eps[1] not in s._ep_errors
 
 
 async def test_bench_reads_the_prediction_errors_a_gateway_exports() -> None:
@@ -300,7 +351,7 @@ async def test_bench_reads_the_prediction_errors_a_gateway_exports() -> None:
     from aiohttp import web
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from ingate.bench.runner import latency_model_errors
+    from ingate.bench.runner import latency_model_errors, latency_model_errors_by_class
     from ingate.scheduling.plugins.registry import PluginMetricsCollector
 
     eps = [ep(0), ep(1)]
@@ -330,6 +381,11 @@ async def test_bench_reads_the_prediction_errors_a_gateway_exports() -> None:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         got = await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}")
+        by_class = await asyncio.to_thread(
+            latency_model_errors_by_class,
+            f"http://127.0.0.1:{port}",
+            {eps[0].address: "fast", eps[1].address: "slow", "127.0.0.1:1": "gone"},
+        )
         # A peer router's page that is not Prometheus text, or none at all: nothing, no error.
         assert await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}/peer") == {}
         assert await asyncio.to_thread(latency_model_errors, f"http://127.0.0.1:{port}/none") == {}
@@ -337,6 +393,13 @@ async def test_bench_reads_the_prediction_errors_a_gateway_exports() -> None:
         await runner.cleanup()
     win = scorer.predictor.ttft_errors
     assert got["slo-aware/ttft"]["n"] == win.n > 0
+    # By accelerator class (what the report prints for a mixed fleet): e0 and e1 are one class each.
+    assert by_class["slo-aware/ttft"].keys() == {"fast", "slow"}
+    fast = scorer._ep_errors[eps[0]][0]
+    assert by_class["slo-aware/ttft"]["fast"]["n"] == fast.n > 0
+    assert by_class["slo-aware/ttft"]["fast"]["0.9"] == round(fast.quantile(0.9) or -1, 4)
+    assert by_class["slo-aware/ttft"]["fast"]["endpoints"] == 1
+    assert sum(c["n"] for c in by_class["slo-aware/ttft"].values()) == win.n
     assert got["slo-aware/ttft"]["0.5"] == round(win.quantile(0.5) or -1, 4)
     assert "default/ttft" not in got  # the default profile has no latency model
     assert await asyncio.to_thread(latency_model_errors, "http://127.0.0.1:1") == {}
@@ -597,6 +660,40 @@ def test_bench_pools_the_prediction_errors_of_several_streams() -> None:
     assert got["p/ttft"]["0.5"] == pytest.approx((0.1 * 1000 + 0.2 * 2000) / 3000, abs=1e-4)
     assert got["p/ttft"]["0.9"] == pytest.approx((0.4 * 1000 + 0.7 * 2000) / 3000, abs=1e-4)
     assert got["p/tpot"] == {"n": 500.0, "streams": 1.0, "0.5": 0.2}
+
+
+def test_bench_report_prints_the_prediction_error_by_accelerator_class(tmp_path: Path) -> None:
+    """On a mixed fleet the report breaks the latency model's error down by simulator profile, pooled
+    over the streams' per-endpoint windows."""
+    from rich.console import Console
+
+    from ingate.bench.cli import _print_prediction_errors
+    from ingate.bench.runner import pool_prediction_errors
+
+    s0 = {"l4": {"0.5": 0.2, "0.9": 0.6, "n": 800.0, "window": 800.0, "endpoints": 2.0}}
+    s1 = {"l4": {"0.5": 0.4, "0.9": 0.8, "n": 900.0, "window": 400.0, "endpoints": 2.0}}
+    pooled = pool_prediction_errors([s0, s1])
+    assert pooled["l4"]["0.9"] == pytest.approx((0.6 * 800 + 0.8 * 400) / 1200, abs=1e-4)
+    assert pooled["l4"]["window"] == 1200 and pooled["l4"]["endpoints"] == 2
+    info = {
+        "latency_prediction_error": {"slo-aware/ttft": {"0.5": 0.15, "0.9": 0.5, "n": 3000.0}},
+        "latency_prediction_error_by_class": {
+            "slo-aware/ttft": {
+                "l4": pooled["l4"],
+                "h100": {"0.5": 0.1, "0.9": 0.3, "n": 900.0, "window": 900.0},
+            }
+        },
+    }
+    path = tmp_path / "r.json"
+    path.write_bytes(orjson.dumps({"systems": [{"name": "ingate:slo-aware", "info": info}]}))
+    console = Console(record=True, width=200)
+    _print_prediction_errors(path, console)
+    text = console.export_text()
+    assert "median 15%, p90 50%" in text
+    assert (
+        "on h100" in text
+        and "on l4 (2 endpoint(s) per stream, last 1200 predictions): median 27%, p90 67%" in text
+    )
 
 
 @settings(max_examples=200, deadline=None)

@@ -107,7 +107,8 @@ def run_cmd(
 
 def _print_prediction_errors(path: Path, console: Console) -> None:
     """The latency model's prediction errors each ingate system exported (its window of the last 2,000
-    predictions; over several streams, the windows' quantiles weighted by their sizes)."""
+    predictions; over several streams, the windows' quantiles weighted by their sizes), and on a fleet
+    of several simulator profiles, by profile (from the per-endpoint windows)."""
     for entry in orjson.loads(path.read_bytes())["systems"]:
         for key, q in (entry.get("info") or {}).get("latency_prediction_error", {}).items():
             n = int(q["n"])
@@ -122,6 +123,13 @@ def _print_prediction_errors(path: Path, console: Console) -> None:
                 f"median {q.get('0.5', float('nan')):.0%}, "
                 f"p90 {q.get('0.9', float('nan')):.0%}"
             )
+            by_class = (entry.get("info") or {}).get("latency_prediction_error_by_class", {}).get(key, {})
+            for cls, c in sorted(by_class.items()):
+                console.print(
+                    f"  on {cls} ({int(c.get('endpoints', 0)) or '?'} endpoint(s) per stream, last "
+                    f"{int(c.get('window', 0))} predictions): median {c.get('0.5', float('nan')):.0%}, "
+                    f"p90 {c.get('0.9', float('nan')):.0%}"
+                )
 
 
 def _report(paths: list[Path], png: Path, md: Path | None, console: Console) -> None:

@@ -21,6 +21,7 @@ from ingate.bench import systems as sysmod
 from ingate.bench.loadgen import RequestRecord, StageResult, make_session, run_concurrent, run_poisson
 from ingate.bench.stats import max_sustainable_rate, summarize, tenant_summaries
 from ingate.bench.workload import BenchRequest, RequestStream, Tenant, Workload
+from ingate.scheduling.plugins.slo import ENDPOINT_ERROR_WINDOW
 
 STREAM_SHIFT = 100
 """Seed shift per request stream (the scheduler replay uses it too, so stream k is its stream k)."""
@@ -123,6 +124,7 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
             entry: dict[str, Any] = {"name": name}
             stages: list[StageResult] = []
             errors: list[dict[str, dict[str, float]]] = []
+            by_class: list[dict[str, dict[str, dict[str, float]]]] = []
             for k in range(wl.load.streams):
                 label = name if wl.load.streams == 1 else f"{name} [stream {k}]"
                 try:
@@ -132,10 +134,18 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
                     break
                 if "latency_prediction_error" in entry["info"]:
                     errors.append(entry["info"]["latency_prediction_error"])
+                if "latency_prediction_error_by_class" in entry["info"]:
+                    by_class.append(entry["info"]["latency_prediction_error_by_class"])
                 stages = part if not stages else [_pool(a, b) for a, b in zip(stages, part, strict=True)]
             if len(errors) > 1:  # each stream's gateway has a model of its own: report them all
                 entry["info"]["latency_prediction_error_streams"] = errors
                 entry["info"]["latency_prediction_error"] = pool_prediction_errors(errors)
+            if len(by_class) > 1:
+                entry["info"]["latency_prediction_error_by_class_streams"] = by_class
+                entry["info"]["latency_prediction_error_by_class"] = {
+                    key: pool_prediction_errors([s[key] for s in by_class if key in s])
+                    for key in sorted({k for s in by_class for k in s})
+                }
             if "unavailable" in entry:
                 results["systems"].append(entry)
                 continue
@@ -181,6 +191,10 @@ def _run_stream(
             errors = latency_model_errors(system.url)
             if errors:
                 info["latency_prediction_error"] = errors
+                if len(set(fleet.profiles.values())) > 1:  # a mixed pool: which classes it mispredicts
+                    by_class = latency_model_errors_by_class(system.url, fleet.profiles)
+                    if by_class:
+                        info["latency_prediction_error_by_class"] = by_class
             return info, stages
         finally:
             system.stop()
@@ -197,19 +211,30 @@ def router_metrics(url: str) -> dict[str, float]:
         return {}
 
 
+def _metric_families(url: str) -> list[Any] | None:
+    """A gateway's `/metrics`, parsed; None if unreadable or not Prometheus text (a peer's own page)."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    try:
+        return list(text_string_to_metric_families(text))
+    except (ValueError, KeyError):
+        return None
+
+
 def latency_model_errors(url: str) -> dict[str, dict[str, float]]:
     """The gateway's latency-model prediction errors at the end of a stream, scraped from its
     `/metrics` (`ingate_latency_prediction_error_ratio_quantile`: |predicted - actual| / actual over its
     last predictions after warm-up, by profile/kind), e.g. {"slo-aware/ttft": {"0.5": 0.12, ...,
     "n": 812}}; empty for a system that exports none (peers, profiles without a latency model)."""
-    try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-    except (OSError, ValueError):
+    fams = _metric_families(url)
+    if fams is None:
         return {}
     out: dict[str, dict[str, float]] = {}
     try:
-        for fam in text_string_to_metric_families(text):
+        for fam in fams:
             if fam.name == "ingate_latency_prediction_error_ratio_quantile":
                 for smp in fam.samples:
                     key = f"{smp.labels['profile']}/{smp.labels['kind']}"
@@ -219,29 +244,84 @@ def latency_model_errors(url: str) -> dict[str, dict[str, float]]:
                     if smp.name.endswith("_count"):
                         key = f"{smp.labels['profile']}/{smp.labels['kind']}"
                         out.setdefault(key, {})["n"] = smp.value
-    except (ValueError, KeyError):  # not Prometheus text (a peer's own page): nothing to report
+    except KeyError:
         return {}
     return {k: v for k, v in out.items() if v.get("n")}
+
+
+def latency_model_errors_by_class(
+    url: str, classes: dict[str, str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The per-endpoint prediction errors a gateway exports
+    (`ingate_endpoint_latency_prediction_error_ratio_quantile`, each endpoint's last predictions),
+    grouped by the class of each endpoint (`classes`: address -> e.g. the simulator profile), e.g.
+    {"slo-aware/ttft": {"l4-llama3-8b": {"0.5": 0.2, "0.9": 0.6, "n": 900, "endpoints": 2}}}. A class's
+    quantile is the mean of its endpoints' quantiles weighted by their window sizes (the windows
+    themselves are not exported); `window` is the predictions those windows hold."""
+    fams = _metric_families(url)
+    if fams is None:
+        return {}
+    per_ep: dict[tuple[str, str], dict[str, float]] = {}
+    try:
+        for fam in fams:
+            if fam.name == "ingate_endpoint_latency_prediction_error_ratio_quantile":
+                for smp in fam.samples:
+                    at = (f"{smp.labels['profile']}/{smp.labels['kind']}", smp.labels["endpoint"])
+                    per_ep.setdefault(at, {})[smp.labels["quantile"]] = smp.value
+            elif fam.name == "ingate_endpoint_latency_prediction_errors":
+                for smp in fam.samples:
+                    if smp.name.endswith("_total"):
+                        at = (f"{smp.labels['profile']}/{smp.labels['kind']}", smp.labels["endpoint"])
+                        per_ep.setdefault(at, {})["n"] = smp.value
+    except KeyError:
+        return {}
+    grouped: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for (key, address), v in per_ep.items():
+        if v.get("n") and address in classes:
+            v["window"] = min(v["n"], float(ENDPOINT_ERROR_WINDOW))
+            grouped.setdefault(key, {}).setdefault(classes[address], []).append(v)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, by_class in grouped.items():
+        for cls, parts in by_class.items():
+            pooled = _weighted_quantiles(parts)
+            if pooled:
+                pooled["endpoints"] = float(len(parts))
+                out.setdefault(key, {})[cls] = pooled
+    return out
+
+
+def _weighted_quantiles(parts: list[dict[str, float]], cap: float = 2000.0) -> dict[str, float]:
+    """Several windows' quantiles pooled: each quantile the mean of the windows' weighted by their
+    sizes (`window` where given, else `n` capped at `cap`); `n` and `window` are summed."""
+    weights = [p["window"] if "window" in p else min(p.get("n", 0.0), cap) for p in parts]
+    total = sum(weights)
+    if total <= 0:
+        return {}
+    pooled: dict[str, float] = {"n": sum(p.get("n", 0.0) for p in parts)}
+    if any("window" in p for p in parts):
+        pooled["window"] = total
+    if any("endpoints" in p for p in parts):
+        pooled["endpoints"] = max(p.get("endpoints", 0.0) for p in parts)
+    for q in ("0.5", "0.9", "0.99"):
+        have = [(p[q], w) for p, w in zip(parts, weights, strict=True) if q in p]
+        if have and sum(w for _, w in have) > 0:
+            pooled[q] = round(sum(v * w for v, w in have) / sum(w for _, w in have), 4)
+    return pooled
 
 
 def pool_prediction_errors(streams: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Prediction errors over several streams (one gateway, one model each): per profile/kind, each
     quantile is the mean of the streams' quantiles weighted by the predictions in their windows
-    (`n` capped at the 2,000 the window holds); `n` is the total and `streams` how many were pooled.
-    An approximation of the pooled quantile (the windows themselves are not exported)."""
+    (`n` capped at the 2,000 the window holds, or `window` where given); `n` is the total and `streams`
+    how many were pooled. An approximation of the pooled quantile (the windows themselves are not
+    exported)."""
     out: dict[str, dict[str, float]] = {}
     for key in sorted({k for s in streams for k in s}):
         parts = [s[key] for s in streams if key in s]
-        weights = [min(p.get("n", 0.0), 2000.0) for p in parts]
-        total = sum(weights)
-        if total <= 0:
-            continue
-        pooled: dict[str, float] = {"n": sum(p.get("n", 0.0) for p in parts), "streams": float(len(parts))}
-        for q in ("0.5", "0.9", "0.99"):
-            have = [(p[q], w) for p, w in zip(parts, weights, strict=True) if q in p]
-            if have:
-                pooled[q] = round(sum(v * w for v, w in have) / sum(w for _, w in have), 4)
-        out[key] = pooled
+        pooled = _weighted_quantiles(parts)
+        if pooled:
+            pooled["streams"] = float(len(parts))
+            out[key] = pooled
     return out
 
 

@@ -73,6 +73,8 @@ class Fleet:
 
     proc: Proc
     addresses: list[str]
+    profiles: dict[str, str] = field(default_factory=dict)
+    """Each replica's simulator profile (accelerator class), by address."""
 
 
 def start_fleet(wl: Workload, workdir: Path, timeout_s: float = 60.0) -> Fleet:
@@ -87,7 +89,7 @@ def start_fleet(wl: Workload, workdir: Path, timeout_s: float = 60.0) -> Fleet:
         args += ["--base-port", str(base), "--kv-events-port", str(base + off)]
         args += ["--kv-events-replay-port", str(base + 2 * off)]
     sp = launch_sim(wl.fleet.replicas, args, workdir, timeout_s=timeout_s, log=workdir / "sim.log")
-    return Fleet(sp, sp.addresses)
+    return Fleet(sp, sp.addresses, sp.profiles)
 
 
 @dataclass

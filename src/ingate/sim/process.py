@@ -17,6 +17,8 @@ class SimProcess(ChildProcess):
     """A running `ingate sim` child and its replicas' `host:port` addresses."""
 
     addresses: list[str] = field(default_factory=list)
+    profiles: dict[str, str] = field(default_factory=dict)
+    """Each replica's simulator profile name, by address."""
 
 
 def launch_sim(
@@ -47,5 +49,7 @@ def launch_sim(
             sp.stop()
             raise TimeoutError("ingate sim did not become ready")
         time.sleep(0.05)
-    sp.addresses = [r["address"] for r in json.loads(ready.read_text())["replicas"]]
+    info = json.loads(ready.read_text())["replicas"]
+    sp.addresses = [r["address"] for r in info]
+    sp.profiles = {r["address"]: r["profile"] for r in info}
     return sp

@@ -29,7 +29,9 @@ once.
 Outcomes are learned from streamed responses: the TTFT at the first token (measured at the gateway,
 from dispatch), the TPOT when the response ends; for a non-streamed response the first byte is the
 whole answer, so it trains nothing. The error of each
-prediction made by the warm model is kept (`ingate_latency_prediction_error_ratio`).
+prediction made by the warm model is kept (`ingate_latency_prediction_error_ratio`), and per endpoint
+over its last `ENDPOINT_ERROR_WINDOW` predictions (`ingate_endpoint_latency_prediction_error_ratio`):
+in a pool of mixed accelerators the operator sees which replicas the model mispredicts.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ from ingate.scheduling.predictor import ErrorWindow, Features, LatencyPredictor
 SLO_UNATTAINABLE = "slo_unattainable"
 _KV_WAIT_CAP_S = 30.0
 """Cap of the KV-wait feature: beyond it the estimate says nothing the model could use."""
+ENDPOINT_ERROR_WINDOW = 500
+"""Predictions per endpoint (and kind) whose errors the per-endpoint quantiles cover."""
 
 
 @dataclass(slots=True)
@@ -232,6 +236,10 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     _pred_key: str = field(default="", init=False, repr=False)
     _feat_key: str = field(default="", init=False, repr=False)
     _occupants: dict[Endpoint, _Occupancy] = field(default_factory=dict, init=False, repr=False)
+    _ep_errors: dict[Endpoint, tuple[ErrorWindow, ErrorWindow]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    """Per endpoint: TTFT and TPOT error windows (`ENDPOINT_ERROR_WINDOW` each)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -247,10 +255,17 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     def attach(self, datastore: Datastore) -> None:
         super().attach(datastore)
         datastore.on_remove(self.predictor.forget)
-        datastore.on_remove(self._forget_occupants)
+        datastore.on_remove(self._forget_endpoint)
 
-    def _forget_occupants(self, ep: Endpoint) -> None:
+    def _forget_endpoint(self, ep: Endpoint) -> None:
         self._occupants.pop(ep, None)
+        self._ep_errors.pop(ep, None)
+
+    def _errors_of(self, ep: Endpoint) -> tuple[ErrorWindow, ErrorWindow]:
+        w = self._ep_errors.get(ep)
+        if w is None:
+            w = self._ep_errors[ep] = (ErrorWindow(ENDPOINT_ERROR_WINDOW), ErrorWindow(ENDPOINT_ERROR_WINDOW))
+        return w
 
     # -- features -----------------------------------------------------------------------------------
     def features(self, ep: Endpoint, prompt: int, cached: int, output: int, now: float) -> Features:
@@ -411,6 +426,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             return
         if p.warm:
             self.predictor.ttft_errors.add(p.ttft_s, ttft)
+            self._errors_of(endpoint)[0].add(p.ttft_s, ttft)
         self.predictor.observe(endpoint, p.features, ttft, None)
 
     def post_response(
@@ -438,6 +454,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             tpot = (info.e2e_s - info.ttft_s) / (n - 1)
             if p.warm:
                 self.predictor.tpot_errors.add(p.tpot_s, tpot)
+                self._errors_of(endpoint)[1].add(p.tpot_s, tpot)
             self.predictor.observe(endpoint, p.features, None, tpot)
 
     # -- metrics ------------------------------------------------------------------------------------
@@ -487,7 +504,30 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
             labels=["profile"],
         )
         held.add_metric([profile], self.held)
-        return [hist, quant, count, samples, shed, held]
+        ep_quant = GaugeMetricFamily(
+            "ingate_endpoint_latency_prediction_error_ratio_quantile",
+            "Per endpoint: quantiles of the absolute relative prediction error over its last "
+            f"{ENDPOINT_ERROR_WINDOW} predictions (after warm-up), by kind (ttft, tpot).",
+            labels=["profile", "endpoint", "kind", "quantile"],
+        )
+        ep_count = CounterMetricFamily(
+            "ingate_endpoint_latency_prediction_errors",
+            "Per endpoint: predictions (after warm-up) whose error was measured, by kind.",
+            labels=["profile", "endpoint", "kind"],
+        )
+        for ep in endpoints:
+            wins = self._ep_errors.get(ep)
+            if wins is None:
+                continue
+            for kind, win in zip(("ttft", "tpot"), wins, strict=True):
+                if not win.n:
+                    continue
+                ep_count.add_metric([profile, ep.address, kind], win.n)
+                for q in (0.5, 0.9):
+                    v = win.quantile(q)
+                    if v is not None:
+                        ep_quant.add_metric([profile, ep.address, kind, str(q)], v)
+        return [hist, quant, count, samples, shed, held, ep_quant, ep_count]
 
 
 def _headroom(budget: float, predicted: float) -> float:
