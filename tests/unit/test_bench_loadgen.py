@@ -229,12 +229,35 @@ def test_tuning_and_evaluation_seeds_are_disjoint_and_the_replay_refuses_eval() 
     assert not set(tune) & set(held)  # other system prompts and questions altogether
     with pytest.raises(ValueError, match="unknown seed set"):
         with_seed_set(wl, "test")
-    for target in ("benchmarks/workloads/eval/b2b-large-groups.yaml",):
+    target = "benchmarks/workloads/eval/b2b-large-groups.yaml"
+    for script in ("replay.py", "error_breakdown.py"):
         r = subprocess.run(
-            [sys.executable, "benchmarks/scheduling/replay.py", target, "--streams", "1"],
+            [sys.executable, f"benchmarks/scheduling/{script}", target, "--streams", "1"],
             cwd=root, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert r.returncode != 0 and "held-out evaluation workload" in r.stderr
+
+
+def test_error_breakdown_marks_requests_a_later_dispatch_joined() -> None:
+    """The replay's error breakdown calls a request joined when one dispatched after it to the same
+    endpoint got its first token no later (same step, or overtaking it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks/scheduling/error_breakdown.py"
+    spec = importlib.util.spec_from_file_location("error_breakdown", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # (dispatched, first token, predicted, actual), in no particular order
+    recs = [
+        (0.0, 1.0, 0.5, 1.0),  # joined: dispatched at 0.2, first token at 1.0 too
+        (0.2, 1.0, 0.5, 0.8),  # nothing after it came first
+        (0.3, 2.0, 1.0, 1.7),  # overtaken by the one dispatched at 0.4
+        (0.4, 1.5, 1.0, 1.1),
+    ]
+    assert mod.joined(recs) == [True, False, True, False]
+    assert mod.joined(list(reversed(recs))) == [False, True, False, True]
 
 
 def test_committed_workloads_parse_and_generate() -> None:
