@@ -118,6 +118,7 @@ def test_the_panels_the_docs_promise() -> None:
         "inference_extension_scheduler_e2e_duration_seconds_bucket",
         "inference_extension_flow_control_queue_size",
         "ingate_endpoint_in_flight",
+        "ingate_endpoint_latency_prediction_error_ratio_quantile",
     ):
         assert metric in used, metric
     ids = [p["id"] for p in dash["panels"]]
