@@ -203,10 +203,17 @@ class ErrorWindow:
 
     def quantile(self, q: float) -> float | None:
         """Nearest-rank quantile of the recent window (None when empty)."""
+        got = self.quantiles((q,))
+        return got[0] if got else None
+
+    def quantiles(self, qs: Sequence[float]) -> list[float]:
+        """Nearest-rank quantiles of the recent window, one sort for all ([] when empty): a scrape
+        asks for several of each endpoint's window, on the event loop."""
         if not self.recent:
-            return None
+            return []
         s = sorted(self.recent)
-        return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+        n = len(s)
+        return [s[min(n - 1, max(0, math.ceil(q * n) - 1))] for q in qs]
 
 
 @dataclass
