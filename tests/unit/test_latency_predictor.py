@@ -915,3 +915,30 @@ def test_a_request_keeps_only_its_targets_prediction_not_every_candidates_featur
     s.post_schedule(ctx, r, SchedulingResult([a], "p"))
     assert not any(k.startswith("slo.features.") for k in ctx)
     assert ctx[s._pred_key].features.new_tokens == 100
+
+
+def test_responses_that_end_after_their_endpoint_left_recreate_no_state_for_it() -> None:
+    """A pod removed mid-request (rollout, scale-down): its requests still finish and teach the pooled
+    model, but nothing per endpoint comes back for it (that state would never be freed again)."""
+    eps = [ep(0), ep(1)]
+    ds = Datastore(eps)
+    s = PredictedTTFTScorer()
+    s.attach(ds)
+    rng = random.Random(5)
+    for _ in range(80):  # warm
+        serve(s, eps, {eps[0]: 1.0, eps[1]: 1.0}, rng)
+    s.clock = lambda: 100.0
+    r = req(2000)
+    ctx = CycleState()
+    s.score(ctx, r, eps)
+    s.post_schedule(ctx, r, SchedulingResult([eps[1]], "p"))
+    assert s.load(eps[1]).requests == 1
+    ds.remove(eps[1].address)
+    pooled = s.predictor.samples()
+    s.clock = lambda: 100.3
+    s.on_first_token(ctx, r, eps[1])
+    s.post_response(ctx, r, eps[1], ResponseInfo(200, ttft_s=0.3, e2e_s=0.9, completion_tokens=16))
+    assert s.predictor.samples() == pooled + 1  # the pooled model learned it
+    assert s.predictor.samples(eps[1]) == 0 and s.predictor.endpoints() == 1
+    assert eps[1] not in s._ep_errors and eps[1] not in s._loads and eps[1] not in s._occupants
+    assert s.predictor.ttft_errors.n > 0  # the pool-wide error window still counts the prediction

@@ -313,20 +313,26 @@ class LatencyPredictor:
             err[i] = e * e if err[i] < 0 else err[i] + a * (e * e - err[i])
 
     # -- response path ------------------------------------------------------------------------------
-    def observe(self, endpoint: Hashable, f: Features, ttft_s: float | None, tpot_s: float | None) -> None:
-        """Learn one completed request's outcome (either may be None: not measured)."""
+    def observe(
+        self, endpoint: Hashable, f: Features, ttft_s: float | None, tpot_s: float | None, own: bool = True
+    ) -> None:
+        """Learn one completed request's outcome (either may be None: not measured). `own=False`: the
+        pooled model only (the endpoint has left the pool: no model of its own is kept or re-created)."""
         m = self._models.get(endpoint)
-        if m is None:
+        if m is None and own:
             m = self._models[endpoint] = self._new()
+        pooled = self._pooled
         if ttft_s is not None and ttft_s > 0 and math.isfinite(ttft_s):
             x = f.ttft()
-            self._score(m.ttft, self._pooled.ttft, m.ttft_err, x, ttft_s, self.min_ttft_s)
             w = 1.0 / max(ttft_s, self.min_ttft_s) ** 2
-            self._pooled.ttft.update(x, ttft_s, w)
-            m.ttft.update(x, ttft_s, w)
+            if m is not None:
+                self._score(m.ttft, pooled.ttft, m.ttft_err, x, ttft_s, self.min_ttft_s)
+                m.ttft.update(x, ttft_s, w)
+            pooled.ttft.update(x, ttft_s, w)
         if tpot_s is not None and tpot_s > 0 and math.isfinite(tpot_s):
             x = f.tpot()
-            self._score(m.tpot, self._pooled.tpot, m.tpot_err, x, tpot_s, self.min_tpot_s)
             w = 1.0 / max(tpot_s, self.min_tpot_s) ** 2
-            self._pooled.tpot.update(x, tpot_s, w)
-            m.tpot.update(x, tpot_s, w)
+            if m is not None:
+                self._score(m.tpot, pooled.tpot, m.tpot_err, x, tpot_s, self.min_tpot_s)
+                m.tpot.update(x, tpot_s, w)
+            pooled.tpot.update(x, tpot_s, w)

@@ -173,9 +173,10 @@ class PredictedLatencyScorer:
         if charge is None or not charge.prefill_open:
             return
         charge.prefill_open = False
-        ld = self.load(charge.endpoint)
-        ld.pending_prefill -= charge.prefill
-        ld.requests -= 1
+        ld = self._loads.get(charge.endpoint)  # None: the endpoint left the pool (its counters went)
+        if ld is not None:
+            ld.pending_prefill -= charge.prefill
+            ld.requests -= 1
 
     def post_response(
         self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo
@@ -184,7 +185,9 @@ class PredictedLatencyScorer:
         charge: _Charge | None = ctx.get(self._ctx_key)
         if charge is not None and charge.kv_open:
             charge.kv_open = False
-            self.load(charge.endpoint).kv_demand -= charge.kv
+            ld = self._loads.get(charge.endpoint)
+            if ld is not None:
+                ld.kv_demand -= charge.kv
         if info.prompt_tokens and info.prompt_tokens > 0 and request.prompt_text:
             ratio = len(request.prompt_text) / info.prompt_tokens
             self.chars_per_token += 0.05 * (ratio - self.chars_per_token)

@@ -241,6 +241,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     _ep_errors: dict[Endpoint, tuple[ErrorWindow, ErrorWindow]] = field(
         default_factory=dict, init=False, repr=False
     )
+    _datastore: Datastore | None = field(default=None, init=False, repr=False)
     """Per endpoint: TTFT and TPOT error windows (`ENDPOINT_ERROR_WINDOW` each)."""
 
     def __post_init__(self) -> None:
@@ -256,8 +257,15 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
 
     def attach(self, datastore: Datastore) -> None:
         super().attach(datastore)
+        self._datastore = datastore
         datastore.on_remove(self.predictor.forget)
         datastore.on_remove(self._forget_endpoint)
+
+    def _in_pool(self, ep: Endpoint) -> bool:
+        """Whether `ep` is still in the pool: a response that ends after its endpoint left teaches
+        the pooled model but re-creates none of the endpoint's own state (it would never be freed)."""
+        ds = self._datastore
+        return ds is None or ds.get(ep.address) is ep
 
     def _forget_endpoint(self, ep: Endpoint) -> None:
         self._occupants.pop(ep, None)
@@ -426,10 +434,12 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         p.ttft_learned = True
         if ttft <= 0:
             return
+        own = self._in_pool(endpoint)
         if p.warm:
             self.predictor.ttft_errors.add(p.ttft_s, ttft)
-            self._errors_of(endpoint)[0].add(p.ttft_s, ttft)
-        self.predictor.observe(endpoint, p.features, ttft, None)
+            if own:
+                self._errors_of(endpoint)[0].add(p.ttft_s, ttft)
+        self.predictor.observe(endpoint, p.features, ttft, None, own)
 
     def post_response(
         self, ctx: CycleState, request: InferenceRequest, endpoint: Endpoint, info: ResponseInfo
@@ -454,10 +464,12 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         n = info.completion_tokens
         if n is not None and n >= 2 and info.e2e_s is not None and info.e2e_s > info.ttft_s:
             tpot = (info.e2e_s - info.ttft_s) / (n - 1)
+            own = self._in_pool(endpoint)
             if p.warm:
                 self.predictor.tpot_errors.add(p.tpot_s, tpot)
-                self._errors_of(endpoint)[1].add(p.tpot_s, tpot)
-            self.predictor.observe(endpoint, p.features, None, tpot)
+                if own:
+                    self._errors_of(endpoint)[1].add(p.tpot_s, tpot)
+            self.predictor.observe(endpoint, p.features, None, tpot, own)
 
     # -- metrics ------------------------------------------------------------------------------------
     def collect_metrics(self, profile: str, endpoints: Sequence[Endpoint]) -> Iterable[Metric]:
