@@ -102,6 +102,12 @@ class PredictedLatencyScorer:
     def _forget(self, ep: Endpoint) -> None:
         self._loads.pop(ep, None)
 
+    def _tracked(self, ep: Endpoint) -> bool:
+        """Whether `ep` still has counters here: every request's target gets them when it is scheduled
+        and they go when the endpoint leaves the pool, so a response that ends after its endpoint left
+        finds none and must re-create no per-endpoint state (nothing would free it again)."""
+        return ep in self._loads
+
     # -- estimates ----------------------------------------------------------------------------------
     def tokens(self, chars: int) -> int:
         """Estimated tokens of `chars` prompt characters."""
@@ -173,7 +179,7 @@ class PredictedLatencyScorer:
         if charge is None or not charge.prefill_open:
             return
         charge.prefill_open = False
-        ld = self._loads.get(charge.endpoint)  # None: the endpoint left the pool (its counters went)
+        ld = self._loads.get(charge.endpoint)  # None: the endpoint left the pool (`_tracked`)
         if ld is not None:
             ld.pending_prefill -= charge.prefill
             ld.requests -= 1

@@ -241,7 +241,6 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
     _ep_errors: dict[Endpoint, tuple[ErrorWindow, ErrorWindow]] = field(
         default_factory=dict, init=False, repr=False
     )
-    _datastore: Datastore | None = field(default=None, init=False, repr=False)
     """Per endpoint: TTFT and TPOT error windows (`ENDPOINT_ERROR_WINDOW` each)."""
 
     def __post_init__(self) -> None:
@@ -257,15 +256,8 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
 
     def attach(self, datastore: Datastore) -> None:
         super().attach(datastore)
-        self._datastore = datastore
         datastore.on_remove(self.predictor.forget)
         datastore.on_remove(self._forget_endpoint)
-
-    def _in_pool(self, ep: Endpoint) -> bool:
-        """Whether `ep` is still in the pool: a response that ends after its endpoint left teaches
-        the pooled model but re-creates none of the endpoint's own state (it would never be freed)."""
-        ds = self._datastore
-        return ds is None or ds.get(ep.address) is ep
 
     def _forget_endpoint(self, ep: Endpoint) -> None:
         self._occupants.pop(ep, None)
@@ -434,7 +426,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         p.ttft_learned = True
         if ttft <= 0:
             return
-        own = self._in_pool(endpoint)
+        own = self._tracked(endpoint)  # else it left: the pooled model learns it only
         if p.warm:
             self.predictor.ttft_errors.add(p.ttft_s, ttft)
             if own:
@@ -464,7 +456,7 @@ class PredictedTTFTScorer(PredictedLatencyScorer):
         n = info.completion_tokens
         if n is not None and n >= 2 and info.e2e_s is not None and info.e2e_s > info.ttft_s:
             tpot = (info.e2e_s - info.ttft_s) / (n - 1)
-            own = self._in_pool(endpoint)
+            own = self._tracked(endpoint)  # else it left: the pooled model learns it only
             if p.warm:
                 self.predictor.tpot_errors.add(p.tpot_s, tpot)
                 if own:
