@@ -32,7 +32,6 @@ from rich.table import Table
 import ingate.sim.engine as sim_engine
 from ingate.bench.runner import STREAM_SHIFT
 from ingate.bench.stats import percentile
-from ingate.bench.workload import EVAL_WORKLOADS_DIR, load_workload
 from ingate.scheduling.plugins.slo import PredictedTTFTScorer
 from ingate.scheduling.predictor import ErrorWindow
 
@@ -80,11 +79,10 @@ def main() -> None:
     ap.add_argument("--slo-header", action="store_true", help="send the SLO as x-llm-d-slo-ttft-ms")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    if EVAL_WORKLOADS_DIR in args.workload.resolve().as_posix():
-        ap.error(f"{args.workload} is a held-out evaluation workload: no tuning step may read it")
-    wl = load_workload(args.workload)
-    if wl.seed_set != "tuning":
-        ap.error("tuning seeds only (seed_set: tuning)")
+    try:
+        wl = replay.load_tuning_workload(args.workload)
+    except ValueError as e:
+        ap.error(str(e))
     if args.rates:
         rates = [float(r) for r in args.rates.split(",")]
         wl = wl.model_copy(update={"load": wl.load.model_copy(update={"rates": rates})})

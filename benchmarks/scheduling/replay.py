@@ -365,6 +365,17 @@ def load_profile(arg: str) -> tuple[SchedulerConfig, str | None]:
     return SchedulerConfig(), arg
 
 
+def load_tuning_workload(path: Path) -> Workload:
+    """The workload at `path` for a tuning step (this replay, and tools built on it): ValueError for a
+    held-out evaluation workload or seed set, which no tuning step may read."""
+    if EVAL_WORKLOADS_DIR in path.resolve().as_posix():
+        raise ValueError(f"{path} is a held-out evaluation workload: no tuning step may read it")
+    wl = load_workload(path)
+    if wl.seed_set != "tuning":
+        raise ValueError("the replay reads tuning seeds only (seed_set: tuning)")
+    return wl
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("workload", type=Path)
@@ -376,12 +387,10 @@ def main() -> None:
         "--slo-header", action="store_true", help="send the workload's TTFT SLO as x-llm-d-slo-ttft-ms"
     )
     args = ap.parse_args()
-    # The replay tunes and selects profiles: it reads tuning seeds only, never the held-out ones.
-    if EVAL_WORKLOADS_DIR in args.workload.resolve().as_posix():
-        ap.error(f"{args.workload} is a held-out evaluation workload: no tuning step may read it")
-    wl = load_workload(args.workload)
-    if wl.seed_set != "tuning":
-        ap.error("the replay reads tuning seeds only (seed_set: tuning)")
+    try:
+        wl = load_tuning_workload(args.workload)
+    except ValueError as e:
+        ap.error(str(e))
     stage = args.stage % len(wl.load.rates)
     rate = float(wl.load.rates[stage])
     sim_engine.time = CLOCK  # type: ignore[assignment]
