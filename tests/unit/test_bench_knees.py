@@ -48,3 +48,11 @@ def test_verdict_at_the_best_peers_saturation_load() -> None:
     tie = {**RES, "systems": [*RES["systems"][:2], system("vllm-router", {8: 100, 12: 95, 16: 85})]}
     v = verdict(tie)
     assert v["best_peer"] == "vllm-router" and v["good"] == [95, 85] and v["status"] == "NOT met"
+
+
+def test_tables_show_what_arrived_not_only_the_nominal_rate() -> None:
+    # 100 requests over 20 offered seconds is 5 req/s arrived, whatever the stage was called.
+    k = {row["system"]: row for row in system_knees(RES)}
+    assert k["ingate"]["arrived_rps"] == 5.0
+    assert verdict(RES)["arrived_rps"] == 5.0
+    assert "at 16 req/s (5.0 arrived)" in markdown(RES)
