@@ -175,6 +175,80 @@ def all_cmd() -> None:
     _report(paths, RESULTS_DIR / "bench_all.png", RESULTS_DIR / "bench_table.md", console)
 
 
+@bench.command("rerun")
+@click.argument("results", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--cited",
+    "docs",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Also rerun every `ingate bench run` results file this markdown file names (repeatable), "
+    "e.g. README.md and benchmarks/README.md after a change of the default profile.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory for the new files (default: beside each original).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="List what would run and how long it took last time; run nothing."
+)
+@click.option(
+    "--db", "db_target", default=None, help="Also record the new curves into this benchmark database."
+)
+def rerun_cmd(results: tuple[str, ...], docs: tuple[str, ...], out_dir: str | None, dry_run: bool,
+              db_target: str | None) -> None:  # fmt: skip
+    """Rerun RESULTS (files written by `ingate bench run`) exactly as they were run: the workload each
+    file stores (its seeds, rates, streams, fleet, gateway settings) against the systems it holds, in
+    the same order. Writes a new timestamped file (and PNG) per run; the originals stay until you
+    replace them (`ingate bench archive`)."""
+    from ingate.bench.rerun import RerunError, cited, plan
+
+    console = Console()
+    paths = [Path(p) for p in results]
+    from_docs: list[Path] = []
+    for doc in docs:
+        from_docs += [p for p in cited(Path(doc), RESULTS_DIR) if p not in paths and p not in from_docs]
+    if not paths and not from_docs:
+        hint = f" (none of the files named in {', '.join(docs)} is under {RESULTS_DIR}/: run from the repository root)"
+        raise click.UsageError("nothing to rerun: give RESULTS files or --cited DOC" + (hint if docs else ""))
+    runs = []
+    for p in paths:
+        try:
+            runs.append(plan(p))
+        except RerunError as e:
+            raise click.ClickException(str(e)) from None
+    for p in from_docs:
+        try:
+            runs.append(plan(p))
+        except RerunError as e:
+            console.print(f"skipped (cited, not rerunnable here): {e}")
+    total = 0.0
+    for r in runs:
+        w = r.workload
+        took = "?" if r.previous_wall_s is None else f"{r.previous_wall_s / 60:.0f} min"
+        total += r.previous_wall_s or 0.0
+        console.print(
+            f"{r.source}: {w.name}, {w.seed_set} seeds (seed {w.seed}), rates {', '.join(f'{x:g}' for x in w.load.rates)}"
+            f", {w.load.streams} stream(s); systems {', '.join(r.systems)}; took {took}"
+        )
+    console.print(f"{len(runs)} run(s), about {total / 60:.0f} min by their last wall times")
+    if dry_run:
+        return
+    for r in runs:
+        path = run_workload(r.workload, Path(out_dir) if out_dir else r.source.parent, console)
+        _report([path], path.with_suffix(".png"), None, console)
+        _print_prediction_errors(path, console)
+        console.print(f"rerun of {r.source}: {path}")
+        if db_target:
+            from ingate.bench.dbcli import record_results
+
+            n, where = record_results(path, db_target)
+            console.print(f"benchmark database: {n} point(s) recorded into {where}")
+
+
 @bench.command("archive")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option(

@@ -1,0 +1,79 @@
+"""Rerun a committed benchmark exactly as it was run (`ingate bench rerun`).
+
+A results file of `ingate bench run` stores the whole workload it ran (seeds already resolved to
+the tuning or evaluation set, rates, streams, fleet, gateway overrides) and the systems in the order
+they ran, so it is its own recipe. Rerunning from it needs no memory of which flags made it: that is
+what keeps the published tables reproducible, and what makes a change of the default profile a
+matter of rerunning the files the docs cite (`--cited`), not of rebuilding command lines.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from pydantic import ValidationError
+
+from ingate.bench.workload import Workload
+
+RESULTS_FORMAT = "ingate-bench/1"
+_RESULT_NAME = re.compile(r"[\w.-]+_\d{8}T\d{6}Z\.json")
+"""How `ingate bench run` names its files (`<workload>_<UTC time>.json`)."""
+
+
+class RerunError(ValueError):
+    """A file that cannot be rerun, with the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rerun:
+    """One results file and what rerunning it runs."""
+
+    source: Path
+    workload: Workload
+    previous_wall_s: float | None
+
+    @property
+    def systems(self) -> list[str]:
+        return list(self.workload.systems)
+
+
+def plan(path: Path) -> Rerun:
+    """The rerun of one `ingate bench run` results file: its stored workload, with the systems the
+    file holds (in the order they ran). Raises `RerunError` for other files (async, data-plane and
+    replay results have their own commands) and for workloads this version no longer accepts."""
+    try:
+        res = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as e:
+        raise RerunError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(res, dict) or res.get("format") != RESULTS_FORMAT or "workload" not in res:
+        raise RerunError(
+            f"{path}: not an `ingate bench run` results file (format {RESULTS_FORMAT!r}); async, "
+            "data-plane and replay results are rerun by their own commands (docs/benchmarks.md)"
+        )
+    try:
+        wl = Workload.model_validate(res["workload"])
+    except ValidationError as e:
+        raise RerunError(f"{path}: its workload is not valid for this version of ingate: {e}") from None
+    names = [s["name"] for s in res.get("systems") or [] if isinstance(s, dict) and s.get("name")]
+    if names:
+        wl.systems = names
+    wall = res.get("wall_s")
+    return Rerun(path, wl, float(wall) if isinstance(wall, int | float) else None)
+
+
+def cited(doc: Path, results_root: Path) -> list[Path]:
+    """The results files under `results_root` that the markdown file `doc` names (by file name, as
+    links or in backticks), in the order it first names them. Names not found are skipped: a doc may
+    cite archived runs, whose summaries live in the archive index."""
+    files: dict[str, Path] = {}
+    for p in sorted(results_root.rglob("*.json")):
+        files.setdefault(p.name, p)
+    out: list[Path] = []
+    for m in _RESULT_NAME.finditer(doc.read_text()):
+        found = files.get(m.group(0))
+        if found is not None and found not in out:
+            out.append(found)
+    return out
