@@ -38,7 +38,7 @@ def test_rerun_repeats_the_stored_run_with_its_seeds_rates_and_systems(tmp_path:
 
     dry = _bench("rerun", str(src), "--dry-run")
     assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
-    assert "eval seeds (seed 10001)" in dry.stdout and "rates 5, 2 stream(s)" in dry.stdout
+    assert "eval seeds (seed 10001)" in dry.stdout and "rates 5 x 2 s, 2 stream(s)" in dry.stdout
     assert not list(first.glob("quick_*.json"))[1:]  # a dry run runs nothing
 
     proc = _bench("rerun", str(src), "--out", str(again))

@@ -224,15 +224,21 @@ def rerun_cmd(results: tuple[str, ...], docs: tuple[str, ...], out_dir: str | No
         try:
             runs.append(plan(p))
         except RerunError as e:
-            console.print(f"skipped (cited, not rerunnable here): {e}")
+            console.print(f"skipped (cited, not rerunnable here): {e}", soft_wrap=True)
     total = 0.0
     for r in runs:
         w = r.workload
         took = "?" if r.previous_wall_s is None else f"{r.previous_wall_s / 60:.0f} min"
         total += r.previous_wall_s or 0.0
+        load = (
+            f"concurrency {', '.join(map(str, w.load.concurrency))}"
+            if w.load.type == "concurrent"
+            else f"rates {', '.join(f'{x:g}' for x in w.load.rates)}"
+        )
         console.print(
-            f"{r.source}: {w.name}, {w.seed_set} seeds (seed {w.seed}), rates {', '.join(f'{x:g}' for x in w.load.rates)}"
-            f", {w.load.streams} stream(s); systems {', '.join(r.systems)}; took {took}"
+            f"{r.source}: {w.name}, {w.seed_set} seeds (seed {w.seed}), {load} x {w.load.duration_s:g} s, "
+            f"{w.load.streams} stream(s); systems {', '.join(r.systems)}; took {took}",
+            soft_wrap=True,
         )
     console.print(f"{len(runs)} run(s), about {total / 60:.0f} min by their last wall times")
     if dry_run:
