@@ -217,11 +217,12 @@ def _run_stream(
             info: dict[str, Any] = dict(system.info)
             if system.metrics_url is not None:
                 info["router_metrics"] = router_metrics(system.metrics_url)
-            errors = latency_model_errors(system.url)
+            fams = _metric_families(system.url)  # one scrape serves both reads below
+            errors = latency_model_errors(system.url, fams)
             if errors:
                 info["latency_prediction_error"] = errors
                 if len(set(fleet.profiles.values())) > 1:  # a mixed pool: which classes it mispredicts
-                    by_class = latency_model_errors_by_class(system.url, fleet.profiles)
+                    by_class = latency_model_errors_by_class(system.url, fleet.profiles, fams)
                     if by_class:
                         info["latency_prediction_error_by_class"] = by_class
             return info, stages
@@ -253,12 +254,13 @@ def _metric_families(url: str) -> list[Any] | None:
         return None
 
 
-def latency_model_errors(url: str) -> dict[str, dict[str, float]]:
+def latency_model_errors(url: str, families: list[Any] | None = None) -> dict[str, dict[str, float]]:
     """The gateway's latency-model prediction errors at the end of a stream, scraped from its
     `/metrics` (`ingate_latency_prediction_error_ratio_quantile`: |predicted - actual| / actual over its
     last predictions after warm-up, by profile/kind), e.g. {"slo-aware/ttft": {"0.5": 0.12, ...,
-    "n": 812}}; empty for a system that exports none (peers, profiles without a latency model)."""
-    fams = _metric_families(url)
+    "n": 812}}; empty for a system that exports none (peers, profiles without a latency model).
+    `families`: the page already scraped and parsed, if the caller has it."""
+    fams = families if families is not None else _metric_families(url)
     if fams is None:
         return {}
     out: dict[str, dict[str, float]] = {}
@@ -279,15 +281,16 @@ def latency_model_errors(url: str) -> dict[str, dict[str, float]]:
 
 
 def latency_model_errors_by_class(
-    url: str, classes: dict[str, str]
+    url: str, classes: dict[str, str], families: list[Any] | None = None
 ) -> dict[str, dict[str, dict[str, float]]]:
     """The per-endpoint prediction errors a gateway exports
     (`ingate_endpoint_latency_prediction_error_ratio_quantile`, each endpoint's last predictions),
     grouped by the class of each endpoint (`classes`: address -> e.g. the simulator profile), e.g.
     {"slo-aware/ttft": {"l4-llama3-8b": {"0.5": 0.2, "0.9": 0.6, "n": 900, "endpoints": 2}}}. A class's
     quantile is the mean of its endpoints' quantiles weighted by their window sizes (the windows
-    themselves are not exported); `window` is the predictions those windows hold."""
-    fams = _metric_families(url)
+    themselves are not exported); `window` is the predictions those windows hold. `families`: as for
+    `latency_model_errors`."""
+    fams = families if families is not None else _metric_families(url)
     if fams is None:
         return {}
     per_ep: dict[tuple[str, str], dict[str, float]] = {}
