@@ -41,6 +41,7 @@ def test_rerun_repeats_the_stored_run_with_its_seeds_rates_and_systems(tmp_path:
     assert "eval seeds (seed 10001)" in dry.stdout and "rates 5 x 2 s, 2 stream(s)" in dry.stdout
     assert not list(first.glob("quick_*.json"))[1:]  # a dry run runs nothing
 
+    assert _bench("knees", str(src)).returncode == 0  # the original has a knee table ...
     proc = _bench("rerun", str(src), "--out", str(again))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (out,) = again.glob("quick_*.json")
@@ -50,6 +51,7 @@ def test_rerun_repeats_the_stored_run_with_its_seeds_rates_and_systems(tmp_path:
     assert [s["name"] for s in b["systems"]] == ["ingate"]
     assert _requests(b) == _requests(a) and sum(map(len, _requests(a))) > 0
     assert out.with_suffix(".png").exists()
+    assert out.with_name(out.stem + "_knees.md").exists()  # ... so the rerun gets one too
 
 
 def test_rerun_refuses_what_it_cannot_repeat(tmp_path: Path) -> None:

@@ -248,6 +248,8 @@ def rerun_cmd(results: tuple[str, ...], docs: tuple[str, ...], out_dir: str | No
         _report([path], path.with_suffix(".png"), None, console)
         _print_prediction_errors(path, console)
         console.print(f"rerun of {r.source}: {path}")
+        if r.source.with_name(r.source.stem + "_knees.json").exists():  # the original had a knee table
+            console.print(_write_knees(path))
         if db_target:
             from ingate.bench.dbcli import record_results
 
@@ -381,12 +383,17 @@ def async_cmd(out_dir: str, gates: str, eval_seeds: bool, add_runs: bool, **kw: 
 def knees_cmd(results: tuple[str, ...], subject: str) -> None:
     """Each system's knee in RESULTS (ingate bench run JSON) and SUBJECT vs the best peer where that
     peer saturates; writes <results>_knees.json and .md beside each file."""
+    for path in map(Path, results):
+        click.echo(_write_knees(path, subject))
+
+
+def _write_knees(path: Path, subject: str = "ingate") -> str:
+    """Write <path>_knees.json and .md beside a results file; returns the markdown."""
     from ingate.bench.knees import markdown, system_knees, verdict
 
-    for path in map(Path, results):
-        res = orjson.loads(path.read_bytes())
-        md = markdown(res, subject)
-        click.echo(md)
-        doc = {"results": path.name, "knees": system_knees(res), "verdict": verdict(res, subject)}
-        path.with_name(path.stem + "_knees.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-        path.with_name(path.stem + "_knees.md").write_text(md)
+    res = orjson.loads(path.read_bytes())
+    md = markdown(res, subject)
+    doc = {"results": path.name, "knees": system_knees(res), "verdict": verdict(res, subject)}
+    path.with_name(path.stem + "_knees.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    path.with_name(path.stem + "_knees.md").write_text(md)
+    return md
