@@ -44,7 +44,7 @@ def test_rerun_repeats_the_stored_run_with_its_seeds_rates_and_systems(tmp_path:
     assert _bench("knees", str(src)).returncode == 0  # the original has a knee table ...
     proc = _bench("rerun", str(src), "--out", str(again))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (out,) = again.glob("quick_*.json")
+    (out,) = again.glob("quick_*Z.json")
     a, b = json.loads(src.read_text()), json.loads(out.read_text())
     # Same workload (evaluation seeds not shifted a second time), same systems, same requests.
     assert b["workload"] == a["workload"] and b["workload"]["seed_set"] == "eval"
