@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -127,10 +128,15 @@ def open_page(path: Path, expressions: dict[str, str], timeout_s: float = 60.0) 
     exe = find_chromium()
     if exe is None:
         raise FileNotFoundError("chromium not found")
-    with tempfile.TemporaryDirectory(prefix="ingate-chromium-") as prof:
+    # Chromium's helper processes (renderer, crash handler) can still write into the profile after the
+    # browser exits: the whole process group is stopped below, and a straggler's late file does not
+    # fail the test at cleanup.
+    with tempfile.TemporaryDirectory(prefix="ingate-chromium-", ignore_cleanup_errors=True) as prof:
         cmd = [exe, *FLAGS, f"--user-data-dir={prof}", "about:blank"]
         log = (Path(prof) / "chromium.log").open("wb")  # a file, not a pipe nobody drains
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ))
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ), start_new_session=True
+        )
         try:
             port_file = Path(prof) / "DevToolsActivePort"
             deadline = time.monotonic() + timeout_s
@@ -146,10 +152,14 @@ def open_page(path: Path, expressions: dict[str, str], timeout_s: float = 60.0) 
                 asyncio.wait_for(_drive(port, path.resolve().as_uri(), expressions), timeout_s)
             )
         finally:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # helpers that outlived the browser
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
             log.close()
