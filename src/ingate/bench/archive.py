@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ingate.bench.stats import resummarize
+from ingate.bench.stats import RESULTS_FORMAT, resummarize
 
 KEEP = ("sent", "ok", "good", "goodput_rps", "slo_attainment", "ttft_p50", "ttft_p90", "ttft_p99", "e2e_p99",
         "cached_token_share")  # fmt: skip
@@ -36,7 +36,7 @@ def summary_of(path: Path) -> dict[str, Any]:
     """A compact record of one results file."""
     data = orjson.loads(path.read_bytes())
     entry: dict[str, Any] = {"file": path.name}
-    if data.get("format") == "ingate-bench/1":
+    if data.get("format") == RESULTS_FORMAT:
         resummarize(data)
         wl = data["workload"]
         entry.update(

@@ -94,13 +94,19 @@ def run_cmd(
         wl.load.duration_s = duration_s
     console = Console()
     path = run_workload(wl, Path(out_dir), console)
+    _after_run(path, console, report=not no_report, record=not no_db, db_target=db_target)
+
+
+def _after_run(path: Path, console: Console, *, report: bool, record: bool, db_target: str | None) -> None:
+    """What follows a run (`run`, `rerun`): where its results are, the curves into the benchmark
+    database (`record`), the table and PNG (`report`), the latency model's errors."""
     console.print(f"results: {path}")
-    if not no_db:
+    if record:
         from ingate.bench.dbcli import record_results
 
         n, where = record_results(path, db_target)
         console.print(f"benchmark database: {n} point(s) recorded into {where}")
-    if not no_report:
+    if report:
         _report([path], path.with_suffix(".png"), None, console)
     _print_prediction_errors(path, console)
 
@@ -245,16 +251,10 @@ def rerun_cmd(results: tuple[str, ...], docs: tuple[str, ...], out_dir: str | No
         return
     for r in runs:
         path = run_workload(r.workload, Path(out_dir) if out_dir else r.source.parent, console)
-        _report([path], path.with_suffix(".png"), None, console)
-        _print_prediction_errors(path, console)
-        console.print(f"rerun of {r.source}: {path}")
+        console.print(f"rerun of {r.source}")
+        _after_run(path, console, report=True, record=db_target is not None, db_target=db_target)
         if r.source.with_name(r.source.stem + "_knees.json").exists():  # the original had a knee table
             console.print(_write_knees(path))
-        if db_target:
-            from ingate.bench.dbcli import record_results
-
-            n, where = record_results(path, db_target)
-            console.print(f"benchmark database: {n} point(s) recorded into {where}")
 
 
 @bench.command("archive")

@@ -17,7 +17,7 @@ import orjson
 import yaml
 
 from ingate.bench.db import CurveKey, Point, RunInfo
-from ingate.bench.stats import resummarize
+from ingate.bench.stats import RESULTS_FORMAT, resummarize
 from ingate.sim.profiles import get_profile
 
 Triple = tuple[CurveKey, RunInfo, list[Point]]
@@ -114,7 +114,7 @@ def from_bench_results(res: dict[str, Any], source: str) -> list[Triple]:
     """One curve per system of an `ingate bench` results document (format `ingate-bench/1`). Stage
     summaries are recomputed from the stored request records with today's definitions, as
     `ingate bench report` does (`resummarize`), so files from older harness versions agree."""
-    if res.get("format") != "ingate-bench/1" or "workload" not in res:
+    if res.get("format") != RESULTS_FORMAT or "workload" not in res:
         raise ImportError_(f"{source}: not an `ingate bench` results file (format ingate-bench/1)")
     res = resummarize(res)
     wl = res["workload"]

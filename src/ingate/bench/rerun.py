@@ -16,9 +16,9 @@ from pathlib import Path
 import orjson
 from pydantic import ValidationError
 
+from ingate.bench.stats import RESULTS_FORMAT
 from ingate.bench.workload import Workload
 
-RESULTS_FORMAT = "ingate-bench/1"
 _RESULT_NAME = re.compile(r"[\w.-]+_\d{8}T\d{6}Z\.json")
 """How `ingate bench run` names its files (`<workload>_<UTC time>.json`)."""
 

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from ingate.bench import peers
 from ingate.bench import systems as sysmod
 from ingate.bench.loadgen import RequestRecord, StageResult, make_session, run_concurrent, run_poisson
-from ingate.bench.stats import max_sustainable_rate, summarize, tenant_summaries
+from ingate.bench.stats import RESULTS_FORMAT, max_sustainable_rate, summarize, tenant_summaries
 from ingate.bench.workload import BenchRequest, RequestStream, Tenant, Workload
 from ingate.scheduling.plugins.slo import ENDPOINT_ERROR_WINDOW
 
@@ -106,7 +106,7 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
     workdir = sysmod.make_workdir()
     started = time.time()
     results: dict[str, Any] = {
-        "format": "ingate-bench/1",
+        "format": RESULTS_FORMAT,
         "workload": wl.model_dump(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -218,7 +218,7 @@ def _run_stream(
             if system.metrics_url is not None:
                 info["router_metrics"] = router_metrics(system.metrics_url)
             fams = _metric_families(system.url)  # one scrape serves both reads below
-            errors = latency_model_errors(system.url, fams)
+            errors = latency_model_errors(system.url, fams) if fams is not None else {}
             if errors:
                 info["latency_prediction_error"] = errors
                 if len(set(fleet.profiles.values())) > 1:  # a mixed pool: which classes it mispredicts

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+RESULTS_FORMAT = "ingate-bench/1"
+"""The `format` of a results file written by `ingate bench run` (what `resummarize` and its readers take)."""
+
 
 def percentile(vals: list[float], q: float) -> float | None:
     """The nearest-rank q-quantile of `vals` (None when empty): the one definition of ingate's reports."""
