@@ -99,6 +99,46 @@ async def test_refused_connection_fails_over_then_503() -> None:
         await runner.cleanup()
 
 
+async def test_a_dropped_connection_is_retried_on_the_same_endpoint_before_it_is_called_down() -> None:
+    # The first connection is closed without an answer (what a pooled keep-alive connection to a
+    # restarted server looks like); the request goes to the same endpoint again on a new connection.
+    conns = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal conns
+        conns += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        if conns == 1:
+            writer.close()
+            return
+        length = next(
+            int(ln.split(b":", 1)[1])
+            for ln in head.split(b"\r\n")
+            if ln.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        body = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    addr = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with _gateway([addr]) as (gw, proxy):
+            async with aiohttp.ClientSession() as s, s.post(proxy.url + "/v1/completions", json=BODY) as r:
+                assert r.status == 200
+                assert r.headers["x-gateway-destination-endpoint-served"] == addr
+            assert conns == 2
+            assert all(ep.healthy and ep.in_flight == 0 for ep in gw.datastore.endpoints())
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_upstream_timeout_before_headers_is_504() -> None:
     async def slow(_: web.Request) -> web.StreamResponse:
         await asyncio.sleep(5)

@@ -196,12 +196,19 @@ class BuiltinProxy:
         fwd["Content-Type"] = "application/json"
         path = request.path_qs
         attempts = 0
+        fresh = False
         while True:
             ep = d.target
             try:
                 upstream = await self._session.post(ep.url + path, data=d.upstream_body, headers=fwd)
                 break
             except _CONNECT_ERRORS as e:
+                if not fresh and not isinstance(e, aiohttp.ClientConnectorError):
+                    # A dropped connection (not a refused one) is most often a pooled keep-alive
+                    # connection the server closed (e.g. it restarted): once more to the same endpoint,
+                    # on a new connection, before calling it down and losing its cache affinity.
+                    fresh = True
+                    continue
                 # Nothing reached the client yet: mark the endpoint down and try the next fallback once.
                 ep.healthy = False
                 log.warning(kv(event="upstream_connect_failed", endpoint=ep.address, error=type(e).__name__))
