@@ -53,6 +53,22 @@ def test_rerun_repeats_the_stored_run_with_its_seeds_rates_and_systems(tmp_path:
     assert out.with_suffix(".png").exists()
     assert out.with_name(out.stem + "_knees.md").exists()  # ... so the rerun gets one too
 
+    # A later run can add streams: --first-stream 1 sends exactly what stream 1 sent above.
+    more = tmp_path / "more"
+    proc = _bench(
+        "run", "benchmarks/configs/quick.yaml", "--eval", "--systems", "ingate", "--rates", "5",
+        "--streams", "1", "--first-stream", "1", "--duration", "2", "--out", str(more), "--no-report",
+        "--no-db",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (third,) = more.glob("quick_*.json")
+    c = json.loads(third.read_text())
+    assert c["workload"]["load"]["first_stream"] == 1
+    stream1 = [[r for r in stage if r[0] == 1] for stage in _requests(a)]
+    assert _requests(c) == stream1 and all(stream1)
+    dry = _bench("rerun", str(third), "--dry-run")
+    assert "1 stream(s) from stream 1" in dry.stdout, dry.stdout
+
 
 def test_rerun_refuses_what_it_cannot_repeat(tmp_path: Path) -> None:
     other = tmp_path / "results.json"

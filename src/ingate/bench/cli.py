@@ -38,6 +38,13 @@ def bench() -> None:
     "on a fresh fleet, and each point pools them.",
 )
 @click.option(
+    "--first-stream",
+    type=click.IntRange(0, 90),
+    default=None,
+    help="Index of the first request stream (overrides load.first_stream): streams K, K+1, ... run, so "
+    "a second run adds new seeds to a measurement instead of repeating streams 0, 1, ...",
+)
+@click.option(
     "--eval",
     "evaluation",
     is_flag=True,
@@ -65,6 +72,7 @@ def run_cmd(
     out_dir: str,
     systems: str | None,
     streams: int | None,
+    first_stream: int | None,
     evaluation: bool,
     rates: str | None,
     duration_s: float | None,
@@ -81,6 +89,8 @@ def run_cmd(
         wl.systems = [s.strip() for s in systems.split(",") if s.strip()]
     if streams is not None:
         wl.load.streams = streams
+    if first_stream is not None:
+        wl.load.first_stream = first_stream
     if rates and wl.tenants:
         raise click.BadParameter(
             "not for workloads with tenants (their rates are per tenant)", param_hint="--rates"
@@ -95,6 +105,10 @@ def run_cmd(
     console = Console()
     path = run_workload(wl, Path(out_dir), console)
     _after_run(path, console, report=not no_report, record=not no_db, db_target=db_target)
+
+
+def _from_stream(first: int) -> str:
+    return f" from stream {first}" if first else ""
 
 
 def _after_run(path: Path, console: Console, *, report: bool, record: bool, db_target: str | None) -> None:
@@ -243,7 +257,7 @@ def rerun_cmd(results: tuple[str, ...], docs: tuple[str, ...], out_dir: str | No
         )
         console.print(
             f"{r.source}: {w.name}, {w.seed_set} seeds (seed {w.seed}), {load} x {w.load.duration_s:g} s, "
-            f"{w.load.streams} stream(s); systems {', '.join(r.systems)}; took {took}",
+            f"{w.load.streams} stream(s){_from_stream(w.load.first_stream)}; systems {', '.join(r.systems)}; took {took}",
             soft_wrap=True,
         )
     console.print(f"{len(runs)} run(s), about {total / 60:.0f} min by their last wall times")

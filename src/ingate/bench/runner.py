@@ -126,8 +126,9 @@ def run_workload(wl: Workload, out_dir: Path, console: Console | None = None) ->
             stages: list[StageResult] = []
             errors: list[dict[str, dict[str, float]]] = []
             by_class: list[dict[str, dict[str, dict[str, float]]]] = []
-            for k in range(wl.load.streams):
-                label = name if wl.load.streams == 1 else f"{name} [stream {k}]"
+            first = wl.load.first_stream
+            for k in range(first, first + wl.load.streams):
+                label = name if wl.load.streams == 1 and first == 0 else f"{name} [stream {k}]"
                 try:
                     entry["info"], part = _run_stream(wl, name, workdir, progress, label, k)
                 except sysmod.SystemUnavailable as e:

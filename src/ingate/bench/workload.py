@@ -103,6 +103,10 @@ class Load(_Strict):
     """Request streams per system: stream k runs the whole sweep again on a fresh fleet and system with
     every seed shifted by 100 k (the replay's stream k), and each point pools the streams' requests.
     One stream's p99 is one of its few slowest requests; several streams make it a statistic."""
+    first_stream: int = Field(default=0, ge=0, le=90)
+    """Index of the first stream: streams `first_stream` .. `first_stream + streams - 1` run, so a
+    later run can add streams (new seeds) to a measurement without repeating the ones already run.
+    At most 90, so that no stream's seeds reach the evaluation set's (seed + 10,000 = stream 100)."""
 
 
 class Slo(_Strict):
