@@ -68,6 +68,8 @@ def test_rerun_repeats_the_stored_run_with_its_seeds_rates_and_systems(tmp_path:
     assert _requests(c) == stream1 and all(stream1)
     dry = _bench("rerun", str(third), "--dry-run")
     assert "1 stream(s) from stream 1" in dry.stdout, dry.stdout
+    clash = _bench("merge", str(src), str(third), "--out", str(more))
+    assert clash.returncode != 0 and "join up" in clash.stderr  # stream 1 is in both
 
 
 def test_rerun_refuses_what_it_cannot_repeat(tmp_path: Path) -> None:

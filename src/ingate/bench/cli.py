@@ -7,13 +7,14 @@ from typing import Any
 
 import click
 import orjson
+from pydantic import ValidationError
 from rich.console import Console
 
 from ingate.bench.plots import plot
 from ingate.bench.runner import run_workload
 from ingate.bench.stats import resummarize
 from ingate.bench.tables import headline_markdown, markdown_table, print_table
-from ingate.bench.workload import load_workload, with_seed_set
+from ingate.bench.workload import Workload, load_workload, with_seed_set
 
 RESULTS_DIR = Path("benchmarks/results")
 ALL_WORKLOADS = ("benchmarks/workloads/shared-prefix.yaml", "benchmarks/workloads/mixed.yaml")
@@ -39,7 +40,7 @@ def bench() -> None:
 )
 @click.option(
     "--first-stream",
-    type=click.IntRange(0, 90),
+    type=click.IntRange(0, 99),
     default=None,
     help="Index of the first request stream (overrides load.first_stream): streams K, K+1, ... run, so "
     "a second run adds new seeds to a measurement instead of repeating streams 0, 1, ...",
@@ -102,6 +103,10 @@ def run_cmd(
             raise click.BadParameter(f"{rates!r}: a comma list of numbers", param_hint="--rates") from None
     if duration_s is not None:
         wl.load.duration_s = duration_s
+    try:  # the overrides together (e.g. streams past the last a multi-tenant workload has)
+        wl = Workload.model_validate(wl.model_dump())
+    except ValidationError as e:
+        raise click.UsageError(f"{config} with these options: {e}") from None
     console = Console()
     path = run_workload(wl, Path(out_dir), console)
     _after_run(path, console, report=not no_report, record=not no_db, db_target=db_target)
@@ -269,6 +274,33 @@ def rerun_cmd(results: tuple[str, ...], docs: tuple[str, ...], out_dir: str | No
         _after_run(path, console, report=True, record=db_target is not None, db_target=db_target)
         if r.source.with_name(r.source.stem + "_knees.json").exists():  # the original had a knee table
             console.print(_write_knees(path))
+
+
+@bench.command("merge")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory for the merged file (default: beside the first).",
+)
+@click.option("--no-report", is_flag=True, help="Skip the table and PNG.")
+def merge_cmd(results: tuple[str, ...], out_dir: str | None, no_report: bool) -> None:
+    """Merge RESULTS of one workload run over different request streams (`run --first-stream`) into
+    one results file, as if every stream had run at once: points pooled, summaries recomputed, the
+    latency model's errors pooled over all streams. The streams must join up (0-5 and 6-11), so
+    `ingate bench rerun` can repeat the merged file. The originals stay until you archive them."""
+    from ingate.bench.merge import MergeError, write_merged
+
+    paths = [Path(p) for p in results]
+    try:
+        path = write_merged(paths, Path(out_dir) if out_dir else paths[0].parent)
+    except MergeError as e:
+        raise click.ClickException(str(e)) from None
+    console = Console()
+    console.print(f"merged {len(paths)} file(s)")
+    _after_run(path, console, report=not no_report, record=False, db_target=None)
 
 
 @bench.command("archive")

@@ -99,14 +99,14 @@ class Load(_Strict):
     timeout_s: float = 300.0
     burst_on_s: float = 0.0
     burst_off_s: float = 0.0
-    streams: int = Field(default=1, ge=1, le=9)
+    streams: int = Field(default=1, ge=1, le=100)
     """Request streams per system: stream k runs the whole sweep again on a fresh fleet and system with
     every seed shifted by 100 k (the replay's stream k), and each point pools the streams' requests.
-    One stream's p99 is one of its few slowest requests; several streams make it a statistic."""
-    first_stream: int = Field(default=0, ge=0, le=90)
+    One stream's p99 is one of its few slowest requests; several streams make it a statistic.
+    (`ingate bench run --streams` takes 1-9 per run; a merged file, `ingate bench merge`, holds more.)"""
+    first_stream: int = Field(default=0, ge=0, le=99)
     """Index of the first stream: streams `first_stream` .. `first_stream + streams - 1` run, so a
-    later run can add streams (new seeds) to a measurement without repeating the ones already run.
-    At most 90, so that no stream's seeds reach the evaluation set's (seed + 10,000 = stream 100)."""
+    later run can add streams (new seeds) to a measurement without repeating the ones already run."""
 
 
 class Slo(_Strict):
@@ -191,6 +191,14 @@ class Workload(_Strict):
             bad = bad | {"pool.endpoints"}  # pool settings may be given; its endpoints are the fleet's
         if bad:
             raise ValueError(f"gateway: {', '.join(sorted(bad))} are set by the harness")
+        # Stream k shifts every seed offset by 100 k; stage offsets stay below 100, and tenants' are
+        # 1,000 apart, so stream 10 of a multi-tenant workload would replay tenant 2's stream 0.
+        last, top = self.load.first_stream + self.load.streams - 1, 9 if self.tenants else 99
+        if last > top:
+            raise ValueError(
+                f"load: streams {self.load.first_stream}..{last}: a "
+                f"{'multi-tenant ' if self.tenants else ''}workload has streams 0..{top} (distinct seeds)"
+            )
         if not self.tenants:
             return self
         if self.load.type != "poisson":
