@@ -70,6 +70,26 @@ def test_load_guard_drops_overloaded_but_never_all() -> None:
     assert g.filter(CycleState(), req(), hot) == hot  # all loaded: keep all
 
 
+def test_load_guard_margin_widens_once_every_replica_queues() -> None:
+    g = LoadGuardFilter(queue_margin=8, margin_factor=4)
+    fixed = LoadGuardFilter(queue_margin=8)
+    # Some replica idle: the fixed margin spills off a replica 9 requests deeper (as without a factor).
+    light = [ep(0, waiting=0), ep(1, waiting=9), ep(2, waiting=1), ep(3, waiting=2)]
+    assert g.filter(CycleState(), req(), light) == fixed.filter(CycleState(), req(), light) == [
+        light[0], light[2], light[3]
+    ]  # fmt: skip
+    # Every replica queueing: a replica 28 deeper than the least loaded stays a candidate (the
+    # others' mean is 15, so its margin is 4 x 15 = 60): its cached prefix is worth the wait.
+    busy = [ep(0, waiting=12), ep(1, waiting=40), ep(2, waiting=15), ep(3, waiting=18)]
+    assert g.filter(CycleState(), req(), busy) == busy
+    assert fixed.filter(CycleState(), req(), busy) == [busy[0], busy[2], busy[3]]  # 40 > 12 + 8
+    # One replica that ran away while the others idle does not widen its own margin.
+    runaway = [ep(0, waiting=0), ep(1, waiting=200), ep(2, waiting=1), ep(3, waiting=2)]
+    assert g.filter(CycleState(), req(), runaway) == [runaway[0], runaway[2], runaway[3]]
+    with pytest.raises(ValueError):
+        LoadGuardFilter(margin_factor=-1)
+
+
 def test_lora_affinity_scores_and_filter() -> None:
     active = ep(0, active_adapters=frozenset({"x"}), max_loras=2)
     free = ep(1, active_adapters=frozenset({"y"}), max_loras=2)

@@ -39,13 +39,18 @@ class ProfileConfig(BaseModel):
 
 
 def _default_profile(
-    prefix_scorer: str, prefix: float = 3, latency: float = 2, kv: float = 0.5, in_flight: float = 0.5
+    prefix_scorer: str,
+    prefix: float = 3,
+    latency: float = 2,
+    kv: float = 0.5,
+    in_flight: float = 0.5,
+    margin_factor: float = 0.0,
 ) -> ProfileConfig:
+    guard: dict[str, Any] = {"queueMargin": 8, "kvThreshold": 1.0}
+    if margin_factor:
+        guard["marginFactor"] = margin_factor
     return ProfileConfig(
-        filters=[
-            PluginSpec(type="lora-affinity"),
-            PluginSpec(type="load-guard", parameters={"queueMargin": 8, "kvThreshold": 1.0}),
-        ],
+        filters=[PluginSpec(type="lora-affinity"), PluginSpec(type="load-guard", parameters=guard)],
         scorers=[
             PluginSpec(type=prefix_scorer, weight=prefix),
             PluginSpec(type="size-band", weight=1),
@@ -68,10 +73,12 @@ def default_profiles() -> dict[str, ProfileConfig]:
     count (0.5 each), so requests spread out where the prediction is equal (e.g. new prefixes).
     The load guard stays as a loose safety net against piling onto one prefix (queue margin 8, no KV
     threshold): request counts and KV utilisation misjudge load when prompt lengths differ by 100x,
-    and the predicted-latency scorer accounts for load in tokens.
+    and the predicted-latency scorer accounts for load in tokens. Its margin widens to 8x the other
+    candidates' mean queue once that is larger (every replica queueing: spilling then costs cache
+    hits the pool needs); chosen on the replay's tuning seeds (docs/scheduling.md, "Load guard").
     """
     return {
-        "default": _default_profile("prefix-cache"),
+        "default": _default_profile("prefix-cache", margin_factor=8),
         # The default with prefix affinity from the servers' own KV-cache events (vLLM's publisher on
         # port 5557 of each endpoint by default; see docs/scheduling.md), falling back to the
         # approximate index per endpoint while events are unavailable.

@@ -80,22 +80,44 @@ class LeastInFlightScorer:
 class LoadGuardFilter:
     """Keep only endpoints not far more loaded than the least-loaded candidate.
 
-    An endpoint is dropped when its effective queue exceeds the smallest one by more than
-    `queue_margin`, or its KV utilisation is above `kv_threshold` while some candidate is below it.
-    This lets affinity scorers stay sticky until a replica saturates, then spill over (affinity
-    without such a guard is known to be slower than round robin under load).
+    An endpoint is dropped when its effective queue exceeds the smallest one by more than the margin,
+    or its KV utilisation is above `kv_threshold` while some candidate is below it. This lets affinity
+    scorers stay sticky until a replica saturates, then spill over (affinity without such a guard is
+    known to be slower than round robin under load).
+
+    The margin is `queue_margin`, widened for each endpoint to `margin_factor` x the mean effective
+    queue of the *other* candidates when that is larger (0: off). While some replica has room,
+    spilling a request off the replica that caches its prefix costs one prefill and saves a wait;
+    once every replica queues, it saves little wait and the extra prefills take capacity the pool no
+    longer has, so past saturation a fixed margin makes the pool lose its cache hits and collapse
+    (docs/scheduling.md, "Load guard"). The others' mean, not the mean of all: one replica that runs
+    away while the rest idle must not widen its own margin.
     """
 
     queue_margin: int = 3
     kv_threshold: float = 0.9
+    margin_factor: float = 0.0
     name: str = "load-guard"
+
+    def __post_init__(self) -> None:
+        if self.queue_margin < 0 or self.margin_factor < 0:
+            raise ValueError("queueMargin and marginFactor must be >= 0")
 
     def filter(self, ctx: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         if len(endpoints) < 2:
             return endpoints
         queues = [effective_queue(ep) for ep in endpoints]
-        limit = min(queues) + self.queue_margin
-        out = [ep for ep, q in zip(endpoints, queues, strict=True) if q <= limit]
+        lo = min(queues)
+        limit = lo + self.queue_margin
+        if self.margin_factor > 0:
+            total, per_other = sum(queues), self.margin_factor / (len(queues) - 1)
+            out = [
+                ep
+                for ep, q in zip(endpoints, queues, strict=True)
+                if q <= limit or q <= lo + per_other * (total - q)
+            ]
+        else:
+            out = [ep for ep, q in zip(endpoints, queues, strict=True) if q <= limit]
         cool = [ep for ep in out if ep.metrics.kv_usage <= self.kv_threshold]
         return cool or out
 
