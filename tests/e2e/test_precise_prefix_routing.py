@@ -157,6 +157,12 @@ async def test_requests_go_to_the_replica_holding_their_prefix_and_after_a_resta
         await sub.wait_for_seq(new.kv_publisher.next_seq - 1, timeout_s=10)
         assert _holds(sc, new, heads[r0]) == 0
         assert sc.index.hashes(new.address) == new.engine.kv.cached_hashes()
+        # The gateway schedules only endpoints it considers healthy: the restarted one is, from its
+        # first successful metrics scrape on (the crash made the scraper see refused connections).
+        ep_new = gw.datastore.get(new.address)
+        assert ep_new is not None
+        await _until(lambda: ep_new.healthy, "the restarted replica healthy again")
         before = new.requests_seen
         await _complete(session, base, _prompt("gamma", 160) + " tail")
-        assert new.requests_seen == before + 1
+        where = {e.address: (e.healthy, sc.index.tracks(e.address)) for e in gw.datastore.endpoints()}
+        assert new.requests_seen == before + 1, f"went elsewhere; (healthy, tracked) per endpoint: {where}"
