@@ -27,6 +27,9 @@ def test_archive_keeps_a_compact_summary_and_removes_the_files(tmp_path: Path) -
     f = tmp_path / "w_20261201T000000Z.json"
     f.write_bytes(orjson.dumps(run))
     f.with_suffix(".png").write_bytes(b"png")
+    knees = [f.with_name(f.stem + "_knees.json"), f.with_name(f.stem + "_knees.md")]
+    for k in knees:
+        k.write_text("knee table")
     other = tmp_path / "dataplane_overhead_run1.json"
     other.write_bytes(
         orjson.dumps({"benchmark": "dataplane", "rows": [{"plane": "envoy", "p50_ms": 0.5, "raw": [1, 2]}]})
@@ -47,6 +50,7 @@ def test_archive_keeps_a_compact_summary_and_removes_the_files(tmp_path: Path) -
     archive([f, other, asy], index, tmp_path)
     assert not asy.exists()
     assert not f.exists() and not f.with_suffix(".png").exists() and not other.exists()
+    assert not any(k.exists() for k in knees)  # its knee table describes a run no longer there
     entries = orjson.loads(index.read_bytes())
     bench, dp, asum = entries
     assert asum["kind"] == "async" and asum["file"] == "async-x/results.json"

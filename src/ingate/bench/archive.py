@@ -85,7 +85,8 @@ def summary_of(path: Path) -> dict[str, Any]:
 
 
 def archive(paths: list[Path], index: Path, repo: Path) -> list[dict[str, Any]]:
-    """Append summaries of `paths` to `index` and delete them (and a PNG beside each)."""
+    """Append summaries of `paths` to `index` and delete them (and the PNG and knee table,
+    `<name>_knees.json` / `.md`, beside each: they describe a run no longer in the tree)."""
     existing: list[dict[str, Any]] = orjson.loads(index.read_bytes()) if index.exists() else []
     commit = _git_head(repo)
     added = []
@@ -98,4 +99,6 @@ def archive(paths: list[Path], index: Path, repo: Path) -> list[dict[str, Any]]:
     for p in paths:
         p.unlink()
         p.with_suffix(".png").unlink(missing_ok=True)
+        for ext in (".json", ".md"):
+            p.with_name(f"{p.stem}_knees{ext}").unlink(missing_ok=True)
     return added

@@ -313,7 +313,7 @@ def merge_cmd(results: tuple[str, ...], out_dir: str | None, no_report: bool) ->
     help="The archive index the summaries are appended to.",
 )
 def archive_cmd(results: tuple[str, ...], index: str) -> None:
-    """Replace superseded RESULTS files (and their PNGs) by compact summaries in the archive index;
+    """Replace superseded RESULTS files (and their PNGs and knee tables) by compact summaries in the archive index;
     the full files stay in git history (the index names the commit)."""
     from ingate.bench.archive import archive
 
