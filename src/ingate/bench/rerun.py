@@ -21,6 +21,8 @@ from ingate.bench.workload import Workload
 
 _RESULT_NAME = re.compile(r"[\w.-]+_\d{8}T\d{6}Z\.json")
 """How `ingate bench run` names its files (`<workload>_<UTC time>.json`)."""
+_RESULT_DIR = re.compile(r"results/((?:[\w.-]+/)+)(?![\w.-])")
+"""A folder of results a doc cites as a whole (`[results/heldout/](results/heldout/)`)."""
 
 
 class RerunError(ValueError):
@@ -66,14 +68,25 @@ def plan(path: Path) -> Rerun:
 
 def cited(doc: Path, results_root: Path) -> list[Path]:
     """The results files under `results_root` that the markdown file `doc` names (by file name, as
-    links or in backticks), in the order it first names them. Names not found are skipped: a doc may
-    cite archived runs, whose summaries live in the archive index."""
+    links or in backticks), or holds in a results folder it cites as a whole (`results/heldout/`:
+    the `ingate bench run` files directly in it), in the order it first cites them. Names not found
+    are skipped: a doc may cite archived runs, whose summaries live in the archive index."""
     files: dict[str, Path] = {}
     for p in sorted(results_root.rglob("*.json")):
         files.setdefault(p.name, p)
-    out: list[Path] = []
-    for m in _RESULT_NAME.finditer(doc.read_text()):
+    text = doc.read_text()
+    hits: list[tuple[int, list[Path]]] = []
+    for m in _RESULT_NAME.finditer(text):
         found = files.get(m.group(0))
-        if found is not None and found not in out:
-            out.append(found)
+        if found is not None:
+            hits.append((m.start(), [found]))
+    for m in _RESULT_DIR.finditer(text):
+        folder = results_root / m.group(1)
+        if folder.is_dir():
+            hits.append(
+                (m.start(), sorted(p for p in folder.glob("*.json") if _RESULT_NAME.fullmatch(p.name)))
+            )
+    out: list[Path] = []
+    for _, paths in sorted(hits, key=lambda h: h[0]):
+        out += [p for p in paths if p not in out]
     return out
