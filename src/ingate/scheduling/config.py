@@ -87,12 +87,7 @@ def default_profiles() -> dict[str, ProfileConfig]:
         # KV and in-flight 1 each): chosen on the scheduling replay's tuning seeds (b2b at 8 and 12
         # req/s, shared-prefix at 12; 16 streams) as the most requests within the SLO summed over the
         # three, among 10 weightings; docs/scheduling.md.
-        # Its load guard widens as the default's does (replay, tuning seeds, 8 streams: b2b at 16 req/s
-        # +8.6%, shared-prefix at 26 / 32 +12% / +38%, b2b at 8 / 12 and shared-prefix at 20 level
-        # within 0.7%).
-        "precise-prefix": _default_profile(
-            "precise-prefix", prefix=2, latency=5, kv=1, in_flight=1, margin_factor=8
-        ),
+        "precise-prefix": _default_profile("precise-prefix", prefix=2, latency=5, kv=1, in_flight=1),
         # The default until 2026-12 (request-count load guard, queue/KV/in-flight scorers), kept for
         # side-by-side comparison and for pools where prompt lengths are uniform.
         "guarded-affinity": ProfileConfig(
