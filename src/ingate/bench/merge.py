@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 
-from ingate.bench.runner import pool_prediction_errors, results_json
-from ingate.bench.stats import RESULTS_FORMAT, max_sustainable_rate, summarize, tenant_summaries
+from ingate.bench.rerun import RerunError, read_results
+from ingate.bench.runner import pool_prediction_errors, results_json, stage_entry
+from ingate.bench.stats import RESULTS_FORMAT, max_sustainable_rate
 from ingate.bench.workload import Workload
 
 
@@ -27,16 +27,9 @@ class MergeError(ValueError):
 
 def _load(path: Path) -> tuple[dict[str, Any], Workload]:
     try:
-        res = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as e:
-        raise MergeError(f"{path}: not readable as JSON ({e})") from None
-    if not isinstance(res, dict) or res.get("format") != RESULTS_FORMAT or "workload" not in res:
-        raise MergeError(f"{path}: not an `ingate bench run` results file (format {RESULTS_FORMAT!r})")
-    try:
-        wl = Workload.model_validate(res["workload"])
-    except ValidationError as e:
-        raise MergeError(f"{path}: its workload is not valid for this version of ingate: {e}") from None
-    return res, wl
+        return read_results(path)
+    except RerunError as e:
+        raise MergeError(str(e)) from None
 
 
 def _without_streams(wl: Workload) -> dict[str, Any]:
@@ -112,17 +105,9 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         for j, st in enumerate(parts[0]["stages"]):
             sts = [s["stages"][j] for s in parts]
             recs = [r for s in sts for r in s["records"]]
+            hit, peak = sum(s["max_inflight_hit"] for s in sts), max(s["peak_inflight"] for s in sts)
             stages.append(
-                {
-                    "rate": st["rate"],
-                    "concurrency": st["concurrency"],
-                    "duration_s": st["duration_s"],
-                    "max_inflight_hit": sum(s["max_inflight_hit"] for s in sts),
-                    "peak_inflight": max(s["peak_inflight"] for s in sts),
-                    "summary": summarize(recs, st["duration_s"], slo),
-                    **({"tenants": tenant_summaries(recs, st["duration_s"], slo)} if wl.tenants else {}),
-                    "records": recs,
-                }
+                stage_entry(st["rate"], st["concurrency"], st["duration_s"], hit, peak, recs, wl, slo)
             )
         entry["stages"] = stages
         entry["max_sustainable_rate"] = max_sustainable_rate(stages)

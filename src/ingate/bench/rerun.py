@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 from pydantic import ValidationError
@@ -46,6 +47,17 @@ def plan(path: Path) -> Rerun:
     """The rerun of one `ingate bench run` results file: its stored workload, with the systems the
     file holds (in the order they ran). Raises `RerunError` for other files (async, data-plane and
     replay results have their own commands) and for workloads this version no longer accepts."""
+    res, wl = read_results(path)
+    names = [s["name"] for s in res.get("systems") or [] if isinstance(s, dict) and s.get("name")]
+    if names:
+        wl.systems = names
+    wall = res.get("wall_s")
+    return Rerun(path, wl, float(wall) if isinstance(wall, int | float) else None)
+
+
+def read_results(path: Path) -> tuple[dict[str, Any], Workload]:
+    """An `ingate bench run` results file and its stored workload; `RerunError` saying why for any
+    other file or a workload this version no longer accepts (shared by rerun and merge)."""
     try:
         res = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError) as e:
@@ -59,11 +71,7 @@ def plan(path: Path) -> Rerun:
         wl = Workload.model_validate(res["workload"])
     except ValidationError as e:
         raise RerunError(f"{path}: its workload is not valid for this version of ingate: {e}") from None
-    names = [s["name"] for s in res.get("systems") or [] if isinstance(s, dict) and s.get("name")]
-    if names:
-        wl.systems = names
-    wall = res.get("wall_s")
-    return Rerun(path, wl, float(wall) if isinstance(wall, int | float) else None)
+    return res, wl
 
 
 def cited(doc: Path, results_root: Path) -> list[Path]:

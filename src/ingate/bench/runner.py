@@ -165,14 +165,31 @@ def _stage_entry(st: StageResult, wl: Workload, slo: dict[str, Any]) -> dict[str
     # Summaries come from the records as stored (times to the microsecond), so a reader recomputing
     # them from the file (`ingate bench report`, the benchmark database) gets exactly these numbers.
     recs = [_rounded(r.to_json()) for r in st.records]
+    return stage_entry(
+        st.rate, st.concurrency, st.duration_s, st.max_inflight_hit, st.peak_inflight, recs, wl, slo
+    )
+
+
+def stage_entry(
+    rate: float | None,
+    concurrency: int | None,
+    duration_s: float,
+    max_inflight_hit: int,
+    peak_inflight: int,
+    recs: list[dict[str, Any]],
+    wl: Workload,
+    slo: dict[str, Any],
+) -> dict[str, Any]:
+    """One point of a results file from its stored records (summaries computed from them), as
+    `ingate bench run` and `ingate bench merge` write it."""
     return {
-        "rate": st.rate,
-        "concurrency": st.concurrency,
-        "duration_s": st.duration_s,
-        "max_inflight_hit": st.max_inflight_hit,
-        "peak_inflight": st.peak_inflight,
-        "summary": summarize(recs, st.duration_s, slo),
-        **({"tenants": tenant_summaries(recs, st.duration_s, slo)} if wl.tenants else {}),
+        "rate": rate,
+        "concurrency": concurrency,
+        "duration_s": duration_s,
+        "max_inflight_hit": max_inflight_hit,
+        "peak_inflight": peak_inflight,
+        "summary": summarize(recs, duration_s, slo),
+        **({"tenants": tenant_summaries(recs, duration_s, slo)} if wl.tenants else {}),
         "records": recs,
     }
 
