@@ -86,8 +86,12 @@ def default_profiles() -> dict[str, ProfileConfig]:
         # index's, so its load terms weigh more than the default's (prefix 2, predicted latency 5,
         # KV and in-flight 1 each): chosen on the scheduling replay's tuning seeds (b2b at 8 and 12
         # req/s, shared-prefix at 12; 16 streams) as the most requests within the SLO summed over the
-        # three, among 10 weightings; docs/scheduling.md.
-        "precise-prefix": _default_profile("precise-prefix", prefix=2, latency=5, kv=1, in_flight=1),
+        # three, among 10 weightings; docs/scheduling.md. Its load guard widens as the default's does
+        # (marginFactor 8): replay-positive on tuning seeds, then measured side by side on held-out
+        # streams (b2b and shared-prefix KV-event workloads: +10% within the SLO pooled).
+        "precise-prefix": _default_profile(
+            "precise-prefix", prefix=2, latency=5, kv=1, in_flight=1, margin_factor=8
+        ),
         # The default until 2026-12 (request-count load guard, queue/KV/in-flight scorers), kept for
         # side-by-side comparison and for pools where prompt lengths are uniform.
         "guarded-affinity": ProfileConfig(
