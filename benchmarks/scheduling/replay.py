@@ -381,6 +381,9 @@ def main() -> None:
     ap.add_argument("workload", type=Path)
     ap.add_argument("--stage", type=int, default=-1, help="index into load.rates (default: last)")
     ap.add_argument("--streams", type=int, default=20)
+    ap.add_argument(
+        "--first-stream", type=int, default=0, help="first stream k (a later round on fresh tuning streams)"
+    )
     ap.add_argument("--profiles", default="round-robin,guarded-affinity,default")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
@@ -398,7 +401,7 @@ def main() -> None:
     for name in args.profiles.split(","):
         cfg, prof = load_profile(name)
         rows[name] = []
-        for k in range(args.streams):
+        for k in range(args.first_stream, args.first_stream + args.streams):
             fleet = Fleet(wl, cfg, prof, seed=1234 + 100 * k)
             for s in range(stage):
                 run_stage(fleet, wl, float(wl.load.rates[s]), s, STREAM_SHIFT * k, args.slo_header)
@@ -427,7 +430,7 @@ def main() -> None:
         "TTFT p99 s (mean)",
         "p99 max",
         "cached",
-        "stream 0",
+        f"stream {args.first_stream}",
     )
     for col in cols:
         table.add_column(col, justify="right")
@@ -437,6 +440,7 @@ def main() -> None:
         "rate": rate,
         "stage": stage,
         "streams": args.streams,
+        "first_stream": args.first_stream,
         "python": platform.python_version(),
         "profiles": {},
     }
