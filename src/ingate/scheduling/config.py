@@ -82,15 +82,14 @@ def default_profiles() -> dict[str, ProfileConfig]:
         # The default with prefix affinity from the servers' own KV-cache events (vLLM's publisher on
         # port 5557 of each endpoint by default; see docs/scheduling.md), falling back to the
         # approximate index per endpoint while events are unavailable.
-        # Exact knowledge of where a prefix is cached makes affinity stickier than the approximate
-        # index's, so its load terms weigh more than the default's (prefix 2, predicted latency 5,
-        # KV and in-flight 1 each): chosen on the scheduling replay's tuning seeds (b2b at 8 and 12
-        # req/s, shared-prefix at 12; 16 streams) as the most requests within the SLO summed over the
-        # three, among 10 weightings; docs/scheduling.md. Its load guard widens as the default's does
-        # (marginFactor 8): replay-positive on tuning seeds, then measured side by side on held-out
-        # streams (b2b and shared-prefix KV-event workloads: +10% within the SLO pooled).
+        # Weights: prefix 3 and predicted latency 3, KV and in-flight 0.5 (heavier load terms, 2 / 5 / 1 / 1,
+        # won at b2b 12 req/s but spilled groups off their cached replica past shared-prefix's knee).
+        # Chosen on the scheduling replay's tuning seeds at b2b 8/12/16 and shared-prefix 20/26/32
+        # req/s among 11 weightings, then adopted after a held-out side-by-side (+23% within the SLO
+        # pooled over those six points, none more than 5% lower); the widening load guard
+        # (marginFactor 8) likewise. docs/scheduling.md, "Weights of the precise profile".
         "precise-prefix": _default_profile(
-            "precise-prefix", prefix=2, latency=5, kv=1, in_flight=1, margin_factor=8
+            "precise-prefix", prefix=3, latency=3, kv=0.5, in_flight=0.5, margin_factor=8
         ),
         # The default until 2026-12 (request-count load guard, queue/KV/in-flight scorers), kept for
         # side-by-side comparison and for pools where prompt lengths are uniform.
