@@ -88,9 +88,7 @@ def default_profiles() -> dict[str, ProfileConfig]:
         # req/s among 11 weightings, then adopted after a held-out side-by-side (+23% within the SLO
         # pooled over those six points, none more than 5% lower); the widening load guard
         # (marginFactor 8) likewise. docs/scheduling.md, "Weights of the precise profile".
-        "precise-prefix": _default_profile(
-            "precise-prefix", prefix=3, latency=3, kv=0.5, in_flight=0.5, margin_factor=8
-        ),
+        "precise-prefix": _default_profile("precise-prefix", latency=3, margin_factor=8),
         # The default until 2026-12 (request-count load guard, queue/KV/in-flight scorers), kept for
         # side-by-side comparison and for pools where prompt lengths are uniform.
         "guarded-affinity": ProfileConfig(
