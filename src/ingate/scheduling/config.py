@@ -13,6 +13,10 @@ YAML shape (all optional; `SchedulerConfig()` is what a user gets without writin
             - {type: kv-cache, weight: 2}
             - {type: prefix-cache, weight: 3, parameters: {blockChars: 64}}
           picker: {type: max-score}
+        precise-prefix:                   # the built-in profile, some parameters and weights changed
+          extends: precise-prefix
+          parameters: {precise-prefix: {eventsPort: 5600}}
+          weights: {predicted-latency: 4}
 """
 
 from __future__ import annotations
@@ -32,10 +36,64 @@ class PluginSpec(BaseModel):
 
 
 class ProfileConfig(BaseModel):
+    """A profile: its plugins spelled out, or `extends` another profile with some of its scorers'
+    weights and plugins' parameters changed (the built-in profile of the same name when `extends` is
+    the profile's own name)."""
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     filters: list[PluginSpec] = Field(default_factory=list)
     scorers: list[PluginSpec] = Field(default_factory=list)
     picker: PluginSpec = Field(default_factory=lambda: PluginSpec(type="max-score"))
+    extends: str | None = None
+    """Start from this profile (a built-in one, or another in the file) instead of listing plugins."""
+    weights: dict[str, float] = Field(default_factory=dict)
+    """With `extends`: new weights by scorer type."""
+    parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """With `extends`: parameters by plugin type, merged over the ones it already has."""
+
+    @model_validator(mode="after")
+    def _check_extends(self) -> ProfileConfig:
+        if self.extends is None:
+            if self.weights or self.parameters:
+                raise ValueError("weights and parameters (by plugin type) need extends: <profile name>")
+        else:
+            listed = {"filters", "scorers", "picker"} & self.model_fields_set
+            if listed:
+                raise ValueError(
+                    f"a profile with extends takes weights and parameters, not {', '.join(sorted(listed))}: "
+                    "list every plugin without extends, or change the extended ones by type"
+                )
+            bad = {t: w for t, w in self.weights.items() if w < 0}
+            if bad:
+                raise ValueError(f"weights must be >= 0 (got {bad})")
+        return self
+
+    def apply_to(self, base: ProfileConfig) -> ProfileConfig:
+        """`base` with this profile's weights and parameters applied to every plugin of each named type
+        (ValueError: `base` has no plugin of a named type)."""
+        out = base.model_copy(deep=True)
+        plugins = [*out.filters, *out.scorers, out.picker]
+        have = {p.type for p in plugins}
+        scorers = {s.type for s in out.scorers}
+        no_plugin = sorted({*self.parameters} - have)
+        if no_plugin:
+            raise ValueError(
+                f"profile {self.extends!r} has no {', '.join(no_plugin)} plugin to set parameters of "
+                f"(its plugins: {', '.join(sorted(have))})"
+            )
+        no_scorer = sorted({*self.weights} - scorers)
+        if no_scorer:
+            raise ValueError(
+                f"profile {self.extends!r} has no {', '.join(no_scorer)} scorer to weight "
+                f"(its scorers: {', '.join(sorted(scorers))})"
+            )
+        for spec in plugins:
+            if spec.type in self.parameters:
+                spec.parameters = {**spec.parameters, **self.parameters[spec.type]}
+        for spec in out.scorers:
+            if spec.type in self.weights:
+                spec.weight = self.weights[spec.type]
+        return out
 
 
 def _default_profile(
@@ -140,8 +198,36 @@ class SchedulerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _merge_builtins(self) -> SchedulerConfig:
-        merged = default_profiles()
-        merged.update(self.profiles)
+        builtin = default_profiles()
+        user = self.profiles
+        resolved: dict[str, ProfileConfig] = {}
+
+        def resolve(name: str, chain: tuple[str, ...]) -> ProfileConfig:
+            if name in resolved:
+                return resolved[name]
+            prof = user.get(name) or builtin.get(name)
+            if prof is None:
+                raise ValueError(
+                    f"profile {chain[-1]!r} extends {name!r}, which is not a profile "
+                    f"(have: {', '.join(sorted({*builtin, *user}))})"
+                )
+            if prof.extends is None:
+                resolved[name] = prof
+                return prof
+            if name in chain:
+                raise ValueError(f"profiles extend each other in a cycle: {' -> '.join((*chain, name))}")
+            if prof.extends == name:  # overrides the built-in profile of the same name
+                base = builtin.get(name)
+                if base is None:
+                    raise ValueError(f"profile {name!r} extends itself, and there is no built-in {name!r}")
+            else:
+                base = resolve(prof.extends, (*chain, name))
+            resolved[name] = out = prof.apply_to(base)
+            return out
+
+        merged = dict(builtin)
+        for name in user:
+            merged[name] = resolve(name, ())
         self.profiles = merged
         if self.default_profile not in self.profiles:
             raise ValueError(
