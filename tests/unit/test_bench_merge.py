@@ -141,3 +141,27 @@ def test_stream_indexes_keep_seeds_distinct() -> None:
     d["load"]["first_stream"] = 9  # stream 10 would replay the second tenant's stream 0
     with pytest.raises(ValueError, match="multi-tenant"):
         Workload.model_validate(d)
+
+
+def _with_scheduler(path: Path, scheduler: dict[str, Any]) -> Path:
+    res = orjson.loads(path.read_bytes())
+    res["workload"]["gateway"] = {"scheduler": scheduler}
+    path.write_bytes(results_json(res))
+    return path
+
+
+def test_merge_compares_profiles_as_the_gateway_resolves_them(tmp_path: Path) -> None:
+    """A run whose workload spells out the built-in precise profile and a later one that `extends` it
+    to the same plugins are one workload; a changed weight is another."""
+    from ingate.scheduling.config import default_profiles
+
+    spelled = default_profiles()["precise-prefix"].model_dump(exclude_defaults=True)
+    spelled["scorers"][0]["parameters"] = {"eventsPortOffset": 1000}
+    a = _with_scheduler(_run(tmp_path, "quick_20261204T000000Z.json", 0, 2), {"profiles": {"p": spelled}})
+    ext = {"extends": "precise-prefix", "parameters": {"precise-prefix": {"eventsPortOffset": 1000}}}
+    b = _with_scheduler(_run(tmp_path, "quick_20261204T010000Z.json", 2, 1), {"profiles": {"p": ext}})
+    assert merge([a, b])["workload"]["load"]["streams"] == 3
+    heavier = {**ext, "weights": {"predicted-latency": 5}}
+    c = _with_scheduler(_run(tmp_path, "quick_20261204T020000Z.json", 2, 1), {"profiles": {"p": heavier}})
+    with pytest.raises(MergeError, match="another workload"):
+        merge([a, c])

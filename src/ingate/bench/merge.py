@@ -19,6 +19,7 @@ from ingate.bench.rerun import RerunError, read_results
 from ingate.bench.runner import pool_prediction_errors, results_json, stage_entry
 from ingate.bench.stats import RESULTS_FORMAT, max_sustainable_rate
 from ingate.bench.workload import Workload
+from ingate.scheduling.config import SchedulerConfig
 
 
 class MergeError(ValueError):
@@ -36,6 +37,14 @@ def _without_streams(wl: Workload) -> dict[str, Any]:
     d = wl.model_dump()
     d["load"].pop("streams")
     d["load"].pop("first_stream")
+    sched = (d.get("gateway") or {}).get("scheduler")
+    if isinstance(sched, dict):
+        # The profiles as the gateway resolves them: a profile spelled out and one that `extends` a
+        # built-in to the same plugins are the same workload.
+        try:
+            d["gateway"]["scheduler"] = SchedulerConfig.model_validate(sched).model_dump()
+        except ValueError:
+            pass  # compared as written; the run itself reported the error
     return d
 
 
