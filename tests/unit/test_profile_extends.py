@@ -82,7 +82,7 @@ def test_a_profile_can_extend_one_defined_beside_it_in_any_order() -> None:
         ({"p": {"extends": "default", "parameters": {"queue": {"x": 1}}}}, "no queue plugin"),
         ({"p": {"extends": "default", "scorers": [{"type": "queue"}]}}, "not scorers"),
         ({"p": {"weights": {"kv-cache": 1}}}, "need extends"),
-        ({"p": {"extends": "default", "weights": {"kv-cache": -1}}}, "must be >= 0"),
+        ({"p": {"extends": "default", "weights": {"kv-cache": -1}}}, "greater than or equal to 0"),
     ],
 )
 def test_bad_extends_is_a_clear_config_error(profiles: dict[str, object], message: str) -> None:

@@ -21,7 +21,7 @@ YAML shape (all optional; `SchedulerConfig()` is what a user gets without writin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -46,7 +46,7 @@ class ProfileConfig(BaseModel):
     picker: PluginSpec = Field(default_factory=lambda: PluginSpec(type="max-score"))
     extends: str | None = None
     """Start from this profile (a built-in one, or another in the file) instead of listing plugins."""
-    weights: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, Annotated[float, Field(ge=0.0)]] = Field(default_factory=dict)
     """With `extends`: new weights by scorer type."""
     parameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """With `extends`: parameters by plugin type, merged over the ones it already has."""
@@ -63,9 +63,6 @@ class ProfileConfig(BaseModel):
                     f"a profile with extends takes weights and parameters, not {', '.join(sorted(listed))}: "
                     "list every plugin without extends, or change the extended ones by type"
                 )
-            bad = {t: w for t, w in self.weights.items() if w < 0}
-            if bad:
-                raise ValueError(f"weights must be >= 0 (got {bad})")
         return self
 
     def apply_to(self, base: ProfileConfig) -> ProfileConfig:
